@@ -1,0 +1,138 @@
+"""The `tuner` command line: prepare, train, tune, report.
+
+Every user-fixable problem surfaces as `tuner: error: <one line>` with exit code 2; with
+`--json` the last line of stdout is one JSON object. Subcommands keep few flags and take the
+rest through `--config FILE` and `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any, Optional, Sequence
+
+from tuner.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        raise UserError(message)
+
+
+def _common_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", help="model size: tiny, bert4rec, 5M, 85M, 130M, 430M")
+    p.add_argument("--data", help="prepared dataset directory or raw interactions file "
+                                  "(default: the embedded synthetic dataset)")
+    p.add_argument("--synthetic-users", type=int, help="users in the synthetic dataset")
+    p.add_argument("--synthetic-items", type=int, help="items in the synthetic dataset")
+    p.add_argument("--config", help="YAML file with config sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tuner", description="BERT4Rec training and hyperparameter tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="raw interactions -> prepared Parquet dataset")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", default="auto", choices=("auto", "sequences", "movielens", "amazon"))
+    p.add_argument("--min-user-interactions", type=int, default=0)
+    p.add_argument("--min-item-interactions", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("train", help="train one model")
+    _common_run_flags(p)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--checkpoint-dir", help="write checkpoints here; resume if one exists")
+    p.add_argument("--workers", type=int, help="DDP workers through Ray Train (default: no Ray)")
+    return parser
+
+
+def run_config(args: argparse.Namespace):
+    """Config from --config, then the named flags, then --set (the most specific wins)."""
+    from tuner.config import load_config
+
+    flags: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+
+    put("model", "size", getattr(args, "size", None))
+    put("data", "path", getattr(args, "data", None))
+    put("data", "synthetic_users", getattr(args, "synthetic_users", None))
+    put("data", "synthetic_items", getattr(args, "synthetic_items", None))
+    put("train", "max_epochs", getattr(args, "max_epochs", None))
+    put("train", "max_steps", getattr(args, "max_steps", None))
+    put("train", "batch_size", getattr(args, "batch_size", None))
+    put("train", "device", getattr(args, "device", None))
+    put("train", "checkpoint_dir", getattr(args, "checkpoint_dir", None))
+    put("resources", "workers", getattr(args, "workers", None))
+    cfg_file = load_config(args.config).to_dict() if args.config else {}
+    merged = {s: {**cfg_file.get(s, {}), **flags.get(s, {})} for s in set(cfg_file) | set(flags)}
+    if "model" in flags and "size" in flags["model"] and "model" in merged:
+        # a new size re-derives its architecture unless the user set fields explicitly by --set
+        for key in ("hidden", "layers", "heads", "ffn", "max_len"):
+            if key not in flags["model"]:
+                merged["model"][key] = None
+    return load_config(None, args.set, base=merged)
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict:
+    from tuner.data.prepare import prepare
+
+    result = prepare(args.input, args.output, args.format, args.min_user_interactions,
+                     args.min_item_interactions)
+    meta = result["meta"]
+    print(f"prepared {meta['num_users']} users, {meta['num_items']} items, "
+          f"{meta['num_interactions']} interactions -> {args.output}", file=sys.stderr)
+    return meta
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    cfg = run_config(args)
+    if args.workers:
+        from tuner.train.driver import fit
+
+        return fit(cfg, quiet=args.json)
+    from tuner.train.loop import train_worker
+    from tuner.train.parallel import local_context
+    from tuner.train.reporting import ConsoleReporter
+
+    return train_worker(cfg, local_context(cfg.train), ConsoleReporter())
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        result = COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"tuner: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tuner: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(_jsonable(result), sort_keys=True))
+    return 0

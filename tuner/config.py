@@ -1,0 +1,349 @@
+"""Typed configuration: one dataclass per concern, one source of truth.
+
+A run's configuration is a `Config` made of sections (`data`, `model`, `optim`, `train`,
+`eval`, `tune`, `tracking`). It comes from defaults, then an optional YAML file (`--config`),
+then dotted overrides (`--set optim.lr=3e-4`). Unknown keys and bad values are `UserError`s
+that name the key and the valid choices; a typo never falls back to a default silently.
+
+Every section validates itself in `__post_init__`, so a `Config` that exists is a valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tuner.errors import UserError
+
+_AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+_COMPILE_CHOICES = ("auto", "on", "off")
+_DEVICE_CHOICES = ("auto", "cpu", "cuda")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _check_choice(name: str, value: str, choices: typing.Sequence[str]) -> None:
+    _check(value in choices, f"{name}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _check_prob(name: str, value: float, *, allow_one: bool = False) -> None:
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    _check(0.0 <= value and upper_ok and math.isfinite(value), f"{name}={value} must be in {interval}")
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from."""
+
+    path: Optional[str] = None  # prepared dataset directory or raw file; None = synthetic
+    synthetic_users: int = 3000  # used only when path is None
+    synthetic_items: int = 1000
+    synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.synthetic_users >= 10, "data.synthetic_users must be at least 10")
+        _check(self.synthetic_items >= 20, "data.synthetic_items must be at least 20")
+
+
+@dataclass
+class ModelConfig:
+    """BERT4Rec architecture. `size` fills every field left unset (see tuner/model/sizes.py)."""
+
+    size: str = "tiny"
+    hidden: Optional[int] = None
+    layers: Optional[int] = None
+    heads: Optional[int] = None
+    ffn: Optional[int] = None  # feed-forward width; default 4 x hidden
+    max_len: Optional[int] = None  # longest history the model reads, mask token included
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    tied_head: bool = True  # output head shares the item embedding (paper); False = seed's untied head
+
+    def __post_init__(self) -> None:
+        from tuner.model.sizes import SIZES
+
+        _check_choice("model.size", self.size, list(SIZES))
+        preset = SIZES[self.size]
+        for name in ("hidden", "layers", "heads", "max_len"):
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        if self.ffn is None:
+            self.ffn = 4 * self.hidden
+        for name in ("hidden", "layers", "heads", "ffn", "max_len"):
+            _check(getattr(self, name) >= 1, f"model.{name} must be positive")
+        _check(self.max_len >= 2, "model.max_len must be at least 2")
+        _check(self.hidden % self.heads == 0,
+               f"model.hidden={self.hidden} must be divisible by model.heads={self.heads}")
+        _check_prob("model.dropout", self.dropout)
+        _check_prob("model.attn_dropout", self.attn_dropout)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_fraction: float = 0.05  # of all training steps
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be positive")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check_prob("optim.beta1", self.beta1)
+        _check_prob("optim.beta2", self.beta2)
+        _check_prob("optim.warmup_fraction", self.warmup_fraction)
+        _check_prob("optim.min_lr_ratio", self.min_lr_ratio, allow_one=True)
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: masking, batches, precision, compile, early stopping, checkpoints."""
+
+    max_epochs: int = 30
+    max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
+    batch_size: int = 128
+    mask_prob: float = 0.2  # cloze masking probability per item
+    last_item_prob: float = 0.1  # share of samples with only the last item masked
+    patience: int = 5  # epochs without val_ndcg_10 improvement before stopping; 0 = never
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available
+    amp: str = "auto"  # auto = bf16 on GPUs that have it, fp16 + GradScaler otherwise, off on CPU
+    compile: str = "auto"  # auto = on for cuda
+    compile_mode: str = "default"
+    checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
+    log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
+
+    def __post_init__(self) -> None:
+        _check(self.max_epochs >= 1, "train.max_epochs must be at least 1")
+        _check(self.max_steps >= 0, "train.max_steps must be >= 0")
+        _check(self.batch_size >= 1, "train.batch_size must be at least 1")
+        _check(0.0 < self.mask_prob < 1.0, f"train.mask_prob={self.mask_prob} must be in (0, 1)")
+        _check_prob("train.last_item_prob", self.last_item_prob, allow_one=True)
+        _check(self.patience >= 0, "train.patience must be >= 0")
+        _check_choice("train.device", self.device, _DEVICE_CHOICES)
+        _check_choice("train.amp", self.amp, _AMP_CHOICES)
+        _check_choice("train.compile", self.compile, _COMPILE_CHOICES)
+        _check_choice("train.compile_mode", self.compile_mode, _COMPILE_MODES)
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking leave-one-out evaluation plus the paper's sampled metrics."""
+
+    batch_size: int = 256
+    catalog_chunk: int = 65536  # items scored at once; bounds memory at huge catalogs
+    num_negatives: int = 100  # for the sampled metrics
+    exclude_history: bool = False  # rank only items the user has not interacted with
+    max_val_users: int = 0  # validate on a fixed random subset of users; 0 = all
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size must be at least 1")
+        _check(self.catalog_chunk >= 1, "eval.catalog_chunk must be at least 1")
+        _check(self.num_negatives >= 1, "eval.num_negatives must be at least 1")
+        _check(self.max_val_users >= 0, "eval.max_val_users must be >= 0")
+
+
+@dataclass
+class ResourcesConfig:
+    """What one trial asks Ray for."""
+
+    workers: int = 1  # DDP workers per trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractional values let trials share a GPU
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "resources.workers must be at least 1")
+        _check(self.cpus_per_worker > 0, "resources.cpus_per_worker must be positive")
+        _check(self.gpus_per_worker >= 0, "resources.gpus_per_worker must be >= 0")
+
+
+@dataclass
+class TuneConfig:
+    """The search: Optuna TPE or random, ASHA or no early stopping."""
+
+    num_samples: int = 8
+    search: str = "optuna"
+    scheduler: str = "asha"
+    metric: str = "val_ndcg_10"
+    grace_period: int = 2  # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent: int = 0  # 0 = as many as the resources allow
+    max_failures: int = 2  # retries of a crashed trial, from its last checkpoint
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples must be at least 1")
+        _check_choice("tune.search", self.search, ("optuna", "random"))
+        _check_choice("tune.scheduler", self.scheduler, ("asha", "none"))
+        _check(self.grace_period >= 1, "tune.grace_period must be at least 1")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor must be at least 2")
+        _check(self.max_concurrent >= 0, "tune.max_concurrent must be >= 0")
+        _check(self.max_failures >= 0, "tune.max_failures must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: where runs go and what the experiment is called."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "bert4rec"
+    register_model: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment.strip()), "tracking.experiment must not be empty")
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"optim.lr": 0.001, ...}`: the shape MLflow params and search spaces use."""
+        return {f"{section}.{key}": value
+                for section, values in self.to_dict().items() for key, value in values.items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        _check(isinstance(raw, dict), "a config must be a mapping of sections")
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        _check(not unknown, f"unknown config section(s) {', '.join(map(repr, unknown))}; "
+                            f"valid: {', '.join(sections)}")
+        built = {}
+        for name, f in sections.items():
+            section_cls = f.default_factory  # type: ignore[misc]
+            values = raw.get(name) or {}
+            _check(isinstance(values, dict), f"config section {name!r} must be a mapping")
+            known = section_keys(name)
+            bad = sorted(set(values) - set(known))
+            _check(not bad, f"unknown key(s) {', '.join(f'{name}.{k}' for k in bad)}; "
+                            f"valid: {', '.join(f'{name}.{k}' for k in known)}")
+            coerced = {k: coerce(f"{name}.{k}", v, known[k]) for k, v in values.items()}
+            built[name] = section_cls(**coerced)
+        return cls(**built)
+
+
+def section_keys(section: str) -> dict[str, Any]:
+    """Field name -> type for one config section."""
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def all_keys() -> dict[str, Any]:
+    """Every dotted key (`optim.lr`) with its type."""
+    return {f"{s}.{k}": t for s in (f.name for f in dataclasses.fields(Config))
+            for k, t in section_keys(s).items()}
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Turn a YAML value or a `--set` string into the field's type, or raise UserError."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        _check(optional, f"{key} may not be empty")
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            result = float(value)
+            if not math.isfinite(result):
+                raise ValueError
+            return result
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value!r} is not a valid {base.__name__}") from None
+    raise UserError(f"{key} has unsupported type {annotation}")
+
+
+def parse_overrides(pairs: typing.Iterable[str]) -> dict[str, dict[str, str]]:
+    """`["optim.lr=3e-4"]` -> `{"optim": {"lr": "3e-4"}}`, rejecting unknown keys."""
+    keys = all_keys()
+    nested: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        _check("=" in pair, f"--set {pair!r} must look like section.key=value")
+        key, value = pair.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            import difflib
+
+            close = difflib.get_close_matches(key, keys, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(keys)}"
+            raise UserError(f"unknown config key {key!r}; {hint}")
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load_config(path: Optional[str] = None, overrides: typing.Iterable[str] = (),
+                base: Optional[dict[str, Any]] = None) -> Config:
+    """Defaults <- `base` <- YAML file <- `--set` overrides, validated once at the end."""
+    raw: dict[str, Any] = {}
+    for layer in (base or {}, _read_yaml(path) if path else {}, parse_overrides(overrides)):
+        for section, values in layer.items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section] = {**raw[section], **values}
+            else:
+                raw[section] = values
+    return Config.from_dict(raw)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    _check(file.is_file(), f"config file {path}: not found")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    _check(isinstance(loaded, dict), f"config file {path}: must be a mapping of sections")
+    return loaded

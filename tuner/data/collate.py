@@ -1,0 +1,106 @@
+"""Batches: padding and cloze masking on int32 arrays, vectorised (no per-item Python work).
+
+A batch of histories becomes a left-padded [B, L] id matrix (the latest item sits at the last
+position). Training batches mask items BERT-style: each real item is picked with `mask_prob`;
+picked items become the mask token 80% of the time, a random item 10%, unchanged 10%. A share
+`last_item_prob` of rows instead mask only their last item, the paper's alignment with next-item
+prediction. Every row has at least one masked item. Labels come out as flat indices into the
+[B*L] positions plus target ids, padded to a multiple of `label_bucket` with index 0 / label -1
+(ignored), so compiled code sees few distinct shapes.
+
+Randomness comes from a NumPy Generator seeded per (seed, epoch, rank): a resumed run redraws
+exactly the masks and order it would have drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from tuner.data.dataset import EvalSplit, Sequences
+
+IGNORE = -1
+
+
+def pad_left(seq: Sequences, rows: np.ndarray, length: int) -> np.ndarray:
+    """[len(rows), length] int32: the last `length` items of each chosen history, left-padded with 0."""
+    ends = seq.offsets[rows + 1]
+    starts = seq.offsets[rows]
+    index = ends[:, None] - length + np.arange(length)[None, :]
+    valid = index >= starts[:, None]
+    return np.where(valid, seq.items[np.clip(index, 0, max(len(seq.items) - 1, 0))], 0).astype(np.int32)
+
+
+@dataclass
+class TrainBatch:
+    items: torch.Tensor  # [B, L] int64 ids with masks applied
+    positions: torch.Tensor  # [M] int64 flat indices into B*L of masked positions (padded)
+    labels: torch.Tensor  # [M] int64 target item ids 1..V, IGNORE on padding
+    num_samples: int
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        nb = device.type == "cuda"
+        return TrainBatch(self.items.to(device, non_blocking=nb), self.positions.to(device, non_blocking=nb),
+                          self.labels.to(device, non_blocking=nb), self.num_samples)
+
+
+def mask_batch(ids: np.ndarray, num_items: int, mask_prob: float, last_item_prob: float,
+               rng: np.random.Generator, label_bucket: int = 64) -> TrainBatch:
+    """Apply cloze masking to a left-padded id matrix."""
+    real = ids != 0
+    picked = (rng.random(ids.shape) < mask_prob) & real
+    last_only = rng.random(ids.shape[0]) < last_item_prob
+    picked[last_only] = False
+    picked[:, -1] |= last_only | ~picked.any(axis=1)  # last position is always real
+    roll = rng.random(ids.shape)
+    masked = ids.copy()
+    to_mask = picked & (roll < 0.8)
+    to_random = picked & (roll >= 0.8) & (roll < 0.9)
+    masked[to_mask] = num_items + 1
+    masked[to_random] = rng.integers(1, num_items + 1, size=int(to_random.sum()), dtype=np.int32)
+    positions = np.flatnonzero(picked)
+    labels = ids.reshape(-1)[positions]
+    padded = -(-len(positions) // label_bucket) * label_bucket
+    positions = np.pad(positions, (0, padded - len(positions)))
+    labels = np.pad(labels.astype(np.int64), (0, padded - len(labels)), constant_values=IGNORE)
+    return TrainBatch(torch.from_numpy(masked.astype(np.int64)), torch.from_numpy(positions.astype(np.int64)),
+                      torch.from_numpy(labels), ids.shape[0])
+
+
+def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: int, mask_prob: float,
+                  last_item_prob: float, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                  pin_memory: bool = False) -> Iterator[TrainBatch]:
+    """One epoch of masked batches for this rank; every rank gets the same number of batches."""
+    rng = np.random.default_rng([seed, epoch, 7919])
+    users = np.flatnonzero(train.lengths >= 1)
+    order = rng.permutation(users)
+    # equal shards: drop the remainder so no rank waits in an all-reduce the others never reach
+    per_rank = len(order) // world_size
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    mask_rng = np.random.default_rng([seed, epoch, rank])
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start:start + batch_size]
+        batch = mask_batch(pad_left(train, rows, max_len), num_items, mask_prob, last_item_prob, mask_rng)
+        if pin_memory:
+            batch = TrainBatch(batch.items.pin_memory(), batch.positions.pin_memory(),
+                               batch.labels.pin_memory(), batch.num_samples)
+        yield batch
+
+
+def num_train_batches(train: Sequences, batch_size: int, world_size: int = 1) -> int:
+    per_rank = int((train.lengths >= 1).sum()) // world_size
+    return -(-per_rank // batch_size)
+
+
+def eval_batches(split: EvalSplit, num_items: int, batch_size: int, max_len: int,
+                 rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(row indices, [B, L] ids ending in the mask token, [B] targets) for next-item evaluation."""
+    rows = np.arange(len(split.targets)) if rows is None else rows
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids = pad_left(split.history, chunk, max_len - 1)
+        ids = np.concatenate([ids, np.full((len(chunk), 1), num_items + 1, dtype=np.int32)], axis=1)
+        yield chunk, torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(split.targets[chunk].astype(np.int64))

@@ -1,0 +1,150 @@
+"""BERT4Rec (Sun et al., CIKM 2019): a bidirectional transformer over a user's item history.
+
+Ids: 0 is padding, 1..num_items are items, num_items + 1 is the mask token. The model reads a
+left-padded history of length <= max_len and predicts the items behind mask tokens.
+
+Design choices, with reasons:
+- Explicit Q/K/V/O linears and `F.scaled_dot_product_attention`, not `nn.MultiheadAttention`,
+  whose fused path reads weights directly and bypasses adapters (iLoRA wraps these linears).
+- Pre-LayerNorm blocks with a final LayerNorm: trains stably at every size without a long
+  warm-up (the seed's post-LN reference lives in benchmarks/ as the peer).
+- The head is the paper's: GELU transform, then scores against the item embedding (tied) or a
+  separate output matrix (untied, as the seed used), plus a per-item bias. Scores cover items
+  1..num_items only: padding and mask can never be predicted or ranked.
+- `forward` returns hidden states; `item_scores` scores chosen rows against the catalog. The
+  loss picks the masked rows first, so full-catalog logits are never built for unmasked positions.
+
+Single-device code only: no `torch.distributed`, no Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Bert4RecConfig:
+    num_items: int
+    max_len: int = 200
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    ffn: int = 256
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    tied_head: bool = True
+
+    @property
+    def mask_token(self) -> int:
+        return self.num_items + 1
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Bert4RecConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.k_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.v_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.o_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(batch, length, hidden)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: Bert4RecConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.hidden, cfg.ffn)
+        self.down_proj = nn.Linear(cfg.ffn, cfg.hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Bert4RecConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.hidden)
+        self.attn = SelfAttention(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), keep)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Bert4Rec(nn.Module):
+    def __init__(self, cfg: Bert4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        vocab = cfg.num_items + 2  # + padding (0) and mask (num_items + 1)
+        self.item_emb = nn.Embedding(vocab, cfg.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.emb_norm = nn.LayerNorm(cfg.hidden)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden)
+        # the paper's output transform: GELU(h W + b), normalised
+        self.head_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.head_norm = nn.LayerNorm(cfg.hidden)
+        self.out_weight = None if cfg.tied_head else nn.Parameter(torch.empty(cfg.num_items, cfg.hidden))
+        self.out_bias = nn.Parameter(torch.zeros(cfg.num_items))
+        self.apply(self._init_weights)
+        if self.out_weight is not None:
+            nn.init.normal_(self.out_weight, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # BERT's truncated-normal(0.02) initialisation
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """items: [B, L] int ids (left-padded) -> hidden states [B, L, H] after the head transform."""
+        length = items.shape[1]
+        positions = torch.arange(self.cfg.max_len - length, self.cfg.max_len, device=items.device)
+        x = self.emb_dropout(self.emb_norm(self.item_emb(items) + self.pos_emb(positions)))
+        keep = (items != 0)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, keep)
+        x = self.final_norm(x)
+        return self.head_norm(F.gelu(self.head_proj(x)))
+
+    def output_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [V, H], bias [V]) scoring items 1..V; row i scores item i + 1."""
+        weight = self.item_emb.weight[1:-1] if self.out_weight is None else self.out_weight
+        return weight, self.out_bias
+
+    def item_scores(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Scores [N, stop - start] of hidden rows [N, H] against items start+1..stop (a chunk)."""
+        weight, bias = self.output_embedding()
+        stop = weight.shape[0] if stop is None else stop
+        return hidden @ weight[start:stop].t() + bias[start:stop]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, optimizer and schedule, checkpoints, reporting, Ray Train driver."""

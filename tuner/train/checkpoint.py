@@ -1,0 +1,58 @@
+"""Checkpoints: one `state.pt` per checkpoint directory, written atomically, loaded safely.
+
+A checkpoint holds everything a resumed run needs to continue exactly: model, optimizer,
+scheduler and GradScaler states, RNG states, epoch, step, early-stopping state, the best model's
+weights so far, and the config it was trained with. It is written to a temporary file and
+renamed, so an interrupted write leaves the previous checkpoint intact; it loads with
+`weights_only=True`, so a checkpoint file can never execute code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.errors import UserError
+
+STATE_FILE = "state.pt"
+FORMAT = "tuner-bert4rec-checkpoint-v1"
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / STATE_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def has_checkpoint(directory: str | Path | None) -> bool:
+    return directory is not None and (Path(directory) / STATE_FILE).is_file()
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint directory or `state.pt`; anything that is not ours is a UserError."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path}: no checkpoint found")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise UserError(f"{file}: not a readable checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{file}: not a tuner BERT4Rec checkpoint")
+    return state

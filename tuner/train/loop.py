@@ -1,0 +1,223 @@
+"""The per-worker training function: plain PyTorch, metrics out through a `Reporter`.
+
+`train_worker(cfg, ctx, reporter)` is what Ray Train runs on every worker (issue 3) and what
+`tuner train` runs on its own. Distribution comes only through the `WorkerContext`; metrics only
+through the reporter. One epoch: masked batches -> AMP step (unscale before clipping) ->
+all-reduced validation -> early-stopping decision shared by all ranks -> atomic checkpoint on
+rank 0 -> `reporter.log`. At the end the best weights are evaluated on the test split next to
+the popularity baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tuner.config import Config
+from tuner.data.collate import num_train_batches, train_batches
+from tuner.data.dataset import Dataset, EvalSplit, load_dataset
+from tuner.errors import UserError
+from tuner.losses import MaskedItemObjective
+from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
+from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters
+from tuner.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from tuner.train.optim import build_optimizer, build_scheduler
+from tuner.train.parallel import WorkerContext
+from tuner.train.reporting import Reporter
+
+
+def model_config(cfg: Config, num_items: int) -> Bert4RecConfig:
+    m = cfg.model
+    return Bert4RecConfig(num_items=num_items, max_len=m.max_len, hidden=m.hidden, layers=m.layers,
+                          heads=m.heads, ffn=m.ffn, dropout=m.dropout, attn_dropout=m.attn_dropout,
+                          tied_head=m.tied_head)
+
+
+def resolve_precision(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp=fp16 needs a CUDA device; use bf16 or off on the CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _peak_mem_mb(device: torch.device, rss_base_kb: int) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_base_kb) / 1024
+
+
+@dataclass
+class _Progress:
+    """Early-stopping and position state, saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+
+def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
+                 dataset: Optional[Dataset] = None) -> dict[str, float]:
+    """Train, validate each epoch, test the best weights; return the final metrics."""
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    device = ctx.device
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    train, val, test = dataset.split()
+    if len(val.targets) == 0:
+        raise UserError(f"dataset {dataset.name}: no user has the 3 interactions a leave-one-out split needs")
+    model = Bert4Rec(model_config(cfg, dataset.num_items)).to(device)
+    objective = MaskedItemObjective(model).to(device)
+    dtype = resolve_precision(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size)
+    total_steps = steps_per_epoch * cfg.train.max_epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    progress, best_state = _Progress(), None
+
+    if has_checkpoint(ctx.resume_dir):
+        state = load_checkpoint(ctx.resume_dir)
+        _check_compatible(state, cfg, dataset.num_items, ctx.resume_dir)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = _Progress(**state["progress"])
+        best_state = state["best_model"]
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+    step_module = ctx.wrap(objective)
+    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda"):
+        step_module = torch.compile(step_module, mode=None if cfg.train.compile_mode == "default"
+                                    else cfg.train.compile_mode)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    popularity = popularity_counts(train, dataset.num_items)
+    val_rows = _val_rows(val, cfg.eval.max_val_users, cfg.train.seed)
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def run_eval(split: EvalSplit, rows: np.ndarray, prefix: str, sampled: bool) -> dict[str, float]:
+        model.eval()
+        mine = rows[ctx.rank::ctx.world_size]  # each rank ranks its share; sums are all-reduced
+
+        def encode(ids: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return model(ids)[:, -1]
+
+        weight, bias = model.output_embedding()
+        sums = evaluate(encode, weight.detach(), bias.detach(), split, dataset.num_items, cfg.model.max_len,
+                        device, cfg.eval.batch_size, cfg.eval.catalog_chunk, popularity,
+                        cfg.eval.num_negatives, cfg.eval.exclude_history, mine,
+                        seed=cfg.train.seed + ctx.rank, sampled=sampled)
+        return finalize(ctx.sum(sums), prefix)
+
+    samples_per_s: list[float] = []
+    stop = progress.epoch >= cfg.train.max_epochs or (cfg.train.max_steps and progress.step >= cfg.train.max_steps)
+    while not stop:
+        epoch = progress.epoch
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        batches = samples = 0
+        for batch in train_batches(train, dataset.num_items, cfg.train.batch_size, cfg.model.max_len,
+                                   cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
+                                   ctx.rank, ctx.world_size, pin_memory=device.type == "cuda"):
+            batch = batch.to(device)
+            with autocast():
+                loss = step_module(batch.items, batch.positions, batch.labels)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss_sum += loss.detach().float()
+            batches += 1
+            samples += batch.num_samples
+            progress.step += 1
+            if cfg.train.log_every and progress.step % cfg.train.log_every == 0 and ctx.is_main:
+                print(f"step {progress.step}  loss {loss.item():.4f}", flush=True)
+            if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_s = time.perf_counter() - t0
+        totals = ctx.sum({"loss": loss_sum.item(), "batches": batches, "samples": samples})
+        progress.epoch = epoch + 1
+        metrics = {"epoch": progress.epoch, "train_loss": totals["loss"] / max(totals["batches"], 1),
+                   "samples_per_s": totals["samples"] / epoch_s, "epoch_s": epoch_s,
+                   "lr": scheduler.get_last_lr()[0]}
+        samples_per_s.append(metrics["samples_per_s"])
+        metrics |= run_eval(val, val_rows, "val_", sampled=False)
+        metrics["peak_mem_mb"] = ctx.sum({"m": _peak_mem_mb(device, rss_base)})["m"] / ctx.world_size
+        if metrics["val_ndcg_10"] > progress.best_metric:
+            progress.best_metric, progress.best_epoch, progress.bad_epochs = metrics["val_ndcg_10"], progress.epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            progress.bad_epochs += 1
+        # every rank computed the same all-reduced metrics, so every rank takes the same decision
+        stop = ((cfg.train.patience and progress.bad_epochs >= cfg.train.patience)
+                or progress.epoch >= cfg.train.max_epochs
+                or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
+        checkpoint_dir = ctx.checkpoint_dir(progress.epoch)
+        if checkpoint_dir is not None and ctx.is_main:
+            save_checkpoint(checkpoint_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "progress": vars(progress).copy(), "best_model": best_state,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "config": cfg.to_dict(), "num_items": dataset.num_items,
+            })
+        metrics["best_val_ndcg_10"] = progress.best_metric
+        reporter.log(progress.epoch, metrics, checkpoint_dir if ctx.is_main else None)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    all_rows = np.arange(len(test.targets))
+    final = run_eval(test, all_rows, "test_", sampled=True)
+    final |= run_eval(val, all_rows, "val_", sampled=False)
+    pop = finalize(metric_sums(popularity_ranks(test, popularity, dataset.num_items)), "popularity_")
+    trainable, total = count_parameters(model)
+    final |= pop | {
+        "epochs": progress.epoch, "best_epoch": progress.best_epoch, "steps": progress.step,
+        "samples_per_s": float(np.median(samples_per_s)) if samples_per_s else 0.0,
+        "peak_mem_mb": _peak_mem_mb(device, rss_base), "trainable_params": trainable,
+        "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    reporter.final(final)
+    return final
+
+
+def _val_rows(val: EvalSplit, max_users: int, seed: int) -> np.ndarray:
+    rows = np.arange(len(val.targets))
+    if max_users and max_users < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_users, replace=False))
+    return rows
+
+
+def _check_compatible(state: dict, cfg: Config, num_items: int, where) -> None:
+    saved = state.get("config", {}).get("model", {})
+    if saved != copy.deepcopy(cfg.to_dict()["model"]) or state.get("num_items") != num_items:
+        raise UserError(f"{where}: checkpoint was trained with another model or catalog "
+                        f"(size {saved.get('size')!r}, {state.get('num_items')} items); "
+                        f"use a new checkpoint directory")

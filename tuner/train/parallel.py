@@ -1,0 +1,67 @@
+"""Distribution in one place: the loop asks a `WorkerContext`, never `torch.distributed`.
+
+`WorkerContext` answers: which rank am I, on which device, how do I sum metrics across ranks,
+how is the model wrapped, where do I resume from and where does this epoch's checkpoint go.
+`local_context` is the single-process answer; `tuner.train.driver.ray_context` the Ray Train one.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from tuner.config import TrainConfig
+from tuner.errors import UserError
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class WorkerContext:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    resume_dir: Optional[str] = None  # a checkpoint directory to continue from, if any
+    checkpoint_root: Optional[str] = None  # where this worker's epoch checkpoints go
+    all_reduce_fn: Optional[Callable[[torch.Tensor], None]] = None
+    wrap_fn: Optional[Callable[[nn.Module], nn.Module]] = None
+    _tmp: list = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum a dict of floats over ranks (identity on one process); every rank gets the result."""
+        if self.all_reduce_fn is None or self.world_size == 1:
+            return dict(values)
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        self.all_reduce_fn(tensor)
+        return dict(zip(keys, tensor.tolist()))
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module if self.wrap_fn is None else self.wrap_fn(module)
+
+    def checkpoint_dir(self, epoch: int) -> Optional[str]:
+        """Where rank 0 writes this epoch's checkpoint (None: no checkpoints)."""
+        if self.checkpoint_root is None:
+            return None
+        return self.checkpoint_root
+
+
+def local_context(cfg: TrainConfig) -> WorkerContext:
+    """One process: checkpoints in train.checkpoint_dir, resumed from there when present."""
+    return WorkerContext(device=pick_device(cfg), resume_dir=cfg.checkpoint_dir,
+                         checkpoint_root=cfg.checkpoint_dir)
