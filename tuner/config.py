@@ -91,7 +91,7 @@ class ModelConfig:
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay."""
 
-    lr: float = 1e-3
+    lr: float = 3e-3  # tuned for the small sizes; search_spaces/ hold per-size ranges
     weight_decay: float = 0.01  # not applied to biases and LayerNorm
     beta1: float = 0.9
     beta2: float = 0.999
@@ -118,7 +118,7 @@ class TrainConfig:
     batch_size: int = 128
     mask_prob: float = 0.2  # cloze masking probability per item
     last_item_prob: float = 0.1  # share of samples with only the last item masked
-    patience: int = 5  # epochs without val_ndcg_10 improvement before stopping; 0 = never
+    patience: int = 10  # epochs without val_ndcg_10 improvement before stopping; 0 = never
     seed: int = 0
     device: str = "auto"  # auto = cuda when available
     amp: str = "auto"  # auto = bf16 on GPUs that have it, fp16 + GradScaler otherwise, off on CPU

@@ -113,6 +113,11 @@ def _sampled_ranks(hidden, targets, target_scores, seen, weight, bias, num_items
         cand = torch.multinomial(probs, batch * draws, replacement=True, generator=gen).view(batch, draws) + 1
     cand = cand.to(device)
     invalid = _in_sorted(seen, cand) | (cand == targets[:, None])
+    # negatives are distinct: a repeat of an earlier draw in the row is invalid
+    ordered, index = cand.sort(dim=1, stable=True)
+    repeat = torch.zeros_like(invalid)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    invalid |= torch.zeros_like(invalid).scatter(1, index, repeat)
     order = invalid.int().argsort(dim=1, stable=True)[:, :num_negatives]  # valid draws first
     cand, invalid = cand.gather(1, order), invalid.gather(1, order)
     neg_scores = torch.einsum("bh,bnh->bn", hidden, weight[cand - 1]) + bias[cand - 1]

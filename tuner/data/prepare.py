@@ -83,7 +83,7 @@ def sniff_format(path: Path) -> str:
     if "::" in line:
         return "movielens"
     if name.endswith(".csv") or "," in line:
-        return "movielens" if line.lower().startswith("userid") else "amazon"
+        return "movielens" if line.lower().replace('"', "").startswith("userid") else "amazon"
     if len(line.split()) == 2:
         return "sequences"
     raise UserError(f"{path}: cannot tell the format from its first line {line[:60]!r}; "
@@ -228,6 +228,7 @@ def write_dataset(out_dir: Path, user_raw: pa.Array, item_raw: pa.Array, offsets
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a dataset is meant to be shared
         sequences = pa.table({
             "user": pa.array(np.arange(len(offsets) - 1, dtype=np.int32)),
             "items": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(items)),

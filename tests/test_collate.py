@@ -1,0 +1,58 @@
+"""Padding and cloze masking: what a masked batch must look like."""
+
+import numpy as np
+
+from tuner.data.collate import IGNORE, mask_batch, pad_left, train_batches
+from tuner.data.dataset import Sequences
+from tuner.data.synthetic import generate
+
+
+def test_pad_left_keeps_the_latest_items():
+    seq = Sequences(np.array([1, 2, 3, 4, 5, 6], dtype=np.int32), np.array([0, 2, 6]))
+    out = pad_left(seq, np.array([0, 1]), 3)
+    assert out.tolist() == [[0, 1, 2], [4, 5, 6]]
+
+
+def test_masking_statistics_and_labels():
+    rng = np.random.default_rng(0)
+    num_items = 1000
+    ids = rng.integers(1, num_items + 1, size=(512, 50)).astype(np.int32)
+    ids[:, :10] = 0  # padding
+    batch = mask_batch(ids, num_items, mask_prob=0.2, last_item_prob=0.0, rng=rng)
+    items, positions, labels = batch.items.numpy(), batch.positions.numpy(), batch.labels.numpy()
+    real = labels != IGNORE
+    pos, lab = positions[real], labels[real]
+    flat_ids, flat_items = ids.reshape(-1), items.reshape(-1)
+    assert (flat_ids[pos] == lab).all()  # labels are the original items
+    assert (flat_ids[pos] != 0).all()  # padding is never a target
+    assert abs(len(pos) / (ids != 0).sum() - 0.2) < 0.01
+    became_mask = (flat_items[pos] == num_items + 1).mean()
+    assert abs(became_mask - 0.8) < 0.02
+    unchanged = (flat_items[pos] == lab).mean()
+    assert abs(unchanged - 0.1) < 0.02  # (plus random draws that hit the same item: negligible)
+    untouched = np.setdiff1d(np.arange(flat_ids.size), pos)
+    assert (flat_items[untouched] == flat_ids[untouched]).all()
+    assert len(positions) % 64 == 0
+
+
+def test_last_item_rows_mask_only_the_last_item():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 100, size=(64, 10)).astype(np.int32)
+    batch = mask_batch(ids, 99, mask_prob=0.5, last_item_prob=1.0, rng=rng)
+    pos = batch.positions.numpy()[batch.labels.numpy() != IGNORE]
+    assert sorted(pos.tolist()) == [r * 10 + 9 for r in range(64)]
+
+
+def test_epochs_are_reproducible_and_ranks_disjoint():
+    data = generate(200, 50, seed=0)
+    args = dict(train=data.sequences, num_items=50, batch_size=32, max_len=12, mask_prob=0.2,
+                last_item_prob=0.1, seed=3, epoch=1)
+    a = [b.items for b in train_batches(**args)]
+    b = [b.items for b in train_batches(**args)]
+    assert all((x == y).all() for x, y in zip(a, b))
+    c = [b.items for b in train_batches(**{**args, "epoch": 2})]
+    assert not all(x.shape == y.shape and (x == y).all() for x, y in zip(a, c))
+    r0 = list(train_batches(**args, rank=0, world_size=2))
+    r1 = list(train_batches(**args, rank=1, world_size=2))
+    assert len(r0) == len(r1)
+    assert sum(x.num_samples for x in r0) == sum(x.num_samples for x in r1) == 100

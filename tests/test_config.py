@@ -1,0 +1,58 @@
+"""Config: defaults, overrides, validation; every mistake names the key."""
+
+import pytest
+
+from tuner.config import Config, load_config, parse_overrides
+from tuner.errors import UserError
+
+
+def test_defaults_are_valid_and_size_fills_architecture():
+    cfg = load_config()
+    assert cfg.model.size == "tiny" and cfg.model.hidden == 32 and cfg.model.ffn == 128
+    big = load_config(overrides=["model.size=430M"])
+    assert (big.model.hidden, big.model.layers, big.model.heads) == (1024, 8, 16)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["optim.lr=3e-4", "train.batch_size=7", "model.tied_head=false",
+                                 "train.checkpoint_dir=none", "model.hidden=48", "model.heads=4"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.train.batch_size == 7
+    assert cfg.model.tied_head is False and cfg.train.checkpoint_dir is None and cfg.model.hidden == 48
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "did you mean optim.lr"),
+    ("nosuch.key=1", "unknown config key"),
+    ("optim.lr=-1", "optim.lr=-1.0 must be positive"),
+    ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+    ("train.batch_size=abc", "train.batch_size='abc' is not a valid int"),
+    ("model.size=999M", "model.size='999M' is not one of: tiny, bert4rec, 5M, 85M, 130M, 430M"),
+    ("train.amp=fp8", "train.amp='fp8' is not one of"),
+    ("optim.lr=nan", "not a valid float"),
+    ("model.hidden=33", "divisible by model.heads"),
+    ("noequals", "must look like section.key=value"),
+])
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(UserError, match=None) as info:
+        load_config(overrides=[override])
+    assert message in str(info.value)
+
+
+def test_yaml_unknown_section_and_key(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown key.*optim.learning_rate.*valid: optim.lr"):
+        load_config(str(bad))
+    bad.write_text("optimizer: {}\n")
+    with pytest.raises(UserError, match="unknown config section"):
+        load_config(str(bad))
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_flat_keys_round_trip():
+    cfg = Config()
+    flat = cfg.flat()
+    assert flat["optim.lr"] == cfg.optim.lr and "tracking.experiment" in flat
+    assert set(parse_overrides(["optim.lr=1"])) == {"optim"}
