@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--checkpoint-dir", help="write checkpoints here; resume if one exists")
     p.add_argument("--workers", type=int, help="DDP workers through Ray Train (default: no Ray)")
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune, Optuna and ASHA")
+    _common_run_flags(p)
+    p.add_argument("--search-space", help="YAML of distributions (default: search_spaces/<size>.yaml)")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--search", choices=("optuna", "random"))
+    p.add_argument("--scheduler", choices=("asha", "none"))
+    p.add_argument("--experiment", help="experiment name (Ray Tune and MLflow); no timestamps")
+    p.add_argument("--storage", default="ray_results", help="Ray Tune storage path or URI")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    p.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
     return parser
 
 
@@ -76,6 +88,11 @@ def run_config(args: argparse.Namespace):
     put("train", "device", getattr(args, "device", None))
     put("train", "checkpoint_dir", getattr(args, "checkpoint_dir", None))
     put("resources", "workers", getattr(args, "workers", None))
+    put("tune", "num_samples", getattr(args, "num_samples", None))
+    put("tune", "search", getattr(args, "search", None))
+    put("tune", "scheduler", getattr(args, "scheduler", None))
+    put("tracking", "experiment", getattr(args, "experiment", None))
+    put("tracking", "tracking_uri", getattr(args, "tracking_uri", None))
     cfg_file = load_config(args.config).to_dict() if args.config else {}
     merged = {s: {**cfg_file.get(s, {}), **flags.get(s, {})} for s in set(cfg_file) | set(flags)}
     if "model" in flags and "size" in flags["model"] and "model" in merged:
@@ -110,7 +127,48 @@ def cmd_train(args: argparse.Namespace) -> dict:
     return train_worker(cfg, local_context(cfg.train), ConsoleReporter())
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train}
+TUNE_MAX_EPOCHS = 10  # the embedded default's budget per trial, unless --max-epochs or a config says
+
+
+def cmd_tune(args: argparse.Namespace) -> dict:
+    from tuner.tune.experiment import describe, local_resources, make_plan, plan_dict, run_experiment
+    from tuner.tune.search_space import default_space_path, read_space
+
+    if args.max_epochs is None and not args.config and not any(s.startswith("train.max_epochs=") for s in args.set):
+        args.max_epochs = TUNE_MAX_EPOCHS
+    cfg = run_config(args)
+    if args.experiment is None and cfg.tracking.experiment == "bert4rec":
+        cfg.tracking.experiment = f"bert4rec-{cfg.model.size}"
+    space = read_space(args.search_space or default_space_path(cfg.model.size))
+    if args.dry_run:
+        from pathlib import Path
+
+        dataset = cfg.data.path or f"synthetic-{cfg.data.synthetic_users}x{cfg.data.synthetic_items}"
+        plan = make_plan(cfg, space, str(Path(args.storage).resolve()), local_resources(), dataset)
+        if not args.json:
+            print(describe(plan), end="")
+        return plan_dict(plan)
+    summary = run_experiment(cfg, space, args.storage, args.resume, quiet=args.json)
+    if not args.json:
+        _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"\nexperiment {summary['experiment']}: {summary['num_trials']} trials "
+          f"({summary['trials_completed']} completed, {summary['trials_stopped_early']} stopped early by ASHA, "
+          f"{summary['trials_error']} failed)")
+    print(f"best trial {summary['best_trial_id']}: val_ndcg_10 {summary['best_val_ndcg_10']:.4f}"
+          + (f", test_ndcg_10 {summary['test_ndcg_10']:.4f}, test_hr_10 {summary['test_hr_10']:.4f}"
+             if "test_ndcg_10" in summary else ""))
+    for key, value in sorted(summary["best_config"].items()):
+        print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
+    if summary.get("registered_model"):
+        print(f"registered model: {summary['registered_model']} ({summary['model_uri']})")
+    print(f"compare the trials: {summary['mlflow_ui']}")
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune}
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,9 +7,7 @@ how is the model wrapped, where do I resume from and where does this epoch's che
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -36,7 +34,7 @@ class WorkerContext:
     checkpoint_root: Optional[str] = None  # where this worker's epoch checkpoints go
     all_reduce_fn: Optional[Callable[[torch.Tensor], None]] = None
     wrap_fn: Optional[Callable[[nn.Module], nn.Module]] = None
-    _tmp: list = field(default_factory=list)
+    checkpoint_dir_fn: Optional[Callable[[int], str]] = None  # a fresh directory per epoch (Ray)
 
     @property
     def is_main(self) -> bool:
@@ -56,6 +54,8 @@ class WorkerContext:
 
     def checkpoint_dir(self, epoch: int) -> Optional[str]:
         """Where rank 0 writes this epoch's checkpoint (None: no checkpoints)."""
+        if self.checkpoint_dir_fn is not None:
+            return self.checkpoint_dir_fn(epoch)
         if self.checkpoint_root is None:
             return None
         return self.checkpoint_root

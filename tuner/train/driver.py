@@ -1,0 +1,180 @@
+"""Ray Train: the per-worker entry point and the driver that builds one `TorchTrainer`.
+
+Ray's three layers live in three places: the per-worker function (`train_fn_per_worker`, which
+calls `tuner.train.loop.train_worker`), the driver for one run or trial (`build_trainer`), and
+the Tuner (`tuner.tune.experiment`). `ray_context` is the only place that knows about
+`torch.distributed`: ranks, DDP wrapping, all-reduce, and per-epoch checkpoint directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from tuner.config import Config
+from tuner.errors import UserError
+from tuner.train.parallel import WorkerContext, pick_device
+
+
+def ray_context(cfg: Config) -> WorkerContext:
+    import ray.train
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = pick_device(cfg.train)
+    if device.type == "cuda":
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = checkpoint.to_directory() if checkpoint is not None else None
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if world_size == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    return WorkerContext(device=device, rank=rank, world_size=world_size, resume_dir=resume_dir,
+                         all_reduce_fn=lambda t: dist.all_reduce(t) if world_size > 1 else None,
+                         wrap_fn=wrap, checkpoint_dir_fn=lambda epoch: tempfile.mkdtemp(prefix=f"ckpt-e{epoch}-"))
+
+
+class RayReporter:
+    """Forwards each epoch to `ray.train.report` (every rank calls it; rank 0 adds the checkpoint)."""
+
+    def __init__(self, final_dir: Optional[str], rank: int):
+        self.final_dir, self.rank = final_dir, rank
+
+    def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(dict(metrics), checkpoint=checkpoint)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to storage by now
+
+    def final(self, metrics: dict[str, float]) -> None:
+        # Train V2 drops the last report if it carries no checkpoint and the run ends right after
+        # it, so final (test) metrics travel as files: every rank writes its own (they must agree)
+        # and the driver or trial function reads rank 0's.
+        if self.final_dir:
+            path = Path(self.final_dir) / f"final_rank{self.rank}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(metrics, sort_keys=True))
+            os.replace(tmp, path)
+
+
+def read_final(final_dir: str | Path) -> Optional[dict[str, float]]:
+    path = Path(final_dir) / "final_rank0.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs."""
+    from tuner.train.loop import train_worker
+    from tuner.train.reporting import ConsoleReporter, MultiReporter
+
+    cfg = Config.from_dict(loop_config["config"])
+    ctx = ray_context(cfg)
+    reporters: list = [RayReporter(loop_config.get("final_dir"), ctx.rank)]
+    if ctx.is_main and loop_config.get("console"):
+        reporters.append(ConsoleReporter())
+    mlflow_args = loop_config.get("mlflow")
+    if ctx.is_main and mlflow_args:
+        from tuner.tracking import MlflowReporter
+
+        reporters.append(MlflowReporter(**mlflow_args))
+    train_worker(cfg, ctx, MultiReporter(*reporters))
+
+
+def scaling_config(cfg: Config):
+    from ray.train import ScalingConfig
+
+    gpus = cfg.resources.gpus_per_worker
+    if gpus == 0 and cfg.train.device == "cuda":
+        gpus = 1.0
+    resources = {"CPU": cfg.resources.cpus_per_worker}
+    if gpus:
+        resources["GPU"] = gpus
+    return ScalingConfig(num_workers=cfg.resources.workers, use_gpu=gpus > 0, resources_per_worker=resources)
+
+
+def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optional[dict] = None,
+                  callbacks: Optional[list] = None):
+    """One `TorchTrainer` for one run or trial. Same (storage_path, name) -> Train resumes itself."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchTrainer
+
+    loop_config = {"config": cfg.to_dict(), **(loop_extra or {})}
+    run_config = RunConfig(name=name, storage_path=storage_path,
+                           failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=2),
+                           callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING"))
+    return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config,
+                        scaling_config=scaling_config(cfg), run_config=run_config)
+
+
+def init_ray(num_cpus: Optional[int] = None) -> bool:
+    """Connect to RAY_ADDRESS if set, else start a local instance. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    # on small machines give Ray more logical CPUs than cores, or trials wait forever for workers
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def fit(cfg: Config, quiet: bool = False, storage: Optional[str] = None) -> dict[str, float]:
+    """`tuner train --workers N`: one TorchTrainer run; returns rank 0's final metrics."""
+    import ray
+
+    storage_path = str(Path(storage or "ray_results").resolve())
+    name = f"train-{cfg.model.size}"
+    final_dir = Path(storage_path) / name / "final"
+    shutil.rmtree(final_dir, ignore_errors=True)
+    started = init_ray(max(4, cfg.resources.workers * int(cfg.resources.cpus_per_worker) + 1))
+    try:
+        trainer = build_trainer(cfg, name, storage_path, {"final_dir": str(final_dir), "console": not quiet})
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; surface ours as one line
+            raise _unwrap(exc) from None
+        final = read_final(final_dir)
+        if final is None:
+            raise UserError(f"training run {name} ended without final metrics (see the Ray logs)")
+        return final
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Find a UserError raised inside a worker in Ray's wrapped exception chain."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        text = str(seen)
+        if "UserError:" in text:
+            line = next((ln for ln in text.splitlines() if "UserError:" in ln), "")
+            return UserError(line.split("UserError:", 1)[1].strip())
+        seen = seen.__cause__ or seen.__context__
+    return exc
