@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     p.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
+
+    p = sub.add_parser("report", help="an experiment's trials ranked, with Optuna's pictures")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    p.add_argument("--output", help="where the PNG files go (default: reports/<experiment>)")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -168,7 +174,22 @@ def _print_summary(summary: dict) -> None:
     print(f"compare the trials: {summary['mlflow_ui']}")
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune}
+def cmd_report(args: argparse.Namespace) -> dict:
+    from tuner.report import format_table, report
+    from tuner.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    result = report(uri, args.experiment, args.output)
+    if not args.json:
+        keys = sorted({k for t in result["trials"] for k in t["params"]}
+                      & {"optim.lr", "model.dropout", "optim.weight_decay"})
+        print(format_table(result, keys))
+        for picture in result["pictures"]:
+            print(f"wrote {picture}")
+    return result
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "report": cmd_report}
 
 
 def _jsonable(value: Any) -> Any:

@@ -267,7 +267,7 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
     args = typing.get_args(annotation)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
         _check(optional, f"{key} may not be empty")
         return None
     try:

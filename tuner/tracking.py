@@ -29,6 +29,7 @@ def _quiet_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -81,7 +82,8 @@ def _find_run(mlflow_client, exp_id: str, tag: str, value: str):
     return runs[0] if runs else None
 
 
-def parent_run(uri: str, experiment: str, tags: dict[str, str]) -> tuple[str, str]:
+def parent_run(uri: str, experiment: str, tags: dict[str, str],
+               search_space_text: Optional[str] = None) -> tuple[str, str]:
     """(experiment_id, parent_run_id), reusing the parent run of a resumed experiment."""
     c = client(uri)
     exp_id = experiment_id(c, experiment)
@@ -93,6 +95,8 @@ def parent_run(uri: str, experiment: str, tags: dict[str, str]) -> tuple[str, st
             c.set_tag(run.info.run_id, key, value)
         if run.info.status != "RUNNING":
             c.update_run(run.info.run_id, status="RUNNING")
+    if search_space_text is not None:
+        c.log_text(run.info.run_id, search_space_text, "search_space.yaml")
     return exp_id, run.info.run_id
 
 
@@ -118,6 +122,9 @@ class MlflowReporter:
         elif run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
+        # a retried or resumed trial may redo an epoch logged just before the crash: log it once
+        history = self.client.get_metric_history(self.run_id, "val_ndcg_10")
+        self.logged_up_to = max((m.step for m in history), default=0)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -138,6 +145,8 @@ class MlflowReporter:
                       f"training continues", file=sys.stderr)
 
     def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
+        if epoch <= self.logged_up_to:
+            return
         self._log({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, epoch)
 
     def final(self, metrics: dict[str, float]) -> None:
@@ -155,9 +164,11 @@ def finish_trial_runs(uri: str, exp_id: str, parent_id: str, statuses: dict[str,
     c = client(uri)
     for trial_id, status in statuses.items():
         run = _find_run(c, exp_id, TRIAL_TAG, trial_id)
-        if run is not None and run.info.status == "RUNNING":
-            c.set_tag(run.info.run_id, "tuner.outcome", status)
-            c.set_terminated(run.info.run_id, "KILLED" if status == "stopped_early" else "FINISHED")
+        if run is None:
+            continue
+        c.set_tag(run.info.run_id, "tuner.outcome", status)
+        if run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, {"stopped_early": "KILLED", "error": "FAILED"}.get(status, "FINISHED"))
 
 
 def log_best_model(uri: str, parent_id: str, model, metrics: dict[str, float], params: dict[str, Any],

@@ -87,7 +87,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = Config.from_dict(loop_config["config"])
     ctx = ray_context(cfg)
-    reporters: list = [RayReporter(loop_config.get("final_dir"), ctx.rank)]
+    reporters: list = []
     if ctx.is_main and loop_config.get("console"):
         reporters.append(ConsoleReporter())
     mlflow_args = loop_config.get("mlflow")
@@ -95,6 +95,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         from tuner.tracking import MlflowReporter
 
         reporters.append(MlflowReporter(**mlflow_args))
+    # Ray last: once an epoch's checkpoint is reported the epoch never reruns, so MLflow must
+    # already have it; an epoch rerun after a crash before the report is logged to MLflow once
+    reporters.append(RayReporter(loop_config.get("final_dir"), ctx.rank))
     train_worker(cfg, ctx, MultiReporter(*reporters))
 
 
@@ -138,7 +141,9 @@ def init_ray(num_cpus: Optional[int] = None) -> bool:
         return False
     # on small machines give Ray more logical CPUs than cores, or trials wait forever for workers
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # the dashboard serves the State API that Train V2 uses to clean up placement groups;
+    # it listens on 127.0.0.1 only
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     return True
 
 

@@ -167,6 +167,7 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
                    quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) the experiment; log and register the best model; return a summary."""
     import ray
+    import yaml
     from ray import tune
 
     from tuner import tracking
@@ -191,7 +192,8 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
                                                     if k in ("CPU", "GPU")}, dataset.name)
         exp_id, parent_id = tracking.parent_run(uri, cfg.tracking.experiment, {
             "size": cfg.model.size, "dataset": dataset.name, "search_space_hash": space_hash(space),
-            "git_commit": git_commit(), "search": cfg.tune.search, "scheduler": cfg.tune.scheduler})
+            "git_commit": git_commit(), "search": cfg.tune.search, "scheduler": cfg.tune.scheduler},
+            search_space_text=yaml.safe_dump(space, sort_keys=False))
         mlflow_info = {"uri": uri, "exp_id": exp_id, "parent_id": parent_id}
         base = cfg.to_dict()
         trainable = tune.with_resources(

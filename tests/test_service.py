@@ -1,0 +1,108 @@
+"""The service against real servers: an `mlflow server` process and a `ray start --head` cluster."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.tune_helpers import SMALL, last_json, mlflow_runs, run_tuner
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, open(log).read()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not come up in {timeout} s: {open(log).read()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server we started, by its process group (it was started in a new session)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    log = tmp_path / "mlflow-server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+def test_tune_logs_to_a_remote_mlflow_server(tmp_path, mlflow_server):
+    summary = last_json(run_tuner(
+        "tune", "--num-samples", "2", "--max-epochs", "2", "--scheduler", "none", "--tracking-uri", mlflow_server,
+        "--storage", str(tmp_path / "ray"), "--experiment", "remote", "--json", *SMALL))
+    assert summary["trials_completed"] == 2 and summary["registered_model"] == "bert4rec-tiny"
+    client, parents, children = mlflow_runs(mlflow_server, "remote")
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:  # artifacts went through the server's artifact proxy
+        assert "config.yaml" in [a.path for a in client.list_artifacts(child.info.run_id)]
+    assert len(client.search_model_versions("name='bert4rec-tiny'")) == 1
+    report = last_json(run_tuner("report", "--experiment", "remote", "--tracking-uri", mlflow_server,
+                                 "--output", str(tmp_path / "report"), "--json"))
+    assert [t["best_val_ndcg_10"] for t in report["trials"]] == sorted(
+        (t["best_val_ndcg_10"] for t in report["trials"]), reverse=True)
+    assert any(p.endswith("optimization_history.png") for p in report["pictures"])
+    assert (tmp_path / "report" / "optimization_history.png").stat().st_size > 1000
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "report")]
+    assert "report/optimization_history.png" in artifacts
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_head_node(tmp_path):
+    """`ray job submit --working-dir . -- tuner tune ...` against `ray start --head` on 127.0.0.1."""
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    log = tmp_path / "head.log"
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        wait_http(f"{address}/api/version", 120, head, log)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        job = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "tuner", "tune", "--num-samples", "2", "--max-epochs", "2", "--tracking-uri", uri,
+             "--storage", str(tmp_path / "ray"), "--experiment", "submitted", *SMALL],
+            capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+        _, parents, children = mlflow_runs(uri, "submitted")
+        assert len(parents) == 1 and len(children) == 2
+    finally:
+        stop(head)

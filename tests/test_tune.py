@@ -1,0 +1,111 @@
+"""`tuner tune` end to end: real local Ray, real Optuna, real MLflow (sqlite)."""
+
+import json
+
+import pytest
+
+from tests.tune_helpers import SMALL, last_json, mlflow_runs, run_tuner
+
+
+@pytest.mark.slow
+def test_tune_records_every_trial_and_registers_the_best(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = last_json(run_tuner(
+        "tune", "--size", "tiny", "--num-samples", "6", "--max-epochs", "4", "--tracking-uri", uri,
+        "--storage", str(tmp_path / "ray"), "--experiment", "E", "--json",
+        "--set", "tune.grace_period=1", *SMALL))
+    assert summary["num_trials"] == 6
+    assert summary["trials_stopped_early"] >= 1, summary["trials"]  # ASHA pruned something
+    assert summary["trials_error"] == 0
+    client, parents, children = mlflow_runs(uri, "E")
+    assert len(parents) == 1 and len(children) == 6
+    parent = parents[0]
+    for tag in ("size", "dataset", "search_space_hash", "git_commit"):
+        assert parent.data.tags.get(tag), tag
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags["tuner.trial_id"] for c in children}) == 6
+    for child in children:
+        params = child.data.params
+        assert {"optim.lr", "model.dropout", "optim.weight_decay"} <= set(params)
+        history = client.get_metric_history(child.info.run_id, "val_ndcg_10")
+        epochs = sorted(m.step for m in history)
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 1  # once per epoch, no repeats
+        for metric in ("train_loss", "val_hr_10", "samples_per_s", "epoch_s", "peak_mem_mb"):
+            assert len(client.get_metric_history(child.info.run_id, metric)) == len(epochs)
+        assert "config.yaml" in [a.path for a in client.list_artifacts(child.info.run_id)]
+    # the best trial's test metrics and model sit on the parent run; the model is registered
+    assert "test_ndcg_10" in client.get_run(parent.info.run_id).data.metrics
+    versions = client.search_model_versions("name='bert4rec-tiny'")
+    assert len(versions) == 1
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/bert4rec-tiny/{versions[0].version}")
+    assert model.cfg.num_items == 150
+    # a second run with the same experiment name refuses instead of interleaving trials
+    again = run_tuner("tune", "--num-samples", "1", "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
+                      "--experiment", "E", *SMALL)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+
+
+def test_dry_run_prints_the_plan_without_ray(tmp_path):
+    plan = last_json(run_tuner("tune", "--dry-run", "--json", "--num-samples", "5",
+                               "--storage", str(tmp_path), "--set", "resources.cpus_per_worker=2"))
+    assert plan["num_samples"] == 5 and plan["resources_per_trial"] == {"CPU": 2.0}
+    assert plan["max_concurrent"] == plan["cluster_resources"]["CPU"] // 2
+    assert set(plan["search_space"]) >= {"optim.lr", "model.dropout", "optim.weight_decay"}
+    assert not (tmp_path / "bert4rec-tiny").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    (["--size", "nope"], "model.size='nope' is not one of"),
+    (["--search-space", "/nonexistent.yaml"], "not found"),
+    (["--resume", "--experiment", "never-ran"], "nothing to resume"),
+])
+def test_bad_tune_input_fails_fast(tmp_path, args, message):
+    proc = run_tuner("tune", "--storage", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *args,
+                     timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_experiment_resumes_without_duplicates(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.tune_helpers import tuner_cmd
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    args = ["tune", "--num-samples", "4", "--max-epochs", "5", "--tracking-uri", uri, "--storage", str(storage),
+            "--experiment", "R", "--scheduler", "none", "--set", "tune.max_concurrent=2", *SMALL]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(tuner_cmd(*args), start_new_session=True, stdout=log, stderr=log)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill once a trial is mid-way (2+ epochs reported)
+            results = list((storage / "R").glob("run_trial_*/result.json"))
+            if any(len(r.read_text().splitlines()) >= 2 for r in results):
+                break
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial progressed in 300 s")
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait()
+    summary = last_json(run_tuner(*args, "--resume", "--json"))
+    assert summary["num_trials"] == 4 and summary["trials_completed"] == 4, summary["trials"]
+    client, parents, children = mlflow_runs(uri, "R")
+    assert len(parents) == 1 and len(children) == 4
+    assert len({c.data.tags["tuner.trial_id"] for c in children}) == 4
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ndcg_10")]
+        assert sorted(steps) == [1, 2, 3, 4, 5], steps  # every epoch once: none lost, none double-counted
+    assert len(client.search_model_versions("name='bert4rec-tiny'")) == 1
