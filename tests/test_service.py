@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -27,6 +28,8 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log) -> None:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers (Ray's dashboard asks for the token: 401)
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"{url} did not come up in {timeout} s: {open(log).read()[-2000:]}")
@@ -95,6 +98,16 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
         address = f"http://127.0.0.1:{dashboard_port}"
         wait_http(f"{address}/api/version", 120, head, log)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        # token authentication is on (Ray 2.60's default): the client finds ~/.ray/auth_token once
+        # told to use tokens; from another machine, RAY_AUTH_TOKEN carries the token itself
+        env["RAY_AUTH_MODE"] = "token"
+        deadline = time.time() + 120  # the head's job agent comes up a little after the dashboard
+        while True:
+            probe = subprocess.run(["ray", "job", "list", "--address", address], capture_output=True, text=True,
+                                   env=env, timeout=60)
+            if probe.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)
         job = subprocess.run(
             ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
              "tuner", "tune", "--num-samples", "2", "--max-epochs", "2", "--tracking-uri", uri,

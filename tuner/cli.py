@@ -66,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     p.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
 
+    p = sub.add_parser("bench", help="time training steps on random ids")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--num-items", type=int, default=10_000)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=50)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--loss", default="ce")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (fp16 + GradScaler without bf16); default: on for cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--untied-head", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("report", help="an experiment's trials ranked, with Optuna's pictures")
     p.add_argument("--experiment", required=True)
     p.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
@@ -189,7 +207,29 @@ def cmd_report(args: argparse.Namespace) -> dict:
     return result
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "report": cmd_report}
+def cmd_bench(args: argparse.Namespace) -> dict:
+    from tuner.bench import BenchSpec, run_bench
+    from tuner.losses import LOSSES
+
+    if args.loss not in LOSSES:
+        raise UserError(f"unknown loss {args.loss!r}; valid: {', '.join(LOSSES)}")
+    for name in ("num_items", "batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    spec = BenchSpec(size=args.size, num_items=args.num_items, hidden=args.hidden, batch_size=args.batch_size,
+                     seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, loss=args.loss,
+                     amp=args.amp if args.amp is not None else args.device == "cuda",
+                     compile=args.compile, compile_mode=args.compile_mode, device=args.device, seed=args.seed,
+                     tied_head=not args.untied_head)
+    result = run_bench(spec)
+    if not args.json:
+        print(f"{result['size']} V={result['num_items']} B={result['batch_size']} L={result['seq_len']} "
+              f"{result['amp']} compile={result['compile']}: {result['step_ms']:.2f} ms/step, "
+              f"{result['samples_per_s']:.0f} samples/s, peak {result['peak_mem_mb']:.0f} MB")
+    return result
+
+
+COMMANDS = {"bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "report": cmd_report}
 
 
 def _jsonable(value: Any) -> Any:

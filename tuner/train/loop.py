@@ -10,7 +10,6 @@ the popularity baseline.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import resource
 import time
@@ -31,6 +30,7 @@ from tuner.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpo
 from tuner.train.optim import build_optimizer, build_scheduler
 from tuner.train.parallel import WorkerContext
 from tuner.train.reporting import Reporter
+from tuner.train.step import TrainStep
 
 
 def model_config(cfg: Config, num_items: int) -> Bert4RecConfig:
@@ -81,13 +81,16 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     model = Bert4Rec(model_config(cfg, dataset.num_items)).to(device)
     objective = MaskedItemObjective(model).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = build_optimizer(model, cfg.optim, device)
     steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size)
     total_steps = steps_per_epoch * cfg.train.max_epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    step = TrainStep(objective, list(model.parameters()), optimizer, scheduler, dtype, cfg.optim.grad_clip,
+                     device, cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap)
+    scaler = step.scaler
     progress, best_state = _Progress(), None
 
     if has_checkpoint(ctx.resume_dir):
@@ -103,11 +106,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
 
-    step_module = ctx.wrap(objective)
-    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda"):
-        step_module = torch.compile(step_module, mode=None if cfg.train.compile_mode == "default"
-                                    else cfg.train.compile_mode)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    autocast = step.autocast
     popularity = popularity_counts(train, dataset.num_items)
     val_rows = _val_rows(val, cfg.eval.max_val_users, cfg.train.seed)
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -138,18 +137,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         for batch in train_batches(train, dataset.num_items, cfg.train.batch_size, cfg.model.max_len,
                                    cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
                                    ctx.rank, ctx.world_size, pin_memory=device.type == "cuda"):
-            batch = batch.to(device)
-            with autocast():
-                loss = step_module(batch.items, batch.positions, batch.labels)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            loss_sum += loss.detach().float()
+            loss = step(batch.to(device))
+            loss_sum += loss.float()
             batches += 1
             samples += batch.num_samples
             progress.step += 1

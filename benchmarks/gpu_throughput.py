@@ -1,0 +1,150 @@
+"""GPU training throughput per model size, ours against the seed project's step, in one run.
+
+For each size at the seed's settings (catalog 159,750 items, sequence 50, batch 256; 128 for
+430M): our step (tuner.bench: the loop's TrainStep on batches from the real collate path) in
+fp32 eager, bf16 AMP, and AMP + torch.compile; and the seed's architecture
+(benchmarks/seed_reference.py) in fp32, fp16 AMP and AMP + compile on the same batches. Reports
+median step time, samples/s, peak memory and MFU (model FLOPs / step time / the bf16 matmul rate
+measured in this run), plus full-ranking evaluation throughput. Results are written after every
+row to benchmarks/results/gpu_throughput.json (or --output).
+
+    python benchmarks/gpu_throughput.py --sizes 130M 430M
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seed_reference import bench_seed  # noqa: E402
+
+from tuner.bench import BenchSpec, matmul_tflops, random_sequences, run_bench  # noqa: E402
+from tuner.data.collate import IGNORE, train_batches  # noqa: E402
+from tuner.data.dataset import EvalSplit, Sequences  # noqa: E402
+from tuner.model.sizes import SIZES  # noqa: E402
+
+NUM_ITEMS = 159_750
+
+
+def seed_batches(batch_size: int, seq_len: int, steps: int):
+    data = random_sequences(batch_size * steps, seq_len, NUM_ITEMS, seed=0)
+    batches = list(train_batches(data, NUM_ITEMS, batch_size, seq_len, 0.2, 0.1, 0, 0, pin_memory=True))
+    originals = []
+    for b in batches:  # the unmasked ids: the seed's targets at every non-padding position
+        orig = b.items.clone().view(-1)
+        keep = b.labels != IGNORE
+        orig[b.positions[keep]] = b.labels[keep]
+        originals.append(orig.view_as(b.items))
+    return batches, originals
+
+
+def eval_throughput(size: str, device: torch.device, users: int = 8192) -> dict:
+    from tuner.config import load_config
+    from tuner.metrics import evaluate
+    from tuner.model.bert4rec import Bert4Rec
+    from tuner.train.loop import model_config
+
+    cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50"])
+    model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device).eval()
+    hist = random_sequences(users, 49, NUM_ITEMS, seed=1)
+    split = EvalSplit(hist, np.random.default_rng(2).integers(1, NUM_ITEMS + 1, users).astype(np.int32),
+                      np.arange(users))
+
+    def encode(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(ids)[:, -1]
+
+    weight, bias = model.output_embedding()
+    run = lambda: evaluate(encode, weight.detach(), bias.detach(), split, NUM_ITEMS, 50, device, 1024, 65536,
+                           sampled=False)
+    run()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize(device)
+    return {"size": size, "users_per_s": users / (time.perf_counter() - t0), "eval_batch": 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["5M", "85M", "130M", "430M"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--variants", nargs="+", default=["fp32", "amp", "amp_compile"])
+    parser.add_argument("--seed-variants", nargs="+", default=["fp32", "amp", "amp_compile"])
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_throughput.json"))
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    peak = matmul_tflops(device)
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "command": "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:]),
+              "num_items": NUM_ITEMS, "seq_len": 50, "matmul_bf16_tflops": peak, "rows": [], "peer_rows": [],
+              "eval": []}
+
+    def save():
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    for size in args.sizes:
+        batch = 128 if size == "430M" else 256
+        preset = SIZES[size]
+        peer_best = None
+        for variant in args.seed_variants:
+            batches, originals = seed_batches(batch, 50, args.steps + args.warmup)
+            try:
+                row = bench_seed(batches, originals, NUM_ITEMS, preset["hidden"], preset["layers"], preset["heads"],
+                                 50, device, variant, args.warmup)
+            except torch.OutOfMemoryError:
+                row = {"step_ms": None, "samples_per_s": None, "peak_mem_mb": None, "error": "out of memory"}
+            report["peer_rows"].append({"size": size, "variant": variant, "batch_size": batch, **row})
+            if row["samples_per_s"] and (peer_best is None or row["samples_per_s"] > peer_best["samples_per_s"]):
+                peer_best = {**row, "variant": variant}
+            print(json.dumps(report["peer_rows"][-1]), flush=True)
+            del batches, originals
+            gc.collect()
+            torch.cuda.empty_cache()
+            save()
+        for variant in args.variants:
+            spec = BenchSpec(size=size, num_items=NUM_ITEMS, batch_size=batch, seq_len=50, steps=args.steps,
+                             warmup=args.warmup, amp=variant != "fp32", compile=variant.startswith("amp_compile"),
+                             compile_mode="max-autotune-no-cudagraphs" if variant == "amp_compile_autotune" else "default",
+                             device="cuda")
+            try:
+                r = run_bench(spec, peak_tflops=peak)
+            except torch.OutOfMemoryError:
+                r = {"step_ms": None, "samples_per_s": None, "peak_mem_mb": None, "mfu": None, "error": "out of memory"}
+            row = {"size": size, "variant": variant, "batch_size": batch, "step_ms": r["step_ms"],
+                   "samples_per_s": r["samples_per_s"], "peak_mem_mb": r["peak_mem_mb"], "mfu": r.get("mfu"),
+                   "peer_samples_per_s": peer_best and peer_best["samples_per_s"],
+                   "peer_variant": peer_best and peer_best["variant"],
+                   "peer_peak_mem_mb": peer_best and peer_best["peak_mem_mb"],
+                   "speedup_vs_peer": (r["samples_per_s"] / peer_best["samples_per_s"])
+                   if peer_best and r["samples_per_s"] else None,
+                   "total_params": r.get("total_params"), "model_tflop_per_step": r.get("model_tflop_per_step"),
+                   "collate_samples_per_s": r.get("collate_samples_per_s")}
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+            save()
+        report["eval"].append(eval_throughput(size, device))
+        print(json.dumps(report["eval"][-1]), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""`tuner bench`: time the real training step on random ids.
+
+Batches come from the real collate path (`train_batches`: padding + cloze masking on int32
+arrays) over random histories; the step is the loop's own `TrainStep` (forward, backward,
+clipping, optimizer and scheduler update). Reports the median step time, samples/s, peak memory
+(GPU: max allocated; CPU: peak RSS growth), the first step's loss, model FLOPs per step and,
+on a GPU, MFU against the bf16 matmul rate measured in the same process.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tuner.config import load_config
+from tuner.data.collate import train_batches
+from tuner.data.dataset import Sequences
+from tuner.errors import UserError
+from tuner.losses import MaskedItemObjective
+from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters
+from tuner.train.loop import model_config
+from tuner.train.optim import build_optimizer
+from tuner.train.step import TrainStep
+
+
+@dataclass
+class BenchSpec:
+    size: str = "tiny"
+    num_items: int = 10_000
+    hidden: Optional[int] = None
+    batch_size: int = 256
+    seq_len: int = 50
+    steps: int = 20
+    warmup: int = 5
+    loss: str = "ce"
+    amp: bool = True
+    compile: bool = False
+    compile_mode: str = "default"
+    device: str = "cpu"
+    seed: int = 0
+    tied_head: bool = True
+    mask_prob: float = 0.2
+    last_item_prob: float = 0.1
+
+
+def random_sequences(num_users: int, length: int, num_items: int, seed: int) -> Sequences:
+    rng = np.random.default_rng(seed)
+    items = rng.integers(1, num_items + 1, size=num_users * length, dtype=np.int32)
+    return Sequences(items, np.arange(0, num_users * length + 1, length, dtype=np.int64))
+
+
+def model_flops(cfg: Bert4RecConfig, batch: int, length: int, predicted: int) -> float:
+    """Training FLOPs of one step (forward + backward = 3x forward matmul FLOPs).
+
+    Encoder at every position: Q/K/V/O and FFN linears plus attention scores and values; head
+    transform and catalog scores only where a prediction is trained.
+    """
+    tokens = batch * length
+    per_token_layer = 2 * (4 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.ffn) + 2 * 2 * length * cfg.hidden
+    encoder = tokens * cfg.layers * per_token_layer
+    head = predicted * (2 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.num_items)
+    return 3.0 * (encoder + head)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """Measured dense bf16 matmul rate (TFLOP/s): the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None) -> dict:
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available")
+    device = torch.device(spec.device)
+    overrides = [f"model.size={spec.size}", f"model.max_len={spec.seq_len}", f"model.tied_head={spec.tied_head}"]
+    if spec.hidden:
+        overrides += [f"model.hidden={spec.hidden}", f"model.ffn={4 * spec.hidden}"]
+    cfg = load_config(overrides=overrides)
+    torch.manual_seed(spec.seed)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mcfg = model_config(cfg, spec.num_items)
+    model = Bert4Rec(mcfg).to(device)
+    objective = MaskedItemObjective(model, spec.loss).to(device)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    dtype = None
+    if spec.amp:
+        dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    step = TrainStep(objective, list(model.parameters()), optimizer, None, dtype, cfg.optim.grad_clip, device,
+                     spec.compile_mode if spec.compile else None)
+    total = spec.warmup + spec.steps
+    data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
+    t0 = time.perf_counter()
+    batches = list(train_batches(data, spec.num_items, spec.batch_size, spec.seq_len, spec.mask_prob,
+                                 spec.last_item_prob, spec.seed, 0, pin_memory=device.type == "cuda"))
+    collate_samples_per_s = spec.batch_size * len(batches) / (time.perf_counter() - t0)
+    predicted = statistics.mean(int((b.labels >= 0).sum()) for b in batches)
+    times, first_loss = [], None
+    for i, batch in enumerate(batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        loss = step(batch.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if i == 0:
+            first_loss = float(loss)
+        if i >= spec.warmup:
+            times.append(elapsed)
+    step_s = statistics.median(times)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    flops = model_flops(mcfg, spec.batch_size, spec.seq_len, predicted)
+    trainable, total_params = count_parameters(model)
+    result = {
+        "size": spec.size, "num_items": spec.num_items, "hidden": mcfg.hidden, "batch_size": spec.batch_size,
+        "seq_len": spec.seq_len, "loss": spec.loss, "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
+        "compile": spec.compile_mode if spec.compile else "off", "device": spec.device,
+        "step_ms": step_s * 1e3, "samples_per_s": spec.batch_size / step_s, "peak_mem_mb": peak_mb,
+        "loss_first_step": first_loss, "total_params": total_params, "trainable_params": trainable,
+        "predicted_positions": predicted, "model_tflop_per_step": flops / 1e12,
+        "achieved_tflops": flops / step_s / 1e12, "collate_samples_per_s": collate_samples_per_s,
+    }
+    if device.type == "cuda":
+        peak = peak_tflops or matmul_tflops(device)
+        result["matmul_tflops"] = peak
+        result["mfu"] = result["achieved_tflops"] / peak
+    return result

@@ -1,0 +1,45 @@
+"""One optimizer step, shared by the training loop and `tuner bench` so both time the same thing.
+
+`TrainStep` owns precision (bf16 autocast, or fp16 with a GradScaler that is unscaled before
+clipping), optional `torch.compile` of the objective, and the optimizer/scheduler update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from tuner.data.collate import TrainBatch
+
+
+class TrainStep:
+    def __init__(self, objective: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scheduler, dtype: Optional[torch.dtype], grad_clip: float, device: torch.device,
+                 compile_mode: Optional[str] = None, wrap=lambda m: m):
+        self.module = wrap(objective)
+        if compile_mode is not None:
+            self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode)
+        self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
+        self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def __call__(self, batch: TrainBatch) -> torch.Tensor:
+        """Forward, backward, clip, update; returns the (detached) loss without syncing."""
+        with self.autocast():
+            loss = self.module(batch.items, batch.positions, batch.labels)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss.detach()
