@@ -75,16 +75,51 @@ def eval_throughput(size: str, device: torch.device, users: int = 8192) -> dict:
     return {"size": size, "users_per_s": users / (time.perf_counter() - t0), "eval_batch": 1024}
 
 
+def profile(size: str, out_dir: Path, steps: int = 6) -> Path:
+    """PyTorch profiler over AMP+compile training steps: where the GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from tuner.config import load_config
+    from tuner.losses import MaskedItemObjective
+    from tuner.model.bert4rec import Bert4Rec
+    from tuner.train.loop import model_config
+    from tuner.train.optim import build_optimizer
+    from tuner.train.step import TrainStep
+
+    device = torch.device("cuda")
+    batch = 128 if size == "430M" else 256
+    cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50"])
+    model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device)
+    step = TrainStep(MaskedItemObjective(model).to(device), list(model.parameters()),
+                     build_optimizer(model, cfg.optim, device), None, torch.bfloat16, cfg.optim.grad_clip,
+                     device, "default")
+    data = random_sequences(batch * (steps + 8), 50, NUM_ITEMS, seed=0)
+    batches = [b.to(device) for b in train_batches(data, NUM_ITEMS, batch, 50, 0.2, 0.1, 0, 0)]
+    for b in batches[:8]:
+        step(b)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in batches[8:]:
+            step(b)
+        torch.cuda.synchronize()
+    path = out_dir / f"profile_{size}_amp_compile.txt"
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=["5M", "85M", "130M", "430M"])
+    parser.add_argument("--sizes", nargs="*", default=["5M", "85M", "130M", "430M"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--variants", nargs="+", default=["fp32", "amp", "amp_compile"])
     parser.add_argument("--seed-variants", nargs="+", default=["fp32", "amp", "amp_compile"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_throughput.json"))
+    parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile (AMP+compile)")
     args = parser.parse_args()
     device = torch.device("cuda")
+    for size in args.profile:
+        print(f"profile written to {profile(size, Path(args.output).parent)}", flush=True)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     peak = matmul_tflops(device)

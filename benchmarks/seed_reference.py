@@ -43,7 +43,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, 
 
 
 def bench_seed(batches, originals, num_items: int, hidden: int, layers: int, heads: int, max_len: int,
-               device: torch.device, variant: str, warmup: int) -> dict:
+               device: torch.device, variant: str, warmup: int, window: int = 5) -> dict:
     """variant: fp32 | amp (fp16 + GradScaler) | amp_compile."""
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats(device)
@@ -52,11 +52,8 @@ def bench_seed(batches, originals, num_items: int, hidden: int, layers: int, hea
     amp = variant != "fp32"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     forward = torch.compile(model) if variant == "amp_compile" else model
-    times = []
-    for i, (batch, target) in enumerate(zip(batches, originals)):
-        items, target = batch.items.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step(items, target):
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             logits = forward(items)
         loss = focal_loss(logits, target, target != 0)
@@ -64,10 +61,21 @@ def bench_seed(batches, originals, num_items: int, hidden: int, layers: int, hea
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+
+    pairs = [(b.items.to(device, non_blocking=True), t.to(device, non_blocking=True))
+             for b, t in zip(batches, originals)]
+    for items, target in pairs[:warmup]:
+        step(items, target)
+    times = []  # same timing as tuner.bench: windows of back-to-back steps, median per-step time
+    timed = pairs[warmup:]
+    for start in range(0, len(timed) - window + 1, window):
         torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    step = statistics.median(times)
+        t0 = time.perf_counter()
+        for items, target in timed[start:start + window]:
+            step(items, target)
+        torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) / window)
+    step_s = statistics.median(times)
     batch_size = batches[0].items.shape[0]
-    return {"step_ms": step * 1e3, "samples_per_s": batch_size / step,
+    return {"step_ms": step_s * 1e3, "samples_per_s": batch_size / step_s,
             "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}

@@ -46,6 +46,23 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def stop_session(head_log) -> None:
+    """Kill, by pid, every process of the Ray session a head node logged (some daemonise)."""
+    import re
+
+    match = re.search(r"/tmp/ray/(session_[0-9_-]+)", open(head_log).read())
+    if not match:
+        return
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in ps.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if match.group(1) in args and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
@@ -89,9 +106,11 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     log = tmp_path / "head.log"
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4", *ports,
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
@@ -119,3 +138,4 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
         assert len(parents) == 1 and len(children) == 2
     finally:
         stop(head)
+        stop_session(log)
