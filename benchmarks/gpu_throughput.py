@@ -34,6 +34,9 @@ from tuner.data.dataset import EvalSplit, Sequences  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 NUM_ITEMS = 159_750
+# variant -> torch.compile mode; amp_compile_graphs also fixes batch shapes so CUDA graphs replay
+COMPILE_MODES = {"amp_compile": "default", "amp_compile_autotune": "max-autotune-no-cudagraphs",
+                 "amp_compile_graphs": "reduce-overhead"}
 
 
 def seed_batches(batch_size: int, seq_len: int, steps: int):
@@ -112,7 +115,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=["5M", "85M", "130M", "430M"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
-    parser.add_argument("--variants", nargs="+", default=["fp32", "amp", "amp_compile"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "amp", "amp_compile", "amp_compile_graphs"])
     parser.add_argument("--seed-variants", nargs="+", default=["fp32", "amp", "amp_compile"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_throughput.json"))
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile (AMP+compile)")
@@ -153,12 +156,13 @@ def main() -> None:
         for variant in args.variants:
             spec = BenchSpec(size=size, num_items=NUM_ITEMS, batch_size=batch, seq_len=50, steps=args.steps,
                              warmup=args.warmup, amp=variant != "fp32", compile=variant.startswith("amp_compile"),
-                             compile_mode="max-autotune-no-cudagraphs" if variant == "amp_compile_autotune" else "default",
-                             device="cuda")
+                             compile_mode=COMPILE_MODES.get(variant, "default"),
+                             static_shapes=variant == "amp_compile_graphs", device="cuda")
             try:
                 r = run_bench(spec, peak_tflops=peak)
-            except torch.OutOfMemoryError:
-                r = {"step_ms": None, "samples_per_s": None, "peak_mem_mb": None, "mfu": None, "error": "out of memory"}
+            except Exception as exc:  # noqa: BLE001 - record the failure, keep measuring the rest
+                r = {"step_ms": None, "samples_per_s": None, "peak_mem_mb": None, "mfu": None,
+                     "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
             row = {"size": size, "variant": variant, "batch_size": batch, "step_ms": r["step_ms"],
                    "samples_per_s": r["samples_per_s"], "peak_mem_mb": r["peak_mem_mb"], "mfu": r.get("mfu"),
                    "peer_samples_per_s": peer_best and peer_best["samples_per_s"],
@@ -167,7 +171,7 @@ def main() -> None:
                    "speedup_vs_peer": (r["samples_per_s"] / peer_best["samples_per_s"])
                    if peer_best and r["samples_per_s"] else None,
                    "total_params": r.get("total_params"), "model_tflop_per_step": r.get("model_tflop_per_step"),
-                   "collate_samples_per_s": r.get("collate_samples_per_s")}
+                   "collate_samples_per_s": r.get("collate_samples_per_s"), "error": r.get("error")}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             gc.collect()

@@ -56,3 +56,31 @@ def test_epochs_are_reproducible_and_ranks_disjoint():
     r1 = list(train_batches(**args, rank=1, world_size=2))
     assert len(r0) == len(r1)
     assert sum(x.num_samples for x in r0) == sum(x.num_samples for x in r1) == 100
+
+
+def test_static_shapes_give_identical_batch_shapes():
+    from tuner.data.collate import static_predictions
+
+    data = generate(300, 80, seed=1)
+    batches = list(train_batches(data.sequences, 80, 64, 20, 0.2, 0.1, seed=0, epoch=0, static_shapes=True))
+    cap = static_predictions(64, 20, 0.2, 0.1)
+    assert len(batches) == 300 // 64  # incomplete batches are dropped
+    assert {tuple(b.items.shape) for b in batches} == {(64, 20)}
+    assert {tuple(b.positions.shape) for b in batches} == {(cap,)}
+    for b in batches:
+        real = b.labels != IGNORE
+        flat = b.items.reshape(-1)
+        # every predicted slot hides its label behind the mask, a random item, or itself
+        assert real.sum() > 0 and (flat[b.positions[real]] != 0).all()
+
+
+def test_surplus_predictions_are_left_unmasked():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, size=(8, 10)).astype(np.int32)
+    batch = mask_batch(ids, 49, mask_prob=0.9, last_item_prob=0.0, rng=rng, max_predictions=16)
+    real = (batch.labels != IGNORE).numpy()
+    assert len(batch.positions) == 16 and real.sum() == 16
+    changed = (batch.items.numpy() != ids).reshape(-1)
+    predicted = np.zeros(80, dtype=bool)
+    predicted[batch.positions.numpy()[real]] = True
+    assert not (changed & ~predicted).any()  # nothing is masked that is not predicted

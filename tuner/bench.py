@@ -48,6 +48,7 @@ class BenchSpec:
     tied_head: bool = True
     mask_prob: float = 0.2
     last_item_prob: float = 0.1
+    static_shapes: bool = False
 
 
 def random_sequences(num_users: int, length: int, num_items: int, seed: int) -> Sequences:
@@ -110,7 +111,8 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None) -> dict:
     data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
     t0 = time.perf_counter()
     batches = list(train_batches(data, spec.num_items, spec.batch_size, spec.seq_len, spec.mask_prob,
-                                 spec.last_item_prob, spec.seed, 0, pin_memory=device.type == "cuda"))
+                                 spec.last_item_prob, spec.seed, 0, pin_memory=device.type == "cuda",
+                                 static_shapes=spec.static_shapes))
     collate_samples_per_s = spec.batch_size * len(batches) / (time.perf_counter() - t0)
     predicted = statistics.mean(int((b.labels >= 0).sum()) for b in batches)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

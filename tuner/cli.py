@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--untied-head", action="store_true")
+    p.add_argument("--static-shapes", action="store_true", help="fixed batch shapes (for CUDA graphs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
@@ -220,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
                      seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, loss=args.loss,
                      amp=args.amp if args.amp is not None else args.device == "cuda",
                      compile=args.compile, compile_mode=args.compile_mode, device=args.device, seed=args.seed,
-                     tied_head=not args.untied_head)
+                     tied_head=not args.untied_head, static_shapes=args.static_shapes)
     result = run_bench(spec)
     if not args.json:
         print(f"{result['size']} V={result['num_items']} B={result['batch_size']} L={result['seq_len']} "

@@ -123,7 +123,8 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when available
     amp: str = "auto"  # auto = bf16 on GPUs that have it, fp16 + GradScaler otherwise, off on CPU
     compile: str = "auto"  # auto = on for cuda
-    compile_mode: str = "default"
+    compile_mode: str = "default"  # reduce-overhead = CUDA graphs (use with static_shapes)
+    static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
     checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
 

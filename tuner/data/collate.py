@@ -47,14 +47,33 @@ class TrainBatch:
                           self.labels.to(device, non_blocking=nb), self.num_samples)
 
 
+def static_predictions(batch_size: int, max_len: int, mask_prob: float, last_item_prob: float) -> int:
+    """A fixed number of predicted positions per batch: the expected count for full-length rows
+    plus four standard deviations, rounded up to 64. Fixed shapes let CUDA graphs replay the step."""
+    per_row = (1 - last_item_prob) * max(1.0, max_len * mask_prob) + last_item_prob
+    mean = batch_size * per_row
+    std = (batch_size * max_len * mask_prob * (1 - mask_prob)) ** 0.5
+    return int(-(-(mean + 4 * std + batch_size * 0.05) // 64) * 64)
+
+
 def mask_batch(ids: np.ndarray, num_items: int, mask_prob: float, last_item_prob: float,
-               rng: np.random.Generator, label_bucket: int = 64) -> TrainBatch:
-    """Apply cloze masking to a left-padded id matrix."""
+               rng: np.random.Generator, label_bucket: int = 64,
+               max_predictions: int | None = None) -> TrainBatch:
+    """Apply cloze masking to a left-padded id matrix.
+
+    With `max_predictions`, exactly that many prediction slots come out (padded with IGNORE); in
+    the rare batch that picks more, a random surplus is left unmasked (as BERT's
+    max_predictions_per_seq does), so shapes never change.
+    """
     real = ids != 0
     picked = (rng.random(ids.shape) < mask_prob) & real
     last_only = rng.random(ids.shape[0]) < last_item_prob
     picked[last_only] = False
     picked[:, -1] |= last_only | ~picked.any(axis=1)  # last position is always real
+    if max_predictions is not None:
+        flat = np.flatnonzero(picked)
+        if len(flat) > max_predictions:
+            picked.reshape(-1)[rng.choice(flat, len(flat) - max_predictions, replace=False)] = False
     roll = rng.random(ids.shape)
     masked = ids.copy()
     to_mask = picked & (roll < 0.8)
@@ -63,7 +82,7 @@ def mask_batch(ids: np.ndarray, num_items: int, mask_prob: float, last_item_prob
     masked[to_random] = rng.integers(1, num_items + 1, size=int(to_random.sum()), dtype=np.int32)
     positions = np.flatnonzero(picked)
     labels = ids.reshape(-1)[positions]
-    padded = -(-len(positions) // label_bucket) * label_bucket
+    padded = max_predictions if max_predictions is not None else -(-len(positions) // label_bucket) * label_bucket
     positions = np.pad(positions, (0, padded - len(positions)))
     labels = np.pad(labels.astype(np.int64), (0, padded - len(labels)), constant_values=IGNORE)
     return TrainBatch(torch.from_numpy(masked.astype(np.int64)), torch.from_numpy(positions.astype(np.int64)),
@@ -72,8 +91,11 @@ def mask_batch(ids: np.ndarray, num_items: int, mask_prob: float, last_item_prob
 
 def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: int, mask_prob: float,
                   last_item_prob: float, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> Iterator[TrainBatch]:
-    """One epoch of masked batches for this rank; every rank gets the same number of batches."""
+                  pin_memory: bool = False, static_shapes: bool = False) -> Iterator[TrainBatch]:
+    """One epoch of masked batches for this rank; every rank gets the same number of batches.
+
+    `static_shapes`: every batch has the same shape (full batches only, a fixed number of
+    prediction slots), as CUDA graphs need."""
     rng = np.random.default_rng([seed, epoch, 7919])
     users = np.flatnonzero(train.lengths >= 1)
     order = rng.permutation(users)
@@ -81,18 +103,21 @@ def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: in
     per_rank = len(order) // world_size
     mine = order[rank * per_rank:(rank + 1) * per_rank]
     mask_rng = np.random.default_rng([seed, epoch, rank])
-    for start in range(0, len(mine), batch_size):
+    max_predictions = static_predictions(batch_size, max_len, mask_prob, last_item_prob) if static_shapes else None
+    stop = len(mine) - len(mine) % batch_size if static_shapes else len(mine)
+    for start in range(0, stop, batch_size):
         rows = mine[start:start + batch_size]
-        batch = mask_batch(pad_left(train, rows, max_len), num_items, mask_prob, last_item_prob, mask_rng)
+        batch = mask_batch(pad_left(train, rows, max_len), num_items, mask_prob, last_item_prob, mask_rng,
+                           max_predictions=max_predictions)
         if pin_memory:
             batch = TrainBatch(batch.items.pin_memory(), batch.positions.pin_memory(),
                                batch.labels.pin_memory(), batch.num_samples)
         yield batch
 
 
-def num_train_batches(train: Sequences, batch_size: int, world_size: int = 1) -> int:
+def num_train_batches(train: Sequences, batch_size: int, world_size: int = 1, static_shapes: bool = False) -> int:
     per_rank = int((train.lengths >= 1).sum()) // world_size
-    return -(-per_rank // batch_size)
+    return per_rank // batch_size if static_shapes else -(-per_rank // batch_size)
 
 
 def eval_batches(split: EvalSplit, num_items: int, batch_size: int, max_len: int,

@@ -82,7 +82,10 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     objective = MaskedItemObjective(model).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     optimizer = build_optimizer(model, cfg.optim, device)
-    steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size)
+    steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size, cfg.train.static_shapes)
+    if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train.offsets) - 1} "
+                        f"training users (train.static_shapes drops incomplete batches)")
     total_steps = steps_per_epoch * cfg.train.max_epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -136,7 +139,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         batches = samples = 0
         for batch in train_batches(train, dataset.num_items, cfg.train.batch_size, cfg.model.max_len,
                                    cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
-                                   ctx.rank, ctx.world_size, pin_memory=device.type == "cuda"):
+                                   ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
+                                   static_shapes=cfg.train.static_shapes):
             loss = step(batch.to(device))
             loss_sum += loss.float()
             batches += 1

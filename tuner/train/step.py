@@ -42,4 +42,4 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        return loss.detach()
+        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay

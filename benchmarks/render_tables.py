@@ -1,0 +1,39 @@
+"""Markdown tables for the README from benchmarks/results/*.json (so README figures have a source).
+
+    python benchmarks/render_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def gpu_table() -> str:
+    data = json.loads((RESULTS / "gpu_throughput.json").read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}), catalog {data['num_items']:,}, sequence "
+             f"{data['seq_len']}; measured bf16 matmul rate {data['matmul_bf16_tflops']:.0f} TFLOP/s.", "",
+             "| size | batch | variant | ms/step | samples/s | peak GB | MFU | seed peer (best mode) samples/s | "
+             "seed peak GB | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        lines.append(f"| {r['size']} | {r['batch_size']} | {r['variant']} | {fmt(r['step_ms'], '.1f')} | "
+                     f"{fmt(r['samples_per_s'], ',.0f')} | {fmt(r['peak_mem_mb'] and r['peak_mem_mb'] / 1024, '.1f')} | "
+                     f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {fmt(r['peer_samples_per_s'], ',.0f')} "
+                     f"({r['peer_variant']}) | {fmt(r['peer_peak_mem_mb'] and r['peer_peak_mem_mb'] / 1024, '.1f')} | "
+                     f"{fmt(r['speedup_vs_peer'], '.2f')}x |")
+    lines += ["", "| size | seed variant | ms/step | samples/s | peak GB |", "|---|---|---|---|---|"]
+    for r in data["peer_rows"]:
+        if r["step_ms"] is not None:
+            lines.append(f"| {r['size']} | {r['variant']} | {r['step_ms']:.1f} | {r['samples_per_s']:,.0f} | "
+                         f"{r['peak_mem_mb'] / 1024:.1f} |")
+    lines += ["", "| size | full-ranking evaluation, users/s (batch 1024, bf16) |", "|---|---|"]
+    for r in data["eval"]:
+        lines.append(f"| {r['size']} | {r['users_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(gpu_table())
