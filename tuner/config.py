@@ -125,6 +125,11 @@ class TrainConfig:
     compile: str = "auto"  # auto = on for cuda
     compile_mode: str = "default"  # reduce-overhead = CUDA graphs (use with static_shapes)
     static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
+    loss: str = "ce"  # ce | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)
+    loss_chunk: int = 8192  # catalog items per logit block for cce / cce_sampled
+    num_negatives: int = 1024  # sampled_ce / cce_sampled
+    negative_sampling: str = "uniform"  # uniform | popularity (training counts, log-Q corrected)
+    shared_negatives: bool = True  # sampled_ce: one negative set per batch, else per position
     checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
 
@@ -139,6 +144,10 @@ class TrainConfig:
         _check_choice("train.amp", self.amp, _AMP_CHOICES)
         _check_choice("train.compile", self.compile, _COMPILE_CHOICES)
         _check_choice("train.compile_mode", self.compile_mode, _COMPILE_MODES)
+        _check_choice("train.loss", self.loss, ("ce", "cce", "sampled_ce", "cce_sampled"))
+        _check(self.loss_chunk >= 1, "train.loss_chunk must be at least 1")
+        _check(self.num_negatives >= 1, "train.num_negatives must be at least 1")
+        _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
 
 
 @dataclass

@@ -143,7 +143,10 @@ def init_ray(num_cpus: Optional[int] = None) -> bool:
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     # the dashboard serves the State API that Train V2 uses to clean up placement groups;
     # it listens on 127.0.0.1 only
-    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    # address="local": a new instance even if `ray start` left a cluster behind on this machine
+    # (use RAY_ADDRESS=auto to run on that one)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True)
     return True
 
 

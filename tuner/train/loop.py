@@ -23,7 +23,7 @@ from tuner.config import Config
 from tuner.data.collate import num_train_batches, train_batches
 from tuner.data.dataset import Dataset, EvalSplit, load_dataset
 from tuner.errors import UserError
-from tuner.losses import MaskedItemObjective
+from tuner.losses import LossConfig, MaskedItemObjective
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters
 from tuner.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -79,7 +79,10 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     if len(val.targets) == 0:
         raise UserError(f"dataset {dataset.name}: no user has the 3 interactions a leave-one-out split needs")
     model = Bert4Rec(model_config(cfg, dataset.num_items)).to(device)
-    objective = MaskedItemObjective(model).to(device)
+    loss_cfg = LossConfig(name=cfg.train.loss, chunk=cfg.train.loss_chunk, num_negatives=cfg.train.num_negatives,
+                          sampling=cfg.train.negative_sampling, shared_negatives=cfg.train.shared_negatives)
+    item_counts = torch.from_numpy(popularity_counts(train, dataset.num_items)[1:dataset.num_items + 1])
+    objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     optimizer = build_optimizer(model, cfg.optim, device)
     steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size, cfg.train.static_shapes)
