@@ -26,16 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tuner.losses import LOSSES, LossConfig  # noqa: E402
 
 
+def ce_low_precision(hidden, weight, bias, labels, cfg, item_logq=None):
+    """`ce_bf16`: PyTorch cross-entropy straight on bf16 logits (the issue's reference figure)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(hidden @ weight.t() + bias, labels - 1)
+
+
 def measure(loss: str, items: int, rows: int, hidden: int, device: torch.device, repeats: int,
-            negatives: int) -> dict:
+            negatives: int, chunk: int = 8192) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     h = (torch.randn(rows, hidden, device=device, dtype=dtype, generator=g) * 0.5).requires_grad_()
     w = (torch.randn(items, hidden, device=device, dtype=dtype, generator=g) * 0.05).requires_grad_()
     b = torch.zeros(items, device=device, dtype=dtype, requires_grad=True)
     labels = torch.randint(1, items + 1, (rows,), device=device, generator=g)
-    cfg = LossConfig(name=loss, num_negatives=negatives)
-    fn = LOSSES[loss]
+    cfg = LossConfig(name=loss if loss in LOSSES else "ce", num_negatives=negatives, chunk=chunk)
+    fn = LOSSES.get(loss, ce_low_precision)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times, value = [], None
     if device.type == "cuda":
@@ -50,7 +57,7 @@ def measure(loss: str, items: int, rows: int, hidden: int, device: torch.device,
             out.backward()
             sync()
             times.append(time.perf_counter() - t0)
-            value = float(out)
+            value = float(out.detach())
             h.grad = w.grad = b.grad = None
     except torch.OutOfMemoryError:
         return {"loss": loss, "items": items, "rows": rows, "error": "out of memory"}
@@ -59,6 +66,7 @@ def measure(loss: str, items: int, rows: int, hidden: int, device: torch.device,
     else:
         peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
     return {"loss": loss, "items": items, "rows": rows, "hidden": hidden, "value": value,
+            "chunk": chunk if loss.startswith("cce") else None,
             "ms": statistics.median(times[1:]) * 1e3, "peak_gb": peak}
 
 
@@ -70,7 +78,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--negatives", type=int, default=8192)
-    parser.add_argument("--losses", nargs="+", default=["cce", "cce_sampled", "sampled_ce", "ce"])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[8192], help="loss_chunk values for cce losses")
+    parser.add_argument("--losses", nargs="+", default=["cce", "cce_sampled", "sampled_ce", "ce_bf16", "ce"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "large_catalog.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -79,9 +88,10 @@ def main() -> None:
               "negatives": args.negatives, "rows": []}
     for items in args.items:
         for loss in args.losses:  # ce last: it is the one that may exhaust memory
-            row = measure(loss, items, args.rows, args.hidden, device, args.repeats, args.negatives)
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            for chunk in (args.chunks if loss.startswith("cce") else [args.chunks[0]]):
+                row = measure(loss, items, args.rows, args.hidden, device, args.repeats, args.negatives, chunk)
+                report["rows"].append(row)
+                print(json.dumps(row), flush=True)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -35,5 +35,21 @@ def gpu_table() -> str:
     return "\n".join(lines)
 
 
+def large_catalog_table() -> str:
+    data = json.loads((RESULTS / "large_catalog.json").read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}); loss forward + backward alone, hidden 256, "
+             f"bf16 inputs, peak excludes the inputs; sampled losses use {data['negatives']:,} shared negatives.", "",
+             "| items | positions | loss | chunk | ms | peak GB |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | - | {r['error']} | - |")
+        else:
+            lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | {r['chunk'] or '-'} | {r['ms']:.1f} | "
+                         f"{r['peak_gb']:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(gpu_table())
+    import sys
+
+    print(large_catalog_table() if "--large-catalog" in sys.argv else gpu_table())
