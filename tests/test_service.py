@@ -15,10 +15,20 @@ from tests.conftest import ROOT
 from tests.tune_helpers import SMALL, last_json, mlflow_runs, run_tuner
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports (all sockets held open until every port is chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen, log) -> None:
@@ -103,11 +113,11 @@ def test_tune_logs_to_a_remote_mlflow_server(tmp_path, mlflow_server):
 @pytest.mark.slow
 def test_ray_job_submit_against_a_head_node(tmp_path):
     """`ray job submit --working-dir . -- tuner tune ...` against `ray start --head` on 127.0.0.1."""
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, agent_http, agent_grpc, metrics, runtime_env = free_ports(6)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     log = tmp_path / "head.log"
-    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    ports = [f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"]
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4", *ports,
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",

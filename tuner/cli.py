@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     p.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
+    p.add_argument("--cluster", help="Ray cluster-launcher YAML: place trials by cluster/placement.yaml")
 
     p = sub.add_parser("bench", help="time training steps on random ids")
     p.add_argument("--size", default="tiny")
@@ -165,6 +166,19 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     if args.experiment is None and cfg.tracking.experiment == "bert4rec":
         cfg.tracking.experiment = f"bert4rec-{cfg.model.size}"
     space = read_space(args.search_space or default_space_path(cfg.model.size))
+    if args.cluster:
+        from tuner.config import Config
+        from tuner.tune.placement import apply_placement, plan_json, plan_placements
+
+        placements = plan_placements(cfg.model.size, args.cluster)
+        if args.dry_run:
+            if not args.json:
+                for p in placements:
+                    print(f"{p.accelerator_type:>5} ({p.node_type}): {p.workers} worker(s) x "
+                          f"{p.gpus_per_trial / p.workers:g} GPU, {p.precision}, batch {p.batch_size}, "
+                          f"up to {p.max_concurrent} trials at once" + ("  <- runs here" if p.selected else ""))
+            return plan_json(placements)
+        cfg = Config.from_dict(apply_placement(cfg.to_dict(), placements[0]))
     if args.dry_run:
         from pathlib import Path
 

@@ -174,6 +174,7 @@ class ResourcesConfig:
     workers: int = 1  # DDP workers per trial
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractional values let trials share a GPU
+    accelerator_type: Optional[str] = None  # pin workers to a GPU type (Ray's accelerator_type:<T>)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "resources.workers must be at least 1")

@@ -110,7 +110,8 @@ def scaling_config(cfg: Config):
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if gpus:
         resources["GPU"] = gpus
-    return ScalingConfig(num_workers=cfg.resources.workers, use_gpu=gpus > 0, resources_per_worker=resources)
+    return ScalingConfig(num_workers=cfg.resources.workers, use_gpu=gpus > 0, resources_per_worker=resources,
+                         accelerator_type=cfg.resources.accelerator_type)
 
 
 def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optional[dict] = None,

@@ -262,7 +262,8 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     best_metrics = {k: v for k, v in best["result"].metrics.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
     model_uri = None
-    checkpoint = _last_checkpoint(best["result"])
+    checkpoint = _last_checkpoint(best["result"], Path(plan.storage_path) / cfg.tracking.experiment / "train",
+                                  best["trial_id"])
     if checkpoint is not None:
         model = _load_best_model(checkpoint)
         registered = f"bert4rec-{cfg.model.size}" if cfg.tracking.register_model else None
@@ -286,7 +287,13 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     }
 
 
-def _last_checkpoint(result) -> Optional[str]:
+def _last_checkpoint(result, train_root: Path, trial_id: Optional[str]) -> Optional[str]:
+    """The trial's newest Train checkpoint: from its Train run directory (names sort by time),
+    else from the `checkpoint_path` that TuneReportCallback adds to results."""
+    run_dir = train_root / f"trial-{trial_id}"
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file()) if trial_id else []
+    if found:
+        return str(found[-1])
     frame = result.metrics_dataframe
     if frame is None or "checkpoint_path" not in frame:
         return None
