@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=("optuna", "random"))
     p.add_argument("--scheduler", choices=("asha", "none"))
     p.add_argument("--experiment", help="experiment name (Ray Tune and MLflow); no timestamps")
-    p.add_argument("--storage", default="ray_results", help="Ray Tune storage path or URI")
+    p.add_argument("--storage", default="ray_results", help="Ray Tune storage: a path every node sees")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     p.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")

@@ -174,6 +174,9 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
     from tuner.data.dataset import load_dataset
     from tuner.train.driver import init_ray
 
+    if "://" in storage:
+        raise UserError(f"--storage {storage}: only filesystem paths are supported so far "
+                        f"(use a mount every node sees, e.g. NFS or EFS)")
     storage_path = str(Path(storage).resolve())
     exp_dir = Path(storage_path) / cfg.tracking.experiment
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
