@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("recommend", help="top-K items for histories from a registered model")
+    p.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/bert4rec-tiny/1")
+    p.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--history", help='one history of raw item ids, e.g. "12 7 33"')
+    group.add_argument("--input", help="Parquet or CSV file with a `history` column")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--include-history", action="store_true", help="allow items already in the history")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("report", help="an experiment's trials ranked, with Optuna's pictures")
     p.add_argument("--experiment", required=True)
     p.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
@@ -244,7 +254,45 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     return result
 
 
-COMMANDS = {"bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "report": cmd_report}
+def cmd_recommend(args: argparse.Namespace) -> dict:
+    import pandas as pd
+
+    from tuner.tracking import _quiet_http, resolve_tracking_uri
+
+    if args.k < 1:
+        raise UserError("--k must be at least 1")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.history is not None:
+        frame = pd.DataFrame({"history": [args.history]})
+    else:
+        path = args.input
+        try:
+            frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, dtype=str)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: cannot be read ({str(exc).splitlines()[0][:160]})") from None
+        if "history" not in frame.columns:
+            raise UserError(f"{path}: needs a `history` column")
+    import mlflow
+    import mlflow.pyfunc
+
+    _quiet_http()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
+        raise UserError(f"model {args.model}: cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
+    out = model.predict(frame, params={"k": args.k, "exclude_history": not args.include_history})
+    rows = [{"history": str(h), "items": list(i), "scores": list(sc), "unknown": list(u)}
+            for h, i, sc, u in zip(frame["history"], out["items"], out["scores"], out["unknown"])]
+    if not args.json:
+        for row in rows:
+            if row["unknown"]:
+                print(f"unknown item ids ignored: {' '.join(row['unknown'])}", file=sys.stderr)
+            print(" ".join(row["items"]))
+    return {"model": args.model, "k": args.k, "recommendations": rows}
+
+
+COMMANDS = {"bench": cmd_bench, "recommend": cmd_recommend, "prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "report": cmd_report}
 
 
 def _jsonable(value: Any) -> Any:

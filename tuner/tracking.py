@@ -171,11 +171,12 @@ def finish_trial_runs(uri: str, exp_id: str, parent_id: str, statuses: dict[str,
             c.set_terminated(run.info.run_id, {"stopped_early": "KILLED", "error": "FAILED"}.get(status, "FINISHED"))
 
 
-def log_best_model(uri: str, parent_id: str, model, metrics: dict[str, float], params: dict[str, Any],
-                   registered_name: Optional[str]) -> Optional[str]:
-    """Log the best trial's model on the parent run and register it; returns the model URI."""
+def log_best_model(uri: str, parent_id: str, checkpoint_path: str, items_path: str, metrics: dict[str, float],
+                   params: dict[str, Any], registered_name: Optional[str]) -> Optional[str]:
+    """Log the best trial as a recommender pyfunc on the parent run and register it; returns its URI."""
     import mlflow
-    import mlflow.pytorch
+
+    from tuner.serving import log_recommender
 
     _quiet_http()
     mlflow.set_tracking_uri(uri)
@@ -183,7 +184,5 @@ def log_best_model(uri: str, parent_id: str, model, metrics: dict[str, float], p
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.log_params({f"best.{k}": str(v) for k, v in params.items()})
-        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=registered_name,
-                                        serialization_format="pickle",
-                                        pip_requirements=["torch"])
+        info = log_recommender(checkpoint_path, items_path, registered_name)
     return info.model_uri

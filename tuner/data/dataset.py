@@ -60,6 +60,7 @@ class Dataset:
     sequences: Sequences
     name: str
     meta: dict = field(default_factory=dict)
+    item_raw_ids: list | None = None  # raw id of internal item i at [i - 1]; None: the ids are the raw ids
 
     def split(self) -> tuple[Sequences, EvalSplit, EvalSplit]:
         """(train, validation, test) by leave-one-out."""
@@ -117,7 +118,10 @@ def load_prepared(directory: str | Path) -> Dataset:
                         f"{len(offsets) - 1}/{len(items)} in the data)")
     if len(items) and (items.min() < 1 or items.max() > num_items):
         raise UserError(f"{path}: item ids outside 1..{num_items} in {prep.SEQUENCES_FILE}")
-    return Dataset(num_items, Sequences(items, offsets), name=path.name, meta=meta)
+    raw_ids = None
+    if (path / prep.ITEMS_FILE).is_file():
+        raw_ids = pq.read_table(path / prep.ITEMS_FILE, columns=["raw_id"]).column("raw_id").to_pylist()
+    return Dataset(num_items, Sequences(items, offsets), name=path.name, meta=meta, item_raw_ids=raw_ids)
 
 
 def load_dataset(data_cfg) -> Dataset:
@@ -134,4 +138,5 @@ def load_dataset(data_cfg) -> Dataset:
     prepared = prep.prepare(str(path), None)
     meta = prepared["meta"]
     return Dataset(meta["num_items"], Sequences(prepared["items"], prepared["offsets"]),
-                   name=path.name.split(".")[0], meta=meta)
+                   name=path.name.split(".")[0], meta=meta,
+                   item_raw_ids=[str(r) for r in prepared["item_raw"].to_pylist()])

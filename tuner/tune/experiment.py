@@ -215,7 +215,7 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
                                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                                           verbose=0 if quiet else 1))
         results = tuner.fit()
-        summary = _summarize(results, cfg, plan, uri, exp_id, parent_id)
+        summary = _summarize(results, cfg, plan, uri, exp_id, parent_id, dataset)
     finally:
         lock.release()
         if started:
@@ -242,7 +242,7 @@ class _ExperimentLock:
         self.file.close()
 
 
-def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_id: str) -> dict[str, Any]:
+def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_id: str, dataset) -> dict[str, Any]:
     from tuner import tracking
 
     trials, statuses = [], {}
@@ -267,10 +267,16 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     model_uri = None
     checkpoint = _last_checkpoint(best["result"], Path(plan.storage_path) / cfg.tracking.experiment / "train",
                                   best["trial_id"])
-    if checkpoint is not None:
-        model = _load_best_model(checkpoint)
-        registered = f"bert4rec-{cfg.model.size}" if cfg.tracking.register_model else None
-        model_uri = tracking.log_best_model(uri, parent_id, model, {
+    if checkpoint is None:
+        raise UserError(f"best trial {best['trial_id']} left no checkpoint; nothing to register")
+    import tempfile
+
+    from tuner.serving import write_item_map
+
+    registered = f"bert4rec-{cfg.model.size}" if cfg.tracking.register_model else None
+    with tempfile.TemporaryDirectory() as tmp:
+        items = write_item_map(dataset, Path(tmp) / "items.parquet")
+        model_uri = tracking.log_best_model(uri, parent_id, checkpoint, str(items), {
             k: v for k, v in best_metrics.items() if k.startswith(("test_", "val_", "popularity_"))},
             best["params"], registered)
     from mlflow import MlflowClient
@@ -302,18 +308,6 @@ def _last_checkpoint(result, train_root: Path, trial_id: Optional[str]) -> Optio
         return None
     paths = frame["checkpoint_path"].dropna()
     return str(paths.iloc[-1]) if len(paths) else None
-
-
-def _load_best_model(checkpoint_path: str):
-    from tuner.model.bert4rec import Bert4Rec
-    from tuner.train.checkpoint import load_checkpoint
-    from tuner.train.loop import model_config
-
-    state = load_checkpoint(checkpoint_path)
-    cfg = Config.from_dict(state["config"])
-    model = Bert4Rec(model_config(cfg, state["num_items"]))
-    model.load_state_dict(state["best_model"] or state["model"])
-    return model.eval()
 
 
 def describe(plan: Plan) -> str:
