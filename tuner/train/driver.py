@@ -140,6 +140,7 @@ def init_ray(num_cpus: Optional[int] = None) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
+    _forget_dead_cluster()
     # on small machines give Ray more logical CPUs than cores, or trials wait forever for workers
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     # the dashboard serves the State API that Train V2 uses to clean up placement groups;
@@ -149,6 +150,32 @@ def init_ray(num_cpus: Optional[int] = None) -> bool:
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=True)
     return True
+
+
+def _forget_dead_cluster(path: str = "/tmp/ray/ray_current_cluster") -> None:
+    """Remove Ray's pointer to a `ray start` cluster that no longer runs.
+
+    Ray Train's placement-group cleaner finds the State API through that file; when it points to
+    a dead cluster the cleaner fails, finished trials keep their placement groups, and later
+    trials starve waiting for workers. `ray stop` removes the file; a killed cluster leaves it.
+    """
+    import socket
+    import sys
+
+    try:
+        address = Path(path).read_text().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1):
+            return  # alive: leave it
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        pass
+    try:
+        Path(path).unlink()
+        print(f"tuner: removed {path}, which pointed to a Ray cluster that is not running", file=sys.stderr)
+    except OSError:
+        pass
 
 
 def fit(cfg: Config, quiet: bool = False, storage: Optional[str] = None) -> dict[str, float]:
