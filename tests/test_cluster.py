@@ -22,7 +22,10 @@ def ray_pin() -> str:
 
 def test_every_cluster_yaml_loads_and_names_three_gpu_types():
     for path in sorted((ROOT / "cluster").glob("*.yaml")):
-        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+        documents = list(yaml.safe_load_all(path.read_text()))
+        assert documents and all(isinstance(d, dict) for d in documents), path
+    kinds = [d["kind"] for d in yaml.safe_load_all((ROOT / "cluster" / "mlflow.yaml").read_text())]
+    assert kinds == ["Deployment", "Service"]
     policy = load_policy()
     assert set(policy["sizes"]) == set(SIZES)
     assert set(cluster_gpus(AWS)) == {"A100", "V100", "L4"}

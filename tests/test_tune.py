@@ -37,11 +37,13 @@ def test_tune_records_every_trial_and_registers_the_best(tmp_path):
     assert "test_ndcg_10" in client.get_run(parent.info.run_id).data.metrics
     versions = client.search_model_versions("name='bert4rec-tiny'")
     assert len(versions) == 1
-    import mlflow.pytorch
+    import mlflow.pyfunc
+    import pandas as pd
 
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/bert4rec-tiny/{versions[0].version}")
-    assert model.cfg.num_items == 150
+    model = mlflow.pyfunc.load_model(f"models:/bert4rec-tiny/{versions[0].version}")
+    out = model.predict(pd.DataFrame({"history": ["1 2 3"]}), params={"k": 7})
+    assert len(out["items"][0]) == 7 and set(out["items"][0]) <= {str(i) for i in range(1, 151)}
     # a second run with the same experiment name refuses instead of interleaving trials
     again = run_tuner("tune", "--num-samples", "1", "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
                       "--experiment", "E", *SMALL)
