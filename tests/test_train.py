@@ -78,3 +78,17 @@ def test_foreign_checkpoint_file_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
     with pytest.raises(UserError, match="not a tuner BERT4Rec checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    over = FAST + ["train.max_epochs=3", "train.patience=0", f"train.checkpoint_dir={tmp_path}"]
+    cfg = load_config(overrides=over)
+    crashed = Recorder(crash_after=2)
+    with pytest.raises(RuntimeError):
+        train_worker(cfg, local_context(cfg.train), crashed)
+    state = tmp_path / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a write cut short
+    rest = Recorder()
+    train_worker(cfg, local_context(cfg.train), rest)
+    assert [e for e, _, _ in rest.epochs] == [2, 3]  # epoch 2 redone from epoch 1's checkpoint
+    assert "resuming from the previous checkpoint" in capsys.readouterr().err

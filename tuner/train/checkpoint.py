@@ -19,6 +19,7 @@ import torch
 from tuner.errors import UserError
 
 STATE_FILE = "state.pt"
+PREVIOUS_FILE = "state.prev.pt"  # the checkpoint before the latest, kept for a corrupted latest
 FORMAT = "tuner-bert4rec-checkpoint-v1"
 
 
@@ -32,6 +33,8 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        if target.exists():
+            os.replace(target, directory / PREVIOUS_FILE)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,3 +59,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{file}: not a tuner BERT4Rec checkpoint")
     return state
+
+
+def load_resume_state(directory: str | Path) -> dict[str, Any]:
+    """The newest readable checkpoint in a directory: `state.pt`, else the one before it.
+
+    An interrupted or corrupted latest checkpoint costs one epoch, never a crash loop.
+    """
+    import sys
+
+    directory = Path(directory)
+    try:
+        return load_checkpoint(directory / STATE_FILE)
+    except UserError as latest:
+        previous = directory / PREVIOUS_FILE
+        if not previous.is_file():
+            raise
+        print(f"tuner: warning: {latest}; resuming from the previous checkpoint", file=sys.stderr)
+        return load_checkpoint(previous)

@@ -26,7 +26,7 @@ from tuner.errors import UserError
 from tuner.losses import LossConfig, MaskedItemObjective
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters
-from tuner.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from tuner.train.checkpoint import has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.optim import build_optimizer, build_scheduler
 from tuner.train.parallel import WorkerContext
 from tuner.train.reporting import Reporter
@@ -100,7 +100,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     progress, best_state = _Progress(), None
 
     if has_checkpoint(ctx.resume_dir):
-        state = load_checkpoint(ctx.resume_dir)
+        state = load_resume_state(ctx.resume_dir)
         _check_compatible(state, cfg, dataset.num_items, ctx.resume_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
