@@ -149,3 +149,41 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
     finally:
         stop(head)
         stop_session(log)
+
+
+@pytest.mark.slow
+def test_mlflow_server_outage_mid_run_loses_nothing_silently(tmp_path):
+    """Stop the tracking server between epochs, bring it back: training logging never raises,
+    the failed batch is counted and recorded as `mlflow_lost_batches` once the server answers."""
+    from tuner import tracking
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+
+    def start():
+        log = tmp_path / f"server-{time.time()}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(f"{uri}/health", 120, proc, log)
+        return proc
+
+    server = start()
+    try:
+        exp_id, parent = tracking.parent_run(uri, "outage", {})
+        reporter = tracking.MlflowReporter(uri, exp_id, parent, "t1", "trial-1", {"optim.lr": 1e-3}, "x: 1\n")
+        reporter.log(1, {"val_ndcg_10": 0.1, "train_loss": 5.0})
+        stop(server)
+        reporter.log(2, {"val_ndcg_10": 0.2, "train_loss": 4.0})  # server down: counted, not raised
+        assert reporter.lost == 1
+        server = start()
+        reporter.log(3, {"val_ndcg_10": 0.3, "train_loss": 3.0})
+        client = tracking.client(uri)
+        steps = [m.step for m in client.get_metric_history(reporter.run_id, "val_ndcg_10")]
+        assert steps == [1, 3]  # epoch 2 is recorded as lost, not silently missing
+        lost = client.get_metric_history(reporter.run_id, "mlflow_lost_batches")
+        assert [(m.step, m.value) for m in lost] == [(3, 1.0)]
+    finally:
+        stop(server)
