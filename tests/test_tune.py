@@ -1,6 +1,7 @@
 """`tuner tune` end to end: real local Ray, real Optuna, real MLflow (sqlite)."""
 
 import json
+import re
 
 import pytest
 
@@ -111,3 +112,48 @@ def test_driver_killed_mid_experiment_resumes_without_duplicates(tmp_path):
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ndcg_10")]
         assert sorted(steps) == [1, 2, 3, 4, 5], steps  # every epoch once: none lost, none double-counted
     assert len(client.search_model_versions("name='bert4rec-tiny'")) == 1
+
+
+@pytest.mark.slow
+def test_training_worker_killed_mid_trial_resumes_from_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.tune_helpers import tuner_cmd
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    args = ["tune", "--num-samples", "1", "--max-epochs", "6", "--scheduler", "none", "--tracking-uri", uri,
+            "--storage", str(storage), "--experiment", "K", "--json", *SMALL]
+    log = open(tmp_path / "run.log", "w")
+    run = subprocess.Popen(tuner_cmd(*args), start_new_session=True, stdout=subprocess.PIPE, stderr=log, text=True)
+    killed = None
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and killed is None:
+            checkpoints = list((storage / "K" / "train").glob("trial-*/checkpoint_*"))
+            if len(checkpoints) >= 2:  # two epochs done: kill the worker mid-training
+                ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+                workers = [int(line.split()[0]) for line in ps.splitlines() if "RayTrainWorker" in line]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = workers[0]
+            assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert killed, "never saw a training worker to kill"
+        out, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["trials_completed"] == 1 and summary["trials_error"] == 0
+    client, parents, children = mlflow_runs(uri, "K")
+    assert len(children) == 1  # the retried trial kept its MLflow run
+    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "val_ndcg_10")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps  # no epoch lost or counted twice
+    reporters = set(re.findall(r"RayTrainWorker pid=(\d+)\).*Reporting training result",
+                               (tmp_path / "run.log").read_text()))
+    assert str(killed) in reporters and len(reporters) >= 2  # a new worker took over after the kill
