@@ -72,3 +72,26 @@ def test_popularity_negatives_follow_the_counts():
     torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), atol=0.02, rtol=0)
     assert math.isfinite(sampled_ce(*_inputs(v=3)[:3], torch.tensor([1, 2, 3] * 13 + [IGNORE]),
                                     LossConfig(num_negatives=4, sampling="popularity"), logq).item())
+
+
+def test_focal_loss_is_ce_at_gamma_zero_and_down_weights_easy_positions():
+    from tuner.losses import focal
+
+    hidden, weight, bias, labels = _inputs()
+    ce = full_ce(hidden, weight, bias, labels, LossConfig())
+    assert focal(hidden, weight, bias, labels, LossConfig(focal_gamma=0.0)).item() == pytest.approx(ce.item())
+    assert focal(hidden, weight, bias, labels, LossConfig(focal_gamma=2.0)).item() < ce.item()
+
+
+def test_embedding_learning_rate_multiplier():
+    from tuner.config import load_config
+    from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
+    from tuner.train.optim import build_optimizer
+
+    cfg = load_config(overrides=["optim.lr=1e-3", "optim.embedding_lr_mult=10"])
+    model = Bert4Rec(Bert4RecConfig(num_items=30, hidden=8, heads=2, ffn=16, max_len=6))
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs[id(model.item_emb.weight)] == pytest.approx(1e-2)
+    assert lrs[id(model.blocks[0].attn.q_proj.weight)] == pytest.approx(1e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))

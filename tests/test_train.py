@@ -92,3 +92,10 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
     train_worker(cfg, local_context(cfg.train), rest)
     assert [e for e, _, _ in rest.epochs] == [2, 3]  # epoch 2 redone from epoch 1's checkpoint
     assert "resuming from the previous checkpoint" in capsys.readouterr().err
+
+
+def test_focal_loss_and_memory_release_train_end_to_end():
+    cfg = load_config(overrides=FAST + ["train.max_epochs=2", "train.loss=focal", "train.release_memory=true",
+                                        "optim.embedding_lr_mult=2"])
+    result = train_worker(cfg, local_context(cfg.train), Recorder())
+    assert result["epochs"] == 2 and result["test_hr_10"] > 0

@@ -97,11 +97,13 @@ class OptimConfig:
     beta2: float = 0.999
     warmup_fraction: float = 0.05  # of all training steps
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    embedding_lr_mult: float = 1.0  # learning-rate multiplier for the item and position embeddings
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be positive")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(self.embedding_lr_mult > 0, "optim.embedding_lr_mult must be positive")
         _check_prob("optim.beta1", self.beta1)
         _check_prob("optim.beta2", self.beta2)
         _check_prob("optim.warmup_fraction", self.warmup_fraction)
@@ -125,7 +127,9 @@ class TrainConfig:
     compile: str = "auto"  # auto = on for cuda
     compile_mode: str = "default"  # reduce-overhead = CUDA graphs (use with static_shapes)
     static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
-    loss: str = "ce"  # ce | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)
+    loss: str = "ce"  # ce | focal | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)
+    focal_gamma: float = 2.0  # focal loss exponent
+    release_memory: bool = False  # gc.collect() and empty the CUDA cache after every epoch
     loss_chunk: int = 8192  # catalog items per logit block for cce / cce_sampled
     num_negatives: int = 1024  # sampled_ce / cce_sampled
     negative_sampling: str = "uniform"  # uniform | popularity (training counts, log-Q corrected)
@@ -144,7 +148,8 @@ class TrainConfig:
         _check_choice("train.amp", self.amp, _AMP_CHOICES)
         _check_choice("train.compile", self.compile, _COMPILE_CHOICES)
         _check_choice("train.compile_mode", self.compile_mode, _COMPILE_MODES)
-        _check_choice("train.loss", self.loss, ("ce", "cce", "sampled_ce", "cce_sampled"))
+        _check_choice("train.loss", self.loss, ("ce", "focal", "cce", "sampled_ce", "cce_sampled"))
+        _check(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
         _check(self.loss_chunk >= 1, "train.loss_chunk must be at least 1")
         _check(self.num_negatives >= 1, "train.num_negatives must be at least 1")
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))

@@ -80,7 +80,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         raise UserError(f"dataset {dataset.name}: no user has the 3 interactions a leave-one-out split needs")
     model = Bert4Rec(model_config(cfg, dataset.num_items)).to(device)
     loss_cfg = LossConfig(name=cfg.train.loss, chunk=cfg.train.loss_chunk, num_negatives=cfg.train.num_negatives,
-                          sampling=cfg.train.negative_sampling, shared_negatives=cfg.train.shared_negatives)
+                          sampling=cfg.train.negative_sampling, shared_negatives=cfg.train.shared_negatives,
+                          focal_gamma=cfg.train.focal_gamma)
     item_counts = torch.from_numpy(popularity_counts(train, dataset.num_items)[1:dataset.num_items + 1])
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
@@ -184,6 +185,12 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 "config": cfg.to_dict(), "num_items": dataset.num_items,
             })
         metrics["best_val_ndcg_10"] = progress.best_metric
+        if cfg.train.release_memory:  # the seed's between-epoch clean-up, behind a flag
+            import gc
+
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         reporter.log(progress.epoch, metrics, checkpoint_dir if ctx.is_main else None)
 
     if best_state is not None:

@@ -11,15 +11,20 @@ from tuner.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    decay, no_decay, embeddings = [], [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
+            if isinstance(module, nn.Embedding):
+                embeddings.append(param)  # decayed, at lr x embedding_lr_mult (the seed's option)
+                continue
             skip = isinstance(module, nn.LayerNorm) or name.endswith("bias")
             (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": embeddings, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.embedding_lr_mult}]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
