@@ -82,7 +82,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     loss_cfg = LossConfig(name=cfg.train.loss, chunk=cfg.train.loss_chunk, num_negatives=cfg.train.num_negatives,
                           sampling=cfg.train.negative_sampling, shared_negatives=cfg.train.shared_negatives,
                           focal_gamma=cfg.train.focal_gamma)
-    item_counts = torch.from_numpy(popularity_counts(train, dataset.num_items)[1:dataset.num_items + 1])
+    popularity = popularity_counts(train, dataset.num_items)  # popularity negatives, sampled metrics, baseline
+    item_counts = torch.from_numpy(popularity[1:dataset.num_items + 1])
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -114,7 +115,6 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             torch.cuda.set_rng_state(state["cuda_rng"], device)
 
     autocast = step.autocast
-    popularity = popularity_counts(train, dataset.num_items)
     val_rows = _val_rows(val, cfg.eval.max_val_users, cfg.train.seed)
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 

@@ -251,10 +251,10 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         trial_id = metrics.get("trial_id") or Path(result.path).name
         done = bool(metrics.get(FINAL_KEY))
         status = "error" if result.error else ("completed" if done else "stopped_early")
-        statuses[metrics.get("trial_id", trial_id)] = status
+        statuses[trial_id] = status
         trials.append({"trial_id": metrics.get("trial_id"), "status": status,
                        "epochs": metrics.get("epoch"), "val_ndcg_10": metrics.get("val_ndcg_10"),
-                       "params": {k: v for k, v in (result.config or {}).items()},
+                       "params": dict(result.config or {}),
                        "result": result})
     tracking.finish_trial_runs(uri, exp_id, parent_id, statuses)
     candidates = [t for t in trials if t["status"] == "completed" and t["val_ndcg_10"] is not None] or \
@@ -264,7 +264,6 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     best = max(candidates, key=lambda t: t["val_ndcg_10"])
     best_metrics = {k: v for k, v in best["result"].metrics.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    model_uri = None
     checkpoint = _last_checkpoint(best["result"], Path(plan.storage_path) / cfg.tracking.experiment / "train",
                                   best["trial_id"])
     if checkpoint is None:
@@ -279,9 +278,7 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         model_uri = tracking.log_best_model(uri, parent_id, checkpoint, str(items), {
             k: v for k, v in best_metrics.items() if k.startswith(("test_", "val_", "popularity_"))},
             best["params"], registered)
-    from mlflow import MlflowClient
-
-    MlflowClient(uri).set_terminated(parent_id, "FINISHED")
+    tracking.client(uri).set_terminated(parent_id, "FINISHED")
     counts = {s: sum(1 for t in trials if t["status"] == s) for s in ("completed", "stopped_early", "error")}
     return {
         "experiment": cfg.tracking.experiment, "num_trials": len(trials), **{f"trials_{k}": v for k, v in counts.items()},
