@@ -9,7 +9,7 @@ EXPECTED = {
     "train": {"--size", "--data", "--synthetic-users", "--synthetic-items", "--config", "--set", "--max-epochs",
               "--json", "--max-steps", "--batch-size", "--device", "--checkpoint-dir", "--workers"},
     "tune": {"--size", "--data", "--synthetic-users", "--synthetic-items", "--config", "--set", "--max-epochs",
-             "--json", "--search-space", "--num-samples", "--search", "--scheduler", "--experiment", "--storage",
+             "--json", "--search-space", "--num-samples", "--search", "--scheduler", "--time-budget", "--experiment", "--storage",
              "--tracking-uri", "--resume", "--dry-run", "--cluster"},
     "bench": {"--size", "--num-items", "--hidden", "--batch-size", "--seq-len", "--steps", "--warmup", "--loss",
               "--amp", "--no-amp", "--compile", "--no-compile", "--compile-mode", "--device", "--untied-head",

@@ -99,3 +99,17 @@ def test_focal_loss_and_memory_release_train_end_to_end():
                                         "optim.embedding_lr_mult=2"])
     result = train_worker(cfg, local_context(cfg.train), Recorder())
     assert result["epochs"] == 2 and result["test_hr_10"] > 0
+
+
+def test_time_budget_ends_training_in_time_and_still_tests_the_best_weights():
+    import time
+
+    cfg = load_config(overrides=FAST + ["train.max_epochs=10000", "train.time_budget_s=6"])
+    recorder = Recorder()
+    t0 = time.perf_counter()
+    result = train_worker(cfg, local_context(cfg.train), recorder)
+    train_s = sum(m["epoch_s"] for _, m, _ in recorder.epochs)
+    assert 1 <= result["epochs"] < 10000 and result["out_of_time"] == 1.0
+    assert train_s <= 6 + max(m["epoch_s"] for _, m, _ in recorder.epochs)  # stops before overrunning
+    assert time.perf_counter() - t0 < 30
+    assert recorder.finals and result["test_ndcg_10"] > 0

@@ -60,6 +60,29 @@ def test_dry_run_prints_the_plan_without_ray(tmp_path):
     assert not (tmp_path / "bert4rec-tiny").exists()
 
 
+@pytest.mark.slow
+def test_time_budget_ends_the_experiment_with_tested_trials(tmp_path):
+    """Random search without early stopping under a 60 s budget: no trial is cut off before it
+    tests its best weights, no new trial starts late, and the run ends soon after the budget."""
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t0 = time.monotonic()
+    summary = last_json(run_tuner(
+        "tune", "--size", "tiny", "--search", "random", "--scheduler", "none", "--num-samples", "40",
+        "--max-epochs", "1000", "--time-budget", "60", "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
+        "--experiment", "B", "--json", "--set", "train.patience=0", *SMALL))
+    wall = time.monotonic() - t0
+    assert 1 <= summary["num_trials"] < 40
+    assert summary["trials_completed"] == summary["num_trials"], summary["trials"]
+    assert all(t["epochs"] and t["epochs"] < 1000 for t in summary["trials"])
+    assert summary["test_ndcg_10"] > 0
+    assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == summary["num_trials"]
+    assert wall < 60 + 100, wall  # start-up, last epochs, testing and registration included
+    _, _, children = mlflow_runs(uri, "B")
+    assert len(children) == summary["num_trials"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     (["--size", "nope"], "model.size='nope' is not one of"),

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int)
     p.add_argument("--search", choices=("optuna", "random"))
     p.add_argument("--scheduler", choices=("asha", "none"))
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="wall-clock budget; trials stop in time to test their best weights")
     p.add_argument("--experiment", help="experiment name (Ray Tune and MLflow); no timestamps")
     p.add_argument("--storage", default="ray_results", help="Ray Tune storage: a path every node sees")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
@@ -127,6 +129,7 @@ def run_config(args: argparse.Namespace, defaults: Optional[dict[str, dict[str, 
     put("tune", "num_samples", getattr(args, "num_samples", None))
     put("tune", "search", getattr(args, "search", None))
     put("tune", "scheduler", getattr(args, "scheduler", None))
+    put("tune", "time_budget_s", getattr(args, "time_budget", None))
     put("tracking", "experiment", getattr(args, "experiment", None))
     put("tracking", "tracking_uri", getattr(args, "tracking_uri", None))
     cfg_file = load_config(args.config).to_dict() if args.config else (defaults or {})

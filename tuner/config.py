@@ -136,6 +136,7 @@ class TrainConfig:
     shared_negatives: bool = True  # sampled_ce: one negative set per batch, else per position
     checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
+    time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "train.max_epochs must be at least 1")
@@ -153,6 +154,7 @@ class TrainConfig:
         _check(self.loss_chunk >= 1, "train.loss_chunk must be at least 1")
         _check(self.num_negatives >= 1, "train.num_negatives must be at least 1")
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
+        _check(self.time_budget_s >= 0, "train.time_budget_s must be >= 0")
 
 
 @dataclass
@@ -200,6 +202,11 @@ class TuneConfig:
     max_concurrent: int = 0  # 0 = as many as the resources allow
     max_failures: int = 2  # retries of a crashed trial, from its last checkpoint
     seed: int = 0
+    # wall-clock budget of one `tuner tune` invocation; 0 = none. Running trials stop at the end
+    # of the epoch that would overrun it and still test their best weights; no new trial starts
+    # in its last `final_fraction`
+    time_budget_s: float = 0.0
+    final_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples must be at least 1")
@@ -209,6 +216,8 @@ class TuneConfig:
         _check(self.reduction_factor >= 2, "tune.reduction_factor must be at least 2")
         _check(self.max_concurrent >= 0, "tune.max_concurrent must be >= 0")
         _check(self.max_failures >= 0, "tune.max_failures must be >= 0")
+        _check(self.time_budget_s >= 0, "tune.time_budget_s must be >= 0")
+        _check(0 <= self.final_fraction < 1, "tune.final_fraction must be in [0, 1)")
 
 
 @dataclass

@@ -98,7 +98,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     # Ray last: once an epoch's checkpoint is reported the epoch never reruns, so MLflow must
     # already have it; an epoch rerun after a crash before the report is logged to MLflow once
     reporters.append(RayReporter(loop_config.get("final_dir"), ctx.rank))
-    train_worker(cfg, ctx, MultiReporter(*reporters))
+    train_worker(cfg, ctx, MultiReporter(*reporters), deadline=loop_config.get("deadline"))
 
 
 def scaling_config(cfg: Config):

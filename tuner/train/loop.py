@@ -69,9 +69,16 @@ class _Progress:
 
 
 def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
-                 dataset: Optional[Dataset] = None) -> dict[str, float]:
-    """Train, validate each epoch, test the best weights; return the final metrics."""
+                 dataset: Optional[Dataset] = None, deadline: Optional[float] = None) -> dict[str, float]:
+    """Train, validate each epoch, test the best weights; return the final metrics.
+
+    `deadline` (Unix time) and `train.time_budget_s` end training before an epoch that would
+    finish past them (judged by the last epoch's duration); the best weights are still tested.
+    """
     t_start = time.perf_counter()
+    if cfg.train.time_budget_s:
+        own = time.time() + cfg.train.time_budget_s
+        deadline = min(deadline, own) if deadline else own
     torch.manual_seed(cfg.train.seed)
     device = ctx.device
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
@@ -134,6 +141,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         return finalize(ctx.sum(sums), prefix)
 
     samples_per_s: list[float] = []
+    out_of_time = False
     stop = progress.epoch >= cfg.train.max_epochs or (cfg.train.max_steps and progress.step >= cfg.train.max_steps)
     while not stop:
         epoch = progress.epoch
@@ -170,9 +178,12 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             progress.bad_epochs += 1
+        if deadline:  # would the next epoch (as long as this one) end past the deadline on any rank?
+            late = time.time() + (time.perf_counter() - t0) > deadline
+            out_of_time = ctx.sum({"late": float(late)})["late"] > 0
         # every rank computed the same all-reduced metrics, so every rank takes the same decision
         stop = ((cfg.train.patience and progress.bad_epochs >= cfg.train.patience)
-                or progress.epoch >= cfg.train.max_epochs
+                or progress.epoch >= cfg.train.max_epochs or out_of_time
                 or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
         checkpoint_dir = ctx.checkpoint_dir(progress.epoch)
         if checkpoint_dir is not None and ctx.is_main:
@@ -205,7 +216,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         "samples_per_s": float(np.median(samples_per_s)) if samples_per_s else 0.0,
         "peak_mem_mb": _peak_mem_mb(device, rss_base), "trainable_params": trainable,
         "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
-        "wall_s": time.perf_counter() - t_start,
+        "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time),
     }
     reporter.final(final)
     return final

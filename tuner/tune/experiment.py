@@ -20,6 +20,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -105,7 +106,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], storage_path: str,
-              mlflow_info: Optional[dict[str, str]]) -> None:
+              mlflow_info: Optional[dict[str, str]], deadline: Optional[float] = None) -> None:
     """Tune function trainable: one TorchTrainer for one trial."""
     import yaml
     from ray import tune
@@ -122,6 +123,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], storage_path: str,
                            "params": cfg.flat(), "config_text": yaml.safe_dump(cfg.to_dict(), sort_keys=False)}
     final_dir = Path(storage_path) / f"trial-{trial_id}" / "final"
     extra["final_dir"] = str(final_dir)
+    if deadline:
+        extra["deadline"] = deadline
     trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage_path=storage_path,
                             loop_extra=extra, callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -140,16 +143,18 @@ def git_commit() -> str:
 
 
 def _searcher(cfg: Config, plan: Plan):
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
-    if cfg.tune.search == "random":
-        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=plan.max_concurrent)
+    """Optuna proposes every trial: TPE (seeded) or, for `tune.search=random`, its RandomSampler,
+    so both searches share the concurrency limit and the time budget."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed)
+    from tuner.tune.budget import BudgetedLimiter
+
+    sampler = (optuna.samplers.RandomSampler(seed=cfg.tune.seed) if cfg.tune.search == "random"
+               else optuna.samplers.TPESampler(seed=cfg.tune.seed))
     searcher = OptunaSearch(metric=cfg.tune.metric, mode="max", sampler=sampler)
-    return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
+    budget = cfg.tune.time_budget_s * (1 - cfg.tune.final_fraction)
+    return BudgetedLimiter(searcher, max_concurrent=plan.max_concurrent, budget_s=budget)
 
 
 def _scheduler(cfg: Config):
@@ -198,10 +203,11 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
             "git_commit": git_commit(), "search": cfg.tune.search, "scheduler": cfg.tune.scheduler},
             search_space_text=yaml.safe_dump(space, sort_keys=False))
         mlflow_info = {"uri": uri, "exp_id": exp_id, "parent_id": parent_id}
+        deadline = time.time() + cfg.tune.time_budget_s if cfg.tune.time_budget_s else None
         base = cfg.to_dict()
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, storage_path=str(exp_dir / "train"),
-                                 mlflow_info=mlflow_info),
+                                 mlflow_info=mlflow_info, deadline=deadline),
             TRIAL_RESOURCES)
         if resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
