@@ -7,13 +7,14 @@ from tuner.cli import build_parser
 EXPECTED = {
     "prepare": {"--input", "--output", "--format", "--min-user-interactions", "--min-item-interactions", "--json"},
     "train": {"--size", "--data", "--synthetic-users", "--synthetic-items", "--config", "--set", "--max-epochs",
-              "--json", "--max-steps", "--batch-size", "--device", "--checkpoint-dir", "--workers"},
+              "--json", "--ilora", "--init-from", "--max-steps", "--batch-size", "--device", "--checkpoint-dir",
+              "--workers"},
     "tune": {"--size", "--data", "--synthetic-users", "--synthetic-items", "--config", "--set", "--max-epochs",
-             "--json", "--search-space", "--num-samples", "--search", "--scheduler", "--time-budget", "--experiment", "--storage",
+             "--json", "--ilora", "--init-from", "--search-space", "--num-samples", "--search", "--scheduler", "--time-budget", "--experiment", "--storage",
              "--tracking-uri", "--resume", "--dry-run", "--cluster"},
     "bench": {"--size", "--num-items", "--hidden", "--batch-size", "--seq-len", "--steps", "--warmup", "--loss",
               "--amp", "--no-amp", "--compile", "--no-compile", "--compile-mode", "--device", "--untied-head",
-              "--static-shapes", "--seed", "--json"},
+              "--static-shapes", "--ilora", "--set", "--seed", "--json"},
     "recommend": {"--model", "--tracking-uri", "--history", "--input", "--k", "--include-history", "--json"},
     "report": {"--experiment", "--tracking-uri", "--output", "--json"},
 }

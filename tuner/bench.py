@@ -23,7 +23,8 @@ from tuner.data.collate import train_batches
 from tuner.data.dataset import Sequences
 from tuner.errors import UserError
 from tuner.losses import MaskedItemObjective
-from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters
+from tuner.model.bert4rec import Bert4RecConfig, count_parameters
+from tuner.model.build import build_model
 from tuner.train.loop import model_config
 from tuner.train.optim import build_optimizer
 from tuner.train.step import TrainStep
@@ -49,6 +50,8 @@ class BenchSpec:
     mask_prob: float = 0.2
     last_item_prob: float = 0.1
     static_shapes: bool = False
+    ilora: bool = False  # freeze the model and train iLoRA experts (tuner.model.ilora)
+    overrides: tuple[str, ...] = ()  # further config overrides, e.g. ("ilora.router=encoder",)
 
 
 def random_sequences(num_users: int, length: int, num_items: int, seed: int) -> Sequences:
@@ -86,27 +89,31 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None) -> dict:
+def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Optional[torch.device] = None,
+              wrap=None) -> dict:
+    """Time `spec.steps` training steps. `device` and `wrap` (e.g. DDP) come from Ray Train when
+    the benchmark runs on several workers (benchmarks/multigpu.py); by default `spec.device`."""
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available")
-    device = torch.device(spec.device)
+    device = device or torch.device(spec.device)
     overrides = [f"model.size={spec.size}", f"model.max_len={spec.seq_len}", f"model.tied_head={spec.tied_head}"]
     if spec.hidden:
         overrides += [f"model.hidden={spec.hidden}", f"model.ffn={4 * spec.hidden}"]
+    overrides += [f"ilora.enabled={spec.ilora}", *spec.overrides]
     cfg = load_config(overrides=overrides)
     torch.manual_seed(spec.seed)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     mcfg = model_config(cfg, spec.num_items)
-    model = Bert4Rec(mcfg).to(device)
+    model = build_model(cfg, spec.num_items, pretrained=False).to(device)
     objective = MaskedItemObjective(model, spec.loss).to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
     dtype = None
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    step = TrainStep(objective, list(model.parameters()), optimizer, None, dtype, cfg.optim.grad_clip, device,
-                     spec.compile_mode if spec.compile else None)
+    step = TrainStep(objective, [p for p in model.parameters() if p.requires_grad], optimizer, None, dtype, cfg.optim.grad_clip, device,
+                     spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m))
     total = max(spec.warmup, 1) + spec.steps
     data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
     t0 = time.perf_counter()

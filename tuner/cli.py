@@ -32,6 +32,9 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--ilora", action="store_true", default=None,
+                   help="freeze the model and train instance-wise LoRA experts (ilora.* keys)")
+    p.add_argument("--init-from", help="start from a checkpoint or MLflow model URI (e.g. models:/bert4rec-130M/1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--untied-head", action="store_true")
     p.add_argument("--static-shapes", action="store_true", help="fixed batch shapes (for CUDA graphs)")
+    p.add_argument("--ilora", action="store_true", help="frozen model + iLoRA experts")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="further config overrides, e.g. --set ilora.router=encoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
@@ -121,6 +127,8 @@ def run_config(args: argparse.Namespace, defaults: Optional[dict[str, dict[str, 
     put("data", "synthetic_users", getattr(args, "synthetic_users", None))
     put("data", "synthetic_items", getattr(args, "synthetic_items", None))
     put("train", "max_epochs", getattr(args, "max_epochs", None))
+    put("train", "init_from", getattr(args, "init_from", None))
+    put("ilora", "enabled", getattr(args, "ilora", None))
     put("train", "max_steps", getattr(args, "max_steps", None))
     put("train", "batch_size", getattr(args, "batch_size", None))
     put("train", "device", getattr(args, "device", None))
@@ -178,7 +186,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     cfg = run_config(args, TUNE_DEFAULTS)
     if args.experiment is None and cfg.tracking.experiment == "bert4rec":
         cfg.tracking.experiment = f"bert4rec-{cfg.model.size}"
-    space = read_space(args.search_space or default_space_path(cfg.model.size))
+    space = read_space(args.search_space or default_space_path("ilora" if cfg.ilora.enabled else cfg.model.size))
     if args.cluster:
         from tuner.config import Config
         from tuner.tune.placement import apply_placement, plan_json, plan_placements
@@ -248,7 +256,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
                      seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, loss=args.loss,
                      amp=args.amp if args.amp is not None else args.device == "cuda",
                      compile=args.compile, compile_mode=args.compile_mode, device=args.device, seed=args.seed,
-                     tied_head=not args.untied_head, static_shapes=args.static_shapes)
+                     tied_head=not args.untied_head, static_shapes=args.static_shapes, ilora=args.ilora,
+                     overrides=tuple(args.set))
     result = run_bench(spec)
     if not args.json:
         print(f"{result['size']} V={result['num_items']} B={result['batch_size']} L={result['seq_len']} "

@@ -137,6 +137,7 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
     time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
+    init_from: Optional[str] = None  # start from these weights: a checkpoint or an MLflow model URI
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "train.max_epochs must be at least 1")
@@ -155,6 +156,26 @@ class TrainConfig:
         _check(self.num_negatives >= 1, "train.num_negatives must be at least 1")
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
         _check(self.time_budget_s >= 0, "train.time_budget_s must be >= 0")
+
+
+@dataclass
+class IloraConfig:
+    """Instance-wise LoRA (tuner.model.ilora): frozen base, K gated LoRA experts per linear."""
+
+    enabled: bool = False
+    rank: int = 8  # total rank, split over the experts
+    experts: int = 4
+    alpha: float = 32.0
+    dropout: float = 0.1
+    router: str = "history"  # history: mean frozen item embedding | encoder: mean frozen encoder output
+
+    def __post_init__(self) -> None:
+        _check(self.experts >= 1, "ilora.experts must be at least 1")
+        _check(self.rank >= 1 and self.rank % self.experts == 0,
+               f"ilora.rank={self.rank} must be a positive multiple of ilora.experts={self.experts}")
+        _check(self.alpha > 0, "ilora.alpha must be positive")
+        _check_prob("ilora.dropout", self.dropout)
+        _check_choice("ilora.router", self.router, ("history", "encoder"))
 
 
 @dataclass
@@ -241,6 +262,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ilora: IloraConfig = field(default_factory=IloraConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -56,12 +56,12 @@ def recommend(model: Bert4Rec, histories: Sequence[Sequence[int]], k: int = 10, 
 def load_model(checkpoint_path: str | Path) -> Bert4Rec:
     """The best weights of a checkpoint directory or state.pt."""
     from tuner.config import Config
+    from tuner.model.build import build_model
     from tuner.train.checkpoint import load_checkpoint
-    from tuner.train.loop import model_config
 
     state = load_checkpoint(checkpoint_path)
     cfg = Config.from_dict(state["config"])
-    model = Bert4Rec(model_config(cfg, state["num_items"]))
+    model = build_model(cfg, state["num_items"], pretrained=False)
     model.load_state_dict(state["best_model"] or state["model"])
     return model.eval()
 

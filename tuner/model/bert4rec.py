@@ -43,6 +43,11 @@ class Bert4RecConfig:
         return self.num_items + 1
 
 
+def _proj(layer: nn.Module, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """A linear, or an iLoRA-adapted linear with its per-sequence expert weights."""
+    return layer(x) if gate is None else layer(x, gate)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: Bert4RecConfig):
         super().__init__()
@@ -54,15 +59,16 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, hidden = x.shape
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        q, k, v = (split(_proj(self.q_proj, x, gate)), split(_proj(self.k_proj, x, gate)),
+                   split(_proj(self.v_proj, x, gate)))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=keep, dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(batch, length, hidden)
-        return self.resid_dropout(self.o_proj(y))
+        return self.resid_dropout(_proj(self.o_proj, y, gate))
 
 
 class FeedForward(nn.Module):
@@ -72,8 +78,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dropout(_proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate))
 
 
 class Block(nn.Module):
@@ -84,9 +90,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), keep)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), keep, gate)
+        return x + self.ffn(self.ffn_norm(x), gate)
 
 
 class Bert4Rec(nn.Module):
@@ -105,6 +111,7 @@ class Bert4Rec(nn.Module):
         self.head_norm = nn.LayerNorm(cfg.hidden)
         self.out_weight = None if cfg.tied_head else nn.Parameter(torch.empty(cfg.num_items, cfg.hidden))
         self.out_bias = nn.Parameter(torch.zeros(cfg.num_items))
+        self.router: nn.Module | None = None  # iLoRA's expert router (tuner.model.ilora.apply_ilora)
         self.apply(self._init_weights)
         if self.out_weight is not None:
             nn.init.normal_(self.out_weight, std=0.02)
@@ -122,12 +129,17 @@ class Bert4Rec(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items: [B, L] int ids (left-padded) -> hidden states [B, L, H] after the head transform."""
+        gate = self.router(self, items) if self.router is not None else None
+        return self.encode(items, gate)
+
+    def encode(self, items: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder and head transform; `gate` [B, K] weights iLoRA's experts (None: none)."""
         length = items.shape[1]
         positions = torch.arange(self.cfg.max_len - length, self.cfg.max_len, device=items.device)
         x = self.emb_dropout(self.emb_norm(self.item_emb(items) + self.pos_emb(positions)))
         keep = (items != 0)[:, None, None, :]
         for block in self.blocks:
-            x = block(x, keep)
+            x = block(x, keep, gate)
         x = self.final_norm(x)
         return self.head_norm(F.gelu(self.head_proj(x)))
 

@@ -25,19 +25,13 @@ from tuner.data.dataset import Dataset, EvalSplit, load_dataset
 from tuner.errors import UserError
 from tuner.losses import LossConfig, MaskedItemObjective
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
-from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters
+from tuner.model.bert4rec import count_parameters
+from tuner.model.build import build_model, model_config  # noqa: F401 (model_config: re-export)
 from tuner.train.checkpoint import has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.optim import build_optimizer, build_scheduler
 from tuner.train.parallel import WorkerContext
 from tuner.train.reporting import Reporter
 from tuner.train.step import TrainStep
-
-
-def model_config(cfg: Config, num_items: int) -> Bert4RecConfig:
-    m = cfg.model
-    return Bert4RecConfig(num_items=num_items, max_len=m.max_len, hidden=m.hidden, layers=m.layers,
-                          heads=m.heads, ffn=m.ffn, dropout=m.dropout, attn_dropout=m.attn_dropout,
-                          tied_head=m.tied_head)
 
 
 def resolve_precision(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -85,7 +79,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     train, val, test = dataset.split()
     if len(val.targets) == 0:
         raise UserError(f"dataset {dataset.name}: no user has the 3 interactions a leave-one-out split needs")
-    model = Bert4Rec(model_config(cfg, dataset.num_items)).to(device)
+    model = build_model(cfg, dataset.num_items, pretrained=not has_checkpoint(ctx.resume_dir)).to(device)
     loss_cfg = LossConfig(name=cfg.train.loss, chunk=cfg.train.loss_chunk, num_negatives=cfg.train.num_negatives,
                           sampling=cfg.train.negative_sampling, shared_negatives=cfg.train.shared_negatives,
                           focal_gamma=cfg.train.focal_gamma)
@@ -103,7 +97,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         total_steps = min(total_steps, cfg.train.max_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    step = TrainStep(objective, list(model.parameters()), optimizer, scheduler, dtype, cfg.optim.grad_clip,
+    step = TrainStep(objective, [p for p in model.parameters() if p.requires_grad], optimizer, scheduler, dtype, cfg.optim.grad_clip,
                      device, cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap)
     scaler = step.scaler
     progress, best_state = _Progress(), None
@@ -230,8 +224,14 @@ def _val_rows(val: EvalSplit, max_users: int, seed: int) -> np.ndarray:
 
 
 def _check_compatible(state: dict, cfg: Config, num_items: int, where) -> None:
+    import dataclasses
+
+    from tuner.config import IloraConfig
+
     saved = state.get("config", {}).get("model", {})
-    if saved != copy.deepcopy(cfg.to_dict()["model"]) or state.get("num_items") != num_items:
+    saved_ilora = state.get("config", {}).get("ilora", dataclasses.asdict(IloraConfig()))
+    if (saved != copy.deepcopy(cfg.to_dict()["model"]) or state.get("num_items") != num_items
+            or saved_ilora != cfg.to_dict()["ilora"]):
         raise UserError(f"{where}: checkpoint was trained with another model or catalog "
                         f"(size {saved.get('size')!r}, {state.get('num_items')} items); "
                         f"use a new checkpoint directory")

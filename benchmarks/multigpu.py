@@ -1,0 +1,120 @@
+"""DDP scaling of one trial through Ray Train: samples/s at 1, 2, ... GPUs (issue 10).
+
+    NCCL_NVLS_ENABLE=0 python benchmarks/multigpu.py --gpus 1 2 --sizes 130M 430M --out results.json
+
+Each configuration is one `TorchTrainer` with N GPU workers (NCCL); every worker runs the same
+training step as `tuner bench` (real collate path, AMP bf16 + torch.compile, optimizer step)
+wrapped in DistributedDataParallel, on its own random histories, with the per-GPU batch fixed
+(weak scaling: 256 for 130M, 128 for 430M; catalog 159,750, sequence 50). Rank 0's median
+window time gives samples/s = N x batch / step time; efficiency = samples/s at N GPUs /
+(N x samples/s at 1 GPU), all measured in the same run. NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0) because it can take a shared host's GPUs out of service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = {"tiny": 32, "5M": 256, "85M": 256, "130M": 256, "430M": 128}
+
+
+def worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tuner.bench import BenchSpec, run_bench
+
+    ctx = ray.train.get_context()
+    cuda = config["device"] == "cuda"
+    device = ray.train.torch.get_device() if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = BenchSpec(size=config["size"], num_items=config["num_items"], batch_size=config["batch"], seq_len=50,
+                     steps=config["steps"], warmup=config["warmup"], amp=cuda, compile=cuda,
+                     device=config["device"], seed=rank)
+
+    def wrap(module):
+        if world == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
+
+    result = run_bench(spec, device=device, wrap=wrap, peak_tflops=1.0)
+    if rank == 0:
+        out = Path(config["out"])
+        out.write_text(json.dumps({"step_ms": result["step_ms"], "peak_mem_mb": result["peak_mem_mb"],
+                                   "tflop_per_step_per_gpu": result["model_tflop_per_step"]}))
+    ray.train.report({"done": 1})
+
+
+def run_one(size: str, gpus: int, args) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rank0.json"
+        trainer = TorchTrainer(worker, train_loop_config={"size": size, "num_items": args.num_items,
+                                                          "batch": BATCH[size], "steps": args.steps,
+                                                          "warmup": args.warmup, "out": str(out),
+                                                          "device": args.device},
+                               scaling_config=ScalingConfig(num_workers=gpus, use_gpu=args.device == "cuda",
+                                                            resources_per_worker={"CPU": 1, **(
+                                                                {"GPU": 1} if args.device == "cuda" else {})}),
+                               run_config=RunConfig(name=f"ddp-{size}-{gpus}", storage_path=tmp))
+        t0 = time.perf_counter()
+        trainer.fit()
+        r = json.loads(out.read_text())
+    step_s = r["step_ms"] / 1e3
+    return {"size": size, "gpus": gpus, "batch_per_gpu": BATCH[size], "step_ms": r["step_ms"],
+            "samples_per_s": gpus * BATCH[size] / step_s, "peak_mem_mb_rank0": r["peak_mem_mb"],
+            "wall_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sizes", nargs="+", default=["130M", "430M"])
+    parser.add_argument("--num-items", type=int, default=159_750)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a gloo smoke test")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "multigpu.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    import ray
+    import torch
+
+    have = torch.cuda.device_count() if args.device == "cuda" else max(args.gpus)
+    ray.init(num_cpus=max(4, 2 * have), num_gpus=torch.cuda.device_count(), include_dashboard=False,
+             log_to_driver=False)
+    rows = []
+    try:
+        for size in args.sizes:
+            for gpus in args.gpus:
+                if gpus > have:
+                    print(f"skip {size} x {gpus}: only {have} GPUs", file=sys.stderr)
+                    continue
+                row = run_one(size, gpus, args)
+                base = next((r for r in rows if r["size"] == size and r["gpus"] == 1), None)
+                row["scaling_efficiency"] = row["samples_per_s"] / (gpus * base["samples_per_s"]) if base else None
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        ray.shutdown()
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
+    result = {"device": f"{have} x {name}",
+              "torch": torch.__version__, "nccl_nvls_enable": os.environ["NCCL_NVLS_ENABLE"],
+              "num_items": args.num_items, "seq_len": 50, "command": " ".join(["python"] + sys.argv), "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
