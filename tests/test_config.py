@@ -56,3 +56,13 @@ def test_flat_keys_round_trip():
     flat = cfg.flat()
     assert flat["optim.lr"] == cfg.optim.lr and "tracking.experiment" in flat
     assert set(parse_overrides(["optim.lr=1"])) == {"optim"}
+
+
+def test_relative_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    from tuner.train.driver import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["data.path=data/ml.txt", "train.init_from=models:/bert4rec-tiny/1"])
+    absolute_paths(cfg)
+    assert cfg.data.path == str(tmp_path / "data" / "ml.txt")
+    assert cfg.train.init_from == "models:/bert4rec-tiny/1"  # URIs are left alone

@@ -130,6 +130,14 @@ def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optiona
                         scaling_config=scaling_config(cfg), run_config=run_config)
 
 
+def absolute_paths(cfg: Config) -> None:
+    """Make local relative paths absolute: Ray workers run in their own working directories."""
+    for section, key in (("data", "path"), ("train", "init_from"), ("train", "checkpoint_dir")):
+        value = getattr(getattr(cfg, section), key)
+        if value and "://" not in value and ":/" not in value and not Path(value).is_absolute():
+            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+
+
 def init_ray(num_cpus: Optional[int] = None) -> bool:
     """Connect to RAY_ADDRESS if set, else start a local instance. Returns True if we started it."""
     import ray
@@ -183,6 +191,7 @@ def fit(cfg: Config, quiet: bool = False, storage: Optional[str] = None) -> dict
     import ray
 
     storage_path = str(Path(storage or "ray_results").resolve())
+    absolute_paths(cfg)
     name = f"train-{cfg.model.size}"
     final_dir = Path(storage_path) / name / "final"
     shutil.rmtree(final_dir, ignore_errors=True)

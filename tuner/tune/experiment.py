@@ -177,7 +177,7 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
 
     from tuner import tracking
     from tuner.data.dataset import load_dataset
-    from tuner.train.driver import init_ray
+    from tuner.train.driver import absolute_paths, init_ray
 
     if "://" in storage:
         raise UserError(f"--storage {storage}: only filesystem paths are supported so far "
@@ -192,6 +192,7 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
                         f"pass --resume to continue it or choose another --experiment")
     if resume and not exists:
         raise UserError(f"nothing to resume: no experiment {cfg.tracking.experiment!r} in {storage_path}")
+    absolute_paths(cfg)
     dataset = load_dataset(cfg.data)  # fail on bad data before anything starts
     lock = _ExperimentLock(exp_dir)
     started = init_ray()
