@@ -155,8 +155,18 @@ def init_ray(num_cpus: Optional[int] = None) -> bool:
     # it listens on 127.0.0.1 only
     # address="local": a new instance even if `ray start` left a cluster behind on this machine
     # (use RAY_ADDRESS=auto to run on that one)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
+    except Exception as exc:  # a minimal Ray install (no dashboard packages): run without it
+        if "dashboard" not in str(exc):
+            raise
+        import sys
+
+        ray.shutdown()
+        print("tuner: warning: Ray's dashboard packages are missing; running without the dashboard "
+              "(Ray Train may log that it cannot query its controller state)", file=sys.stderr)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     return True
 
 
