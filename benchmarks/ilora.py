@@ -6,7 +6,7 @@
 `speed`: `tuner bench` at the seed's settings (catalog 159,750, sequence 50; batch 256 for 130M,
 128 for 430M) for full fine-tuning and iLoRA (r=8, K=4, history router; also the encoder router
 once), each with AMP (bf16) and AMP + torch.compile: median step time, peak memory, trainable
-parameters. All rows in one process, so ratios compare like with like.
+parameters (the encoder router without compile only). All rows in one process, so ratios compare like with like.
 
 `ml1m`: a BERT4Rec (hidden 256, the ML-1M benchmark's architecture) is pre-trained for
 `--pretrain-epochs` and deliberately stopped early; from its checkpoint, full fine-tuning and
@@ -40,7 +40,7 @@ def speed(args) -> None:
     for size in args.sizes:
         for name, ilora, extra in variants + ([("ilora-encoder-router", True, ("ilora.router=encoder",))]
                                              if size == args.sizes[0] else []):
-            for compile_ in (False, True):
+            for compile_ in ((False,) if name == "ilora-encoder-router" else (False, True)):
                 spec = BenchSpec(size=size, num_items=159_750, batch_size=BATCH[size], seq_len=50, steps=args.steps,
                                  warmup=args.warmup, amp=True, compile=compile_, device="cuda", ilora=ilora,
                                  overrides=extra)
