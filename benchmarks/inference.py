@@ -62,9 +62,10 @@ def main() -> None:
     cfg = load_config(overrides=overrides)
     torch.manual_seed(0)
     model = Bert4Rec(model_config(cfg, args.num_items)).eval()
-    program = export_scorer(model)  # exported on the CPU, moved like a module
-    scorer = CatalogScorer(model).to(device).eval()
-    exported = program.module().to(device)
+    model = model.to(device)
+    program = export_scorer(model)  # exported on the target device (it bakes in created tensors)
+    scorer = CatalogScorer(model).eval()
+    exported = program.module()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     def runner(module):
@@ -90,11 +91,14 @@ def main() -> None:
     reference = variants["eager"](many)
     rows = []
     for name, fn in variants.items():
-        same = bool((fn(many) == reference).float().mean() > 0.99)  # bf16 ties may reorder a few
+        # share of the eager top-10 that this variant also returns (an untrained model has near-ties,
+        # which bf16 kernels may order differently)
+        got = fn(many)
+        overlap = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, reference)) / reference.numel())
         latency = timed(fn, one, args.repeats, device)
         batch_s = timed(fn, many, args.repeats, device)
         rows.append({"variant": name, "batch1_latency_ms": latency * 1e3, "batch": args.batch,
-                     "histories_per_s": args.batch / batch_s, "same_top10_as_eager": same})
+                     "histories_per_s": args.batch / batch_s, "top10_overlap_with_eager": overlap})
         print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     entry = {"device": name, "torch": torch.__version__, "size": args.size, "num_items": args.num_items,

@@ -31,7 +31,8 @@ class CatalogScorer(nn.Module):
 def export_scorer(model: Bert4Rec, max_batch: int = 4096) -> torch.export.ExportedProgram:
     model = model.eval()
     cfg = model.cfg
-    example = torch.zeros(2, cfg.max_len, dtype=torch.long)
+    # on the model's device: export bakes tensors it creates (positions) onto the example's device
+    example = torch.zeros(2, cfg.max_len, dtype=torch.long, device=next(model.parameters()).device)
     example[:, -2] = 1
     example[:, -1] = cfg.mask_token
     batch = torch.export.Dim("batch", min=1, max=max_batch)
