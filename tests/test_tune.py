@@ -73,14 +73,16 @@ def test_time_budget_ends_the_experiment_with_tested_trials(tmp_path):
         "--max-epochs", "1000", "--time-budget", "60", "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
         "--experiment", "B", "--json", "--set", "train.patience=0", *SMALL))
     wall = time.monotonic() - t0
-    assert 1 <= summary["num_trials"] < 40
-    assert summary["trials_completed"] == summary["num_trials"], summary["trials"]
-    assert all(t["epochs"] and t["epochs"] < 1000 for t in summary["trials"])
+    assert 1 <= summary["num_trials"] < 40 and summary["trials_completed"] >= 1
+    # every trial that started tested its best weights; none was cut off by Tune
+    assert summary["trials_completed"] + summary["trials_not_started"] == summary["num_trials"], summary["trials"]
+    ran = [t for t in summary["trials"] if t["status"] == "completed"]
+    assert all(t["epochs"] and t["epochs"] < 1000 for t in ran)
     assert summary["test_ndcg_10"] > 0
     assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == summary["num_trials"]
     assert wall < 60 + 100, wall  # start-up, last epochs, testing and registration included
     _, _, children = mlflow_runs(uri, "B")
-    assert len(children) == summary["num_trials"]
+    assert len(children) == len(ran)
 
 
 @pytest.mark.parametrize("args, message", [

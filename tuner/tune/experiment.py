@@ -106,7 +106,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], storage_path: str,
-              mlflow_info: Optional[dict[str, str]], deadline: Optional[float] = None) -> None:
+              mlflow_info: Optional[dict[str, str]], deadline: Optional[float] = None,
+              start_by: Optional[float] = None) -> None:
     """Tune function trainable: one TorchTrainer for one trial."""
     import yaml
     from ray import tune
@@ -116,6 +117,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], storage_path: str,
 
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    if start_by and time.time() > start_by:
+        return  # proposed in time but started (after waiting for resources) in the budget's last part
     cfg = trial_config(base, params)
     extra: dict[str, Any] = {}
     if mlflow_info:
@@ -178,6 +181,7 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
     from tuner import tracking
     from tuner.data.dataset import load_dataset
     from tuner.train.driver import absolute_paths, init_ray
+    from tuner.tune.cleanup import PlacementGroupReaper
 
     if "://" in storage:
         raise UserError(f"--storage {storage}: only filesystem paths are supported so far "
@@ -204,11 +208,13 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
             "git_commit": git_commit(), "search": cfg.tune.search, "scheduler": cfg.tune.scheduler},
             search_space_text=yaml.safe_dump(space, sort_keys=False))
         mlflow_info = {"uri": uri, "exp_id": exp_id, "parent_id": parent_id}
-        deadline = time.time() + cfg.tune.time_budget_s if cfg.tune.time_budget_s else None
+        budget = cfg.tune.time_budget_s
+        deadline = time.time() + budget if budget else None
+        start_by = time.time() + budget * (1 - cfg.tune.final_fraction) if budget else None
         base = cfg.to_dict()
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, storage_path=str(exp_dir / "train"),
-                                 mlflow_info=mlflow_info, deadline=deadline),
+                                 mlflow_info=mlflow_info, deadline=deadline, start_by=start_by),
             TRIAL_RESOURCES)
         if resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
@@ -220,7 +226,7 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
                                             search_alg=_searcher(cfg, plan), scheduler=_scheduler(cfg)),
                 run_config=tune.RunConfig(name=cfg.tracking.experiment, storage_path=storage_path,
                                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                          verbose=0 if quiet else 1))
+                                          callbacks=[PlacementGroupReaper()], verbose=0 if quiet else 1))
         results = tuner.fit()
         summary = _summarize(results, cfg, plan, uri, exp_id, parent_id, dataset)
     finally:
@@ -257,7 +263,8 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         done = bool(metrics.get(FINAL_KEY))
-        status = "error" if result.error else ("completed" if done else "stopped_early")
+        status = ("error" if result.error else "completed" if done else "stopped_early" if metrics
+                  else "not_started")
         statuses[trial_id] = status
         trials.append({"trial_id": metrics.get("trial_id"), "status": status,
                        "epochs": metrics.get("epoch"), "val_ndcg_10": metrics.get("val_ndcg_10"),
@@ -286,7 +293,8 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
             k: v for k, v in best_metrics.items() if k.startswith(("test_", "val_", "popularity_"))},
             best["params"], registered)
     tracking.client(uri).set_terminated(parent_id, "FINISHED")
-    counts = {s: sum(1 for t in trials if t["status"] == s) for s in ("completed", "stopped_early", "error")}
+    counts = {s: sum(1 for t in trials if t["status"] == s)
+              for s in ("completed", "stopped_early", "error", "not_started")}
     return {
         "experiment": cfg.tracking.experiment, "num_trials": len(trials), **{f"trials_{k}": v for k, v in counts.items()},
         "best_trial_id": best["trial_id"], "best_config": best["params"],
