@@ -8,6 +8,7 @@ Two steps, so the GPU machine only runs and this machine draws:
     python benchmarks/ml1m.py run --name random --search random --scheduler none --out OUT/random --budget 480
     # anywhere: benchmarks/results/ml1m.json, benchmarks/results/ml1m_tuning.png, a Markdown table
     python benchmarks/ml1m.py render OUT/asha OUT/random
+    # the committed runs: python benchmarks/ml1m.py render benchmarks/results/ml1m_runs/*.json
 
 `run` calls `tuner tune` with benchmarks/ml1m.yaml (fixed settings) and search_spaces/ml1m.yaml
 (what is searched) under a wall-clock budget, then reads every trial's per-epoch validation
@@ -114,7 +115,7 @@ def best_at(curve: dict, axis: str, budget: float) -> float | None:
 
 
 def render(args: argparse.Namespace) -> None:
-    runs = [json.loads((Path(d) / "run.json").read_text()) for d in args.runs]
+    runs = [json.loads((Path(d) if Path(d).is_file() else Path(d) / "run.json").read_text()) for d in args.runs]
     by_name = {r["name"]: r for r in runs}
     main = by_name.get("asha", runs[0])
     s = main["summary"]
@@ -216,7 +217,8 @@ def main() -> None:
     p.add_argument("--storage")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to tuner tune")
     p = sub.add_parser("render")
-    p.add_argument("runs", nargs="+", help="output folders of `run` (the first or the one named asha leads)")
+    p.add_argument("runs", nargs="+", help="output folders of `run` or their run.json files (e.g. "
+                                           "benchmarks/results/ml1m_runs/*.json; the one named asha leads)")
     args = parser.parse_args()
     if args.cmd == "run":
         if not Path(args.data).is_file():

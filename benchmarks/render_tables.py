@@ -49,7 +49,48 @@ def large_catalog_table() -> str:
     return "\n".join(lines)
 
 
+def ilora_table() -> str:
+    data = json.loads((RESULTS / "ilora.json").read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}); catalog {data['num_items']:,}, sequence "
+             f"{data['seq_len']}, bf16 autocast; `{data['command']}`.", "",
+             "| size | variant | compile | ms/step | samples/s | peak GB | trainable / total params |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['size']} | {r['variant']} | {'on' if r['compile'] else 'off'} | {r['step_ms']:.1f} | "
+                     f"{r['samples_per_s']:,.0f} | {r['peak_mem_mb'] / 1024:.2f} | {r['trainable_params']:,} / "
+                     f"{r['total_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%) |")
+    return "\n".join(lines)
+
+
+def multigpu_table() -> str:
+    data = json.loads((RESULTS / "multigpu.json").read_text())
+    lines = [f"Device: {data['device']}, NCCL_NVLS_ENABLE={data['nccl_nvls_enable']}; catalog {data['num_items']:,}, "
+             f"sequence {data['seq_len']}, bf16 + compile, per-GPU batch fixed.", "",
+             "| size | GPUs | batch per GPU | ms/step | samples/s | scaling efficiency |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        eff = f"{100 * r['scaling_efficiency']:.0f}%" if r["scaling_efficiency"] else "-"
+        lines.append(f"| {r['size']} | {r['gpus']} | {r['batch_per_gpu']} | {r['step_ms']:.1f} | "
+                     f"{r['samples_per_s']:,.0f} | {eff} |")
+    return "\n".join(lines)
+
+
+def inference_table() -> str:
+    data = json.loads((RESULTS / "inference.json").read_text())
+    lines = ["| device | model, catalog | precision | variant | batch-1 latency ms | histories/s (batch) | "
+             "top-10 overlap with eager |", "|---|---|---|---|---|---|---|"]
+    for run in data["runs"]:
+        for r in run["rows"]:
+            overlap = r.get("top10_overlap_with_eager")
+            lines.append(f"| {run['device']} | {run['size']}, {run['num_items']:,} | {run['precision']} | "
+                         f"{r['variant']} | {r['batch1_latency_ms']:.2f} | {r['histories_per_s']:,.0f} "
+                         f"({r['batch']}) | {'-' if overlap is None else f'{overlap:.3f}'} |")
+    return "\n".join(lines)
+
+
+TABLES = {"--gpu": gpu_table, "--large-catalog": large_catalog_table, "--ilora": ilora_table,
+          "--multigpu": multigpu_table, "--inference": inference_table}
+
 if __name__ == "__main__":
     import sys
 
-    print(large_catalog_table() if "--large-catalog" in sys.argv else gpu_table())
+    print(TABLES.get(sys.argv[1] if len(sys.argv) > 1 else "--gpu", gpu_table)())

@@ -146,3 +146,11 @@ def test_init_from_another_size_is_refused(tmp_path):
                            str(tmp_path / "pre"), "--synthetic-users", "600", "--synthetic-items", "120",
                            "--max-epochs", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "trained as" in proc.stderr, proc.stderr
+
+
+def test_tune_ilora_searches_the_adapters_own_space(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tuner", "tune", "--ilora", "--dry-run", "--json", "--storage",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"optim.lr", "ilora.dropout", "optim.weight_decay", "ilora.rank", "ilora.experts"} == set(plan["search_space"])
