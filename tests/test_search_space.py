@@ -10,12 +10,17 @@ from tuner.tune.search_space import SEARCH_SPACES_DIR, read_space, to_tune
 from tuner.tune.experiment import trial_config
 
 
+# search spaces that are not a model size: the dataset's or the fine-tuning method's own
+EXTRA_SPACES = {"ml1m": "bert4rec", "ilora": "tiny"}  # file -> the size its samples are checked with
+DROPOUT_KEY = {"ilora": "ilora.dropout"}
+
+
 def test_every_size_has_a_search_space_and_every_file_loads():
     files = sorted(SEARCH_SPACES_DIR.glob("*.yaml"))
-    assert {f.stem for f in files} == set(SIZES)
+    assert {f.stem for f in files} == set(SIZES) | set(EXTRA_SPACES)
     for file in files:
         space = read_space(file)
-        assert {"optim.lr", "model.dropout", "optim.weight_decay"} <= set(space), file.name
+        assert {"optim.lr", DROPOUT_KEY.get(file.stem, "model.dropout"), "optim.weight_decay"} <= set(space), file.name
         assert "loguniform" in space["optim.lr"] and "loguniform" in space["optim.weight_decay"]
         tune_space = to_tune(space)
         # samples from every distribution make a valid config
@@ -23,7 +28,8 @@ def test_every_size_has_a_search_space_and_every_file_loads():
             params = {k: dist.sample() for k, dist in tune_space.items()}
             from tuner.config import load_config
 
-            base = load_config(overrides=[f"model.size={file.stem}"]).to_dict()
+            size = EXTRA_SPACES.get(file.stem, file.stem)
+            base = load_config(overrides=[f"model.size={size}", f"ilora.enabled={file.stem == 'ilora'}"]).to_dict()
             cfg = trial_config(base, params)
             assert cfg.optim.lr == pytest.approx(params["optim.lr"])
 

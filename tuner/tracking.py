@@ -108,7 +108,7 @@ class MlflowReporter:
     """
 
     def __init__(self, uri: str, exp_id: str, parent_id: str, trial_id: str, trial_name: str,
-                 params: dict[str, Any], config_text: str):
+                 params: dict[str, Any], config_text: str, tags: Optional[dict[str, str]] = None):
         from mlflow.entities import Param
 
         self.client = client(uri)
@@ -122,6 +122,8 @@ class MlflowReporter:
         elif run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
+        for key, value in (tags or {}).items():  # where this attempt runs (a retry may move)
+            self.client.set_tag(self.run_id, key, value)
         # a retried or resumed trial may redo an epoch logged just before the crash: log it once
         history = self.client.get_metric_history(self.run_id, "val_ndcg_10")
         self.logged_up_to = max((m.step for m in history), default=0)

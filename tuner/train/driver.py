@@ -93,12 +93,28 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     mlflow_args = loop_config.get("mlflow")
     if ctx.is_main and mlflow_args:
         from tuner.tracking import MlflowReporter
+        from tuner.train.loop import resolve_precision
 
-        reporters.append(MlflowReporter(**mlflow_args))
+        dtype = resolve_precision(cfg.train.amp, ctx.device)
+        tags = {"tuner.accelerator_type": node_accelerator_type() or "none",
+                "tuner.precision": str(dtype).replace("torch.", "") if dtype else "fp32"}
+        reporters.append(MlflowReporter(**mlflow_args, tags=tags))
     # Ray last: once an epoch's checkpoint is reported the epoch never reruns, so MLflow must
     # already have it; an epoch rerun after a crash before the report is logged to MLflow once
     reporters.append(RayReporter(loop_config.get("final_dir"), ctx.rank))
     train_worker(cfg, ctx, MultiReporter(*reporters), deadline=loop_config.get("deadline"))
+
+
+def node_accelerator_type() -> Optional[str]:
+    """The GPU type of the node this process runs on, from Ray's `accelerator_type:<T>` resource."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            kinds = sorted(k.split(":", 1)[1] for k in node.get("Resources", {}) if k.startswith("accelerator_type:"))
+            return ",".join(kinds) or None
+    return None
 
 
 def scaling_config(cfg: Config):
@@ -119,14 +135,16 @@ def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optiona
     """One `TorchTrainer` for one run or trial. Same (storage_path, name) -> Train resumes itself."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.v2.api.config import LoggingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     loop_config = {"config": cfg.to_dict(), **(loop_extra or {})}
+    # train.device=cpu on GPU resources (a simulated cluster, or GPUs held but unused): gloo, not NCCL
+    torch_config = TorchConfig(backend="gloo") if cfg.train.device == "cpu" else None
     run_config = RunConfig(name=name, storage_path=storage_path,
                            failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
                            callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING"))
-    return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config,
+    return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config, torch_config=torch_config,
                         scaling_config=scaling_config(cfg), run_config=run_config)
 
 

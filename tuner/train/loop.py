@@ -35,13 +35,11 @@ from tuner.train.step import TrainStep
 
 
 def resolve_precision(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for fp32."""
+    """The autocast dtype, or None for fp32 (fp16 also runs on the CPU, slowly: for simulations)."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("train.amp=fp16 needs a CUDA device; use bf16 or off on the CPU")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
