@@ -27,18 +27,26 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise UserError(f"{directory}: cannot write a checkpoint ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-        if target.exists():
-            os.replace(target, directory / PREVIOUS_FILE)
-        os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:  # a full disk: torch.save reports it as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
+        raise UserError(f"{directory}: cannot write a checkpoint ({reason}); "
+                        f"the previous checkpoint is intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if target.exists():
+        os.replace(target, directory / PREVIOUS_FILE)
+    os.replace(tmp, target)
     return target
 
 
