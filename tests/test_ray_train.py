@@ -23,3 +23,17 @@ def test_two_workers_report_identical_metrics(tmp_path):
         if key not in PER_PROCESS:
             assert ranks[0][key] == ranks[1][key], key
     assert final["epochs"] == 2 and final["test_hr_10"] > 0
+
+
+@pytest.mark.slow
+def test_corrupted_train_checkpoint_falls_back_to_the_older_one(tmp_path, capfd):
+    cfg = load_config(overrides=["data.synthetic_users=300", "data.synthetic_items=80", "train.max_epochs=2",
+                                 "train.batch_size=32", "model.max_len=16", "train.patience=0"])
+    fit(cfg, quiet=True, storage=str(tmp_path))
+    checkpoints = sorted(p for p in (tmp_path / "train-tiny").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    (checkpoints[-1] / "state.pt").write_bytes(b"not a checkpoint")  # the epoch-2 file is damaged
+    cfg.train.max_epochs = 3
+    final = fit(cfg, quiet=True, storage=str(tmp_path))  # same run: Train resumes it
+    assert final["epochs"] == 3  # epoch 2 redone from the epoch-1 checkpoint, then epoch 3
+    assert "resuming from the older checkpoint" in capfd.readouterr().err
