@@ -19,7 +19,6 @@ import io
 import json
 import math
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
