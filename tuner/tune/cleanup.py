@@ -9,8 +9,9 @@ reused, and later trials wait on worker start-up timeouts until other trials end
 an ASHA-stopped trial's slot stayed empty for five minutes).
 
 `reap()` reads the placement-group table from the GCS (no dashboard needed) and removes every
-group whose creator is an actor that has died. Groups created by a driver (Tune's own, a user's)
-and detached groups are never touched. `PlacementGroupReaper` runs it from the Tune driver loop.
+group whose creator was a Ray Train controller (`TrainController`) that has died. Groups created
+by a driver (Tune's own, a user's), by other actors, and detached groups are never touched.
+`PlacementGroupReaper` runs it from the Tune driver loop.
 """
 
 from __future__ import annotations
@@ -21,20 +22,27 @@ import time
 from ray.tune import Callback
 
 
-def dead_creator_groups() -> list[bytes]:
-    """Ids of live placement groups whose creating (non-detached) actor is dead."""
+CREATOR_CLASS = "TrainController"  # Ray Train V2's controller actor, which owns the worker group's group
+
+
+def dead_creator_groups(creator_class: str = CREATOR_CLASS) -> list[bytes]:
+    """Ids of live placement groups whose creating (non-detached) `creator_class` actor is dead."""
     from ray._private.state import state
     from ray._raylet import ActorID
     from ray.core.generated import gcs_pb2
 
+    accessor = state._connect_and_get_accessor()
     table = gcs_pb2.PlacementGroupTableData
     found = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
+    for raw in accessor.get_placement_group_table():
         pg = table.FromString(raw)
         if pg.state == table.REMOVED or pg.is_detached or not pg.creator_actor_dead:
             continue
         if not pg.creator_actor_id or ActorID(pg.creator_actor_id).is_nil():
             continue  # created by a driver
+        actor = accessor.get_actor_info(ActorID(pg.creator_actor_id))
+        if actor is None or gcs_pb2.ActorTableData.FromString(actor).class_name.split(".")[-1] != creator_class:
+            continue  # not ours to judge
         found.append(pg.placement_group_id)
     return found
 
