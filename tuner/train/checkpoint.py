@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -69,10 +69,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_resume_state(directory: str | Path) -> dict[str, Any]:
-    """The newest readable checkpoint in a directory: `state.pt`, else the one before it.
+def load_resume_state(directory: str | Path, older: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The newest readable checkpoint: `state.pt` in `directory`, else the one written before it
+    there, else `state.pt` of each `older` directory in turn (Ray Train's earlier checkpoints).
 
-    An interrupted or corrupted latest checkpoint costs one epoch, never a crash loop.
+    An interrupted or corrupted latest checkpoint costs an epoch, never a crash loop.
     """
     import sys
 
@@ -80,8 +81,14 @@ def load_resume_state(directory: str | Path) -> dict[str, Any]:
     try:
         return load_checkpoint(directory / STATE_FILE)
     except UserError as latest:
-        previous = directory / PREVIOUS_FILE
-        if not previous.is_file():
-            raise
-        print(f"tuner: warning: {latest}; resuming from the previous checkpoint", file=sys.stderr)
-        return load_checkpoint(previous)
+        fallbacks = [(directory / PREVIOUS_FILE, "the previous checkpoint")] if \
+            (directory / PREVIOUS_FILE).is_file() else []
+        fallbacks += [(Path(d) / STATE_FILE, f"the older checkpoint {Path(d).name}") for d in older]
+        for file, what in fallbacks:
+            try:
+                state = load_checkpoint(file)
+            except UserError:
+                continue
+            print(f"tuner: warning: {latest}; resuming from {what}", file=sys.stderr)
+            return state
+        raise

@@ -35,7 +35,8 @@ def ray_context(cfg: Config) -> WorkerContext:
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = readable_checkpoint(checkpoint) if checkpoint is not None else None
+    resume_dir = checkpoint.to_directory() if checkpoint is not None else None
+    fallbacks = older_checkpoints(checkpoint) if checkpoint is not None else ()
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -45,36 +46,17 @@ def ray_context(cfg: Config) -> WorkerContext:
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     return WorkerContext(device=device, rank=rank, world_size=world_size, resume_dir=resume_dir,
+                         resume_fallbacks=fallbacks,
                          all_reduce_fn=lambda t: dist.all_reduce(t) if world_size > 1 else None,
                          wrap_fn=wrap, checkpoint_dir_fn=lambda epoch: tempfile.mkdtemp(prefix=f"ckpt-e{epoch}-"))
 
 
-def readable_checkpoint(checkpoint) -> str:
-    """A local directory of the newest readable Train checkpoint, starting from `checkpoint`.
-
-    Train resumes from the latest reported checkpoint; if its file was corrupted or cut short
-    (a crash mid-upload, a bad disk), an older one of the same run (Train keeps two) is used, so
-    a bad file costs an epoch instead of a crash loop. Every rank makes the same choice.
-    """
-    import sys
-
-    from tuner.train.checkpoint import STATE_FILE, load_checkpoint
-
-    local = checkpoint.to_directory()
-    try:
-        load_checkpoint(Path(local) / STATE_FILE)
-        return local
-    except UserError as latest:
-        siblings = sorted((p for p in Path(checkpoint.path).parent.glob("checkpoint_*")
-                           if p.is_dir() and p.name < Path(checkpoint.path).name), reverse=True)
-        for older in siblings:  # names sort by time; local filesystems and mounts only
-            try:
-                load_checkpoint(older / STATE_FILE)
-            except UserError:
-                continue
-            print(f"tuner: warning: {latest}; resuming from the older checkpoint {older.name}", file=sys.stderr)
-            return str(older)
-        raise
+def older_checkpoints(checkpoint) -> tuple[str, ...]:
+    """The run's earlier Train checkpoints, newest first (Train keeps two), to resume from when
+    the latest is corrupted or cut short; names sort by time. Local filesystems and mounts only."""
+    latest = Path(checkpoint.path)
+    return tuple(str(p) for p in sorted((p for p in latest.parent.glob("checkpoint_*")
+                                         if p.is_dir() and p.name < latest.name), reverse=True))
 
 
 class RayReporter:

@@ -26,7 +26,7 @@ from tuner.errors import UserError
 from tuner.losses import LossConfig, MaskedItemObjective
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
 from tuner.model.bert4rec import count_parameters
-from tuner.model.build import build_model, model_config  # noqa: F401 (model_config: re-export)
+from tuner.model.build import build_model
 from tuner.train.checkpoint import has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.optim import build_optimizer, build_scheduler
 from tuner.train.parallel import WorkerContext
@@ -95,13 +95,14 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         total_steps = min(total_steps, cfg.train.max_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    step = TrainStep(objective, [p for p in model.parameters() if p.requires_grad], optimizer, scheduler, dtype, cfg.optim.grad_clip,
-                     device, cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap)
+    params = [p for p in model.parameters() if p.requires_grad]  # iLoRA: the adapters only
+    step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
+                     cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap)
     scaler = step.scaler
     progress, best_state = _Progress(), None
 
     if has_checkpoint(ctx.resume_dir):
-        state = load_resume_state(ctx.resume_dir)
+        state = load_resume_state(ctx.resume_dir, ctx.resume_fallbacks)
         _check_compatible(state, cfg, dataset.num_items, ctx.resume_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

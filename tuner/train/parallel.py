@@ -31,6 +31,7 @@ class WorkerContext:
     rank: int = 0
     world_size: int = 1
     resume_dir: Optional[str] = None  # a checkpoint directory to continue from, if any
+    resume_fallbacks: tuple[str, ...] = ()  # older checkpoint directories if resume_dir is unreadable
     checkpoint_root: Optional[str] = None  # where this worker's epoch checkpoints go
     all_reduce_fn: Optional[Callable[[torch.Tensor], None]] = None
     wrap_fn: Optional[Callable[[nn.Module], nn.Module]] = None
