@@ -55,7 +55,7 @@ def eval_throughput(size: str, device: torch.device, users: int = 8192) -> dict:
     from tuner.config import load_config
     from tuner.metrics import evaluate
     from tuner.model.bert4rec import Bert4Rec
-    from tuner.train.loop import model_config
+    from tuner.model.build import model_config
 
     cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50"])
     model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device).eval()
@@ -85,7 +85,7 @@ def profile(size: str, out_dir: Path, steps: int = 6) -> Path:
     from tuner.config import load_config
     from tuner.losses import MaskedItemObjective
     from tuner.model.bert4rec import Bert4Rec
-    from tuner.train.loop import model_config
+    from tuner.model.build import model_config
     from tuner.train.optim import build_optimizer
     from tuner.train.step import TrainStep
 

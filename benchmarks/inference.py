@@ -54,14 +54,13 @@ def main() -> None:
 
     from tuner.config import load_config
     from tuner.export import CatalogScorer, export_scorer
-    from tuner.model.bert4rec import Bert4Rec
-    from tuner.train.loop import model_config
+    from tuner.model.build import build_model
 
     device = torch.device(args.device)
     overrides = [f"model.size={args.size}"] + ([f"model.max_len={args.max_len}"] if args.max_len else [])
     cfg = load_config(overrides=overrides)
     torch.manual_seed(0)
-    model = Bert4Rec(model_config(cfg, args.num_items)).eval()
+    model = build_model(cfg, args.num_items, pretrained=False).eval()
     model = model.to(device)
     program = export_scorer(model)  # exported on the target device (it bakes in created tensors)
     scorer = CatalogScorer(model).eval()

@@ -25,7 +25,6 @@ from tuner.errors import UserError
 from tuner.losses import MaskedItemObjective
 from tuner.model.bert4rec import Bert4RecConfig, count_parameters
 from tuner.model.build import build_model
-from tuner.train.loop import model_config
 from tuner.train.optim import build_optimizer
 from tuner.train.step import TrainStep
 
@@ -105,14 +104,15 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    mcfg = model_config(cfg, spec.num_items)
     model = build_model(cfg, spec.num_items, pretrained=False).to(device)
+    mcfg = model.cfg
     objective = MaskedItemObjective(model, spec.loss).to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
     dtype = None
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    step = TrainStep(objective, [p for p in model.parameters() if p.requires_grad], optimizer, None, dtype, cfg.optim.grad_clip, device,
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m))
     total = max(spec.warmup, 1) + spec.steps
     data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
