@@ -5,8 +5,8 @@ placement group. When ASHA stops a trial, Tune kills the trial and with it the c
 placement group outlives the actor that created it. Ray Train's own cleaner removes it by asking
 the dashboard's State API whether the controller still runs; without the dashboard (a minimal Ray
 install, or `--include-dashboard=false`) the reservation stays, the freed GPU share is never
-reused, and later trials wait on worker start-up timeouts until other trials end (seen on an H200:
-an ASHA-stopped trial's slot stayed empty for five minutes).
+reused, and later trials wait on worker start-up timeouts until other trials end (seen on an H200
+in benchmarks/ml1m.py's run: an ASHA-stopped trial's slot stayed empty for five minutes).
 
 `reap()` reads the placement-group table from the GCS (no dashboard needed) and removes every
 group whose creator was a Ray Train controller (`TrainController`) that has died. Groups created
