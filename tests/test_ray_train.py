@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tuner.config import load_config
+from tuner.errors import UserError
 from tuner.train.driver import fit
 
 # timing and memory differ per process; every model and metric value must agree
@@ -37,3 +38,27 @@ def test_corrupted_train_checkpoint_falls_back_to_the_older_one(tmp_path, capfd)
     final = fit(cfg, quiet=True, storage=str(tmp_path))  # same run: Train resumes it
     assert final["epochs"] == 3  # epoch 2 redone from the epoch-1 checkpoint, then epoch 3
     assert "resuming from the older checkpoint" in capfd.readouterr().err
+    # the same run name with another catalog: one line naming the run and the way out
+    cfg.data.synthetic_items = 90
+    with pytest.raises(UserError, match=r"train-tiny holds a checkpoint of another model or catalog; pass --run-name"):
+        fit(cfg, quiet=True, storage=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_short_epochs_are_not_stretched_by_ray_train(tmp_path, capfd):
+    """Ray Train's controller polls workers every 2 s by default and a report waits for the poll:
+    epochs shorter than that used to take 2 s each. Now a cycle costs what its work costs."""
+    import re
+    import statistics
+
+    cfg = load_config(overrides=["data.synthetic_users=300", "data.synthetic_items=80", "train.max_epochs=7",
+                                 "train.batch_size=32", "model.max_len=16", "train.patience=0"])
+    fit(cfg, quiet=False, storage=str(tmp_path))
+    captured = capfd.readouterr()
+    lines = re.findall(r"epoch\s+(\d+)\s+at ([\d.]+)s.*?epoch_s ([\d.]+)\s+eval_s ([\d.]+)", captured.out + captured.err)
+    rows = {int(e): (float(at), float(ep) + float(ev)) for e, at, ep, ev in lines}  # Ray may echo a line
+    assert sorted(rows) == list(range(1, 8))
+    gaps = [rows[e][0] - rows[e - 1][0] for e in range(3, 8)]
+    work = statistics.median(rows[e][1] for e in range(3, 8))
+    assert work < 1.0  # short epochs, or the check below says nothing
+    assert statistics.median(gaps) - work < 0.5, (gaps, work)

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--checkpoint-dir", help="write checkpoints here; resume if one exists")
     p.add_argument("--workers", type=int, help="DDP workers through Ray Train (default: no Ray)")
+    p.add_argument("--run-name", help="Ray Train run name (default: train-<size>); the same name resumes")
+    p.add_argument("--storage", default="ray_results", help="Ray Train storage: a path every node sees")
 
     p = sub.add_parser("tune", help="search hyperparameters with Ray Tune, Optuna and ASHA")
     _common_run_flags(p)
@@ -166,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     if args.workers:
         from tuner.train.driver import fit
 
-        return fit(cfg, quiet=args.json)
+        return fit(cfg, quiet=args.json, storage=args.storage, name=args.run_name)
     from tuner.train.loop import train_worker
     from tuner.train.parallel import local_context
     from tuner.train.reporting import ConsoleReporter

@@ -164,7 +164,9 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                    "samples_per_s": totals["samples"] / epoch_s, "epoch_s": epoch_s,
                    "lr": scheduler.get_last_lr()[0]}
         samples_per_s.append(metrics["samples_per_s"])
+        t_eval = time.perf_counter()
         metrics |= run_eval(val, val_rows, "val_", sampled=False)
+        metrics["eval_s"] = time.perf_counter() - t_eval
         metrics["peak_mem_mb"] = ctx.sum({"m": _peak_mem_mb(device, rss_base)})["m"] / ctx.world_size
         if metrics["val_ndcg_10"] > progress.best_metric:
             progress.best_metric, progress.best_epoch, progress.bad_epochs = metrics["val_ndcg_10"], progress.epoch, 0

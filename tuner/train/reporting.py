@@ -9,9 +9,10 @@ listens. Backends: `ConsoleReporter` (one line per epoch on stderr), `MultiRepor
 from __future__ import annotations
 
 import sys
+import time
 from typing import Optional, Protocol
 
-EPOCH_KEYS = ("train_loss", "val_hr_10", "val_ndcg_10", "samples_per_s", "epoch_s", "peak_mem_mb")
+EPOCH_KEYS = ("train_loss", "val_hr_10", "val_ndcg_10", "samples_per_s", "epoch_s", "eval_s", "peak_mem_mb")
 
 
 class Reporter(Protocol):
@@ -26,11 +27,12 @@ class ConsoleReporter:
     def __init__(self, stream=None, enabled: bool = True):
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.t0 = time.perf_counter()
 
     def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
         if not self.enabled:
             return
-        parts = [f"epoch {epoch:3d}"] + [f"{k} {metrics[k]:.4g}" for k in EPOCH_KEYS if k in metrics]
+        parts = [f"epoch {epoch:3d}", f"at {time.perf_counter() - self.t0:.2f}s"] + [f"{k} {metrics[k]:.4g}" for k in EPOCH_KEYS if k in metrics]
         print("  ".join(parts), file=self.stream, flush=True)
 
     def final(self, metrics: dict[str, float]) -> None:

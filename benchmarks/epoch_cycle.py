@@ -1,0 +1,157 @@
+"""Where an epoch's wall time goes: training, evaluation, checkpoint and reporting, alone and shared.
+
+Runs `tuner train` (the real loop, the real data path) in subprocesses and reads the time stamp of each
+per-epoch console line: the median gap between consecutive lines is the full cycle of an epoch
+(train + validate + checkpoint + report), next to the loop's own `epoch_s` (training) and `eval_s`.
+The first `--skip` epochs (compilation, CUDA-graph capture) are left out of every median.
+
+Suites:
+- `ml1m`: the MovieLens-1M trial of benchmarks/ml1m.yaml in a few variants (batch size, CUDA
+  graphs), one process and four sharing the GPU as Tune's fractional trials do; the Ray Train path
+  (`--workers 1`, a checkpoint reported every epoch) beside the bare loop.
+- `ray_overhead`: issue 5's check: the 130M configuration (159,750 synthetic items) through
+  `TorchTrainer` with one worker against the bare loop, same run.
+
+    python benchmarks/epoch_cycle.py --suite ml1m --out OUT/epoch_ml1m.json
+    python benchmarks/epoch_cycle.py --suite ray_overhead --out OUT/ray_overhead.json
+
+Results are written after every variant, so a time limit keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m" / "ml-1m.txt.gz"
+# the console line, a Ray worker's too: "epoch   3  at 12.41s  train_loss ..." (seconds since the loop began:
+# Ray forwards worker output in batches, so arrival times would not do)
+LINE = re.compile(r"(?:^|\s)epoch\s+(\d+)\s+at ([\d.]+)s\s+(train_loss .*)")
+
+GRAPHS = ["--set", "train.static_shapes=true", "--set", "train.compile_mode=reduce-overhead"]
+
+
+def suites(data: str) -> dict[str, list[dict]]:
+    ml1m = ["--data", data, "--config", "benchmarks/ml1m.yaml", "--set", "train.patience=0"]
+    big = ["--size", "130M", "--synthetic-items", "159750", "--synthetic-users", "40000",
+           "--batch-size", "256", "--set", "eval.max_val_users=2000"]
+    return {
+        "ml1m": [
+            {"name": "batch128", "args": ml1m},
+            {"name": "batch128_graphs", "args": ml1m + GRAPHS},
+            {"name": "batch128_x4", "args": ml1m, "copies": 4},
+            {"name": "batch128_graphs_x4", "args": ml1m + GRAPHS, "copies": 4},
+            {"name": "batch256_graphs_x4", "args": ml1m + GRAPHS + ["--batch-size", "256"], "copies": 4},
+            {"name": "batch128_graphs_ray", "args": ml1m + GRAPHS + ["--workers", "1"]},
+        ],
+        "smoke": [  # the CPU check of this script
+            {"name": "tiny_bare", "args": ["--device", "cpu"]},
+            {"name": "tiny_ray_train", "args": ["--device", "cpu", "--workers", "1"]},
+        ],
+        "ray_overhead": [
+            {"name": "130M_bare", "args": big},
+            {"name": "130M_ray_train", "args": big + ["--workers", "1"]},
+            {"name": "130M_bare_again", "args": big},
+        ],
+    }
+
+
+def run_copy(args: list[str], epochs: int, log: Path) -> dict:
+    """One `tuner train` process; per-epoch lines with their arrival times."""
+    cmd = [sys.executable, "-m", "tuner", "train", "--max-epochs", str(epochs), *args]
+    if "--workers" in args:  # a fresh Ray Train run (the same storage and name would resume);
+        storage = Path(str(log.with_suffix("")) + "_ray")  # no --json: it silences the worker's lines
+        shutil.rmtree(storage, ignore_errors=True)
+        cmd += ["--storage", str(storage)]
+    else:
+        cmd += ["--json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, out = [], []
+    for raw in proc.stdout:
+        out.append(raw)
+        match = LINE.search(raw)
+        if match:
+            fields = match.group(3).split()
+            values = {k: float(v) for k, v in zip(fields[::2], fields[1::2])}
+            lines.append({"epoch": int(match.group(1)), "t": float(match.group(2)), **values})
+    proc.wait()
+    log.write_text("".join(out))
+    final = {}
+    for raw in reversed(out):
+        if raw.startswith("{"):
+            final = json.loads(raw)
+            break
+    return {"rc": proc.returncode, "epochs": lines, "final": {k: final.get(k) for k in
+            ("wall_s", "samples_per_s", "test_ndcg_10", "val_ndcg_10", "peak_mem_mb")}}
+
+
+def summarize(copies: list[dict], skip: int) -> dict:
+    def med(values):
+        return statistics.median(values) if values else None
+
+    per = []
+    for c in copies:
+        rows = list({e["epoch"]: e for e in c["epochs"] if e["epoch"] > skip}.values())  # Ray may echo a line
+        gaps = [b["t"] - a["t"] for a, b in zip(rows, rows[1:])]
+        per.append({"cycle_s": med(gaps), "epoch_s": med([e.get("epoch_s") for e in rows if "epoch_s" in e]),
+                    "eval_s": med([e.get("eval_s") for e in rows if "eval_s" in e]),
+                    "samples_per_s": med([e.get("samples_per_s") for e in rows if "samples_per_s" in e]),
+                    "rc": c["rc"], "final": c["final"]})
+    cycles = [p["cycle_s"] for p in per if p["cycle_s"]]
+    return {"copies": per, "cycle_s": med(cycles), "epoch_s": med([p["epoch_s"] for p in per if p["epoch_s"]]),
+            "eval_s": med([p["eval_s"] for p in per if p["eval_s"]]),
+            "epochs_per_s_total": sum(1 / c for c in cycles) if cycles else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("ml1m", "ray_overhead", "smoke"), required=True)
+    parser.add_argument("--data", default=os.environ.get("ML1M", str(DEFAULT_DATA)))
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--skip", type=int, default=3, help="leading epochs left out (compile, warm-up)")
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    import torch
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result = {"device": device, "torch": torch.__version__, "suite": args.suite, "epochs": args.epochs,
+              "skip": args.skip, "command": "python benchmarks/epoch_cycle.py " + " ".join(sys.argv[1:]),
+              "rows": []}
+    for variant in suites(args.data)[args.suite]:
+        if args.only and variant["name"] not in args.only:
+            continue
+        n = variant.get("copies", 1)
+        copies: list[dict] = [{}] * n
+        t0 = time.time()
+
+        def go(i: int, v=variant) -> None:
+            copies[i] = run_copy(v["args"], args.epochs, out.parent / f"{out.stem}_{v['name']}_{i}.log")
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]),
+               "wall_s": time.time() - t0, **summarize(copies, args.skip)}
+        result["rows"].append(row)
+        print(json.dumps({k: row[k] for k in ("name", "cycle_s", "epoch_s", "eval_s", "epochs_per_s_total",
+                                              "wall_s")}), flush=True)
+        out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
