@@ -121,11 +121,14 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="leading epochs left out (compile, warm-up)")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--logs", help="folder for the runs' output (default: beside --out)")
     args = parser.parse_args()
     import torch
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    logs = Path(args.logs or out.parent)
+    logs.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result = {"device": device, "torch": torch.__version__, "suite": args.suite, "epochs": args.epochs,
               "skip": args.skip, "command": "python benchmarks/epoch_cycle.py " + " ".join(sys.argv[1:]),
@@ -138,7 +141,7 @@ def main() -> None:
         t0 = time.time()
 
         def go(i: int, v=variant) -> None:
-            copies[i] = run_copy(v["args"], args.epochs, out.parent / f"{out.stem}_{v['name']}_{i}.log")
+            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{v['name']}_{i}.log")
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         for t in threads:
@@ -148,6 +151,11 @@ def main() -> None:
         row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]),
                "wall_s": time.time() - t0, **summarize(copies, args.skip)}
         result["rows"].append(row)
+        for i, c in enumerate(row["copies"]):
+            if c["rc"] != 0 or c["cycle_s"] is None:  # say why, here: logs may not travel back
+                log = (logs / f"{out.stem}_{variant['name']}_{i}.log").read_text().splitlines()
+                row.setdefault("errors", []).append(log[-3:])
+                print("\n".join(log[-15:]), file=sys.stderr)
         print(json.dumps({k: row[k] for k in ("name", "cycle_s", "epoch_s", "eval_s", "epochs_per_s_total",
                                               "wall_s")}), flush=True)
         out.write_text(json.dumps(result, indent=1))

@@ -113,3 +113,15 @@ def test_time_budget_ends_training_in_time_and_still_tests_the_best_weights():
     assert train_s <= 6 + max(m["epoch_s"] for _, m, _ in recorder.epochs)  # stops before overrunning
     assert time.perf_counter() - t0 < 30
     assert recorder.finals and result["test_ndcg_10"] > 0
+    # the cosine decay was fitted into the budget: the last epoch trained at the bottom of it
+    lrs = [m["lr"] for _, m, _ in recorder.epochs]
+    assert lrs[-1] < 0.2 * max(lrs), lrs
+
+
+def test_without_anneal_to_deadline_the_budget_cuts_the_schedule_midway():
+    cfg = load_config(overrides=FAST + ["train.max_epochs=10000", "train.time_budget_s=4",
+                                        "train.anneal_to_deadline=false"])
+    recorder = Recorder()
+    train_worker(cfg, local_context(cfg.train), recorder)
+    lrs = [m["lr"] for _, m, _ in recorder.epochs]
+    assert lrs[-1] > 0.9 * max(lrs), lrs

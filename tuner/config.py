@@ -137,6 +137,9 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
     time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
+    # under a time budget (this one or tune's), end the cosine learning-rate decay at the last
+    # epoch that fits rather than at max_epochs, so a trial cut by the budget still anneals
+    anneal_to_deadline: bool = True
     init_from: Optional[str] = None  # start from these weights: a checkpoint or an MLflow model URI
 
     def __post_init__(self) -> None:
@@ -223,6 +226,7 @@ class TuneConfig:
     max_concurrent: int = 0  # 0 = as many as the resources allow
     max_failures: int = 2  # retries of a crashed trial, from its last checkpoint
     seed: int = 0
+    startup_trials: int = 10  # TPE: random trials before the model of good and bad ones is used
     # wall-clock budget of one `tuner tune` invocation; 0 = none. Running trials stop at the end
     # of the epoch that would overrun it and still test their best weights; no new trial starts
     # in its last `final_fraction`
@@ -236,6 +240,7 @@ class TuneConfig:
         _check(self.grace_period >= 1, "tune.grace_period must be at least 1")
         _check(self.reduction_factor >= 2, "tune.reduction_factor must be at least 2")
         _check(self.max_concurrent >= 0, "tune.max_concurrent must be >= 0")
+        _check(self.startup_trials >= 1, "tune.startup_trials must be at least 1")
         _check(self.max_failures >= 0, "tune.max_failures must be >= 0")
         _check(self.time_budget_s >= 0, "tune.time_budget_s must be >= 0")
         _check(0 <= self.final_fraction < 1, "tune.final_fraction must be in [0, 1)")

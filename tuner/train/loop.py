@@ -28,7 +28,7 @@ from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, po
 from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
 from tuner.train.checkpoint import has_checkpoint, load_resume_state, save_checkpoint
-from tuner.train.optim import build_optimizer, build_scheduler
+from tuner.train.optim import build_optimizer, build_scheduler, shorten_schedule
 from tuner.train.parallel import WorkerContext
 from tuner.train.reporting import Reporter
 from tuner.train.step import TrainStep
@@ -174,8 +174,12 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         else:
             progress.bad_epochs += 1
         if deadline:  # would the next epoch (as long as this one) end past the deadline on any rank?
-            late = time.time() + (time.perf_counter() - t0) > deadline
-            out_of_time = ctx.sum({"late": float(late)})["late"] > 0
+            cycle = max(time.perf_counter() - t0, 1e-6)
+            left = deadline - time.time()
+            agreed = ctx.sum({"late": float(cycle > left), "fit": float(int(left / cycle))})
+            out_of_time = agreed["late"] > 0
+            if cfg.train.anneal_to_deadline and not out_of_time:  # epochs that still fit (mean over ranks)
+                shorten_schedule(scheduler, (progress.epoch + int(agreed["fit"] / ctx.world_size)) * steps_per_epoch)
         # every rank computed the same all-reduced metrics, so every rank takes the same decision
         stop = ((cfg.train.patience and progress.bad_epochs >= cfg.train.patience)
                 or progress.epoch >= cfg.train.max_epochs or out_of_time

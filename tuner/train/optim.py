@@ -29,14 +29,41 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
                              fused=device.type == "cuda")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """Linear warm-up over warmup_fraction of the steps, then cosine down to min_lr_ratio."""
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+class WarmupCosine:
+    """LR factor per step: linear warm-up over `warmup_fraction` of `total_steps`, then cosine
+    down to `min_lr_ratio` at `total_steps`.
 
-    def factor(step: int) -> float:
+    A callable object rather than a closure, so `LambdaLR.state_dict()` saves `total_steps`
+    (resume continues the same curve, shortened or not).
+    """
+
+    def __init__(self, warmup_fraction: float, total_steps: int, min_lr_ratio: float):
+        self.warmup_fraction, self.total_steps, self.min_lr_ratio = warmup_fraction, total_steps, min_lr_ratio
+
+    @property
+    def warmup(self) -> int:
+        return max(1, int(self.warmup_fraction * self.total_steps))
+
+    def __call__(self, step: int) -> float:
+        warmup = self.warmup
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Linear warm-up over warmup_fraction of the steps, then cosine down to min_lr_ratio."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_fraction, total_steps,
+                                                                     cfg.min_lr_ratio))
+
+
+def shorten_schedule(scheduler, total_steps: int) -> bool:
+    """End the cosine at `total_steps` instead, if that is sooner (a time budget cuts the run):
+    the learning rate still decays fully before training stops. Returns True if it changed."""
+    changed = False
+    for curve in scheduler.lr_lambdas:
+        if isinstance(curve, WarmupCosine) and total_steps < curve.total_steps:
+            curve.total_steps = max(total_steps, 2)  # the warm-up shrinks with it
+            changed = True
+    return changed

@@ -153,7 +153,7 @@ def _searcher(cfg: Config, plan: Plan):
     from tuner.tune.budget import BudgetedLimiter
 
     sampler = (optuna.samplers.RandomSampler(seed=cfg.tune.seed) if cfg.tune.search == "random"
-               else optuna.samplers.TPESampler(seed=cfg.tune.seed))
+               else optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.startup_trials))
     searcher = OptunaSearch(metric=cfg.tune.metric, mode="max", sampler=sampler)
     budget = cfg.tune.time_budget_s * (1 - cfg.tune.final_fraction)
     return BudgetedLimiter(searcher, max_concurrent=plan.max_concurrent, budget_s=budget)
