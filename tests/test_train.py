@@ -125,3 +125,13 @@ def test_without_anneal_to_deadline_the_budget_cuts_the_schedule_midway():
     train_worker(cfg, local_context(cfg.train), recorder)
     lrs = [m["lr"] for _, m, _ in recorder.epochs]
     assert lrs[-1] > 0.9 * max(lrs), lrs
+
+
+def test_epochs_that_fit_ignores_the_compile_epoch():
+    from tuner.train.loop import epochs_that_fit
+
+    assert epochs_that_fit([40.0], 400) is None  # compile epoch only: no estimate, no shortening
+    assert epochs_that_fit([40.0, 1.0], 400) is None
+    assert epochs_that_fit([40.0, 1.0, 1.2], 400) == 363  # 400 / 1.1, not 400 / 40
+    assert epochs_that_fit([40.0, 1.0, 1.0, 1.0, 5.0, 1.0, 1.0], 100) == 100  # one slow epoch does not decide
+    assert epochs_that_fit([1.0, 1.0, 1.0], -3) == 0

@@ -134,6 +134,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         return finalize(ctx.sum(sums), prefix)
 
     samples_per_s: list[float] = []
+    cycles: list[float] = []  # seconds per epoch this run: train, validate, checkpoint
     out_of_time = False
     stop = progress.epoch >= cfg.train.max_epochs or (cfg.train.max_steps and progress.step >= cfg.train.max_steps)
     while not stop:
@@ -173,12 +174,13 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             progress.bad_epochs += 1
+        cycles.append(time.perf_counter() - t0)
         if deadline:  # would the next epoch (as long as this one) end past the deadline on any rank?
-            cycle = max(time.perf_counter() - t0, 1e-6)
             left = deadline - time.time()
-            agreed = ctx.sum({"late": float(cycle > left), "fit": float(int(left / cycle))})
+            fit = epochs_that_fit(cycles, left)
+            agreed = ctx.sum({"late": float(cycles[-1] > left), "fit": float(fit if fit is not None else -1)})
             out_of_time = agreed["late"] > 0
-            if cfg.train.anneal_to_deadline and not out_of_time:  # epochs that still fit (mean over ranks)
+            if cfg.train.anneal_to_deadline and not out_of_time and agreed["fit"] >= 0:  # mean over ranks
                 shorten_schedule(scheduler, (progress.epoch + int(agreed["fit"] / ctx.world_size)) * steps_per_epoch)
         # every rank computed the same all-reduced metrics, so every rank takes the same decision
         stop = ((cfg.train.patience and progress.bad_epochs >= cfg.train.patience)
@@ -219,6 +221,15 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     }
     reporter.final(final)
     return final
+
+
+def epochs_that_fit(cycles: list[float], left_s: float) -> Optional[int]:
+    """Whole epochs that fit in `left_s`, judged by the median of the last five epochs after the
+    first (which pays for compilation and CUDA-graph capture); None until two such epochs ran."""
+    recent = cycles[1:][-5:]
+    if len(recent) < 2:
+        return None
+    return max(0, int(left_s / max(float(np.median(recent)), 1e-6)))
 
 
 def _val_rows(val: EvalSplit, max_users: int, seed: int) -> np.ndarray:
