@@ -32,8 +32,9 @@ def ray_context(cfg: Config) -> WorkerContext:
     if device.type == "cuda":
         import ray.train.torch
 
-        device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)
+        device = ray.train.torch.get_device()  # the CPU when Ray gave this worker no GPU (train.device=auto)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
     checkpoint = ray.train.get_checkpoint()
     resume_dir = checkpoint.to_directory() if checkpoint is not None else None
     fallbacks = older_checkpoints(checkpoint) if checkpoint is not None else ()
@@ -246,6 +247,8 @@ def fit(cfg: Config, quiet: bool = False, storage: Optional[str] = None,
     final_dir = Path(storage_path) / name / "final"
     shutil.rmtree(final_dir, ignore_errors=True)
     started = init_ray(max(4, cfg.resources.workers * int(cfg.resources.cpus_per_worker) + 1))
+    if cfg.resources.gpus_per_worker == 0 and cfg.train.device == "auto" and ray.cluster_resources().get("GPU"):
+        cfg.resources.gpus_per_worker = 1.0  # auto means the GPU where the cluster has one, as without Ray
     try:
         trainer = build_trainer(cfg, name, storage_path, {"final_dir": str(final_dir), "console": not quiet})
         try:
