@@ -61,6 +61,7 @@ def suites(data: str) -> dict[str, list[dict]]:
         "ray_overhead": [
             {"name": "130M_bare", "args": big},
             {"name": "130M_ray_train", "args": big + ["--workers", "1"]},
+            {"name": "130M_ray_train_ckpt4", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=4"]},
             {"name": "130M_bare_again", "args": big},
         ],
     }
@@ -103,12 +104,13 @@ def summarize(copies: list[dict], skip: int) -> dict:
     for c in copies:
         rows = list({e["epoch"]: e for e in c["epochs"] if e["epoch"] > skip}.values())  # Ray may echo a line
         gaps = [b["t"] - a["t"] for a, b in zip(rows, rows[1:])]
-        per.append({"cycle_s": med(gaps), "epoch_s": med([e.get("epoch_s") for e in rows if "epoch_s" in e]),
+        per.append({"cycle_s": med(gaps), "cycle_mean_s": sum(gaps) / len(gaps) if gaps else None, "epoch_s": med([e.get("epoch_s") for e in rows if "epoch_s" in e]),
                     "eval_s": med([e.get("eval_s") for e in rows if "eval_s" in e]),
                     "samples_per_s": med([e.get("samples_per_s") for e in rows if "samples_per_s" in e]),
                     "rc": c["rc"], "final": c["final"]})
     cycles = [p["cycle_s"] for p in per if p["cycle_s"]]
-    return {"copies": per, "cycle_s": med(cycles), "epoch_s": med([p["epoch_s"] for p in per if p["epoch_s"]]),
+    return {"copies": per, "cycle_s": med(cycles),
+            "cycle_mean_s": med([p["cycle_mean_s"] for p in per if p["cycle_mean_s"]]), "epoch_s": med([p["epoch_s"] for p in per if p["epoch_s"]]),
             "eval_s": med([p["eval_s"] for p in per if p["eval_s"]]),
             "epochs_per_s_total": sum(1 / c for c in cycles) if cycles else None}
 
@@ -156,7 +158,7 @@ def main() -> None:
                 log = (logs / f"{out.stem}_{variant['name']}_{i}.log").read_text().splitlines()
                 row.setdefault("errors", []).append(log[-3:])
                 print("\n".join(log[-15:]), file=sys.stderr)
-        print(json.dumps({k: row[k] for k in ("name", "cycle_s", "epoch_s", "eval_s", "epochs_per_s_total",
+        print(json.dumps({k: row[k] for k in ("name", "cycle_s", "cycle_mean_s", "epoch_s", "eval_s", "epochs_per_s_total",
                                               "wall_s")}), flush=True)
         out.write_text(json.dumps(result, indent=1))
 

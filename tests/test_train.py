@@ -135,3 +135,11 @@ def test_epochs_that_fit_ignores_the_compile_epoch():
     assert epochs_that_fit([40.0, 1.0, 1.2], 400) == 363  # 400 / 1.1, not 400 / 40
     assert epochs_that_fit([40.0, 1.0, 1.0, 1.0, 5.0, 1.0, 1.0], 100) == 100  # one slow epoch does not decide
     assert epochs_that_fit([1.0, 1.0, 1.0], -3) == 0
+
+
+def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path):
+    cfg = load_config(overrides=FAST + ["train.max_epochs=4", "train.patience=0", "train.checkpoint_every=3",
+                                        f"train.checkpoint_dir={tmp_path}"])
+    recorder = Recorder()
+    train_worker(cfg, local_context(cfg.train), recorder)
+    assert [c is not None for _, _, c in recorder.epochs] == [False, False, True, True]

@@ -135,6 +135,7 @@ class TrainConfig:
     negative_sampling: str = "uniform"  # uniform | popularity (training counts, log-Q corrected)
     shared_negatives: bool = True  # sampled_ce: one negative set per batch, else per position
     checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always gets one)
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
     time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
     # under a time budget (this one or tune's), end the cosine learning-rate decay at the last
@@ -159,6 +160,7 @@ class TrainConfig:
         _check(self.num_negatives >= 1, "train.num_negatives must be at least 1")
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
         _check(self.time_budget_s >= 0, "train.time_budget_s must be >= 0")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")
 
 
 @dataclass

@@ -69,10 +69,12 @@ class RayReporter:
     def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
         import ray.train
 
+        from ray.train import CheckpointUploadMode
+
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(dict(metrics), checkpoint=checkpoint)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to storage by now
+        # the copy to storage runs beside the next epoch; Train deletes the local directory after it
+        # and registers the checkpoint only once it is complete (a crash meanwhile keeps the older one)
+        ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     def final(self, metrics: dict[str, float]) -> None:
         # Train V2 drops the last report if it carries no checkpoint and the run ends right after

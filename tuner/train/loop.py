@@ -186,7 +186,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         stop = ((cfg.train.patience and progress.bad_epochs >= cfg.train.patience)
                 or progress.epoch >= cfg.train.max_epochs or out_of_time
                 or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
-        checkpoint_dir = ctx.checkpoint_dir(progress.epoch)
+        due = stop or progress.epoch % cfg.train.checkpoint_every == 0
+        checkpoint_dir = ctx.checkpoint_dir(progress.epoch) if due else None
         if checkpoint_dir is not None and ctx.is_main:
             save_checkpoint(checkpoint_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
