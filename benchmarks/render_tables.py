@@ -87,7 +87,22 @@ def inference_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"--gpu": gpu_table, "--large-catalog": large_catalog_table, "--ilora": ilora_table,
+def epoch_cycle_table(name: str = "epoch_ml1m.json") -> str:
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"Device: {data['device']}; `{data['command']}` (code {data.get('code_commit', '?')}); medians over "
+             f"epochs {data['skip'] + 1}-{data['epochs']}.", "",
+             "| variant | processes | epoch cycle s | training s | validation s | trial-epochs/s, all processes |",
+             "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        def f(v):
+            return "failed" if v is None else f"{v:.2f}"
+        lines.append(f"| {r['name']} | {r['copies_run']} | {f(r['cycle_s'])} | {f(r['epoch_s'])} | "
+                     f"{f(r['eval_s'])} | {f(r['epochs_per_s_total'])} |")
+    return "\n".join(lines)
+
+
+TABLES = {"--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
+          "--gpu": gpu_table, "--large-catalog": large_catalog_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
 
 if __name__ == "__main__":
