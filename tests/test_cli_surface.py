@@ -8,7 +8,7 @@ EXPECTED = {
     "prepare": {"--input", "--output", "--format", "--min-user-interactions", "--min-item-interactions", "--json"},
     "train": {"--size", "--data", "--synthetic-users", "--synthetic-items", "--config", "--set", "--max-epochs",
               "--json", "--ilora", "--init-from", "--max-steps", "--batch-size", "--device", "--checkpoint-dir",
-              "--workers"},
+              "--workers", "--run-name", "--storage"},
     "tune": {"--size", "--data", "--synthetic-users", "--synthetic-items", "--config", "--set", "--max-epochs",
              "--json", "--ilora", "--init-from", "--search-space", "--num-samples", "--search", "--scheduler", "--time-budget", "--experiment", "--storage",
              "--tracking-uri", "--resume", "--dry-run", "--cluster"},
