@@ -101,7 +101,21 @@ def epoch_cycle_table(name: str = "epoch_ml1m.json") -> str:
     return "\n".join(lines)
 
 
-TABLES = {"--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
+def seed_options_table() -> str:
+    data = json.loads((RESULTS / "seed_options.json").read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}); `{data['command']}`; one run per variant.", "",
+             "| variant | test NDCG@10 | test HR@10 | best epoch | samples/s | wall s | peak MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r["rc"] != 0:
+            lines.append(f"| {r['variant']} | failed: {r['error'][0]} | | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['test_ndcg_10']:.4f} | {r['test_hr_10']:.4f} | {r['best_epoch']} | "
+                     f"{r['samples_per_s']:,.0f} | {r['wall_s']:.0f} | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"--seed-options": seed_options_table, "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--gpu": gpu_table, "--large-catalog": large_catalog_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
 
