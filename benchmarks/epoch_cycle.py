@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -32,8 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m" / "ml-1m.txt.gz"
+from paths import ROOT, ml1m_default
+
 # the console line, a Ray worker's too: "epoch   3  at 12.41s  train_loss ..." (seconds since the loop began:
 # Ray forwards worker output in batches, so arrival times would not do)
 LINE = re.compile(r"(?:^|\s)epoch\s+(\d+)\s+at ([\d.]+)s\s+(train_loss .*)")
@@ -118,7 +117,7 @@ def summarize(copies: list[dict], skip: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("ml1m", "ray_overhead", "smoke"), required=True)
-    parser.add_argument("--data", default=os.environ.get("ML1M", str(DEFAULT_DATA)))
+    parser.add_argument("--data", default=ml1m_default())
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--skip", type=int, default=3, help="leading epochs left out (compile, warm-up)")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")

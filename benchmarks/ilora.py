@@ -23,8 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m" / "ml-1m.txt.gz"
+from paths import ML1M, ROOT
+
 BATCH = {"130M": 256, "430M": 128}
 EXTRA: list[str] = []  # --set pairs for every `tuner train` of `ml1m` (e.g. a small model for a smoke test)
 
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ilora.json"))
     p = sub.add_parser("ml1m")
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=str(ML1M))
     p.add_argument("--work", default="/tmp/ilora-ml1m")
     p.add_argument("--pretrain-epochs", type=int, default=40)
     p.add_argument("--finetune-epochs", type=int, default=80)

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT, ml1m_default
+
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m" / "ml-1m.txt.gz"
 # Full-ranking leave-one-out on the complete ML-1M (the shared copy lacks each user's last two
 # interactions, so ours are close to, not identical with, these protocols)
 ANCHORS = [
@@ -210,7 +209,7 @@ def main() -> None:
     p = sub.add_parser("run")
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--data", default=os.environ.get("ML1M", str(DEFAULT_DATA)))
+    p.add_argument("--data", default=ml1m_default())
     p.add_argument("--budget", type=float, default=480)
     p.add_argument("--search", default="optuna", choices=("optuna", "random"))
     p.add_argument("--scheduler", default="asha", choices=("asha", "none"))

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m" / "ml-1m.txt.gz"
+from paths import ROOT, ml1m_default
+
 
 VARIANTS = {
     "plain": [],
@@ -39,7 +38,7 @@ KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "sa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("ML1M", str(DEFAULT_DATA)))
+    parser.add_argument("--data", default=ml1m_default())
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--config", help="YAML of fixed settings (default: the bert4rec size's)")
     parser.add_argument("--epochs", type=int, default=30)
