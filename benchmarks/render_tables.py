@@ -93,9 +93,10 @@ def epoch_cycle_table(name: str = "epoch_ml1m.json") -> str:
              f"epochs {data['skip'] + 1}-{data['epochs']}.", "",
              "| variant | processes | epoch cycle s | training s | validation s | trial-epochs/s, all processes |",
              "|---|---|---|---|---|---|"]
+    def f(v):
+        return "failed" if v is None else f"{v:.2f}"
+
     for r in data["rows"]:
-        def f(v):
-            return "failed" if v is None else f"{v:.2f}"
         lines.append(f"| {r['name']} | {r['copies_run']} | {f(r['cycle_s'])} | {f(r['epoch_s'])} | "
                      f"{f(r['eval_s'])} | {f(r['epochs_per_s_total'])} |")
     return "\n".join(lines)

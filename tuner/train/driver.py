@@ -67,14 +67,12 @@ class RayReporter:
         self.final_dir, self.rank = final_dir, rank
 
     def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
-        import ray.train
+        from ray.train import Checkpoint, CheckpointUploadMode, report
 
-        from ray.train import CheckpointUploadMode
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # the copy to storage runs beside the next epoch; Train deletes the local directory after it
         # and registers the checkpoint only once it is complete (a crash meanwhile keeps the older one)
-        ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        report(dict(metrics), checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     def final(self, metrics: dict[str, float]) -> None:
         # Train V2 drops the last report if it carries no checkpoint and the run ends right after
@@ -256,10 +254,12 @@ def fit(cfg: Config, quiet: bool = False, storage: Optional[str] = None,
         try:
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; surface ours as one line
+            from tuner.train.loop import INCOMPATIBLE
+
             error = _unwrap(exc)
-            if isinstance(error, UserError) and "another model or catalog" in str(error):
-                error = UserError(f"Ray Train run {Path(storage_path) / name} holds a checkpoint of another "
-                                  f"model or catalog; pass --run-name NEW or remove that directory")
+            if isinstance(error, UserError) and INCOMPATIBLE in str(error):
+                error = UserError(f"Ray Train run {Path(storage_path) / name} holds a checkpoint of "
+                                  f"{INCOMPATIBLE}; pass --run-name NEW or remove that directory")
             raise error from None
         final = read_final(final_dir)
         if final is None:

@@ -240,6 +240,11 @@ def _val_rows(val: EvalSplit, max_users: int, seed: int) -> np.ndarray:
     return rows
 
 
+# the phrase of the incompatible-checkpoint error; the Ray driver recognises it (a worker's
+# exception reaches the driver as text) to name the run instead of a worker's temporary directory
+INCOMPATIBLE = "another model or catalog"
+
+
 def _check_compatible(state: dict, cfg: Config, num_items: int, where) -> None:
     import dataclasses
 
@@ -249,6 +254,6 @@ def _check_compatible(state: dict, cfg: Config, num_items: int, where) -> None:
     saved_ilora = state.get("config", {}).get("ilora", dataclasses.asdict(IloraConfig()))
     if (saved != copy.deepcopy(cfg.to_dict()["model"]) or state.get("num_items") != num_items
             or saved_ilora != cfg.to_dict()["ilora"]):
-        raise UserError(f"{where}: checkpoint was trained with another model or catalog "
+        raise UserError(f"{where}: checkpoint was trained with {INCOMPATIBLE} "
                         f"(size {saved.get('size')!r}, {state.get('num_items')} items); "
                         f"use a new checkpoint directory")

@@ -58,12 +58,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
                                                                      cfg.min_lr_ratio))
 
 
-def shorten_schedule(scheduler, total_steps: int) -> bool:
+def shorten_schedule(scheduler, total_steps: int) -> None:
     """End the cosine at `total_steps` instead, if that is sooner (a time budget cuts the run):
-    the learning rate still decays fully before training stops. Returns True if it changed."""
-    changed = False
+    the learning rate still decays fully before training stops."""
     for curve in scheduler.lr_lambdas:
         if isinstance(curve, WarmupCosine) and total_steps < curve.total_steps:
             curve.total_steps = max(total_steps, 2)  # the warm-up shrinks with it
-            changed = True
-    return changed

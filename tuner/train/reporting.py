@@ -32,7 +32,8 @@ class ConsoleReporter:
     def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
         if not self.enabled:
             return
-        parts = [f"epoch {epoch:3d}", f"at {time.perf_counter() - self.t0:.2f}s"] + [f"{k} {metrics[k]:.4g}" for k in EPOCH_KEYS if k in metrics]
+        parts = [f"epoch {epoch:3d}", f"at {time.perf_counter() - self.t0:.2f}s"]  # seconds since start
+        parts += [f"{k} {metrics[k]:.4g}" for k in EPOCH_KEYS if k in metrics]
         print("  ".join(parts), file=self.stream, flush=True)
 
     def final(self, metrics: dict[str, float]) -> None:
