@@ -1,81 +1,9 @@
-"""The seed project's training options on MovieLens-1M (issue 11): focal loss, an embedding
-learning-rate multiplier, and memory release between epochs, each against the plain run.
+"""The seed project's training options on MovieLens-1M (issue 11): `ml1m_variants.py --group seed`.
 
-Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
-the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
-epoch, the median training throughput, wall time and peak memory. One run per variant: the
-differences below ~0.005 NDCG@10 are within the noise of a seed.
-
-    # 2-core CPU, a short protocol (the `bert4rec` size: hidden 64, 2 layers, length 200)
-    python benchmarks/seed_options.py --device cpu --epochs 30 --out benchmarks/results/seed_options.json
-    # a GPU, the tuned ML-1M settings of benchmarks/ml1m.yaml
-    python benchmarks/seed_options.py --device cuda --config benchmarks/ml1m.yaml --epochs 150 --out OUT/seed_options.json
-
-Results are written after every variant, so a time limit keeps what finished.
+    python benchmarks/seed_options.py --device cpu --epochs 25 --out benchmarks/results/seed_options.json
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-from paths import ROOT, ml1m_default
-
-
-VARIANTS = {
-    "plain": [],
-    "focal_gamma2": ["train.loss=focal", "train.focal_gamma=2.0"],
-    "embedding_lr_x2": ["optim.embedding_lr_mult=2.0"],
-    "embedding_lr_x0.5": ["optim.embedding_lr_mult=0.5"],
-    "release_memory": ["train.release_memory=true"],
-}
-KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=ml1m_default())
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--config", help="YAML of fixed settings (default: the bert4rec size's)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every variant")
-    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS))
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"seed_options: no ML-1M file at {args.data} (pass --data)")
-    import torch
-
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    base = [sys.executable, "-m", "tuner", "train", "--data", args.data, "--device", args.device,
-            "--max-epochs", str(args.epochs), "--json", "--set", "train.patience=0", "--set", "eval.exclude_history=true"]
-    base += ["--config", args.config] if args.config else ["--size", "bert4rec"]
-    for pair in args.set:
-        base += ["--set", pair]
-    result = {"device": device, "torch": torch.__version__, "epochs": args.epochs,
-              "command": "python benchmarks/seed_options.py " + " ".join(sys.argv[1:]), "rows": []}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for name, overrides in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
-        cmd = base + [x for pair in overrides for x in ("--set", pair)]
-        t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        row = {"variant": name, "overrides": overrides, "rc": proc.returncode, "process_s": time.time() - t0}
-        if proc.returncode == 0:
-            final = json.loads(proc.stdout.strip().splitlines()[-1])
-            row |= {k: final.get(k) for k in KEYS}
-        else:
-            row["error"] = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        out.write_text(json.dumps(result, indent=1))
-
+from ml1m_variants import main
 
 if __name__ == "__main__":
-    main()
+    main(group="seed")

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.tune_helpers import SMALL, last_json, mlflow_runs, run_tuner
+from tests.tune_helpers import SMALL, last_json, mlflow_runs, run_tuner, run_tuner_logged
 
 
 @pytest.mark.slow
@@ -128,7 +128,7 @@ def test_driver_killed_mid_experiment_resumes_without_duplicates(tmp_path):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
         first.wait()
-    summary = last_json(run_tuner(*args, "--resume", "--json"))
+    summary = last_json(run_tuner_logged(*args, "--resume", "--json", log_dir=tmp_path, watch=storage / "R"))
     assert summary["num_trials"] == 4 and summary["trials_completed"] == 4, summary["trials"]
     client, parents, children = mlflow_runs(uri, "R")
     assert len(parents) == 1 and len(children) == 4

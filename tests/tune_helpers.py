@@ -22,6 +22,39 @@ def run_tuner(*args: str, timeout: int = 600, cwd=ROOT, env=None) -> subprocess.
                           env={**os.environ, **(env or {})})
 
 
+def run_tuner_logged(*args: str, log_dir, timeout: int = 420, watch=None) -> subprocess.CompletedProcess:
+    """`run_tuner`, but its own session with output in files: on a timeout the whole process group
+    (the driver and the local Ray it started) is killed, so nothing outlives the test, and the
+    failure shows the output's tail and what `watch` (an experiment directory) holds."""
+    import signal
+    from pathlib import Path
+
+    log_dir = Path(log_dir)
+    out, err = log_dir / "resume.out", log_dir / "resume.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(tuner_cmd(*args), cwd=ROOT, stdout=o, stderr=e, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"tuner {' '.join(args[:1])} still running after {timeout} s\n"
+                                 f"{experiment_snapshot(watch) if watch else ''}\n"
+                                 f"stderr tail:\n{err.read_text()[-4000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text())
+
+
+def experiment_snapshot(exp_dir) -> str:
+    """Per Tune trial: results reported; per Train run: what its directory holds."""
+    from pathlib import Path
+
+    exp_dir = Path(exp_dir)
+    lines = [f"{d.name[:40]}: {len((d / 'result.json').read_text().splitlines()) if (d / 'result.json').exists() else 0}"
+             f" results" for d in sorted(exp_dir.glob("run_trial_*"))]
+    lines += [f"{d.name}: {sorted(x.name for x in d.iterdir())}" for d in sorted((exp_dir / "train").glob("trial-*"))]
+    return "\n".join(lines)
+
+
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,106 @@
+"""Training variants on MovieLens-1M, each against the plain run, in groups:
+
+- `seed` (issue 11): the seed project's options: focal loss, an embedding learning-rate
+  multiplier, memory release between epochs (`benchmarks/seed_options.py` runs this group);
+- `losses` (issue 6): full cross-entropy against cut cross-entropy (exact: should match within
+  noise), the sampled losses (CE-, CCE-: the gap is the figure), and a second seed of the plain
+  run to show the noise.
+
+Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
+the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
+epoch, the median training throughput, wall time and peak memory. One run per variant: the
+differences below ~0.005 NDCG@10 are within the noise of a seed.
+
+    # 2-core CPU, a short protocol (the `bert4rec` size: hidden 64, 2 layers, length 200)
+    python benchmarks/seed_options.py --device cpu --epochs 30 --out benchmarks/results/seed_options.json
+    python benchmarks/ml1m_variants.py --group losses --device cpu --epochs 30 --out benchmarks/results/ml1m_losses.json
+    # a GPU, the tuned ML-1M settings of benchmarks/ml1m.yaml
+    python benchmarks/seed_options.py --device cuda --config benchmarks/ml1m.yaml --epochs 150 --out OUT/seed_options.json
+
+Results are written after every variant, so a time limit keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from paths import ROOT, ml1m_default
+
+
+GROUPS = {
+    "seed": {
+        "plain": [],
+        "focal_gamma2": ["train.loss=focal", "train.focal_gamma=2.0"],
+        "embedding_lr_x2": ["optim.embedding_lr_mult=2.0"],
+        "embedding_lr_x0.5": ["optim.embedding_lr_mult=0.5"],
+        "release_memory": ["train.release_memory=true"],
+    },
+    "losses": {  # ML-1M has 3,416 items: 256 negatives are 7.5% of the catalog
+        "ce": ["train.loss=ce"],
+        "ce_seed1": ["train.loss=ce", "train.seed=1"],
+        "cce": ["train.loss=cce", "train.loss_chunk=1024"],
+        "sampled_ce_uniform_256": ["train.loss=sampled_ce", "train.num_negatives=256"],
+        "sampled_ce_popularity_256": ["train.loss=sampled_ce", "train.num_negatives=256",
+                                      "train.negative_sampling=popularity"],
+        "cce_sampled_256": ["train.loss=cce_sampled", "train.num_negatives=256"],
+    },
+}
+KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")
+
+
+def main(group: str | None = None) -> None:
+    """Run one group of variants; `group` fixes it (a wrapper script), else `--group` picks it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if group is None:
+        parser.add_argument("--group", choices=sorted(GROUPS), required=True)
+    parser.add_argument("--data", default=ml1m_default())
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--config", help="YAML of fixed settings (default: the bert4rec size's)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every variant")
+    parser.add_argument("--only", nargs="*", choices=sorted(v for g in GROUPS.values() for v in g))
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    variants = GROUPS[group or args.group]
+    script = Path(sys.argv[0]).name
+    if not Path(args.data).exists():
+        sys.exit(f"{script}: no ML-1M file at {args.data} (pass --data)")
+    if args.only and not set(args.only) <= set(variants):
+        sys.exit(f"{script}: --only {' '.join(sorted(set(args.only) - set(variants)))}: not in this group "
+                 f"({', '.join(variants)})")
+    import torch
+
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    base = [sys.executable, "-m", "tuner", "train", "--data", args.data, "--device", args.device,
+            "--max-epochs", str(args.epochs), "--json", "--set", "train.patience=0", "--set", "eval.exclude_history=true"]
+    base += ["--config", args.config] if args.config else ["--size", "bert4rec"]
+    for pair in args.set:
+        base += ["--set", pair]
+    result = {"device": device, "torch": torch.__version__, "epochs": args.epochs,
+              "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]), "rows": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name, overrides in variants.items():
+        if args.only and name not in args.only:
+            continue
+        cmd = base + [x for pair in overrides for x in ("--set", pair)]
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        row = {"variant": name, "overrides": overrides, "rc": proc.returncode, "process_s": time.time() - t0}
+        if proc.returncode == 0:
+            final = json.loads(proc.stdout.strip().splitlines()[-1])
+            row |= {k: final.get(k) for k in KEYS}
+        else:
+            row["error"] = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
