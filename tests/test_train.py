@@ -101,6 +101,29 @@ def test_focal_loss_and_memory_release_train_end_to_end():
     assert result["epochs"] == 2 and result["test_hr_10"] > 0
 
 
+def test_refit_trains_on_the_validation_targets_for_exactly_max_epochs():
+    import numpy as np
+
+    cfg = load_config(overrides=FAST + ["train.max_epochs=4", "train.patience=1", "train.refit=true",
+                                        "optim.lr=1e-6"])  # too small to improve: patience would stop it
+    from tuner.data.dataset import load_dataset
+
+    full = load_dataset(cfg.data)
+    train, val, test = full.split(include_val=True)
+    held_out, _, _ = full.split()
+    users = val.users
+    # each evaluable user trains on one more item, its validation target, and never on the test item
+    assert np.array_equal(train.lengths[users], held_out.lengths[users] + 1)
+    assert np.array_equal(train.items[train.offsets[users + 1] - 1], val.targets)
+    assert np.array_equal(train.lengths[users] + 1, full.sequences.lengths[users])
+    recorder = Recorder()
+    result = train_worker(cfg, local_context(cfg.train), recorder)
+    assert [e for e, _, _ in recorder.epochs] == [1, 2, 3, 4]  # no early stop: nothing is validated
+    assert not any(k.startswith("val_") for _, m, _ in recorder.epochs for k in m)
+    assert not any(k.startswith("val_") for k in result)  # not held out any more: not reported
+    assert result["best_epoch"] == 4 and result["refit"] == 1.0 and result["test_ndcg_10"] > 0
+
+
 def test_time_budget_ends_training_in_time_and_still_tests_the_best_weights():
     import time
 

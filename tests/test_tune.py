@@ -90,6 +90,7 @@ def test_time_budget_ends_the_experiment_with_tested_trials(tmp_path):
     (["--size", "nope"], "model.size='nope' is not one of"),
     (["--search-space", "/nonexistent.yaml"], "not found"),
     (["--resume", "--experiment", "never-ran"], "nothing to resume"),
+    (["--set", "train.refit=true"], "train.refit trains on the validation targets"),
 ])
 def test_bad_tune_input_fails_fast(tmp_path, args, message):
     proc = run_tuner("tune", "--storage", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *args,

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--checkpoint-dir", help="write checkpoints here; resume if one exists")
+    p.add_argument("--refit", action="store_true", default=None,
+                   help="train on the validation targets too for exactly --max-epochs, test the final weights")
     p.add_argument("--workers", type=int, help="DDP workers through Ray Train (default: no Ray)")
     p.add_argument("--run-name", help="Ray Train run name (default: train-<size>); the same name resumes")
     p.add_argument("--storage", default="ray_results", help="Ray Train storage: a path every node sees")
@@ -135,6 +137,7 @@ def run_config(args: argparse.Namespace, defaults: Optional[dict[str, dict[str, 
     put("train", "batch_size", getattr(args, "batch_size", None))
     put("train", "device", getattr(args, "device", None))
     put("train", "checkpoint_dir", getattr(args, "checkpoint_dir", None))
+    put("train", "refit", getattr(args, "refit", None))
     put("resources", "workers", getattr(args, "workers", None))
     put("tune", "num_samples", getattr(args, "num_samples", None))
     put("tune", "search", getattr(args, "search", None))
@@ -182,13 +185,14 @@ TUNE_DEFAULTS = {"train": {"max_epochs": 12, "batch_size": 64}}
 
 
 def cmd_tune(args: argparse.Namespace) -> dict:
-    from tuner.tune.experiment import describe, local_resources, make_plan, plan_dict, run_experiment
+    from tuner.tune.experiment import check_tunable, describe, local_resources, make_plan, plan_dict, run_experiment
     from tuner.tune.search_space import default_space_path, read_space
 
     cfg = run_config(args, TUNE_DEFAULTS)
     if args.experiment is None and cfg.tracking.experiment == "bert4rec":
         cfg.tracking.experiment = f"bert4rec-{cfg.model.size}"
     space = read_space(args.search_space or default_space_path("ilora" if cfg.ilora.enabled else cfg.model.size))
+    check_tunable(cfg, space)
     if args.cluster:
         from tuner.config import Config
         from tuner.tune.placement import apply_placement, plan_json, plan_placements

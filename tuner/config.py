@@ -142,6 +142,10 @@ class TrainConfig:
     # epoch that fits rather than at max_epochs, so a trial cut by the budget still anneals
     anneal_to_deadline: bool = True
     init_from: Optional[str] = None  # start from these weights: a checkpoint or an MLflow model URI
+    # train on the validation targets too, for exactly max_epochs, and test the final weights: the
+    # last step for a tuned configuration (take max_epochs from its best epoch); nothing is
+    # validated, so no early stopping and no use in tuning
+    refit: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "train.max_epochs must be at least 1")

@@ -6,6 +6,8 @@ All users' histories live in two arrays, Arrow's list layout: `items` (int32, id
 Split (leave-one-out): the last item is the test target, the second-to-last the validation
 target, the rest is training. Validation reads the history before its target, test the history
 before its target (validation item included). Users with fewer than 3 items only train.
+`split(include_val=True)` trains on the validation targets too (everything but the test item),
+for a final model refitted at a fixed number of epochs (`train.refit`).
 """
 
 from __future__ import annotations
@@ -62,13 +64,14 @@ class Dataset:
     meta: dict = field(default_factory=dict)
     item_raw_ids: list | None = None  # raw id of internal item i at [i - 1]; None: the ids are the raw ids
 
-    def split(self) -> tuple[Sequences, EvalSplit, EvalSplit]:
-        """(train, validation, test) by leave-one-out."""
+    def split(self, include_val: bool = False) -> tuple[Sequences, EvalSplit, EvalSplit]:
+        """(train, validation, test) by leave-one-out; `include_val` trains on validation targets."""
         seq = self.sequences
         lengths = seq.lengths
         evaluable = lengths >= 3
-        # train: everything but the last two items of evaluable users; all of the others
-        train_len = np.where(evaluable, lengths - 2, lengths)
+        # train: everything but the last two (include_val: the last) items of evaluable users;
+        # all of the others
+        train_len = np.where(evaluable, lengths - (1 if include_val else 2), lengths)
         train_offsets = np.zeros(seq.num_users + 1, dtype=np.int64)
         np.cumsum(train_len, out=train_offsets[1:])
         index = np.repeat(seq.offsets[:-1] - train_offsets[:-1], train_len) + np.arange(train_offsets[-1])

@@ -5,7 +5,8 @@
 through the reporter. One epoch: masked batches -> AMP step (unscale before clipping) ->
 all-reduced validation -> early-stopping decision shared by all ranks -> atomic checkpoint on
 rank 0 -> `reporter.log`. At the end the best weights are evaluated on the test split next to
-the popularity baseline.
+the popularity baseline. With `train.refit` the validation targets are training data: no
+validation, no early stopping, and the final weights are tested.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     torch.manual_seed(cfg.train.seed)
     device = ctx.device
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
-    train, val, test = dataset.split()
+    refit = cfg.train.refit
+    train, val, test = dataset.split(include_val=refit)
     if len(val.targets) == 0:
         raise UserError(f"dataset {dataset.name}: no user has the 3 interactions a leave-one-out split needs")
     model = build_model(cfg, dataset.num_items, pretrained=not has_checkpoint(ctx.resume_dir)).to(device)
@@ -166,10 +168,13 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                    "lr": scheduler.get_last_lr()[0]}
         samples_per_s.append(metrics["samples_per_s"])
         t_eval = time.perf_counter()
-        metrics |= run_eval(val, val_rows, "val_", sampled=False)
+        if not refit:
+            metrics |= run_eval(val, val_rows, "val_", sampled=False)
         metrics["eval_s"] = time.perf_counter() - t_eval
         metrics["peak_mem_mb"] = ctx.sum({"m": _peak_mem_mb(device, rss_base)})["m"] / ctx.world_size
-        if metrics["val_ndcg_10"] > progress.best_metric:
+        if refit:  # the final weights are the model: nothing to select by
+            progress.best_epoch = progress.epoch
+        elif metrics["val_ndcg_10"] > progress.best_metric:
             progress.best_metric, progress.best_epoch, progress.bad_epochs = metrics["val_ndcg_10"], progress.epoch, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
@@ -183,7 +188,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             if cfg.train.anneal_to_deadline and not out_of_time and agreed["fit"] >= 0:  # mean over ranks
                 shorten_schedule(scheduler, (progress.epoch + int(agreed["fit"] / ctx.world_size)) * steps_per_epoch)
         # every rank computed the same all-reduced metrics, so every rank takes the same decision
-        stop = ((cfg.train.patience and progress.bad_epochs >= cfg.train.patience)
+        stop = ((cfg.train.patience and not refit and progress.bad_epochs >= cfg.train.patience)
                 or progress.epoch >= cfg.train.max_epochs or out_of_time
                 or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
         due = stop or progress.epoch % cfg.train.checkpoint_every == 0
@@ -197,7 +202,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "config": cfg.to_dict(), "num_items": dataset.num_items,
             })
-        metrics["best_val_ndcg_10"] = progress.best_metric
+        if not refit:
+            metrics["best_val_ndcg_10"] = progress.best_metric
         if cfg.train.release_memory:  # the seed's between-epoch clean-up, behind a flag
             import gc
 
@@ -206,11 +212,12 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 torch.cuda.empty_cache()
         reporter.log(progress.epoch, metrics, checkpoint_dir if ctx.is_main else None)
 
-    if best_state is not None:
+    if best_state is not None and not refit:
         model.load_state_dict(best_state)
     all_rows = np.arange(len(test.targets))
     final = run_eval(test, all_rows, "test_", sampled=True)
-    final |= run_eval(val, all_rows, "val_", sampled=False)
+    if not refit:  # refitted on the validation targets: their metrics would not be held out
+        final |= run_eval(val, all_rows, "val_", sampled=False)
     pop = finalize(metric_sums(popularity_ranks(test, popularity, dataset.num_items)), "popularity_")
     trainable, total = count_parameters(model)
     final |= pop | {
@@ -218,7 +225,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         "samples_per_s": float(np.median(samples_per_s)) if samples_per_s else 0.0,
         "peak_mem_mb": _peak_mem_mb(device, rss_base), "trainable_params": trainable,
         "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
-        "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time),
+        "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time), "refit": float(refit),
     }
     reporter.final(final)
     return final

@@ -57,6 +57,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
+def check_tunable(cfg: Config, space: dict[str, Any]) -> None:
+    """Refuse settings that tuning cannot select by."""
+    if cfg.train.refit or "train.refit" in space:
+        raise UserError("train.refit trains on the validation targets, which tuning selects by; refit the "
+                        "winner afterwards with `tuner train --refit --max-epochs <its best epoch>`")
+
+
 def make_plan(cfg: Config, space: dict[str, Any], storage: str, cluster: dict[str, float],
               dataset: str) -> Plan:
     r = cfg.resources
@@ -182,6 +189,7 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
     from tuner.train.driver import absolute_paths, init_ray
     from tuner.tune.cleanup import PlacementGroupReaper
 
+    check_tunable(cfg, space)
     if "://" in storage:
         raise UserError(f"--storage {storage}: only filesystem paths are supported so far "
                         f"(use a mount every node sees, e.g. NFS or EFS)")
