@@ -30,7 +30,7 @@ from seed_reference import bench_seed  # noqa: E402
 
 from tuner.bench import BenchSpec, matmul_tflops, random_sequences, run_bench  # noqa: E402
 from tuner.data.collate import IGNORE, train_batches  # noqa: E402
-from tuner.data.dataset import EvalSplit, Sequences  # noqa: E402
+from tuner.data.dataset import EvalSplit  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 NUM_ITEMS = 159_750

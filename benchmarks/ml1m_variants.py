@@ -4,7 +4,9 @@
   multiplier, memory release between epochs (`benchmarks/seed_options.py` runs this group);
 - `losses` (issue 6): full cross-entropy against cut cross-entropy (exact: should match within
   noise), the sampled losses (CE-, CCE-: the gap is the figure), and a second seed of the plain
-  run to show the noise.
+  run to show the noise;
+- `refit` (issue 8): the same epochs with the validation items held out (best epoch by
+  validation) against `train.refit` (trained on them, final weights tested).
 
 Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
 the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
@@ -48,6 +50,10 @@ GROUPS = {
         "sampled_ce_popularity_256": ["train.loss=sampled_ce", "train.num_negatives=256",
                                       "train.negative_sampling=popularity"],
         "cce_sampled_256": ["train.loss=cce_sampled", "train.num_negatives=256"],
+    },
+    "refit": {  # the final model: the best-by-validation weights against a refit on the validation items
+        "held_out_validation": [],
+        "refit": ["train.refit=true"],
     },
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")

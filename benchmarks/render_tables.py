@@ -102,8 +102,9 @@ def epoch_cycle_table(name: str = "epoch_ml1m.json") -> str:
     return "\n".join(lines)
 
 
-def seed_options_table() -> str:
-    data = json.loads((RESULTS / "seed_options.json").read_text())
+def variants_table(name: str = "seed_options.json") -> str:
+    """A `benchmarks/ml1m_variants.py` results file (seed options, losses, refit)."""
+    data = json.loads((RESULTS / name).read_text())
     lines = [f"Device: {data['device']} (torch {data['torch']}); `{data['command']}`; one run per variant.", "",
              "| variant | test NDCG@10 | test HR@10 | best epoch | samples/s | wall s | peak MB |",
              "|---|---|---|---|---|---|---|"]
@@ -116,7 +117,9 @@ def seed_options_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"--seed-options": seed_options_table, "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
+TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
+          "--refit": lambda: variants_table("ml1m_refit.json"),
+          "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--gpu": gpu_table, "--large-catalog": large_catalog_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
 

@@ -1,6 +1,5 @@
 """Search spaces: every shipped file loads; malformed ones are rejected with the key named."""
 
-from pathlib import Path
 
 import pytest
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,35 @@ def test_tune_records_every_trial_and_registers_the_best(tmp_path):
     again = run_tuner("tune", "--num-samples", "1", "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
                       "--experiment", "E", *SMALL)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_refit_registers_the_winner_retrained_on_its_validation_targets(tmp_path):
+    import mlflow
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = last_json(run_tuner(
+        "tune", "--num-samples", "2", "--max-epochs", "3", "--scheduler", "none", "--refit", "--tracking-uri", uri,
+        "--storage", str(tmp_path / "ray"), "--experiment", "F", "--json", *SMALL))
+    best = next(t for t in summary["trials"] if t["trial_id"] == summary["best_trial_id"])
+    refit = summary["refit"]
+    assert 1 <= refit["epochs"] <= best["epochs"] and refit["test_ndcg_10"] > 0
+    client, parents, children = mlflow_runs(uri, "F")
+    assert len(children) == 2  # the refit is not a trial
+    exp = client.get_experiment_by_name("F")
+    [run] = client.search_runs([exp.experiment_id], "tags.`tuner.role` = 'refit'")
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps == list(range(1, refit["epochs"] + 1))  # every refit epoch once
+    assert not any(k.startswith("val_") for k in run.data.metrics)  # nothing held out to validate on
+    parent = client.get_run(parents[0].info.run_id).data.metrics
+    assert parent["refit_test_ndcg_10"] == pytest.approx(refit["test_ndcg_10"])
+    # the registered model is the refitted one: its weights were trained with train.refit
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/bert4rec-tiny/1", dst_path=str(tmp_path / "m")))
+    [state_file] = local.rglob("model.pt")
+    config = torch.load(state_file, weights_only=False)["config"]
+    assert config["train"]["refit"] is True and config["train"]["max_epochs"] == refit["epochs"]
 
 
 def test_dry_run_prints_the_plan_without_ray(tmp_path):

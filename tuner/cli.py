@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     p.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
     p.add_argument("--cluster", help="Ray cluster-launcher YAML: place trials by cluster/placement.yaml")
+    p.add_argument("--refit", dest="tune_refit", action="store_true", default=None,
+                   help="retrain the winner on the validation targets too for its best epoch count; register that")
 
     p = sub.add_parser("bench", help="time training steps on random ids")
     p.add_argument("--size", default="tiny")
@@ -138,6 +140,7 @@ def run_config(args: argparse.Namespace, defaults: Optional[dict[str, dict[str, 
     put("train", "device", getattr(args, "device", None))
     put("train", "checkpoint_dir", getattr(args, "checkpoint_dir", None))
     put("train", "refit", getattr(args, "refit", None))
+    put("tune", "refit", getattr(args, "tune_refit", None))
     put("resources", "workers", getattr(args, "workers", None))
     put("tune", "num_samples", getattr(args, "num_samples", None))
     put("tune", "search", getattr(args, "search", None))

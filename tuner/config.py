@@ -238,6 +238,9 @@ class TuneConfig:
     # in its last `final_fraction`
     time_budget_s: float = 0.0
     final_fraction: float = 0.15
+    # after the search, retrain the winner on the validation targets too (train.refit) for its
+    # best epoch count, test it, and register that model; runs after the time budget
+    refit: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples must be at least 1")

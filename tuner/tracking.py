@@ -108,7 +108,8 @@ class MlflowReporter:
     """
 
     def __init__(self, uri: str, exp_id: str, parent_id: str, trial_id: str, trial_name: str,
-                 params: dict[str, Any], config_text: str, tags: Optional[dict[str, str]] = None):
+                 params: dict[str, Any], config_text: str, tags: Optional[dict[str, str]] = None,
+                 role: str = "trial"):
         from mlflow.entities import Param
 
         self.client = client(uri)
@@ -116,7 +117,7 @@ class MlflowReporter:
         run = _find_run(self.client, exp_id, TRIAL_TAG, trial_id)
         if run is None:
             run = self.client.create_run(exp_id, run_name=trial_name, tags={
-                TRIAL_TAG: trial_id, ROLE_TAG: "trial", "mlflow.parentRunId": parent_id})
+                TRIAL_TAG: trial_id, ROLE_TAG: role, "mlflow.parentRunId": parent_id})
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
             self.client.log_text(run.info.run_id, config_text, "config.yaml")
         elif run.info.status != "RUNNING":
@@ -125,7 +126,8 @@ class MlflowReporter:
         for key, value in (tags or {}).items():  # where this attempt runs (a retry may move)
             self.client.set_tag(self.run_id, key, value)
         # a retried or resumed trial may redo an epoch logged just before the crash: log it once
-        history = self.client.get_metric_history(self.run_id, "val_ndcg_10")
+        # (train_loss: every epoch has it, a refit without validation too)
+        history = self.client.get_metric_history(self.run_id, "train_loss")
         self.logged_up_to = max((m.step for m in history), default=0)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:

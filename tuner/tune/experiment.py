@@ -285,10 +285,17 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     best = max(candidates, key=lambda t: t["val_ndcg_10"])
     best_metrics = {k: v for k, v in best["result"].metrics.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    checkpoint = _last_checkpoint(best["result"], Path(plan.storage_path) / cfg.tracking.experiment / "train",
-                                  best["trial_id"])
+    train_root = Path(plan.storage_path) / cfg.tracking.experiment / "train"
+    checkpoint = _last_checkpoint(best["result"], train_root, best["trial_id"])
     if checkpoint is None:
         raise UserError(f"best trial {best['trial_id']} left no checkpoint; nothing to register")
+    logged = {k: v for k, v in best_metrics.items() if k.startswith(("test_", "val_", "popularity_"))}
+    refit = None
+    if cfg.tune.refit:
+        epochs = int(best_metrics.get("best_epoch") or best["epochs"] or cfg.train.max_epochs)
+        checkpoint, refit = _refit(cfg, best["params"], epochs, train_root, {"uri": uri, "exp_id": exp_id,
+                                                                            "parent_id": parent_id})
+        logged |= {f"refit_{k}": v for k, v in refit.items() if k.startswith("test_")}
     import tempfile
 
     from tuner.serving import write_item_map
@@ -296,9 +303,8 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     registered = f"bert4rec-{cfg.model.size}" if cfg.tracking.register_model else None
     with tempfile.TemporaryDirectory() as tmp:
         items = write_item_map(dataset, Path(tmp) / "items.parquet")
-        model_uri = tracking.log_best_model(uri, parent_id, checkpoint, str(items), {
-            k: v for k, v in best_metrics.items() if k.startswith(("test_", "val_", "popularity_"))},
-            best["params"], registered)
+        model_uri = tracking.log_best_model(uri, parent_id, checkpoint, str(items), logged, best["params"],
+                                            registered)
     tracking.client(uri).set_terminated(parent_id, "FINISHED")
     counts = {s: sum(1 for t in trials if t["status"] == s)
               for s in ("completed", "stopped_early", "error", "not_started")}
@@ -307,12 +313,43 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         "best_trial_id": best["trial_id"], "best_config": best["params"],
         "best_val_ndcg_10": best["val_ndcg_10"],
         **{k: best_metrics[k] for k in ("test_hr_10", "test_ndcg_10", "popularity_hr_10") if k in best_metrics},
+        **({"refit": {k: refit[k] for k in ("test_hr_10", "test_ndcg_10", "epochs", "wall_s") if k in refit}}
+           if refit else {}),
         "model_uri": model_uri, "registered_model": f"bert4rec-{cfg.model.size}" if model_uri and
         cfg.tracking.register_model else None,
         "tracking_uri": uri, "mlflow_ui": f"mlflow ui --backend-store-uri {uri}",
         "storage_path": str(Path(plan.storage_path) / cfg.tracking.experiment),
         "trials": [{k: v for k, v in t.items() if k != "result"} for t in trials],
     }
+
+
+REFIT_RUN = "refit"  # the Train run (and MLflow child run) that refits the winner
+
+
+def _refit(cfg: Config, params: dict[str, Any], epochs: int, train_root: Path,
+           mlflow_info: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """Retrain the winning configuration on the validation targets too for `epochs` epochs
+    (`train.refit`) through Ray Train, as its own MLflow child run; (checkpoint, final metrics)."""
+    import yaml
+
+    from tuner.train.driver import build_trainer, read_final
+
+    refit_cfg = trial_config(cfg.to_dict(), {**params, "train.refit": True, "train.max_epochs": epochs,
+                                             "train.time_budget_s": 0.0})
+    final_dir = train_root / REFIT_RUN / "final"
+    extra = {"final_dir": str(final_dir), "mlflow": {
+        **mlflow_info, "trial_id": REFIT_RUN, "trial_name": REFIT_RUN, "role": REFIT_RUN, "params": refit_cfg.flat(),
+        "config_text": yaml.safe_dump(refit_cfg.to_dict(), sort_keys=False)}}
+    build_trainer(refit_cfg, name=REFIT_RUN, storage_path=str(train_root), loop_extra=extra).fit()
+    final = read_final(final_dir)
+    found = sorted(p for p in (train_root / REFIT_RUN).glob("checkpoint_*") if (p / "state.pt").is_file())
+    if final is None or not found:
+        raise UserError(f"the refit of the best configuration left no result in {train_root / REFIT_RUN}")
+    from tuner import tracking
+
+    tracking.finish_trial_runs(mlflow_info["uri"], mlflow_info["exp_id"], mlflow_info["parent_id"],
+                               {REFIT_RUN: "completed"})
+    return str(found[-1]), final
 
 
 def _last_checkpoint(result, train_root: Path, trial_id: Optional[str]) -> Optional[str]:
