@@ -54,6 +54,8 @@ GROUPS = {
     "refit": {  # the final model: the best-by-validation weights against a refit on the validation items
         "held_out_validation": [],
         "refit": ["train.refit=true"],
+        "held_out_validation_seed1": ["train.seed=1"],
+        "refit_seed1": ["train.refit=true", "train.seed=1"],
     },
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")
