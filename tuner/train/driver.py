@@ -256,7 +256,7 @@ def fit(cfg: Config, quiet: bool = False, storage: Optional[str] = None,
         except Exception as exc:  # Ray wraps worker errors; surface ours as one line
             from tuner.train.loop import INCOMPATIBLE
 
-            error = _unwrap(exc)
+            error = user_error_in(exc)
             if isinstance(error, UserError) and INCOMPATIBLE in str(error):
                 error = UserError(f"Ray Train run {Path(storage_path) / name} holds a checkpoint of "
                                   f"{INCOMPATIBLE}; pass --run-name NEW or remove that directory")
@@ -270,7 +270,7 @@ def fit(cfg: Config, quiet: bool = False, storage: Optional[str] = None,
             ray.shutdown()
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def user_error_in(exc: BaseException) -> BaseException:
     """Find a UserError raised inside a worker in Ray's wrapped exception chain."""
     seen = exc
     while seen is not None:

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,9 +294,19 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     refit = None
     if cfg.tune.refit:
         epochs = int(best_metrics.get("best_epoch") or best["epochs"] or cfg.train.max_epochs)
-        checkpoint, refit = _refit(cfg, best["params"], epochs, train_root, {"uri": uri, "exp_id": exp_id,
-                                                                            "parent_id": parent_id})
-        logged |= {f"refit_{k}": v for k, v in refit.items() if k.startswith("test_")}
+        try:
+            refit_checkpoint, refit = _refit(cfg, best["params"], epochs, train_root,
+                                             {"uri": uri, "exp_id": exp_id, "parent_id": parent_id})
+        except Exception as exc:  # the search's results stand: register the trial's weights instead
+            from tuner.train.driver import user_error_in
+
+            line = (str(user_error_in(exc)).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+            print(f"tuner: warning: the refit failed ({line}); registering the best trial's weights",
+                  file=sys.stderr)
+            refit = {"error": line}
+        else:
+            checkpoint = refit_checkpoint
+            logged |= {f"refit_{k}": v for k, v in refit.items() if k.startswith("test_")}
     import tempfile
 
     from tuner.serving import write_item_map
@@ -313,7 +324,7 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         "best_trial_id": best["trial_id"], "best_config": best["params"],
         "best_val_ndcg_10": best["val_ndcg_10"],
         **{k: best_metrics[k] for k in ("test_hr_10", "test_ndcg_10", "popularity_hr_10") if k in best_metrics},
-        **({"refit": {k: refit[k] for k in ("test_hr_10", "test_ndcg_10", "epochs", "wall_s") if k in refit}}
+        **({"refit": {k: refit[k] for k in ("test_hr_10", "test_ndcg_10", "epochs", "wall_s", "error") if k in refit}}
            if refit else {}),
         "model_uri": model_uri, "registered_model": f"bert4rec-{cfg.model.size}" if model_uri and
         cfg.tracking.register_model else None,
