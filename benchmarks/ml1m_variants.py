@@ -6,7 +6,9 @@
   noise), the sampled losses (CE-, CCE-: the gap is the figure), and a second seed of the plain
   run to show the noise;
 - `refit` (issue 8): the same epochs with the validation items held out (best epoch by
-  validation) against `train.refit` (trained on them, final weights tested).
+  validation) against `train.refit` (trained on them, final weights tested);
+- `model` (issue 8): the share of last-item-only samples and the depth, which the ML-1M search
+  space does not cover.
 
 Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
 the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
@@ -56,6 +58,12 @@ GROUPS = {
         "refit": ["train.refit=true"],
         "held_out_validation_seed1": ["train.seed=1"],
         "refit_seed1": ["train.refit=true", "train.seed=1"],
+    },
+    "model": {  # what the ML-1M search does not cover yet: last-item-only samples, depth
+        "plain": [],
+        "last_item_0": ["train.last_item_prob=0.0"],
+        "last_item_0.3": ["train.last_item_prob=0.3"],
+        "layers_3": ["model.layers=3"],
     },
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")
