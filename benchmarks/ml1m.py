@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
     uri = f"sqlite:///{out / 'mlflow.db'}"
     experiment = f"ml1m-{args.name}"
     cmd = [sys.executable, "-m", "tuner", "tune", "--data", str(args.data), "--config", "benchmarks/ml1m.yaml",
-           "--search-space", "search_spaces/ml1m.yaml", "--search", args.search, "--scheduler", args.scheduler,
+           "--search-space", args.search_space, "--search", args.search, "--scheduler", args.scheduler,
            "--time-budget", str(args.budget), "--experiment", experiment, "--tracking-uri", uri,
            "--storage", str(Path(args.storage or f"/tmp/ray-{args.name}").resolve()), "--json"]
     for pair in args.set:
@@ -81,7 +81,8 @@ def trial_histories(uri: str, experiment: str) -> list[dict]:
         trials.append({"trial_id": r.data.tags.get("tuner.trial_id"), "outcome": r.data.tags.get("tuner.outcome"),
                        "start": r.info.start_time / 1000, "end": (r.info.end_time or 0) / 1000,
                        "params": {k: r.data.params[k] for k in ("optim.lr", "model.dropout", "optim.weight_decay",
-                                                                "train.mask_prob") if k in r.data.params},
+                                                                "train.mask_prob", "train.last_item_prob",
+                                                                "model.layers") if k in r.data.params},
                        "epochs": [[m.step, m.value, m.timestamp / 1000] for m in history]})
     return trials
 
@@ -217,6 +218,7 @@ def main() -> None:
     p.add_argument("--search", default="optuna", choices=("optuna", "random"))
     p.add_argument("--scheduler", default="asha", choices=("asha", "none"))
     p.add_argument("--storage")
+    p.add_argument("--search-space", default="search_spaces/ml1m.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to tuner tune")
     p = sub.add_parser("render")
     p.add_argument("runs", nargs="+", help="output folders of `run` or their run.json files (e.g. "
