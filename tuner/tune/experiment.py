@@ -353,23 +353,28 @@ def _refit(cfg: Config, params: dict[str, Any], epochs: int, train_root: Path,
         "config_text": yaml.safe_dump(refit_cfg.to_dict(), sort_keys=False)}}
     build_trainer(refit_cfg, name=REFIT_RUN, storage_path=str(train_root), loop_extra=extra).fit()
     final = read_final(final_dir)
-    found = sorted(p for p in (train_root / REFIT_RUN).glob("checkpoint_*") if (p / "state.pt").is_file())
-    if final is None or not found:
+    checkpoint = _newest_checkpoint(train_root / REFIT_RUN)
+    if final is None or checkpoint is None:
         raise UserError(f"the refit of the best configuration left no result in {train_root / REFIT_RUN}")
     from tuner import tracking
 
     tracking.finish_trial_runs(mlflow_info["uri"], mlflow_info["exp_id"], mlflow_info["parent_id"],
                                {REFIT_RUN: "completed"})
-    return str(found[-1]), final
+    return checkpoint, final
+
+
+def _newest_checkpoint(run_dir: Path) -> Optional[str]:
+    """A Ray Train run directory's newest complete checkpoint (names sort by time), if any."""
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file())
+    return str(found[-1]) if found else None
 
 
 def _last_checkpoint(result, train_root: Path, trial_id: Optional[str]) -> Optional[str]:
     """The trial's newest Train checkpoint: from its Train run directory (names sort by time),
     else from the `checkpoint_path` that TuneReportCallback adds to results."""
-    run_dir = train_root / f"trial-{trial_id}"
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file()) if trial_id else []
+    found = _newest_checkpoint(train_root / f"trial-{trial_id}") if trial_id else None
     if found:
-        return str(found[-1])
+        return found
     frame = result.metrics_dataframe
     if frame is None or "checkpoint_path" not in frame:
         return None
