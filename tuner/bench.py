@@ -22,7 +22,7 @@ from tuner.config import load_config
 from tuner.data.collate import train_batches
 from tuner.data.dataset import Sequences
 from tuner.errors import UserError
-from tuner.losses import MaskedItemObjective
+from tuner.losses import MaskedItemObjective, loss_config
 from tuner.model.bert4rec import Bert4RecConfig, count_parameters
 from tuner.model.build import build_model
 from tuner.train.optim import build_optimizer
@@ -106,7 +106,7 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg, spec.num_items, pretrained=False).to(device)
     mcfg = model.cfg
-    objective = MaskedItemObjective(model, spec.loss).to(device)
+    objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
     dtype = None
     if spec.amp:

@@ -130,7 +130,9 @@ class TrainConfig:
     loss: str = "ce"  # ce | focal | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)
     focal_gamma: float = 2.0  # focal loss exponent
     release_memory: bool = False  # gc.collect() and empty the CUDA cache after every epoch
-    loss_chunk: int = 8192  # catalog items per logit block for cce / cce_sampled
+    loss_chunk: int = 8192  # catalog items per logit block for cce / cce_sampled (the CUDA kernel
+    # widens it while the block stays under 1 GiB, so few rows take few, large launches)
+    loss_kernel: str = "auto"  # cce / cce_sampled: auto = Triton kernels on CUDA; torch = chunked PyTorch
     num_negatives: int = 1024  # sampled_ce / cce_sampled
     negative_sampling: str = "uniform"  # uniform | popularity (training counts, log-Q corrected)
     shared_negatives: bool = True  # sampled_ce: one negative set per batch, else per position
@@ -161,6 +163,7 @@ class TrainConfig:
         _check_choice("train.loss", self.loss, ("ce", "focal", "cce", "sampled_ce", "cce_sampled"))
         _check(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
         _check(self.loss_chunk >= 1, "train.loss_chunk must be at least 1")
+        _check_choice("train.loss_kernel", self.loss_kernel, ("auto", "torch"))
         _check(self.num_negatives >= 1, "train.num_negatives must be at least 1")
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
         _check(self.time_budget_s >= 0, "train.time_budget_s must be >= 0")

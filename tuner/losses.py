@@ -7,9 +7,13 @@ returns the loss: it encodes the batch, picks the hidden states of the masked po
 - `ce`: full softmax cross-entropy over the catalog (the reference). Materialises an
   [N, V] logit matrix: 102 GB in bf16 at 1M items and 51,200 positions.
 - `focal`: the seed project's focal loss, (1 - p)^gamma x CE, on the masked positions only.
-- `cce`: cut cross-entropy (Wijmans et al. 2024) as a chunked PyTorch function: the
+- `cce`: cut cross-entropy (Wijmans et al. 2024). On CUDA in bf16/fp16 (autocast), the Triton
+  kernels of `tuner.cce_kernel`: the log-sum-exp is folded tile by tile in registers and the
+  backward recomputes one [N, loss_chunk] block of logit gradients at a time. Elsewhere (CPU,
+  fp32, or `kernel="torch"`) a chunked PyTorch function with the same memory bound: the
   log-sum-exp over the catalog is computed chunk by chunk and its backward recomputes each
-  chunk's logits, so no more than one [N, loss_chunk] block of logits ever exists. Exact.
+  chunk's logits, so no more than one [N, loss_chunk] block of logits ever exists. Exact; it is
+  the reference the kernels are tested against.
 - `sampled_ce` (CE-): sampled softmax with log-Q correction over `num_negatives` negatives drawn
   uniformly or by training popularity, shared across the batch or drawn per position;
   negatives that equal the target are masked out.
@@ -23,6 +27,7 @@ Losses take hidden rows [N, H], the output embedding (weight [V, H], bias [V]) a
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuner import cce_kernel
 from tuner.data.collate import IGNORE
 from tuner.model.bert4rec import Bert4Rec
 
@@ -44,6 +50,14 @@ class LossConfig:
     sampling: str = "uniform"  # uniform | popularity
     shared_negatives: bool = True  # one set of negatives for the whole batch (sampled_ce)
     focal_gamma: float = 2.0  # focal
+    kernel: str = "auto"  # cce, cce_sampled: auto = Triton kernels on CUDA in bf16/fp16; torch = chunked PyTorch
+
+
+def loss_config(train, name: Optional[str] = None) -> LossConfig:
+    """The LossConfig a `TrainConfig` describes (its `loss`, unless `name` is given)."""
+    return LossConfig(name=name or train.loss, chunk=train.loss_chunk, num_negatives=train.num_negatives,
+                      sampling=train.negative_sampling, shared_negatives=train.shared_negatives,
+                      focal_gamma=train.focal_gamma, kernel=train.loss_kernel)
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
@@ -121,6 +135,32 @@ def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return ChunkedLogSumExp.apply(hidden, weight, bias, chunk)
 
 
+def _kernel_dtype(hidden: torch.Tensor, cfg: LossConfig) -> Optional[torch.dtype]:
+    """The dtype the Triton kernels compute in, or None for the chunked PyTorch path.
+
+    Under autocast the kernels take its dtype (as a matmul would); without it, half-precision
+    inputs as they are; fp32 without autocast stays on the exact PyTorch path. CPU tensors reach
+    the kernels only under Triton's interpreter (the tests).
+    """
+    on_device = hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if cfg.kernel == "torch" or not on_device or not cce_kernel.available():
+        return None
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _cut_rows(hidden, weight, bias, index, cfg: LossConfig, with_target: bool) -> torch.Tensor:
+    """Per row: lse - target logit (0 where index < 0) if with_target, else the lse alone."""
+    dtype = _kernel_dtype(hidden, cfg)
+    if dtype is not None:
+        return cce_kernel.cut_ce_rows(hidden.to(dtype), weight.to(dtype), bias.to(dtype), index, cfg.chunk,
+                                      with_target)[0]
+    if with_target:
+        return ChunkedCrossEntropy.apply(hidden, weight, bias, index, cfg.chunk)
+    return ChunkedLogSumExp.apply(hidden, weight, bias, cfg.chunk)
+
+
 def _target_logits(hidden, weight, bias, labels):
     index = (labels.clamp(min=1) - 1)
     acc = torch.promote_types(hidden.dtype, torch.float32)
@@ -139,7 +179,7 @@ def full_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> to
 
 def cut_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> torch.Tensor:
     valid = labels != IGNORE
-    rows = ChunkedCrossEntropy.apply(hidden, weight, bias, torch.where(valid, labels - 1, -1), cfg.chunk)
+    rows = _cut_rows(hidden, weight, bias, torch.where(valid, labels - 1, -1), cfg, with_target=True)
     return rows.sum() / valid.sum().clamp(min=1)
 
 
@@ -185,7 +225,7 @@ def cut_sampled_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None
     target = target - _logq(cfg, target_index, num_items, item_logq)
     negatives = _draw_negatives(cfg, (cfg.num_negatives,), num_items, item_logq, hidden.device)
     neg_bias = bias[negatives].to(target.dtype) - _logq(cfg, negatives, num_items, item_logq)
-    lse_neg = chunked_logsumexp(hidden, weight[negatives], neg_bias.to(bias.dtype), cfg.chunk)
+    lse_neg = _cut_rows(hidden, weight[negatives], neg_bias.to(bias.dtype), target_index, cfg, with_target=False)
     lse = torch.logaddexp(target, lse_neg)
     return _masked_mean(lse - target, valid)
 

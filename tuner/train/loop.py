@@ -24,7 +24,7 @@ from tuner.config import Config
 from tuner.data.collate import num_train_batches, train_batches
 from tuner.data.dataset import Dataset, EvalSplit, load_dataset
 from tuner.errors import UserError
-from tuner.losses import LossConfig, MaskedItemObjective
+from tuner.losses import MaskedItemObjective, loss_config
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
 from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
@@ -80,9 +80,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     if len(val.targets) == 0:
         raise UserError(f"dataset {dataset.name}: no user has the 3 interactions a leave-one-out split needs")
     model = build_model(cfg, dataset.num_items, pretrained=not has_checkpoint(ctx.resume_dir)).to(device)
-    loss_cfg = LossConfig(name=cfg.train.loss, chunk=cfg.train.loss_chunk, num_negatives=cfg.train.num_negatives,
-                          sampling=cfg.train.negative_sampling, shared_negatives=cfg.train.shared_negatives,
-                          focal_gamma=cfg.train.focal_gamma)
+    loss_cfg = loss_config(cfg.train)
     popularity = popularity_counts(train, dataset.num_items)  # popularity negatives, sampled metrics, baseline
     item_counts = torch.from_numpy(popularity[1:dataset.num_items + 1])
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
