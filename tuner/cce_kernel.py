@@ -43,23 +43,27 @@ def available() -> bool:
     return triton is not None
 
 
-def _block_k(hidden_size: int) -> int:
-    """Reduction tile: the whole hidden size up to 256 (loaded once per row block), else 128."""
-    return max(16, triton.next_power_of_2(hidden_size)) if hidden_size <= 256 else 128
-
-
 if triton is not None:
 
-    def _configs(pairs):
+    def _configs(tiles):
+        """(BLOCK_N, BLOCK_V, BLOCK_K, warps, stages) tuples; BLOCK_K >= H preloads the row block once."""
         if os.environ.get("TRITON_INTERPRET") == "1":  # no benchmarking without a GPU; small tiles test the loops
-            pairs = [(32, 32, 4, 2)]
-        return [triton.Config({"BLOCK_N": n, "BLOCK_V": v}, num_warps=w, num_stages=s) for n, v, w, s in pairs]
+            tiles = [(32, 32, 32, 4, 2)]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for n, v, k, w, s in tiles]
 
-    # (BLOCK_N, BLOCK_V, warps, stages); autotuned per hidden size and dtype on first use
-    _LSE_CONFIGS = _configs([(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3),
-                             (128, 256, 8, 3), (256, 128, 8, 3), (64, 256, 8, 3), (64, 64, 4, 2)])
-    _DLOGITS_CONFIGS = _configs([(128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 256, 8, 3),
-                                 (256, 128, 8, 3), (128, 64, 4, 3), (64, 256, 8, 3), (64, 64, 4, 2)])
+    def _prune(configs, named_args, **kwargs):
+        """Drop reduction tiles wider than the hidden size needs."""
+        limit = max(16, triton.next_power_of_2(kwargs["H"]))
+        return [c for c in configs if c.kwargs["BLOCK_K"] <= limit] or configs[:1]
+
+    # autotuned per hidden size and dtype on first use: K-loop tiles (BLOCK_K 64/128, operands
+    # streamed through shared memory) against preloading the whole row block (BLOCK_K 256)
+    _TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+              (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 256, 4, 2), (128, 64, 256, 4, 3),
+              (64, 128, 256, 4, 3), (64, 64, 64, 4, 2), (128, 128, 32, 4, 4)]
+    _LSE_CONFIGS = _configs(_TILES)
+    _DLOGITS_CONFIGS = _configs(_TILES)
 
     @triton.jit
     def _tile_logits(x, X, W, rows, cols, row_ok, col_ok, stride_x, stride_w,
@@ -86,10 +90,10 @@ if triton is not None:
         return tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :],
                        other=0.0)
 
-    @triton.autotune(configs=_LSE_CONFIGS, key=["H", "BLOCK_K"])
+    @triton.autotune(configs=_LSE_CONFIGS, key=["H"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _lse_kernel(X, W, B, PART, N, V, stride_x, stride_w,
-                    H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                    H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """PART[pid_v, rows] = logsumexp of the rows' logits over this program's range of catalog tiles."""
         pid_n = tl.program_id(0)
         pid_v = tl.program_id(1)
@@ -114,10 +118,11 @@ if triton is not None:
             m = m_new
         tl.store(PART + pid_v * N + rows, m + tl.log(s), mask=row_ok)
 
-    @triton.autotune(configs=_DLOGITS_CONFIGS, key=["H", "BLOCK_K"], reset_to_zero=["DB"])
+    @triton.autotune(configs=_DLOGITS_CONFIGS, key=["H"], reset_to_zero=["DB"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _dlogits_kernel(X, W, B, LSE, GS, GT, T, DS, DB, N, V, v0, vc, stride_x, stride_w, stride_ds,
-                        H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                        H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """DS[rows, local] = GS * softmax - GT * one_hot(T) for catalog items v0 + local; DB[local] += column sums."""
         pid_n = tl.program_id(0)
         pid_v = tl.program_id(1)
@@ -170,7 +175,7 @@ def logsumexp_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     splits = max(1, min(triton.cdiv(v, 256), triton.cdiv(_num_programs_wanted(hidden.device), triton.cdiv(n, 128))))
     part = torch.empty(splits, n, device=hidden.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    _lse_kernel[grid](hidden, weight, bias, part, n, v, hidden.stride(0), weight.stride(0), H=h, BLOCK_K=_block_k(h))
+    _lse_kernel[grid](hidden, weight, bias, part, n, v, hidden.stride(0), weight.stride(0), H=h)
     return torch.logsumexp(part, dim=0)
 
 
@@ -211,7 +216,9 @@ def cut_ce_rows_backward(grad_rows: torch.Tensor, grad_lse: torch.Tensor, hidden
     grad_weight = torch.empty_like(weight)
     grad_bias = torch.zeros(v, device=bias.device, dtype=torch.float32)
     chunk = max(1, min(v, max(chunk, BLOCK_BYTES // (max(n, 1) * hidden.element_size()))))
-    dlogits = torch.empty(n, chunk, device=hidden.device, dtype=hidden.dtype)
+    # rows of the block start on 128-byte boundaries whatever the chunk: cuBLAS's fast kernels and
+    # vector stores need aligned leading dimensions (an odd one fell back to sm75 GEMMs, 2x slower)
+    dlogits = torch.empty(n, triton.cdiv(chunk, 64) * 64, device=hidden.device, dtype=hidden.dtype)
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
         block = dlogits[:, :vc]
@@ -219,7 +226,7 @@ def cut_ce_rows_backward(grad_rows: torch.Tensor, grad_lse: torch.Tensor, hidden
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(vc, meta["BLOCK_V"]))  # noqa: E731
             _dlogits_kernel[grid](hidden, weight, bias, lse, g_softmax, g_target, target, block,
                                   grad_bias[v0:v0 + vc], n, v, v0, vc, hidden.stride(0), weight.stride(0),
-                                  block.stride(0), H=h, BLOCK_K=_block_k(h))
+                                  block.stride(0), H=h)
         grad_hidden += (block @ weight[v0:v0 + vc]).float()
         torch.mm(block.t(), hidden, out=grad_weight[v0:v0 + vc])
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias.to(bias.dtype)
