@@ -10,8 +10,8 @@ sees ordinary gradients.
   computes each tile's logits on the tensor cores and folds them into a running max and sum of
   exponentials held in registers (the flash-attention softmax); a logsumexp over the programs'
   partial results finishes the job. Nothing of size N x V is written.
-- Backward: the catalog is walked in chunks of `chunk` items, widened while a chunk of
-  gradients stays under `BLOCK_BYTES` (few rows, as in a training step, then take one or two
+- Backward: the catalog is walked in chunks of `chunk` items (a multiple of 64), widened while a
+  chunk of gradients stays under `BLOCK_BYTES` (few rows, as in a training step, then take one or two
   chunks rather than many small launches). `_dlogits_kernel` recomputes a
   chunk's logits and writes d loss / d logits = g * (softmax - one_hot(target)) in the compute
   dtype (the only [N, chunk] buffer) and adds its column sums to the bias gradient; two cuBLAS
@@ -57,13 +57,13 @@ if triton is not None:
         limit = max(16, triton.next_power_of_2(kwargs["H"]))
         return [c for c in configs if c.kwargs["BLOCK_K"] <= limit] or configs[:1]
 
-    # autotuned per hidden size and dtype on first use: K-loop tiles (BLOCK_K 64/128, operands
-    # streamed through shared memory) against preloading the whole row block (BLOCK_K 256)
-    _TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-              (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 256, 4, 2), (128, 64, 256, 4, 3),
-              (64, 128, 256, 4, 3), (64, 64, 64, 4, 2), (128, 128, 32, 4, 4)]
-    _LSE_CONFIGS = _configs(_TILES)
-    _DLOGITS_CONFIGS = _configs(_TILES)
+    # autotuned per hidden size, dtype and power-of-two bucket of rows on first use (timings kept
+    # on disk for later processes): K-loop tiles, whose operands stream through shared memory,
+    # against preloading the whole row block (BLOCK_K 256)
+    _LSE_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+                             (128, 128, 128, 8, 3), (64, 64, 256, 4, 2)])
+    _DLOGITS_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                 (64, 64, 64, 4, 2), (64, 64, 256, 4, 2)])
 
     @triton.jit
     def _tile_logits(x, X, W, rows, cols, row_ok, col_ok, stride_x, stride_w,
@@ -90,9 +90,10 @@ if triton is not None:
         return tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :],
                        other=0.0)
 
-    @triton.autotune(configs=_LSE_CONFIGS, key=["H"], prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=_LSE_CONFIGS, key=["H", "ROWS"], prune_configs_by={"early_config_prune": _prune},
+                     cache_results=True)
     @triton.jit
-    def _lse_kernel(X, W, B, PART, N, V, stride_x, stride_w,
+    def _lse_kernel(X, W, B, PART, N, V, stride_x, stride_w, ROWS,
                     H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """PART[pid_v, rows] = logsumexp of the rows' logits over this program's range of catalog tiles."""
         pid_n = tl.program_id(0)
@@ -118,10 +119,10 @@ if triton is not None:
             m = m_new
         tl.store(PART + pid_v * N + rows, m + tl.log(s), mask=row_ok)
 
-    @triton.autotune(configs=_DLOGITS_CONFIGS, key=["H"], reset_to_zero=["DB"],
-                     prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=_DLOGITS_CONFIGS, key=["H", "ROWS"], reset_to_zero=["DB"],
+                     prune_configs_by={"early_config_prune": _prune}, cache_results=True)
     @triton.jit
-    def _dlogits_kernel(X, W, B, LSE, GS, GT, T, DS, DB, N, V, v0, vc, stride_x, stride_w, stride_ds,
+    def _dlogits_kernel(X, W, B, LSE, GS, GT, T, DS, DB, N, V, v0, vc, stride_x, stride_w, stride_ds, ROWS,
                         H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """DS[rows, local] = GS * softmax - GT * one_hot(T) for catalog items v0 + local; DB[local] += column sums."""
         pid_n = tl.program_id(0)
@@ -130,7 +131,7 @@ if triton is not None:
         local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         cols = v0 + local
         row_ok = rows < N
-        col_ok = (local < vc) & (cols < V)
+        col_ok = local < vc  # (v0 + vc <= V) a mask on vc alone keeps stores vectorized when 16 | vc
         x = rows[:, None] * 0.0
         if BLOCK_K >= H:
             x = _row_block(X, rows, row_ok, stride_x, H, BLOCK_K)
@@ -146,6 +147,11 @@ if triton is not None:
         grad = tl.where(ok, grad, 0.0)
         tl.store(DS + rows[:, None] * stride_ds + local[None, :], grad.to(DS.dtype.element_ty), mask=ok)
         tl.atomic_add(DB + local, tl.sum(grad, 0), mask=col_ok)
+
+
+def _rows_bucket(n: int) -> int:
+    """Autotuning key for the number of rows (a training step's masked positions vary per batch)."""
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
 
 
 def _num_programs_wanted(device: torch.device) -> int:
@@ -175,7 +181,7 @@ def logsumexp_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     splits = max(1, min(triton.cdiv(v, 256), triton.cdiv(_num_programs_wanted(hidden.device), triton.cdiv(n, 128))))
     part = torch.empty(splits, n, device=hidden.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    _lse_kernel[grid](hidden, weight, bias, part, n, v, hidden.stride(0), weight.stride(0), H=h)
+    _lse_kernel[grid](hidden, weight, bias, part, n, v, hidden.stride(0), weight.stride(0), _rows_bucket(n), H=h)
     return torch.logsumexp(part, dim=0)
 
 
@@ -215,7 +221,9 @@ def cut_ce_rows_backward(grad_rows: torch.Tensor, grad_lse: torch.Tensor, hidden
     grad_hidden = torch.zeros(n, h, device=hidden.device, dtype=torch.float32)
     grad_weight = torch.empty_like(weight)
     grad_bias = torch.zeros(v, device=bias.device, dtype=torch.float32)
-    chunk = max(1, min(v, max(chunk, BLOCK_BYTES // (max(n, 1) * hidden.element_size()))))
+    chunk = min(v, max(chunk, BLOCK_BYTES // (max(n, 1) * hidden.element_size())))
+    if chunk < v:  # whole multiples of 64 items: aligned GEMM shapes, vectorized stores
+        chunk = max(64, chunk // 64 * 64)
     # rows of the block start on 128-byte boundaries whatever the chunk: cuBLAS's fast kernels and
     # vector stores need aligned leading dimensions (an odd one fell back to sm75 GEMMs, 2x slower)
     dlogits = torch.empty(n, triton.cdiv(chunk, 64) * 64, device=hidden.device, dtype=hidden.dtype)
@@ -226,7 +234,7 @@ def cut_ce_rows_backward(grad_rows: torch.Tensor, grad_lse: torch.Tensor, hidden
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(vc, meta["BLOCK_V"]))  # noqa: E731
             _dlogits_kernel[grid](hidden, weight, bias, lse, g_softmax, g_target, target, block,
                                   grad_bias[v0:v0 + vc], n, v, v0, vc, hidden.stride(0), weight.stride(0),
-                                  block.stride(0), H=h)
+                                  block.stride(0), _rows_bucket(n), H=h)
         grad_hidden += (block @ weight[v0:v0 + vc]).float()
         torch.mm(block.t(), hidden, out=grad_weight[v0:v0 + vc])
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias.to(bias.dtype)
