@@ -115,6 +115,19 @@ def test_time_budget_ends_the_experiment_with_tested_trials(tmp_path):
     assert len(children) == len(ran)
 
 
+def test_trials_started_after_the_budget_end_in_a_clear_error_not_a_tune_traceback(tmp_path):
+    """Every trial starts after the budget's start-by time and returns without a result: Tune's
+    strict metric check once turned the first such trial into a TuneError that ended the run
+    (losing the finished trials of a real search, as on the GPU); now the trials count as not
+    started and, with none left, the user gets one line."""
+    proc = run_tuner("tune", "--size", "tiny", "--num-samples", "3", "--time-budget", "30",
+                     "--set", "tune.final_fraction=0.99", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                     "--storage", str(tmp_path / "ray"), "--experiment", "late", *SMALL, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no trial reported a validation metric" in proc.stderr
+    assert "Traceback" not in proc.stderr and "TuneError" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     (["--size", "nope"], "model.size='nope' is not one of"),

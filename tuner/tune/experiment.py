@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -235,6 +236,11 @@ def run_experiment(cfg: Config, space: dict[str, Any], storage: str, resume: boo
                 run_config=tune.RunConfig(name=cfg.tracking.experiment, storage_path=storage_path,
                                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                                           callbacks=[PlacementGroupReaper()], verbose=0 if quiet else 1))
+        # a trial that starts after `start_by` (or is stopped before its first epoch) returns
+        # without a result; Tune's strict metric check would turn that into a TuneError that ends
+        # the whole experiment, losing its finished trials. ASHA ignores such results and Optuna
+        # records the trial as pruned; _summarize counts it as not started.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         results = tuner.fit()
         summary = _summarize(results, cfg, plan, uri, exp_id, parent_id, dataset)
     finally:
@@ -271,7 +277,8 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         done = bool(metrics.get(FINAL_KEY))
-        status = ("error" if result.error else "completed" if done else "stopped_early" if metrics
+        reported = cfg.tune.metric in metrics or done
+        status = ("error" if result.error else "completed" if done else "stopped_early" if reported
                   else "not_started")
         statuses[trial_id] = status
         trials.append({"trial_id": metrics.get("trial_id"), "status": status,
