@@ -10,7 +10,9 @@ Two steps, so the GPU machine only runs and this machine draws:
     python benchmarks/ml1m.py run --name asha --out OUT/asha --budget 420 --set tune.refit=true
     # anywhere: benchmarks/results/ml1m.json, benchmarks/results/ml1m_tuning.png, a Markdown table
     python benchmarks/ml1m.py render OUT/asha OUT/random
-    # the committed runs: python benchmarks/ml1m.py render benchmarks/results/ml1m_runs/*.json
+    # the committed runs: python benchmarks/ml1m.py render benchmarks/results/ml1m_runs/{asha,random}.json
+    # the second round (wider learning rate, refit): python benchmarks/ml1m.py render --lead asha_refit \
+    #     --prefix ml1m_lr benchmarks/results/ml1m_runs/asha_refit.json
 
 `run` calls `tuner tune` with benchmarks/ml1m.yaml (fixed settings) and search_spaces/ml1m.yaml
 (what is searched) under a wall-clock budget, then reads every trial's per-epoch validation
@@ -119,7 +121,7 @@ def best_at(curve: dict, axis: str, budget: float) -> float | None:
 def render(args: argparse.Namespace) -> None:
     runs = [json.loads((Path(d) if Path(d).is_file() else Path(d) / "run.json").read_text()) for d in args.runs]
     by_name = {r["name"]: r for r in runs}
-    main = by_name.get("asha", runs[0])
+    main = by_name.get(args.lead, runs[0])
     s = main["summary"]
     best_trial = next(t for t in s["trials"] if t["trial_id"] == s["best_trial_id"])
     cfg_text = (ROOT / "benchmarks" / "ml1m.yaml").read_text()
@@ -152,8 +154,9 @@ def render(args: argparse.Namespace) -> None:
                       "test_ndcg_10_of_best": r["summary"].get("test_ndcg_10")} for r in runs]}
         result["tuning_efficiency"] = comparison
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ml1m.json").write_text(json.dumps(result, indent=1) + "\n")
-    _plot(curve_by_name, RESULTS / "ml1m_tuning.png", main["device"])
+    (RESULTS / f"{args.prefix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    if len(runs) > 1:
+        _plot(curve_by_name, RESULTS / f"{args.prefix}_tuning.png", main["device"])
     print(table(result))
 
 
@@ -221,6 +224,8 @@ def main() -> None:
     p.add_argument("--search-space", default="search_spaces/ml1m.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to tuner tune")
     p = sub.add_parser("render")
+    p.add_argument("--lead", default="asha", help="the run whose winner the table shows")
+    p.add_argument("--prefix", default="ml1m", help="writes results/PREFIX.json (and PREFIX_tuning.png for 2+ runs)")
     p.add_argument("runs", nargs="+", help="output folders of `run` or their run.json files (e.g. "
                                            "benchmarks/results/ml1m_runs/*.json; the one named asha leads)")
     args = parser.parse_args()

@@ -37,15 +37,41 @@ def gpu_table() -> str:
 
 def large_catalog_table() -> str:
     data = json.loads((RESULTS / "large_catalog.json").read_text())
-    lines = [f"Device: {data['device']} (torch {data['torch']}); loss forward + backward alone, hidden 256, "
-             f"bf16 inputs, peak excludes the inputs; sampled losses use {data['negatives']:,} shared negatives.", "",
-             "| items | positions | loss | chunk | ms | peak GB |", "|---|---|---|---|---|---|"]
+    ratios = {(r["loss"], r["items"]): r for r in data.get("summary", [])}
+    lines = [f"Device: {data['device']} (torch {data['torch']}); `{data['command']}`; loss forward + backward "
+             f"alone, hidden 256, bf16 inputs, peak excludes the inputs; sampled losses use "
+             f"{data['negatives']:,} shared negatives; ratios against `ce_bf16` of the same run.", "",
+             "| items | positions | loss | ms | peak GB | TFLOP/s | speed-up | memory saved |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "error" in r:
-            lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | - | {r['error']} | - |")
-        else:
-            lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | {r['chunk'] or '-'} | {r['ms']:.1f} | "
-                         f"{r['peak_gb']:.2f} |")
+            lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | {r['error']} | - | - | - | - |")
+            continue
+        ratio = ratios.get((r["loss"], r["items"]), {})
+        speed = f"{ratio['speedup_vs_ce_bf16']:.2f}x" if ratio else "-"
+        memory = f"{ratio['memory_ratio_vs_ce_bf16']:.1f}x" if ratio.get("memory_ratio_vs_ce_bf16") else "-"
+        tflops = f"{r['tflops']:.0f}" if r.get("tflops") else "-"
+        lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | {r['ms']:.1f} | {r['peak_gb']:.2f} | {tflops} | "
+                     f"{speed} | {memory} |")
+    check = data.get("check")
+    if check:
+        lines += ["", f"Error against the fp32 chunked function on the same bf16 inputs ({check['rows']:,} rows, "
+                  f"{check['items']:,} items): max relative error", "",
+                  "| loss | loss value | grad hidden | grad weight | grad bias |", "|---|---|---|---|---|"]
+        for name in ("cce", "ce_bf16"):
+            e = check[name]
+            lines.append(f"| {name} | {e['loss']:.1e} | {e['grad_hidden']:.1e} | {e['grad_weight']:.1e} | "
+                         f"{e['grad_bias']:.1e} |")
+    return "\n".join(lines)
+
+
+def train_step_table() -> str:
+    data = json.loads((RESULTS / "cce_train_step.json").read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}); {data['note']}.", "",
+             "| items | loss | step ms | samples/s | peak MB | MFU |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['num_items']:,} | {r['loss']} | {r['step_ms']:.1f} | {r['samples_per_s']:,.0f} | "
+                     f"{r['peak_mem_mb']:,.0f} | {r['mfu']:.3f} |")
     return "\n".join(lines)
 
 
@@ -120,7 +146,8 @@ def variants_table(name: str = "seed_options.json") -> str:
 TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
-          "--gpu": gpu_table, "--large-catalog": large_catalog_table, "--ilora": ilora_table,
+          "--gpu": gpu_table, "--large-catalog": large_catalog_table,
+          "--train-step": train_step_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def test_refit_registers_the_winner_retrained_on_its_validation_targets(tmp_path
     best = next(t for t in summary["trials"] if t["trial_id"] == summary["best_trial_id"])
     refit = summary["refit"]
     assert 1 <= refit["epochs"] <= best["epochs"] and refit["test_ndcg_10"] > 0
+    # its training loss was checked against the trial's (a diverged refit is not registered)
+    assert refit["train_loss"] > 0 and "rejected" not in refit, refit
     client, parents, children = mlflow_runs(uri, "F")
     assert len(children) == 2  # the refit is not a trial
     exp = client.get_experiment_by_name("F")
@@ -226,3 +228,21 @@ def test_training_worker_killed_mid_trial_resumes_from_its_checkpoint(tmp_path):
     reporters = set(re.findall(r"RayTrainWorker pid=(\d+)\).*Reporting training result",
                                (tmp_path / "run.log").read_text()))
     assert str(killed) in reporters and len(reporters) >= 2  # a new worker took over after the kill
+
+
+def test_a_diverged_refit_is_recognised_from_its_training_loss():
+    """The refit keeps the trial's weights when its last training loss is non-finite or clearly
+    worse than the trial's at the same epoch (the ML-1M GPU refit: 7.95 against ~4.7)."""
+    import types
+
+    import pandas as pd
+
+    from tuner.tune.experiment import _train_loss_at, refit_diverged
+
+    history = types.SimpleNamespace(metrics_dataframe=pd.DataFrame(
+        {"epoch": [1, 2, 3, 3], "train_loss": [8.0, 5.0, 4.7, None], "val_ndcg_10": [0.1, 0.12, 0.15, 0.15]}))
+    assert _train_loss_at(history, 2) == 5.0
+    assert _train_loss_at(history, 3) == 4.7  # the final result row (no train_loss) is skipped
+    assert _train_loss_at(history, 99) == 4.7  # past the history: its last loss
+    assert refit_diverged(7.95, 4.7) and refit_diverged(float("nan"), 4.7) and refit_diverged(float("inf"), None)
+    assert not refit_diverged(4.5, 4.7) and not refit_diverged(5.4, 4.7) and not refit_diverged(None, 4.7)

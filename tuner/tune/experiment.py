@@ -312,8 +312,16 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
                   file=sys.stderr)
             refit = {"error": line}
         else:
-            checkpoint = refit_checkpoint
-            logged |= {f"refit_{k}": v for k, v in refit.items() if k.startswith("test_")}
+            trial_loss = _train_loss_at(best["result"], epochs)
+            if refit_diverged(refit.get("train_loss"), trial_loss):
+                refit["rejected"] = (f"training loss {refit['train_loss']:.3f} at epoch {epochs} against the best "
+                                     f"trial's {trial_loss if trial_loss is None else round(trial_loss, 3)}: "
+                                     f"diverged")
+                print(f"tuner: warning: the refit {refit['rejected']}; registering the best trial's weights",
+                      file=sys.stderr)
+            else:
+                checkpoint = refit_checkpoint
+                logged |= {f"refit_{k}": v for k, v in refit.items() if k.startswith("test_")}
     import tempfile
 
     from tuner.serving import write_item_map
@@ -331,7 +339,8 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         "best_trial_id": best["trial_id"], "best_config": best["params"],
         "best_val_ndcg_10": best["val_ndcg_10"],
         **{k: best_metrics[k] for k in ("test_hr_10", "test_ndcg_10", "popularity_hr_10") if k in best_metrics},
-        **({"refit": {k: refit[k] for k in ("test_hr_10", "test_ndcg_10", "epochs", "wall_s", "error") if k in refit}}
+        **({"refit": {k: refit[k] for k in ("test_hr_10", "test_ndcg_10", "epochs", "wall_s", "train_loss", "error",
+                                            "rejected") if k in refit}}
            if refit else {}),
         "model_uri": model_uri, "registered_model": f"bert4rec-{cfg.model.size}" if model_uri and
         cfg.tracking.register_model else None,
@@ -358,7 +367,7 @@ def _refit(cfg: Config, params: dict[str, Any], epochs: int, train_root: Path,
     extra = {"final_dir": str(final_dir), "mlflow": {
         **mlflow_info, "trial_id": REFIT_RUN, "trial_name": REFIT_RUN, "role": REFIT_RUN, "params": refit_cfg.flat(),
         "config_text": yaml.safe_dump(refit_cfg.to_dict(), sort_keys=False)}}
-    build_trainer(refit_cfg, name=REFIT_RUN, storage_path=str(train_root), loop_extra=extra).fit()
+    last = build_trainer(refit_cfg, name=REFIT_RUN, storage_path=str(train_root), loop_extra=extra).fit().metrics
     final = read_final(final_dir)
     checkpoint = _newest_checkpoint(train_root / REFIT_RUN)
     if final is None or checkpoint is None:
@@ -367,7 +376,31 @@ def _refit(cfg: Config, params: dict[str, Any], epochs: int, train_root: Path,
 
     tracking.finish_trial_runs(mlflow_info["uri"], mlflow_info["exp_id"], mlflow_info["parent_id"],
                                {REFIT_RUN: "completed"})
+    if final is not None and last and "train_loss" in last:
+        final = {**final, "train_loss": float(last["train_loss"])}
     return checkpoint, final
+
+
+def refit_diverged(refit_loss: Optional[float], trial_loss: Optional[float], tolerance: float = 1.2) -> bool:
+    """True when the refit's last training loss is not finite or worse than `tolerance` x the best
+    trial's at the same epoch. The refit has no validation set, so its training loss is the only
+    sign left that it went wrong (on ML-1M, lr 5.7e-3 diverged in the refit at epoch ~20 while
+    the trial with the same configuration trained fine); the test set must not decide."""
+    if refit_loss is None or trial_loss is None:
+        return refit_loss is not None and not math.isfinite(refit_loss)
+    return not math.isfinite(refit_loss) or refit_loss > tolerance * trial_loss
+
+
+def _train_loss_at(result, epoch: int) -> Optional[float]:
+    """The trial's reported training loss at `epoch` (else its last one), from Tune's history."""
+    frame = result.metrics_dataframe
+    if frame is None or "train_loss" not in frame:
+        return None
+    rows = frame.dropna(subset=["train_loss"])
+    if "epoch" in rows:
+        at = rows[rows["epoch"] == epoch]
+        rows = at if len(at) else rows
+    return float(rows["train_loss"].iloc[-1]) if len(rows) else None
 
 
 def _newest_checkpoint(run_dir: Path) -> Optional[str]:
