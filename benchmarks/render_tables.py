@@ -144,6 +144,7 @@ def variants_table(name: str = "seed_options.json") -> str:
 
 
 TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
+          "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--gpu": gpu_table, "--large-catalog": large_catalog_table,
