@@ -126,8 +126,11 @@ def test_trials_started_after_the_budget_end_in_a_clear_error_not_a_tune_traceba
                      "--set", "tune.final_fraction=0.99", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
                      "--storage", str(tmp_path / "ray"), "--experiment", "late", *SMALL, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "no trial reported a validation metric" in proc.stderr
-    assert "Traceback" not in proc.stderr and "TuneError" not in proc.stderr, proc.stderr[-3000:]
+    # the driver ends with one line (Ray may print a trial actor's ignored SIGTERM traceback
+    # while it shuts the idle actors down; that is its workers' noise, not the driver failing)
+    assert proc.stderr.strip().splitlines()[-1].startswith("tuner: error: no trial reported a validation metric")
+    assert "TuneError" not in proc.stderr and "did not include the specified metric" not in proc.stderr, \
+        proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("args, message", [
