@@ -70,8 +70,12 @@ def train_step_table() -> str:
     lines = [f"Device: {data['device']} (torch {data['torch']}); {data['note']}.", "",
              "| items | loss | step ms | samples/s | peak MB | MFU |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['num_items']:,} | {r['loss']} | {r['error']} | | | |")
+            continue
+        mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"  # CPU rows have no matmul peak to divide by
         lines.append(f"| {r['num_items']:,} | {r['loss']} | {r['step_ms']:.1f} | {r['samples_per_s']:,.0f} | "
-                     f"{r['peak_mem_mb']:,.0f} | {r['mfu']:.3f} |")
+                     f"{r['peak_mem_mb']:,.0f} | {mfu} |")
     return "\n".join(lines)
 
 
