@@ -40,14 +40,21 @@ def ce_low_precision(hidden, weight, bias, labels, cfg, item_logq=None):
     return F.cross_entropy(hidden @ weight.t() + bias, labels - 1)
 
 
-def measure(loss: str, items: int, rows: int, hidden: int, device: torch.device, repeats: int,
-            negatives: int, chunk: int = 8192) -> dict:
+def make_inputs(items: int, rows: int, hidden: int, device: torch.device):
+    """Hidden rows, output embedding, bias (leaves that take gradients) and labels 1..items;
+    bf16 on the GPU (what the model hands the loss under autocast), fp32 on the CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     h = (torch.randn(rows, hidden, device=device, dtype=dtype, generator=g) * 0.5).requires_grad_()
     w = (torch.randn(items, hidden, device=device, dtype=dtype, generator=g) * 0.05).requires_grad_()
     b = torch.zeros(items, device=device, dtype=dtype, requires_grad=True)
     labels = torch.randint(1, items + 1, (rows,), device=device, generator=g)
+    return h, w, b, labels
+
+
+def measure(loss: str, items: int, rows: int, hidden: int, device: torch.device, repeats: int,
+            negatives: int, chunk: int = 8192) -> dict:
+    h, w, b, labels = make_inputs(items, rows, hidden, device)
     name, extra = VARIANTS.get(loss, (loss, {}))
     cfg = LossConfig(name=name if name in LOSSES else "ce", num_negatives=negatives, chunk=chunk, **extra)
     fn = LOSSES.get(name, ce_low_precision)
@@ -109,11 +116,7 @@ def check_kernel(device: torch.device, rows: int = 4096, items: int = 160_000, h
 
 def profile_cce(device: torch.device, items: int, rows: int, hidden: int, chunk: int, path: Path) -> None:
     """Where one cce forward + backward spends its time, kernel by kernel (after a warm-up step)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    h = torch.randn(rows, hidden, device=device, dtype=dtype).mul_(0.5).requires_grad_()
-    w = torch.randn(items, hidden, device=device, dtype=dtype).mul_(0.05).requires_grad_()
-    b = torch.zeros(items, device=device, dtype=dtype, requires_grad=True)
-    labels = torch.randint(1, items + 1, (rows,), device=device)
+    h, w, b, labels = make_inputs(items, rows, hidden, device)
     cfg = LossConfig(name="cce", chunk=chunk)
     LOSSES["cce"](h, w, b, labels, cfg).backward()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]

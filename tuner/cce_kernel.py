@@ -31,23 +31,27 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: `available()` is False and the PyTorch path is used
+except ImportError:  # CPU-only installs: `usable_on()` is False and the PyTorch path is used
     triton = None
 
 
 BLOCK_BYTES = 1 << 30  # the backward widens `chunk` up to a [N, chunk] block of this size
 
 
-def available() -> bool:
-    """True when Triton is importable (the GPU kernels can be compiled)."""
-    return triton is not None
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable_on(tensor: torch.Tensor) -> bool:
+    """True when the kernels can run on `tensor`'s device: CUDA, or any device under the interpreter."""
+    return triton is not None and (tensor.is_cuda or _interpreting())
 
 
 if triton is not None:
 
     def _configs(tiles):
         """(BLOCK_N, BLOCK_V, BLOCK_K, warps, stages) tuples; BLOCK_K >= H preloads the row block once."""
-        if os.environ.get("TRITON_INTERPRET") == "1":  # no benchmarking without a GPU; small tiles test the loops
+        if _interpreting():  # no benchmarking without a GPU; small tiles test the loops
             tiles = [(32, 32, 32, 4, 2)]
         return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
                 for n, v, k, w, s in tiles]
@@ -86,9 +90,14 @@ if triton is not None:
 
     @triton.jit
     def _row_block(X, rows, row_ok, stride_x, H: tl.constexpr, BLOCK_K: tl.constexpr):
-        ks = tl.arange(0, BLOCK_K)
-        return tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :],
-                       other=0.0)
+        """The rows' whole hidden vectors when one K tile holds them (BLOCK_K >= H), loaded once for
+        every catalog tile; else a placeholder, and `_tile_logits` streams K tiles itself."""
+        if BLOCK_K >= H:
+            ks = tl.arange(0, BLOCK_K)
+            return tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :],
+                           other=0.0)
+        else:
+            return rows[:, None] * 0.0
 
     @triton.autotune(configs=_LSE_CONFIGS, key=["H", "ROWS"], prune_configs_by={"early_config_prune": _prune},
                      cache_results=True)
@@ -104,9 +113,7 @@ if triton is not None:
         per_program = tl.cdiv(n_tiles, tl.num_programs(1))
         first = pid_v * per_program
         last = tl.minimum(first + per_program, n_tiles)
-        x = rows[:, None] * 0.0  # placeholder unless preloaded
-        if BLOCK_K >= H:
-            x = _row_block(X, rows, row_ok, stride_x, H, BLOCK_K)
+        x = _row_block(X, rows, row_ok, stride_x, H, BLOCK_K)
         m = tl.full([BLOCK_N], -1e30, dtype=tl.float32)  # finite: empty ranges give exp(-inf) = 0, not nan
         s = tl.zeros([BLOCK_N], dtype=tl.float32)
         for t in range(first, last):
@@ -132,9 +139,7 @@ if triton is not None:
         cols = v0 + local
         row_ok = rows < N
         col_ok = local < vc  # (v0 + vc <= V) a mask on vc alone keeps stores vectorized when 16 | vc
-        x = rows[:, None] * 0.0
-        if BLOCK_K >= H:
-            x = _row_block(X, rows, row_ok, stride_x, H, BLOCK_K)
+        x = _row_block(X, rows, row_ok, stride_x, H, BLOCK_K)
         logits = _tile_logits(x, X, W, rows, cols, row_ok, col_ok, stride_x, stride_w, H, BLOCK_N, BLOCK_V, BLOCK_K)
         logits += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)

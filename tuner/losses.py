@@ -27,7 +27,6 @@ Losses take hidden rows [N, H], the output embedding (weight [V, H], bias [V]) a
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -142,8 +141,7 @@ def _kernel_dtype(hidden: torch.Tensor, cfg: LossConfig) -> Optional[torch.dtype
     inputs as they are; fp32 without autocast stays on the exact PyTorch path. CPU tensors reach
     the kernels only under Triton's interpreter (the tests).
     """
-    on_device = hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if cfg.kernel == "torch" or not on_device or not cce_kernel.available():
+    if cfg.kernel == "torch" or not cce_kernel.usable_on(hidden):
         return None
     if torch.is_autocast_enabled(hidden.device.type):
         return torch.get_autocast_dtype(hidden.device.type)

@@ -376,7 +376,7 @@ def _refit(cfg: Config, params: dict[str, Any], epochs: int, train_root: Path,
 
     tracking.finish_trial_runs(mlflow_info["uri"], mlflow_info["exp_id"], mlflow_info["parent_id"],
                                {REFIT_RUN: "completed"})
-    if final is not None and last and "train_loss" in last:
+    if last and "train_loss" in last:
         final = {**final, "train_loss": float(last["train_loss"])}
     return checkpoint, final
 
