@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -60,14 +61,18 @@ def suites(data: str) -> dict[str, list[dict]]:
         "ray_overhead": [
             {"name": "130M_bare", "args": big},
             {"name": "130M_ray_train", "args": big + ["--workers", "1"]},
+            # a Ray worker runs with OMP_NUM_THREADS = its CPUs (1 here): the bare loop so limited
+            {"name": "130M_bare_1thread", "args": big, "env": {"OMP_NUM_THREADS": "1"}},
+            # Ray's own share: no checkpoint but the last one
+            {"name": "130M_ray_train_no_ckpt", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=1000"]},
             {"name": "130M_ray_train_ckpt4", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=4"]},
             {"name": "130M_bare_again", "args": big},
         ],
     }
 
 
-def run_copy(args: list[str], epochs: int, log: Path) -> dict:
-    """One `tuner train` process; per-epoch lines with their arrival times."""
+def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None = None) -> dict:
+    """One `tuner train` process (with `env` added to its environment); per-epoch lines with their times."""
     cmd = [sys.executable, "-m", "tuner", "train", "--max-epochs", str(epochs), *args]
     if "--workers" in args:  # a fresh Ray Train run (the same storage and name would resume);
         storage = Path(str(log.with_suffix("")) + "_ray")  # no --json: it silences the worker's lines
@@ -75,7 +80,8 @@ def run_copy(args: list[str], epochs: int, log: Path) -> dict:
         cmd += ["--storage", str(storage)]
     else:
         cmd += ["--json"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     lines, out = [], []
     for raw in proc.stdout:
         out.append(raw)
@@ -142,14 +148,14 @@ def main() -> None:
         t0 = time.time()
 
         def go(i: int, v=variant) -> None:
-            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{v['name']}_{i}.log")
+            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{v['name']}_{i}.log", v.get("env"))
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]),
+        row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]), "env": variant.get("env", {}),
                "wall_s": time.time() - t0, **summarize(copies, args.skip)}
         result["rows"].append(row)
         for i, c in enumerate(row["copies"]):

@@ -148,7 +148,7 @@ class MlflowReporter:
                 print(f"tuner: warning: MLflow logging failed ({exc.__class__.__name__}); "
                       f"training continues", file=sys.stderr)
 
-    def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
+    def log(self, epoch: int, metrics: dict[str, float], checkpoint=None) -> None:
         if epoch <= self.logged_up_to:
             return
         self._log({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, epoch)

@@ -5,14 +5,22 @@ scheduler and GradScaler states, RNG states, epoch, step, early-stopping state, 
 weights so far, and the config it was trained with. It is written to a temporary file and
 renamed, so an interrupted write leaves the previous checkpoint intact; it loads with
 `weights_only=True`, so a checkpoint file can never execute code.
+
+Under Ray Train the write runs off the training thread: `Snapshots.take` copies the state into
+CPU buffers (pinned for a GPU, kept from one checkpoint to the next) with one synchronisation, and
+training goes on while Ray's upload thread writes the copy (`Snapshot.write`). The buffers are
+reused only once the previous write has released them, so a write slower than an epoch holds the
+next checkpoint back instead of piling copies up (for at most `wait_s`: a write that never ends
+keeps its buffers and the next snapshot takes new ones).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -25,9 +33,9 @@ FORMAT = "tuner-bert4rec-checkpoint-v1"
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / STATE_FILE
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise UserError(f"{directory}: cannot write a checkpoint ({exc.strerror or exc})") from None
@@ -48,6 +56,72 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
         os.replace(target, directory / PREVIOUS_FILE)
     os.replace(tmp, target)
     return target
+
+
+class Snapshot:
+    """A checkpoint's state copied off the live model: safe to write while training goes on."""
+
+    def __init__(self, state: dict[str, Any], release: Callable[[], None] = lambda: None):
+        self.state = state
+        self._release: Optional[Callable[[], None]] = release
+
+    def write(self, directory: str | Path) -> Path:
+        """`save_checkpoint` of the copy; the buffers are free for the next snapshot afterwards,
+        whether the write succeeded or not."""
+        try:
+            return save_checkpoint(directory, self.state)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
+
+
+class Snapshots:
+    """Takes snapshots of a training state into CPU buffers reused from one checkpoint to the next."""
+
+    def __init__(self, pin_memory: bool = False, wait_s: float = 600.0):
+        self.pin_memory, self.wait_s = pin_memory, wait_s
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._free = threading.Event()
+        self._free.set()
+
+    def take(self, state: dict[str, Any], as_is: Sequence[str] = ()) -> Snapshot:
+        """Copy every tensor of `state` (nested dicts, lists, tuples); other values are immutable
+        scalars and strings, kept as they are, and so are the entries named in `as_is` (the caller
+        replaces them rather than changing them in place). Waits for the previous snapshot's write."""
+        if not self._free.wait(self.wait_s):
+            # a write still running (or one that never started): leave it its buffers, take new ones
+            import sys
+
+            print(f"tuner: warning: the previous checkpoint is still not written after {self.wait_s:.0f} s; "
+                  f"copying this one into new buffers", file=sys.stderr)
+            self._buffers, self._free = {}, threading.Event()
+        self._free.clear()
+        try:
+            copied = {k: v if k in as_is else self._copy(v, (k,)) for k, v in state.items()}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        except BaseException:
+            self._free.set()
+            raise
+        return Snapshot(copied, release=self._free.set)
+
+    def _copy(self, value: Any, path: tuple) -> Any:
+        if isinstance(value, torch.Tensor):
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype,
+                                     pin_memory=self.pin_memory and value.device.type == "cuda")
+                self._buffers[path] = buffer
+            return buffer.copy_(value.detach(), non_blocking=value.device.type == "cuda")
+        if isinstance(value, dict):
+            return {k: self._copy(v, path + (k,)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(v, path + (i,)) for i, v in enumerate(value))
+        return value
 
 
 def has_checkpoint(directory: str | Path | None) -> bool:

@@ -3,7 +3,7 @@
 Ray's three layers live in three places: the per-worker function (`train_fn_per_worker`, which
 calls `tuner.train.loop.train_worker`), the driver for one run or trial (`build_trainer`), and
 the Tuner (`tuner.tune.experiment`). `ray_context` is the only place that knows about
-`torch.distributed`: ranks, DDP wrapping, all-reduce, and per-epoch checkpoint directories.
+`torch.distributed`: ranks, DDP wrapping and all-reduce; `RayReporter` hands checkpoints to Ray.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from tuner.config import Config
 from tuner.errors import UserError
+from tuner.train.checkpoint import Snapshot
 from tuner.train.parallel import WorkerContext, pick_device
 
 
@@ -49,7 +50,7 @@ def ray_context(cfg: Config) -> WorkerContext:
     return WorkerContext(device=device, rank=rank, world_size=world_size, resume_dir=resume_dir,
                          resume_fallbacks=fallbacks,
                          all_reduce_fn=lambda t: dist.all_reduce(t) if world_size > 1 else None,
-                         wrap_fn=wrap, checkpoint_dir_fn=lambda epoch: tempfile.mkdtemp(prefix=f"ckpt-e{epoch}-"))
+                         wrap_fn=wrap, reports_checkpoints=True)
 
 
 def older_checkpoints(checkpoint) -> tuple[str, ...]:
@@ -61,18 +62,31 @@ def older_checkpoints(checkpoint) -> tuple[str, ...]:
 
 
 class RayReporter:
-    """Forwards each epoch to `ray.train.report` (every rank calls it; rank 0 adds the checkpoint)."""
+    """Forwards each epoch to `ray.train.report` (every rank calls it; rank 0 adds the checkpoint).
+
+    The checkpoint is a `Snapshot` (a CPU copy of the state): Ray's upload thread writes it into a
+    fresh local directory and copies that to storage while the next epoch trains, and registers it
+    only once complete (a crash meanwhile keeps the older one). A write that fails (a full disk)
+    ends the run with the write's own error.
+    """
 
     def __init__(self, final_dir: Optional[str], rank: int):
         self.final_dir, self.rank = final_dir, rank
 
-    def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
-        from ray.train import Checkpoint, CheckpointUploadMode, report
+    def log(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Snapshot] = None) -> None:
+        from ray.train import Checkpoint, CheckpointUploadMode, get_context, report
 
-        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        # the copy to storage runs beside the next epoch; Train deletes the local directory after it
-        # and registers the checkpoint only once it is complete (a crash meanwhile keeps the older one)
-        report(dict(metrics), checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        if checkpoint is None:
+            report(dict(metrics))
+            return
+
+        def write_and_upload(local: Checkpoint, name: str) -> Checkpoint:
+            checkpoint.write(local.path)
+            return get_context().get_storage().persist_current_checkpoint(local, name)
+
+        local = Checkpoint.from_directory(tempfile.mkdtemp(prefix=f"ckpt-e{epoch}-"))
+        report(dict(metrics), checkpoint=local, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+               checkpoint_upload_fn=write_and_upload)
 
     def final(self, metrics: dict[str, float]) -> None:
         # Train V2 drops the last report if it carries no checkpoint and the run ends right after

@@ -28,7 +28,7 @@ from tuner.losses import MaskedItemObjective, loss_config
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
 from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
-from tuner.train.checkpoint import has_checkpoint, load_resume_state, save_checkpoint
+from tuner.train.checkpoint import Snapshots, has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.optim import build_optimizer, build_scheduler, shorten_schedule
 from tuner.train.parallel import WorkerContext
 from tuner.train.reporting import Reporter
@@ -133,6 +133,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                         seed=cfg.train.seed + ctx.rank, sampled=sampled)
         return finalize(ctx.sum(sums), prefix)
 
+    snapshots = Snapshots(pin_memory=device.type == "cuda")
     samples_per_s: list[float] = []
     cycles: list[float] = []  # seconds per epoch this run: train, validate, checkpoint
     out_of_time = False
@@ -190,16 +191,20 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 or progress.epoch >= cfg.train.max_epochs or out_of_time
                 or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
         due = stop or progress.epoch % cfg.train.checkpoint_every == 0
-        checkpoint_dir = ctx.checkpoint_dir(progress.epoch) if due else None
-        if checkpoint_dir is not None and ctx.is_main:
-            save_checkpoint(checkpoint_dir, {
+        checkpoint = None
+        if due and ctx.is_main and (ctx.checkpoint_root or ctx.reports_checkpoints):
+            state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "progress": vars(progress).copy(), "best_model": best_state,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "config": cfg.to_dict(), "num_items": dataset.num_items,
-            })
+            }
+            if ctx.checkpoint_root:  # one process: written here and now
+                save_checkpoint(ctx.checkpoint_root, state)
+            else:  # Ray Train: a copy, written by Ray's upload thread while the next epoch trains
+                checkpoint = snapshots.take(state, as_is=("best_model",))  # replaced, never updated
         if not refit:
             metrics["best_val_ndcg_10"] = progress.best_metric
         if cfg.train.release_memory:  # the seed's between-epoch clean-up, behind a flag
@@ -208,7 +213,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        reporter.log(progress.epoch, metrics, checkpoint_dir if ctx.is_main else None)
+        reporter.log(progress.epoch, metrics, checkpoint)
 
     if best_state is not None and not refit:
         model.load_state_dict(best_state)

@@ -1,7 +1,7 @@
 """Distribution in one place: the loop asks a `WorkerContext`, never `torch.distributed`.
 
 `WorkerContext` answers: which rank am I, on which device, how do I sum metrics across ranks,
-how is the model wrapped, where do I resume from and where does this epoch's checkpoint go.
+how is the model wrapped, where do I resume from and where do checkpoints go.
 `local_context` is the single-process answer; `tuner.train.driver.ray_context` the Ray Train one.
 """
 
@@ -32,10 +32,10 @@ class WorkerContext:
     world_size: int = 1
     resume_dir: Optional[str] = None  # a checkpoint directory to continue from, if any
     resume_fallbacks: tuple[str, ...] = ()  # older checkpoint directories if resume_dir is unreadable
-    checkpoint_root: Optional[str] = None  # where this worker's epoch checkpoints go
+    checkpoint_root: Optional[str] = None  # one process: where its epoch checkpoints are written
     all_reduce_fn: Optional[Callable[[torch.Tensor], None]] = None
     wrap_fn: Optional[Callable[[nn.Module], nn.Module]] = None
-    checkpoint_dir_fn: Optional[Callable[[int], str]] = None  # a fresh directory per epoch (Ray)
+    reports_checkpoints: bool = False  # Ray Train: checkpoints go to the reporter, which writes them
 
     @property
     def is_main(self) -> bool:
@@ -52,14 +52,6 @@ class WorkerContext:
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module if self.wrap_fn is None else self.wrap_fn(module)
-
-    def checkpoint_dir(self, epoch: int) -> Optional[str]:
-        """Where rank 0 writes this epoch's checkpoint (None: no checkpoints)."""
-        if self.checkpoint_dir_fn is not None:
-            return self.checkpoint_dir_fn(epoch)
-        if self.checkpoint_root is None:
-            return None
-        return self.checkpoint_root
 
 
 def local_context(cfg: TrainConfig) -> WorkerContext:

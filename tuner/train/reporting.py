@@ -1,6 +1,6 @@
 """Where metrics go: one small interface, several backends.
 
-The loop calls `reporter.log(epoch, metrics, checkpoint_dir)` once per epoch and
+The loop calls `reporter.log(epoch, metrics, checkpoint)` once per epoch and
 `reporter.final(metrics)` once at the end; it never knows whether a console, Ray or MLflow
 listens. Backends: `ConsoleReporter` (one line per epoch on stderr), `MultiReporter` (fan-out);
 `tuner.train.driver.RayReporter` forwards to `ray.train.report`.
@@ -12,11 +12,13 @@ import sys
 import time
 from typing import Optional, Protocol
 
+from tuner.train.checkpoint import Snapshot
+
 EPOCH_KEYS = ("train_loss", "val_hr_10", "val_ndcg_10", "samples_per_s", "epoch_s", "eval_s", "peak_mem_mb")
 
 
 class Reporter(Protocol):
-    def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None: ...
+    def log(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Snapshot] = None) -> None: ...
 
     def final(self, metrics: dict[str, float]) -> None: ...
 
@@ -29,7 +31,7 @@ class ConsoleReporter:
         self.enabled = enabled
         self.t0 = time.perf_counter()
 
-    def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
+    def log(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Snapshot] = None) -> None:
         if not self.enabled:
             return
         parts = [f"epoch {epoch:3d}", f"at {time.perf_counter() - self.t0:.2f}s"]  # seconds since start
@@ -48,9 +50,9 @@ class MultiReporter:
     def __init__(self, *reporters: Reporter):
         self.reporters = reporters
 
-    def log(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Optional[str] = None) -> None:
+    def log(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Snapshot] = None) -> None:
         for reporter in self.reporters:
-            reporter.log(epoch, metrics, checkpoint_dir)
+            reporter.log(epoch, metrics, checkpoint)
 
     def final(self, metrics: dict[str, float]) -> None:
         for reporter in self.reporters:
