@@ -16,6 +16,9 @@ Two steps, so the GPU machine only runs and this machine draws:
     # the third round (schedule length searched, refit; run with --budget 390 --search-space
     #     search_spaces/ml1m_schedule.yaml --set tune.refit=true): python benchmarks/ml1m.py render \
     #     --lead sched_refit --prefix ml1m_schedule benchmarks/results/ml1m_runs/sched_refit.json
+    # the fourth round (last-item masking searched; --budget 480 --search-space
+    #     search_spaces/ml1m_last.yaml): python benchmarks/ml1m.py render --lead last --prefix ml1m_last \
+    #     benchmarks/results/ml1m_runs/last.json
 
 `run` calls `tuner tune` with benchmarks/ml1m.yaml (fixed settings) and search_spaces/ml1m.yaml
 (what is searched) under a wall-clock budget, then reads every trial's per-epoch validation
