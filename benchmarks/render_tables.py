@@ -151,6 +151,7 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
+          "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--gpu": gpu_table, "--large-catalog": large_catalog_table,
           "--train-step": train_step_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
