@@ -51,6 +51,10 @@ def test_train_json_last_line(tmp_path):
     (["train", "--data", "/nonexistent/file.csv"], ["/nonexistent/file.csv", "no such file"]),
     (["prepare", "--input", "/nonexistent.txt", "--output", "/tmp/x"], ["no such file"]),
     (["train", "--bogus-flag"], ["unrecognized arguments"]),
+    (["train", "--set", "train.profile_epoch=2"], ["train.profile_epoch needs train.profile_out"]),
+    (["train", "--set", "train.profile_epoch=1", "--set", "train.profile_out=/proc/nope/p.txt", "--max-epochs", "1",
+      "--synthetic-users", "100", "--synthetic-items", "50", "--set", "model.max_len=8"],
+     ["/proc/nope/p.txt: cannot write the profile"]),
     (["frobnicate"], ["invalid choice"]),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragments):

@@ -171,3 +171,17 @@ def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path):
     recorder = Recorder()  # as under Ray Train: checkpoints travel to the reporter
     train_worker(cfg, WorkerContext(device=torch.device("cpu"), reports_checkpoints=True), recorder)
     assert [c for _, _, c in recorder.epochs] == [None, None, 3, 4]
+
+
+def test_a_profiled_epoch_says_how_busy_the_device_was_and_what_ran(tmp_path):
+    out = tmp_path / "profile" / "epoch2.txt"
+    cfg = load_config(overrides=FAST + ["train.max_epochs=2", "train.profile_epoch=2", f"train.profile_out={out}"])
+    recorder = Recorder()
+    train_worker(cfg, local_context(cfg.train), recorder)
+    text = out.read_text()
+    header = text.splitlines()[1].split()
+    fields = dict(zip(header[1::2], header[2::2]))
+    assert float(fields["wall_s"]) > 0 and float(fields["cpu_op_s"]) > 0
+    assert float(fields["wall_s"]) <= recorder.epochs[1][1]["epoch_s"] + 1e-6  # the profiled epoch, not another
+    assert "aten::" in text  # the operator table
+    assert "training epoch 2" in text

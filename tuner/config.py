@@ -148,9 +148,16 @@ class TrainConfig:
     # last step for a tuned configuration (take max_epochs from its best epoch); nothing is
     # validated, so no early stopping and no use in tuning
     refit: bool = False
+    # profile this epoch's training with the PyTorch profiler (0 = never); rank 0 writes a summary
+    # (wall time, time the device was busy, the top operators) to profile_out
+    profile_epoch: int = 0
+    profile_out: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "train.max_epochs must be at least 1")
+        _check(self.profile_epoch >= 0, "train.profile_epoch must be >= 0")
+        _check(not self.profile_epoch or bool(self.profile_out),
+               "train.profile_epoch needs train.profile_out (a file for the summary)")
         _check(self.max_steps >= 0, "train.max_steps must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size must be at least 1")
         _check(0.0 < self.mask_prob < 1.0, f"train.mask_prob={self.mask_prob} must be in (0, 1)")

@@ -183,7 +183,8 @@ def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optiona
 
 def absolute_paths(cfg: Config) -> None:
     """Make local relative paths absolute: Ray workers run in their own working directories."""
-    for section, key in (("data", "path"), ("train", "init_from"), ("train", "checkpoint_dir")):
+    for section, key in (("data", "path"), ("train", "init_from"), ("train", "checkpoint_dir"),
+                         ("train", "profile_out")):
         value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and ":/" not in value and not Path(value).is_absolute():
             setattr(getattr(cfg, section), key, str(Path(value).resolve()))

@@ -11,6 +11,7 @@ validation, no early stopping, and the final weights are tested.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import resource
 import time
@@ -31,6 +32,7 @@ from tuner.model.build import build_model
 from tuner.train.checkpoint import Snapshots, has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.optim import build_optimizer, build_scheduler, shorten_schedule
 from tuner.train.parallel import WorkerContext
+from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
 from tuner.train.step import TrainStep
 
@@ -133,6 +135,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                         seed=cfg.train.seed + ctx.rank, sampled=sampled)
         return finalize(ctx.sum(sums), prefix)
 
+    if cfg.train.profile_epoch and ctx.is_main:
+        check_writable(cfg.train.profile_out)
     snapshots = Snapshots(pin_memory=device.type == "cuda")
     samples_per_s: list[float] = []
     cycles: list[float] = []  # seconds per epoch this run: train, validate, checkpoint
@@ -144,21 +148,24 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         batches = samples = 0
-        for batch in train_batches(train, dataset.num_items, cfg.train.batch_size, cfg.model.max_len,
-                                   cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
-                                   ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
-                                   static_shapes=cfg.train.static_shapes):
-            loss = step(batch.to(device))
-            loss_sum += loss.float()
-            batches += 1
-            samples += batch.num_samples
-            progress.step += 1
-            if cfg.train.log_every and progress.step % cfg.train.log_every == 0 and ctx.is_main:
-                print(f"step {progress.step}  loss {loss.item():.4f}", flush=True)
-            if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
-                break
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        profiling = cfg.train.profile_epoch == epoch + 1 and ctx.is_main
+        with (profiled(cfg.train.profile_out, f"training epoch {epoch + 1}, {ctx.world_size} worker(s), {device}",
+                       device) if profiling else contextlib.nullcontext()):
+            for batch in train_batches(train, dataset.num_items, cfg.train.batch_size, cfg.model.max_len,
+                                       cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
+                                       ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
+                                       static_shapes=cfg.train.static_shapes):
+                loss = step(batch.to(device))
+                loss_sum += loss.float()
+                batches += 1
+                samples += batch.num_samples
+                progress.step += 1
+                if cfg.train.log_every and progress.step % cfg.train.log_every == 0 and ctx.is_main:
+                    print(f"step {progress.step}  loss {loss.item():.4f}", flush=True)
+                if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
+                    break
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         epoch_s = time.perf_counter() - t0
         totals = ctx.sum({"loss": loss_sum.item(), "batches": batches, "samples": samples})
         progress.epoch = epoch + 1
