@@ -65,6 +65,9 @@ def suites(data: str) -> dict[str, list[dict]]:
             {"name": "130M_bare_1thread", "args": big, "env": {"OMP_NUM_THREADS": "1"}},
             # the worker given 8 CPUs: Ray sets its OMP_NUM_THREADS to 8
             {"name": "130M_ray_train_cpus8", "args": big + ["--workers", "1", "--set", "resources.cpus_per_worker=8"]},
+            # CUDA graphs: the step is one replay, so the host (Python, Ray's threads) no longer paces it
+            {"name": "130M_bare_graphs", "args": big + GRAPHS},
+            {"name": "130M_ray_train_graphs", "args": big + GRAPHS + ["--workers", "1"]},
             # Ray's own share: no checkpoint but the last one
             {"name": "130M_ray_train_no_ckpt", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=1000"]},
             {"name": "130M_ray_train_ckpt4", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=4"]},

@@ -182,6 +182,7 @@ def test_a_profiled_epoch_says_how_busy_the_device_was_and_what_ran(tmp_path):
     header = text.splitlines()[1].split()
     fields = dict(zip(header[1::2], header[2::2]))
     assert float(fields["wall_s"]) > 0 and float(fields["cpu_op_s"]) > 0
-    assert float(fields["wall_s"]) <= recorder.epochs[1][1]["epoch_s"] + 1e-6  # the profiled epoch, not another
+    epoch_s = recorder.epochs[1][1]["epoch_s"]  # the profiled epoch's time, without the profiler's summary work
+    assert abs(float(fields["wall_s"]) - epoch_s) < 0.05 * epoch_s + 0.01, (fields, epoch_s)
     assert "aten::" in text  # the operator table
     assert "training epoch 2" in text

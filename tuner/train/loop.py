@@ -166,7 +166,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                     break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        epoch_s = time.perf_counter() - t0
+            epoch_s = time.perf_counter() - t0  # without the profiler's own summary work
         totals = ctx.sum({"loss": loss_sum.item(), "batches": batches, "samples": samples})
         progress.epoch = epoch + 1
         metrics = {"epoch": progress.epoch, "train_loss": totals["loss"] / max(totals["batches"], 1),

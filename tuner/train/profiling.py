@@ -31,6 +31,7 @@ def check_writable(out: str | Path) -> None:
 @contextlib.contextmanager
 def profiled(out: str | Path, label: str, device: torch.device, rows: int = 30) -> Iterator[None]:
     """Profile the body; write the summary to `out` (a clear error if it cannot be written)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -40,9 +41,12 @@ def profiled(out: str | Path, label: str, device: torch.device, rows: int = 30) 
         yield
         if cuda:
             torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0  # not the profiler's own stop and collection
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if cuda else 0.0
+    # the device's own events (kernels, copies), as the table's "Self CUDA time total" counts them:
+    # the CPU ops that launched them carry the same time again, and user annotations too
+    busy = sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
     cpu = sum(e.self_cpu_time_total for e in events) / 1e6
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     text = (f"# {label}\n# wall_s {wall:.4f}  device_busy_s {busy:.4f}  device_busy_share {busy / wall:.3f}  "
