@@ -64,10 +64,11 @@ def older_checkpoints(checkpoint) -> tuple[str, ...]:
 class RayReporter:
     """Forwards each epoch to `ray.train.report` (every rank calls it; rank 0 adds the checkpoint).
 
-    The checkpoint is a `Snapshot` (a CPU copy of the state): Ray's upload thread writes it into a
-    fresh local directory and copies that to storage while the next epoch trains, and registers it
-    only once complete (a crash meanwhile keeps the older one). A write that fails (a full disk)
-    ends the run with the write's own error.
+    The checkpoint is a `Snapshot` (a CPU copy of the state): Ray's upload thread writes it while
+    the next epoch trains, straight into the run's storage directory when this node sees it as a
+    local path, else into a local directory that Ray copies to storage. Ray registers it only once
+    complete (a crash meanwhile keeps the older one). A write that fails (a full disk) ends the
+    run with the write's own error.
     """
 
     def __init__(self, final_dir: Optional[str], rank: int):
@@ -81,8 +82,15 @@ class RayReporter:
             return
 
         def write_and_upload(local: Checkpoint, name: str) -> Checkpoint:
-            checkpoint.write(local.path)
-            return get_context().get_storage().persist_current_checkpoint(local, name)
+            from pyarrow.fs import LocalFileSystem
+
+            storage = get_context().get_storage()
+            target = Path(storage.build_checkpoint_path_from_name(name))
+            if isinstance(storage.storage_filesystem, LocalFileSystem) and target.parent.is_dir():
+                checkpoint.write(target)  # storage is a path this node sees: one write, no copy
+                return Checkpoint(str(target), filesystem=storage.storage_filesystem)
+            checkpoint.write(local.path)  # cloud storage, or a path only the head node has: Ray copies
+            return storage.persist_current_checkpoint(local, name)  # (or explains that path)
 
         local = Checkpoint.from_directory(tempfile.mkdtemp(prefix=f"ckpt-e{epoch}-"))
         report(dict(metrics), checkpoint=local, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
