@@ -152,6 +152,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
+          "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
+          "--ray-overhead-direct": lambda: epoch_cycle_table("ray_overhead_direct.json"),
           "--gpu": gpu_table, "--large-catalog": large_catalog_table,
           "--train-step": train_step_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
