@@ -8,7 +8,9 @@
 - `refit` (issue 8): the same epochs with the validation items held out (best epoch by
   validation) against `train.refit` (trained on them, final weights tested);
 - `model` (issue 8): the share of last-item-only samples and the depth, which the ML-1M search
-  space does not cover.
+  space does not cover;
+- `ema` (issue 8): the weights' exponential moving average validated and tested instead of the
+  weights (`optim.ema_decay`).
 
 Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
 the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
@@ -64,6 +66,11 @@ GROUPS = {
         "last_item_0": ["train.last_item_prob=0.0"],
         "last_item_0.3": ["train.last_item_prob=0.3"],
         "layers_3": ["model.layers=3"],
+    },
+    "ema": {  # validating and testing a moving average of the weights (optim.ema_decay)
+        "plain": [],
+        "ema_0.99": ["optim.ema_decay=0.99"],
+        "ema_0.999": ["optim.ema_decay=0.999"],
     },
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")

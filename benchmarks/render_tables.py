@@ -150,6 +150,7 @@ def variants_table(name: str = "seed_options.json") -> str:
 TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
+          "--ema": lambda: variants_table("ml1m_ema.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),

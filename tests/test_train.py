@@ -45,8 +45,9 @@ def test_tiny_beats_popularity_twice_over():
         assert key in result
 
 
-def test_interrupted_run_resumes_exactly(tmp_path):
-    over = FAST + ["train.max_epochs=4", "train.patience=0"]
+@pytest.mark.parametrize("extra", [[], ["optim.ema_decay=0.9"]], ids=["weights", "weight_average"])
+def test_interrupted_run_resumes_exactly(tmp_path, extra):
+    over = FAST + ["train.max_epochs=4", "train.patience=0"] + extra
     straight = load_config(overrides=over + [f"train.checkpoint_dir={tmp_path / 'a'}"])
     expected = Recorder()
     final_a = train_worker(straight, local_context(straight.train), expected)
@@ -186,3 +187,25 @@ def test_a_profiled_epoch_says_how_busy_the_device_was_and_what_ran(tmp_path):
     assert abs(float(fields["wall_s"]) - epoch_s) < 0.05 * epoch_s + 0.01, (fields, epoch_s)
     assert "aten::" in text  # the operator table
     assert "training epoch 2" in text
+
+
+def test_the_weight_average_is_what_is_validated_and_served(tmp_path):
+    over = FAST + ["train.max_epochs=2", "train.patience=0"]
+    runs = {}
+    for name, extra in (("plain", []), ("averaged", ["optim.ema_decay=0.9"])):
+        cfg = load_config(overrides=over + extra)
+        runs[name] = Recorder()
+        train_worker(cfg, local_context(cfg.train), runs[name])
+    for (_, plain, _), (_, averaged, _) in zip(runs["plain"].epochs, runs["averaged"].epochs):
+        assert averaged["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)  # training untouched
+        assert averaged["val_ndcg_10"] != plain["val_ndcg_10"]  # validated on other weights
+
+    cfg = load_config(overrides=over + ["optim.ema_decay=0.9", "train.refit=true", f"train.checkpoint_dir={tmp_path}"])
+    train_worker(cfg, local_context(cfg.train), Recorder())
+    state = load_checkpoint(tmp_path)
+    assert int(state["ema"]["n_averaged"]) == state["progress"]["step"]  # updated after every step
+    changed = 0
+    for name, live in state["model"].items():  # served weights (best_model) = the average, not the live ones
+        torch.testing.assert_close(state["best_model"][name], state["ema"][f"module.{name}"])
+        changed += not torch.equal(state["best_model"][name], live)
+    assert changed > 0

@@ -99,6 +99,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     embedding_lr_mult: float = 1.0  # learning-rate multiplier for the item and position embeddings
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # validate, test and serve an exponential moving average of the weights, updated after every
+    # step with this decay (e.g. 0.999); 0 = the weights themselves
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be positive")
@@ -109,6 +112,7 @@ class OptimConfig:
         _check_prob("optim.warmup_fraction", self.warmup_fraction)
         _check_prob("optim.min_lr_ratio", self.min_lr_ratio, allow_one=True)
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, po
 from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
 from tuner.train.checkpoint import Snapshots, has_checkpoint, load_resume_state, save_checkpoint
-from tuner.train.optim import build_optimizer, build_scheduler, shorten_schedule
+from tuner.train.optim import build_ema, build_optimizer, build_scheduler, shorten_schedule
 from tuner.train.parallel import WorkerContext
 from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
@@ -101,6 +101,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
                      cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap)
     scaler = step.scaler
+    ema = build_ema(model, cfg.optim.ema_decay)
+    net = ema.module if ema is not None else model  # the weights that are validated, tested, served
     progress, best_state = _Progress(), None
 
     if has_checkpoint(ctx.resume_dir):
@@ -112,6 +114,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         scaler.load_state_dict(state["scaler"])
         progress = _Progress(**state["progress"])
         best_state = state["best_model"]
+        if ema is not None and state.get("ema") is not None:  # else the average starts here
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -121,14 +125,14 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def run_eval(split: EvalSplit, rows: np.ndarray, prefix: str, sampled: bool) -> dict[str, float]:
-        model.eval()
+        net.eval()
         mine = rows[ctx.rank::ctx.world_size]  # each rank ranks its share; sums are all-reduced
 
         def encode(ids: torch.Tensor) -> torch.Tensor:
             with autocast():
-                return model(ids)[:, -1]
+                return net(ids)[:, -1]
 
-        weight, bias = model.output_embedding()
+        weight, bias = net.output_embedding()
         sums = evaluate(encode, weight.detach(), bias.detach(), split, dataset.num_items, cfg.model.max_len,
                         device, cfg.eval.batch_size, cfg.eval.catalog_chunk, popularity,
                         cfg.eval.num_negatives, cfg.eval.exclude_history, mine,
@@ -156,6 +160,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                                        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
                                        static_shapes=cfg.train.static_shapes):
                 loss = step(batch.to(device))
+                if ema is not None:
+                    ema.update_parameters(model)
                 loss_sum += loss.float()
                 batches += 1
                 samples += batch.num_samples
@@ -180,9 +186,11 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         metrics["peak_mem_mb"] = ctx.sum({"m": _peak_mem_mb(device, rss_base)})["m"] / ctx.world_size
         if refit:  # the final weights are the model: nothing to select by
             progress.best_epoch = progress.epoch
+            if ema is not None:  # served from the checkpoint's best weights: the average's
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         elif metrics["val_ndcg_10"] > progress.best_metric:
             progress.best_metric, progress.best_epoch, progress.bad_epochs = metrics["val_ndcg_10"], progress.epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         else:
             progress.bad_epochs += 1
         cycles.append(time.perf_counter() - t0)
@@ -207,6 +215,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "config": cfg.to_dict(), "num_items": dataset.num_items,
+                "ema": ema.state_dict() if ema is not None else None,
             }
             if ctx.checkpoint_root:  # one process: written here and now
                 save_checkpoint(ctx.checkpoint_root, state)
@@ -223,7 +232,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         reporter.log(progress.epoch, metrics, checkpoint)
 
     if best_state is not None and not refit:
-        model.load_state_dict(best_state)
+        net.load_state_dict(best_state)
     all_rows = np.arange(len(test.targets))
     final = run_eval(test, all_rows, "test_", sampled=True)
     if not refit:  # refitted on the validation targets: their metrics would not be held out

@@ -1,8 +1,9 @@
-"""AdamW (no decay on biases and LayerNorm) and warm-up + cosine schedule."""
+"""AdamW (no decay on biases and LayerNorm), warm-up + cosine schedule, and the optional weight average."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -64,3 +65,16 @@ def shorten_schedule(scheduler, total_steps: int) -> None:
     for curve in scheduler.lr_lambdas:
         if isinstance(curve, WarmupCosine) and total_steps < curve.total_steps:
             curve.total_steps = max(total_steps, 2)  # the warm-up shrinks with it
+
+
+def build_ema(model: nn.Module, decay: float) -> Optional[torch.optim.swa_utils.AveragedModel]:
+    """An exponential moving average of `model`'s parameters (`optim.ema_decay`; None when 0).
+
+    Call `update_parameters(model)` after each step; `.module` is the averaged model. Buffers are
+    not averaged: the model's (position ids and the like) are constants.
+    """
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
