@@ -100,7 +100,7 @@ class OptimConfig:
     embedding_lr_mult: float = 1.0  # learning-rate multiplier for the item and position embeddings
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     # validate, test and serve an exponential moving average of the weights, updated after every
-    # step with this decay (e.g. 0.999); 0 = the weights themselves
+    # step with this decay (e.g. 0.99; a second copy of the weights on the device); 0 = off
     ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
