@@ -187,10 +187,10 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         if refit:  # the final weights are the model: nothing to select by
             progress.best_epoch = progress.epoch
             if ema is not None:  # served from the checkpoint's best weights: the average's
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+                best_state = _cpu_copy(net)
         elif metrics["val_ndcg_10"] > progress.best_metric:
             progress.best_metric, progress.best_epoch, progress.bad_epochs = metrics["val_ndcg_10"], progress.epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+            best_state = _cpu_copy(net)
         else:
             progress.bad_epochs += 1
         cycles.append(time.perf_counter() - t0)
@@ -248,6 +248,11 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     }
     reporter.final(final)
     return final
+
+
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights copied to the CPU: a new dict each time, never updated in place."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def epochs_that_fit(cycles: list[float], left_s: float) -> Optional[int]:
