@@ -18,14 +18,19 @@ import torch
 from tuner.errors import UserError
 
 
-def check_writable(out: str | Path) -> None:
-    """Fail before training rather than after the profiled epoch."""
+def _write(out: str | Path, text: str, mode: str) -> None:
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a"):
-            pass
+        with open(out, mode) as f:
+            f.write(text)
     except OSError as exc:
         raise UserError(f"{out}: cannot write the profile ({exc.strerror or exc})") from None
+
+
+def check_writable(out: str | Path) -> None:
+    """Fail before training rather than after the profiled epoch (appending nothing: a profile
+    already there stays until the new one replaces it)."""
+    _write(out, "", "a")
 
 
 @contextlib.contextmanager
@@ -51,8 +56,4 @@ def profiled(out: str | Path, label: str, device: torch.device, rows: int = 30) 
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     text = (f"# {label}\n# wall_s {wall:.4f}  device_busy_s {busy:.4f}  device_busy_share {busy / wall:.3f}  "
             f"cpu_op_s {cpu:.4f}\n" + events.table(sort_by=sort, row_limit=rows) + "\n")
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write the profile ({exc.strerror or exc})") from None
+    _write(out, text, "w")
