@@ -17,6 +17,7 @@ keeps its buffers and the next snapshot takes new ones).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -94,8 +95,6 @@ class Snapshots:
         replaces them rather than changing them in place). Waits for the previous snapshot's write."""
         if not self._free.wait(self.wait_s):
             # a write still running (or one that never started): leave it its buffers, take new ones
-            import sys
-
             print(f"tuner: warning: the previous checkpoint is still not written after {self.wait_s:.0f} s; "
                   f"copying this one into new buffers", file=sys.stderr)
             self._buffers, self._free = {}, threading.Event()
@@ -149,8 +148,6 @@ def load_resume_state(directory: str | Path, older: Sequence[str | Path] = ()) -
 
     An interrupted or corrupted latest checkpoint costs an epoch, never a crash loop.
     """
-    import sys
-
     directory = Path(directory)
     try:
         return load_checkpoint(directory / STATE_FILE)
