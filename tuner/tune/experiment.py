@@ -314,9 +314,9 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
         else:
             trial_loss = _train_loss_at(best["result"], epochs)
             if refit_diverged(refit.get("train_loss"), trial_loss):
+                trial = "(not recorded)" if trial_loss is None else f"{trial_loss:.3f}"
                 refit["rejected"] = (f"training loss {refit['train_loss']:.3f} at epoch {epochs} against the best "
-                                     f"trial's {trial_loss if trial_loss is None else round(trial_loss, 3)}: "
-                                     f"diverged")
+                                     f"trial's {trial}: diverged")
                 print(f"tuner: warning: the refit {refit['rejected']}; registering the best trial's weights",
                       file=sys.stderr)
             else:
