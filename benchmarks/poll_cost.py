@@ -3,7 +3,8 @@
 `tuner` sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to 0.1 s so that short epochs are not stretched to
 the 2 s default (tuner/train/driver.py). A poll is a remote call into the worker process, which
 could take the GIL from a host-bound loop. This times the same pure-Python work (median of 7)
-in a bare process and inside a one-worker TorchTrainer at each poll interval.
+in a bare process and inside a one-worker TorchTrainer at each poll interval, and records the
+worker's OMP_NUM_THREADS and torch thread count.
 
     python benchmarks/poll_cost.py --out benchmarks/results/poll_cost.json
 """
@@ -28,8 +29,13 @@ def work(n: int = 3_000_000) -> float:
 
 
 def in_worker(config: dict) -> None:
-    # a file, not ray.train.report: Train V2 keeps no metrics reported without a checkpoint
-    Path(config["result"]).write_text(str(statistics.median(work() for _ in range(7))))
+    # a file, not ray.train.report: Train V2 keeps no metrics reported without a checkpoint;
+    # with the worker's OMP_NUM_THREADS and torch thread count (Ray sets them from its CPUs: 1 here)
+    import torch
+
+    Path(config["result"]).write_text(json.dumps({
+        "work_s": statistics.median(work() for _ in range(7)),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}))
 
 
 def main() -> None:
@@ -52,11 +58,12 @@ def main() -> None:
                 TorchTrainer(in_worker, train_loop_config={"result": str(result)},
                              scaling_config=ScalingConfig(num_workers=1),
                              run_config=RunConfig(name="poll", storage_path=storage)).fit()
-                worker = float(result.read_text())
+                worker = json.loads(result.read_text())
         finally:
             ray.shutdown()
-        rows.append({"poll_interval_s": float(interval), "bare_work_s": bare, "worker_work_s": worker,
-                     "ratio": worker / bare})
+        rows.append({"poll_interval_s": float(interval), "bare_work_s": bare, "worker_work_s": worker["work_s"],
+                     "ratio": worker["work_s"] / bare, "worker_omp_num_threads": worker["omp_num_threads"],
+                     "worker_torch_threads": worker["torch_threads"]})
         print(json.dumps(rows[-1]), flush=True)
     out = {"device": f"CPU ({os.cpu_count()} cores)", "command": "python benchmarks/poll_cost.py " + " ".join(sys.argv[1:]),
            "rows": rows}
