@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({k: summary.get(k) for k in ("num_trials", "best_val_ndcg_10", "test_ndcg_10", "test_hr_10")}))
 
 
+# the settings any of the ML-1M search spaces searches: each trial's values go into the results
+SEARCHED = ("optim.lr", "model.dropout", "optim.weight_decay", "train.mask_prob", "train.last_item_prob",
+            "model.layers", "train.window_prob", "train.max_epochs", "optim.ema_decay")
+
+
 def trial_histories(uri: str, experiment: str) -> list[dict]:
     """Per trial: its sampled parameters, outcome and (epoch, val_ndcg_10, unix time) rows."""
     from mlflow import MlflowClient
@@ -88,9 +93,7 @@ def trial_histories(uri: str, experiment: str) -> list[dict]:
         history = sorted(client.get_metric_history(r.info.run_id, "val_ndcg_10"), key=lambda m: m.step)
         trials.append({"trial_id": r.data.tags.get("tuner.trial_id"), "outcome": r.data.tags.get("tuner.outcome"),
                        "start": r.info.start_time / 1000, "end": (r.info.end_time or 0) / 1000,
-                       "params": {k: r.data.params[k] for k in ("optim.lr", "model.dropout", "optim.weight_decay",
-                                                                "train.mask_prob", "train.last_item_prob",
-                                                                "model.layers") if k in r.data.params},
+                       "params": {k: r.data.params[k] for k in SEARCHED if k in r.data.params},
                        "epochs": [[m.step, m.value, m.timestamp / 1000] for m in history]})
     return trials
 

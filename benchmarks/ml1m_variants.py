@@ -10,7 +10,9 @@
 - `model` (issue 8): the share of last-item-only samples and the depth, which the ML-1M search
   space does not cover;
 - `ema` (issue 8): the weights' exponential moving average validated and tested instead of the
-  weights (`optim.ema_decay`).
+  weights (`optim.ema_decay`);
+- `window` (issue 8): histories longer than the model's length trained on a random window of it
+  for a share of them each epoch (`train.window_prob`), rather than always on the latest items.
 
 Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
 the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
@@ -71,6 +73,11 @@ GROUPS = {
         "plain": [],
         "ema_0.99": ["optim.ema_decay=0.99"],
         "ema_0.999": ["optim.ema_decay=0.999"],
+    },
+    "window": {  # histories longer than max_len trained on random windows too (train.window_prob)
+        "plain": [],
+        "window_0.5": ["train.window_prob=0.5"],
+        "window_1": ["train.window_prob=1.0"],
     },
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")

@@ -84,3 +84,44 @@ def test_surplus_predictions_are_left_unmasked():
     predicted = np.zeros(80, dtype=bool)
     predicted[batch.positions.numpy()[real]] = True
     assert not (changed & ~predicted).any()  # nothing is masked that is not predicted
+
+
+def _unmasked_rows(batch):
+    """The batch's id matrix with every predicted slot given back its label."""
+    ids = batch.items.clone().reshape(-1)
+    real = batch.labels != IGNORE
+    ids[batch.positions[real]] = batch.labels[real]
+    return ids.reshape(batch.items.shape).numpy()
+
+
+def test_long_histories_train_on_random_windows_only_when_asked():
+    # user u's history is u*100+1 .. u*100+n_u, so a row tells whose it is and where it was cut
+    lengths = np.array([5, 30, 60, 12, 45, 80])
+    items = np.concatenate([u * 100 + 1 + np.arange(n) for u, n in enumerate(lengths)]).astype(np.int32)
+    seq = Sequences(items, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    max_len = 20
+
+    def windows(window_prob, epochs=30):
+        seen = {}
+        for epoch in range(epochs):
+            for batch in train_batches(seq, 700, 4, max_len, 0.3, 0.1, seed=0, epoch=epoch,
+                                       window_prob=window_prob):
+                for row in _unmasked_rows(batch):
+                    real = row[row != 0]
+                    user = int(real[0]) // 100
+                    assert len(real) == min(lengths[user], max_len)
+                    assert (np.diff(real) == 1).all()  # a contiguous stretch of the history
+                    seen.setdefault(user, set()).add(int(real[-1]) % 100)  # where the window ends
+        return seen
+
+    latest = windows(0.0)
+    assert all(ends == {lengths[u]} for u, ends in latest.items())  # always the latest items
+    moved = windows(1.0)
+    for user, n in enumerate(lengths):
+        if n <= max_len:
+            assert moved[user] == {n}
+        else:  # windows at many places in the history, none past its end
+            assert len(moved[user]) > 5 and max_len <= min(moved[user]) and max(moved[user]) <= n
+    assert min(moved[5]) < 40  # the long history's early items are seen
+    again = windows(1.0)
+    assert again == moved  # seeded per epoch: a resumed run draws the same windows

@@ -25,6 +25,7 @@ def test_overrides_are_typed():
     ("nosuch.key=1", "unknown config key"),
     ("optim.lr=-1", "optim.lr=-1.0 must be positive"),
     ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+    ("train.window_prob=1.5", "train.window_prob=1.5 must be in [0, 1]"),
     ("train.batch_size=abc", "train.batch_size='abc' is not a valid int"),
     ("model.size=999M", "model.size='999M' is not one of: tiny, bert4rec, 5M, 85M, 130M, 430M"),
     ("train.amp=fp8", "train.amp='fp8' is not one of"),

@@ -45,7 +45,8 @@ def test_tiny_beats_popularity_twice_over():
         assert key in result
 
 
-@pytest.mark.parametrize("extra", [[], ["optim.ema_decay=0.9"]], ids=["weights", "weight_average"])
+@pytest.mark.parametrize("extra", [[], ["optim.ema_decay=0.9", "train.window_prob=0.5"]],
+                         ids=["weights", "weight_average_random_windows"])
 def test_interrupted_run_resumes_exactly(tmp_path, extra):
     over = FAST + ["train.max_epochs=4", "train.patience=0"] + extra
     straight = load_config(overrides=over + [f"train.checkpoint_dir={tmp_path / 'a'}"])
@@ -67,6 +68,16 @@ def test_interrupted_run_resumes_exactly(tmp_path, extra):
     for name, tensor in state_a["model"].items():
         torch.testing.assert_close(tensor, state_b["model"][name], rtol=1e-5, atol=1e-6)
     assert final_a["test_ndcg_10"] == pytest.approx(final_b["test_ndcg_10"], rel=1e-6)
+
+
+def test_random_windows_reach_the_training_batches():
+    losses = {}
+    for prob in (0.0, 1.0):
+        cfg = load_config(overrides=FAST + ["train.max_epochs=1", f"train.window_prob={prob}"])
+        rec = Recorder()
+        train_worker(cfg, local_context(cfg.train), rec)
+        losses[prob] = rec.epochs[0][1]["train_loss"]
+    assert losses[0.0] != losses[1.0]  # other items were trained on (the loop is deterministic)
 
 
 def test_checkpoint_of_another_size_is_refused(tmp_path):

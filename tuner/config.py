@@ -124,6 +124,10 @@ class TrainConfig:
     batch_size: int = 128
     mask_prob: float = 0.2  # cloze masking probability per item
     last_item_prob: float = 0.1  # share of samples with only the last item masked
+    # share of histories longer than model.max_len trained, each epoch, on a window of max_len
+    # items at a random place in the history rather than on its latest max_len items (0 = never:
+    # everything before the latest max_len items is never seen)
+    window_prob: float = 0.0
     patience: int = 10  # epochs without val_ndcg_10 improvement before stopping; 0 = never
     seed: int = 0
     device: str = "auto"  # auto = cuda when available
@@ -166,6 +170,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size must be at least 1")
         _check(0.0 < self.mask_prob < 1.0, f"train.mask_prob={self.mask_prob} must be in (0, 1)")
         _check_prob("train.last_item_prob", self.last_item_prob, allow_one=True)
+        _check_prob("train.window_prob", self.window_prob, allow_one=True)
         _check(self.patience >= 0, "train.patience must be >= 0")
         _check_choice("train.device", self.device, _DEVICE_CHOICES)
         _check_choice("train.amp", self.amp, _AMP_CHOICES)

@@ -4,7 +4,9 @@ A batch of histories becomes a left-padded [B, L] id matrix (the latest item sit
 position). Training batches mask items BERT-style: each real item is picked with `mask_prob`;
 picked items become the mask token 80% of the time, a random item 10%, unchanged 10%. A share
 `last_item_prob` of rows instead mask only their last item, the paper's alignment with next-item
-prediction. Every row has at least one masked item. Labels come out as flat indices into the
+prediction. Every row has at least one masked item. A history longer than the model's length is
+cut to its latest `max_len` items, or, for a share `window_prob` of such histories each epoch, to
+a window of `max_len` items at a uniformly random place (the older items are seen too). Labels come out as flat indices into the
 [B*L] positions plus target ids, padded to a multiple of `label_bucket` with index 0 / label -1
 (ignored), so compiled code sees few distinct shapes.
 
@@ -25,9 +27,10 @@ from tuner.data.dataset import EvalSplit, Sequences
 IGNORE = -1
 
 
-def pad_left(seq: Sequences, rows: np.ndarray, length: int) -> np.ndarray:
-    """[len(rows), length] int32: the last `length` items of each chosen history, left-padded with 0."""
-    ends = seq.offsets[rows + 1]
+def pad_left(seq: Sequences, rows: np.ndarray, length: int, ends: np.ndarray | None = None) -> np.ndarray:
+    """[len(rows), length] int32: the last `length` items of each chosen history (of its items
+    before `ends`, absolute offsets, where given), left-padded with 0."""
+    ends = seq.offsets[rows + 1] if ends is None else ends
     starts = seq.offsets[rows]
     index = ends[:, None] - length + np.arange(length)[None, :]
     valid = index >= starts[:, None]
@@ -91,11 +94,13 @@ def mask_batch(ids: np.ndarray, num_items: int, mask_prob: float, last_item_prob
 
 def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: int, mask_prob: float,
                   last_item_prob: float, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False, static_shapes: bool = False) -> Iterator[TrainBatch]:
+                  pin_memory: bool = False, static_shapes: bool = False,
+                  window_prob: float = 0.0) -> Iterator[TrainBatch]:
     """One epoch of masked batches for this rank; every rank gets the same number of batches.
 
     `static_shapes`: every batch has the same shape (full batches only, a fixed number of
-    prediction slots), as CUDA graphs need."""
+    prediction slots), as CUDA graphs need. `window_prob`: see the module's docstring."""
+    ends = window_ends(train, max_len, window_prob, seed, epoch)
     rng = np.random.default_rng([seed, epoch, 7919])
     users = np.flatnonzero(train.lengths >= 1)
     order = rng.permutation(users)
@@ -107,12 +112,27 @@ def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: in
     stop = len(mine) - len(mine) % batch_size if static_shapes else len(mine)
     for start in range(0, stop, batch_size):
         rows = mine[start:start + batch_size]
-        batch = mask_batch(pad_left(train, rows, max_len), num_items, mask_prob, last_item_prob, mask_rng,
+        batch = mask_batch(pad_left(train, rows, max_len, ends[rows]), num_items, mask_prob, last_item_prob, mask_rng,
                            max_predictions=max_predictions)
         if pin_memory:
             batch = TrainBatch(batch.items.pin_memory(), batch.positions.pin_memory(),
                                batch.labels.pin_memory(), batch.num_samples)
         yield batch
+
+
+def window_ends(train: Sequences, max_len: int, window_prob: float, seed: int, epoch: int) -> np.ndarray:
+    """[U] int64 absolute end offsets of each history's training window this epoch: the history's
+    end, or for a share `window_prob` of those longer than `max_len`, the end of a window placed
+    uniformly among its len - max_len + 1 places. The same on every rank (seeded per epoch)."""
+    ends = train.offsets[1:].copy()
+    if window_prob <= 0:
+        return ends
+    rng = np.random.default_rng([seed, epoch, 104729])
+    lengths = train.lengths
+    moved = (lengths > max_len) & (rng.random(len(lengths)) < window_prob)
+    shift = np.floor(rng.random(len(lengths)) * (lengths - max_len + 1)).astype(np.int64)
+    ends[moved] -= shift[moved]
+    return ends
 
 
 def num_train_batches(train: Sequences, batch_size: int, world_size: int = 1, static_shapes: bool = False) -> int:

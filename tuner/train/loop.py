@@ -158,7 +158,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             for batch in train_batches(train, dataset.num_items, cfg.train.batch_size, cfg.model.max_len,
                                        cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
                                        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
-                                       static_shapes=cfg.train.static_shapes):
+                                       static_shapes=cfg.train.static_shapes,
+                                       window_prob=cfg.train.window_prob):
                 loss = step(batch.to(device))
                 if ema is not None:
                     ema.update_parameters(model)
