@@ -19,6 +19,10 @@ Two steps, so the GPU machine only runs and this machine draws:
     # the fourth round (last-item masking searched; --budget 480 --search-space
     #     search_spaces/ml1m_last.yaml): python benchmarks/ml1m.py render --lead last --prefix ml1m_last \
     #     benchmarks/results/ml1m_runs/last.json
+    # the fifth round (random windows of long histories; --budget 480 --search-space
+    #     search_spaces/ml1m_window.yaml, then the same with --set tune.seed=1), which leads
+    #     ml1m.json, with the first round's comparison kept: python benchmarks/ml1m.py render --lead window \
+    #     --compare asha,random benchmarks/results/ml1m_runs/{window,window_seed1,asha,random}.json
 
 `run` calls `tuner tune` with benchmarks/ml1m.yaml (fixed settings) and search_spaces/ml1m.yaml
 (what is searched) under a wall-clock budget, then reads every trial's per-epoch validation
@@ -147,6 +151,15 @@ def render(args: argparse.Namespace) -> None:
         "anchors": ANCHORS,
     }
     result.update(_test_metrics(main))
+    if len(runs) > 1:  # every run's winner, so a repeat's spread is beside the lead's figure
+        result["runs"] = [{"name": r["name"], "command": r["command"], "code_commit": r.get("code_commit"),
+                           "num_trials": r["summary"]["num_trials"], "best_val_ndcg_10": r["summary"]["best_val_ndcg_10"],
+                           "test_ndcg_10": r["summary"].get("test_ndcg_10"), "test_hr_10": r["summary"].get("test_hr_10")}
+                          for r in runs]
+    unknown = set(args.compare or ()) - set(by_name)
+    if unknown:
+        sys.exit(f"--compare {' '.join(sorted(unknown))}: no such run among {', '.join(by_name)}")
+    runs = [by_name[n] for n in args.compare] if args.compare else runs
     comparison = {}
     curve_by_name = {r["name"]: curves(r) for r in runs}
     if len(runs) > 1:
@@ -197,13 +210,25 @@ def _plot(curve_by_name: dict, path: Path, device: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _space(command: str) -> str:
+    """The search space file a `tuner tune` command line names, and its seed if not the default."""
+    words = command.split()
+    space = words[words.index("--search-space") + 1] if "--search-space" in words else "search_spaces/ml1m.yaml"
+    seed = next((w.split("=", 1)[1] for w in words if w.startswith("tune.seed=")), None)
+    return f"`{space}`" + (f", tune.seed={seed}" if seed else "")
+
+
 def table(result: dict) -> str:
     lines = [f"Device: {result['device']}; `{result['command']}` ({result['wall_s']:.0f} s wall, "
              f"{result['num_trials']} trials).", "",
              "| model | test NDCG@10 | test HR@10 | sampled-100 (uniform) NDCG@10 | sampled-100 (popularity) NDCG@10 |",
              "|---|---|---|---|---|",
-             f"| ours: BERT4Rec tuned by `tuner tune` | {result['test_ndcg_10']:.4f} | {result['test_hr_10']:.4f} | "
+             f"| ours: BERT4Rec tuned by `tuner tune` ({_space(result['command'])}) | {result['test_ndcg_10']:.4f} | {result['test_hr_10']:.4f} | "
              f"{result.get('test_uni100_ndcg_10', float('nan')):.4f} | {result.get('test_pop100_ndcg_10', float('nan')):.4f} |"]
+    lead = result["command"]
+    for r in result.get("runs", []):
+        if r["command"] != lead and r["test_ndcg_10"] is not None:
+            lines.append(f"| ours: run `{r['name']}` ({_space(r['command'])}) | {r['test_ndcg_10']:.4f} | {r['test_hr_10']:.4f} | - | - |")
     for a in result["anchors"]:
         lines.append(f"| {a['model']} | {'-'.join(f'{v:.4f}' for v in a['ndcg_10'])} | "
                      f"{'-'.join(f'{v:.4f}' for v in a['hr_10'])} | - | - |")
@@ -235,6 +260,8 @@ def main() -> None:
     p = sub.add_parser("render")
     p.add_argument("--lead", default="asha", help="the run whose winner the table shows")
     p.add_argument("--prefix", default="ml1m", help="writes results/PREFIX.json (and PREFIX_tuning.png for 2+ runs)")
+    p.add_argument("--compare", type=lambda v: v.split(","), metavar="NAME,NAME",
+                   help="the runs of the tuning-efficiency comparison (default: all, when there are two or more)")
     p.add_argument("runs", nargs="+", help="output folders of `run` or their run.json files (e.g. "
                                            "benchmarks/results/ml1m_runs/*.json; the one named asha leads)")
     args = parser.parse_args()
