@@ -9,6 +9,9 @@ measured in this run), plus full-ranking evaluation throughput. Results are writ
 row to benchmarks/results/gpu_throughput.json (or --output).
 
     python benchmarks/gpu_throughput.py --sizes 130M 430M
+    # aligned logit columns (the default) against logits as wide as the catalog, and the CCE kernels
+    python benchmarks/gpu_throughput.py --sizes 430M --seed-variants amp_compile \
+        --variants amp_compile_graphs amp_compile_graphs_unaligned amp_compile_graphs_cce
 """
 
 from __future__ import annotations
@@ -37,6 +40,22 @@ NUM_ITEMS = 159_750
 # variant -> torch.compile mode; amp_compile_graphs also fixes batch shapes so CUDA graphs replay
 COMPILE_MODES = {"amp_compile": "default", "amp_compile_autotune": "max-autotune-no-cudagraphs",
                  "amp_compile_graphs": "reduce-overhead"}
+# a variant name may end in these, each changing one thing against its base variant in the same run
+SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as wide as the catalog
+            "_cce": {"loss": "cce"}}  # cut cross-entropy kernels instead of full logits
+
+
+def variant_spec(variant: str, size: str, batch: int, steps: int, warmup: int) -> BenchSpec:
+    base, extra = variant, {}
+    for suffix, kwargs in SUFFIXES.items():
+        if base.endswith(suffix):
+            base, extra = base[:-len(suffix)], {**extra, **kwargs}
+    if base not in ("fp32", "amp", *COMPILE_MODES):
+        sys.exit(f"gpu_throughput.py: unknown variant {variant!r}")
+    return BenchSpec(size=size, num_items=NUM_ITEMS, batch_size=batch, seq_len=50, steps=steps, warmup=warmup,
+                     amp=base != "fp32", compile=base.startswith("amp_compile"),
+                     compile_mode=COMPILE_MODES.get(base, "default"), static_shapes=base == "amp_compile_graphs",
+                     device="cuda", **extra)
 
 
 def seed_batches(batch_size: int, seq_len: int, steps: int):
@@ -154,10 +173,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             save()
         for variant in args.variants:
-            spec = BenchSpec(size=size, num_items=NUM_ITEMS, batch_size=batch, seq_len=50, steps=args.steps,
-                             warmup=args.warmup, amp=variant != "fp32", compile=variant.startswith("amp_compile"),
-                             compile_mode=COMPILE_MODES.get(variant, "default"),
-                             static_shapes=variant == "amp_compile_graphs", device="cuda")
+            spec = variant_spec(variant, size, batch, args.steps, args.warmup)
             try:
                 r = run_bench(spec, peak_tflops=peak)
             except Exception as exc:  # noqa: BLE001 - record the failure, keep measuring the rest

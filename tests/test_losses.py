@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tuner.data.collate import IGNORE
-from tuner.losses import LossConfig, chunked_logsumexp, cut_ce, cut_sampled_ce, full_ce, sampled_ce
+from tuner.losses import LossConfig, catalog_logits, chunked_logsumexp, cut_ce, cut_sampled_ce, full_ce, sampled_ce
 
 
 def _inputs(n=40, v=1000, h=16, seed=0):
@@ -30,6 +30,22 @@ def test_cut_ce_matches_full_ce_in_loss_and_gradients(chunk):
     assert cut.item() == pytest.approx(ref.item(), rel=1e-6)
     for a, b in zip(ref_grads, cut_grads):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-7)
+
+
+def test_logits_padded_to_aligned_columns_change_neither_loss_nor_gradients():
+    hidden, weight, bias, labels = _inputs(v=1000)  # 1,000 items: padded by 24 columns to 1,024
+    targets = torch.where(labels == IGNORE, -100, labels - 1)
+    results = []
+    for align in (1, 64):
+        logits = catalog_logits(hidden, weight, bias, align=align)
+        assert logits.shape[1] == {1: 1000, 64: 1024}[align]
+        loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+        results.append((loss, torch.autograd.grad(loss, (hidden, weight, bias))))
+    (plain, plain_grads), (padded, padded_grads) = results
+    assert padded.item() == pytest.approx(plain.item(), rel=1e-12)
+    for a, b in zip(plain_grads, padded_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_chunked_logsumexp_gradcheck():

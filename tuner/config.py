@@ -141,6 +141,9 @@ class TrainConfig:
     loss_chunk: int = 8192  # catalog items per logit block for cce / cce_sampled (the CUDA kernel
     # widens it while the block stays under 1 GiB, so few rows take few, large launches)
     loss_kernel: str = "auto"  # cce / cce_sampled: auto = Triton kernels on CUDA; torch = chunked PyTorch
+    # ce / focal on CUDA: the logit matrix's columns are rounded up to a multiple of this (the
+    # extra ones masked), so cuBLAS keeps its fast kernels for any catalog size; 1 = no rounding
+    logit_align: int = 64
     num_negatives: int = 1024  # sampled_ce / cce_sampled
     negative_sampling: str = "uniform"  # uniform | popularity (training counts, log-Q corrected)
     shared_negatives: bool = True  # sampled_ce: one negative set per batch, else per position
@@ -178,6 +181,7 @@ class TrainConfig:
         _check_choice("train.compile_mode", self.compile_mode, _COMPILE_MODES)
         _check_choice("train.loss", self.loss, ("ce", "focal", "cce", "sampled_ce", "cce_sampled"))
         _check(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
+        _check(self.logit_align >= 1, "train.logit_align must be at least 1")
         _check(self.loss_chunk >= 1, "train.loss_chunk must be at least 1")
         _check_choice("train.loss_kernel", self.loss_kernel, ("auto", "torch"))
         _check(self.num_negatives >= 1, "train.num_negatives must be at least 1")

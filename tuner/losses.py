@@ -50,13 +50,14 @@ class LossConfig:
     shared_negatives: bool = True  # one set of negatives for the whole batch (sampled_ce)
     focal_gamma: float = 2.0  # focal
     kernel: str = "auto"  # cce, cce_sampled: auto = Triton kernels on CUDA in bf16/fp16; torch = chunked PyTorch
+    align: int = 64  # ce, focal on CUDA: logit columns rounded up to a multiple of this (1 = as many as items)
 
 
 def loss_config(train, name: Optional[str] = None) -> LossConfig:
     """The LossConfig a `TrainConfig` describes (its `loss`, unless `name` is given)."""
     return LossConfig(name=name or train.loss, chunk=train.loss_chunk, num_negatives=train.num_negatives,
                       sampling=train.negative_sampling, shared_negatives=train.shared_negatives,
-                      focal_gamma=train.focal_gamma, kernel=train.loss_kernel)
+                      focal_gamma=train.focal_gamma, kernel=train.loss_kernel, align=train.logit_align)
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
@@ -169,8 +170,25 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
+def catalog_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, align: int = 1) -> torch.Tensor:
+    """[N, V'] logits of hidden rows against the whole catalog, V rounded up to a multiple of
+    `align` columns. The extra columns score zero rows with a -inf bias, so they take no
+    probability and no gradient, and item i's logit stays at column i - 1. Aligned rows let cuBLAS
+    use its Hopper kernels (16-byte-aligned rows); with an odd catalog such as 159,750 items it
+    falls back to slower ones."""
+    pad = -weight.shape[0] % align
+    if pad:
+        weight = F.pad(weight, (0, 0, 0, pad))
+        bias = F.pad(bias, (0, pad), value=float("-inf"))
+    return hidden @ weight.t() + bias
+
+
+def _aligned_logits(hidden, weight, bias, cfg: LossConfig) -> torch.Tensor:
+    return catalog_logits(hidden, weight, bias, cfg.align if hidden.is_cuda else 1)
+
+
 def full_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> torch.Tensor:
-    logits = hidden @ weight.t() + bias
+    logits = _aligned_logits(hidden, weight, bias, cfg)
     targets = torch.where(labels == IGNORE, -100, labels - 1)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, ignore_index=-100)
 
@@ -230,7 +248,7 @@ def cut_sampled_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None
 
 def focal(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> torch.Tensor:
     """The seed's "improved loss": focal loss (1 - p)^gamma * CE, on masked positions only."""
-    logits = hidden @ weight.t() + bias
+    logits = _aligned_logits(hidden, weight, bias, cfg)
     targets = torch.where(labels == IGNORE, -100, labels - 1)
     ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
                          ignore_index=-100, reduction="none")
