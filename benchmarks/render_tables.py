@@ -11,10 +11,13 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def gpu_table() -> str:
-    data = json.loads((RESULTS / "gpu_throughput.json").read_text())
+def gpu_table(name: str = "gpu_throughput.json", full: bool = True) -> str:
+    """The gpu_throughput.py table of one results file; `full`: with the seed's rows and evaluation."""
+    data = json.loads((RESULTS / name).read_text())
+    code = f" (code {data['code_commit']})" if data.get("code_commit") else ""
     lines = [f"Device: {data['device']} (torch {data['torch']}), catalog {data['num_items']:,}, sequence "
-             f"{data['seq_len']}; measured bf16 matmul rate {data['matmul_bf16_tflops']:.0f} TFLOP/s.", "",
+             f"{data['seq_len']}; measured bf16 matmul rate {data['matmul_bf16_tflops']:.0f} TFLOP/s; "
+             f"`{data['command']}`{code}.", "",
              "| size | batch | variant | ms/step | samples/s | peak GB | MFU | seed peer (best mode) samples/s | "
              "seed peak GB | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -24,6 +27,8 @@ def gpu_table() -> str:
                      f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {fmt(r['peer_samples_per_s'], ',.0f')} "
                      f"({r['peer_variant']}) | {fmt(r['peer_peak_mem_mb'] and r['peer_peak_mem_mb'] / 1024, '.1f')} | "
                      f"{fmt(r['speedup_vs_peer'], '.2f')}x |")
+    if not full:
+        return "\n".join(lines)
     lines += ["", "| size | seed variant | ms/step | samples/s | peak GB |", "|---|---|---|---|---|"]
     for r in data["peer_rows"]:
         if r["step_ms"] is not None:
@@ -150,7 +155,9 @@ def variants_table(name: str = "seed_options.json") -> str:
 TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
-          "--ema": lambda: variants_table("ml1m_ema.json"),
+          "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),
+          "--gpu-align": lambda: "\n\n".join(gpu_table(f"gpu_throughput_align_{s}.json", full=False)
+                                             for s in ("430M", "130M")),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
