@@ -42,14 +42,16 @@ COMPILE_MODES = {"amp_compile": "default", "amp_compile_autotune": "max-autotune
                  "amp_compile_graphs": "reduce-overhead"}
 # a variant name may end in these, each changing one thing against its base variant in the same run
 SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as wide as the catalog
-            "_cce": {"loss": "cce"}}  # cut cross-entropy kernels instead of full logits
+            "_cce": {"loss": "cce"},  # cut cross-entropy kernels instead of full logits
+            "_noclip": {"overrides": ("optim.grad_clip=0",)}}  # what gradient clipping costs
 
 
 def variant_spec(variant: str, size: str, batch: int, steps: int, warmup: int) -> BenchSpec:
-    base, extra = variant, {}
-    for suffix, kwargs in SUFFIXES.items():
+    base, extra = variant, {"overrides": ()}
+    for suffix, kwargs in reversed(SUFFIXES.items()):
         if base.endswith(suffix):
-            base, extra = base[:-len(suffix)], {**extra, **kwargs}
+            base = base[:-len(suffix)]
+            extra = {**extra, **kwargs, "overrides": extra["overrides"] + kwargs.get("overrides", ())}
     if base not in ("fp32", "amp", *COMPILE_MODES):
         sys.exit(f"gpu_throughput.py: unknown variant {variant!r}")
     return BenchSpec(size=size, num_items=NUM_ITEMS, batch_size=batch, seq_len=50, steps=steps, warmup=warmup,

@@ -156,8 +156,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
           "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),
-          "--gpu-align": lambda: "\n\n".join(gpu_table(f"gpu_throughput_align_{s}.json", full=False)
-                                             for s in ("430M", "130M")),
+          "--gpu-align": lambda: "\n\n".join(gpu_table(f"gpu_throughput_{s}.json", full=False)
+                                             for s in ("align_430M", "align_130M", "clip_430M")),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
