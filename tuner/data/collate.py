@@ -6,9 +6,9 @@ picked items become the mask token 80% of the time, a random item 10%, unchanged
 `last_item_prob` of rows instead mask only their last item, the paper's alignment with next-item
 prediction. Every row has at least one masked item. A history longer than the model's length is
 cut to its latest `max_len` items, or, for a share `window_prob` of such histories each epoch, to
-a window of `max_len` items at a uniformly random place (the older items are seen too). Labels come out as flat indices into the
-[B*L] positions plus target ids, padded to a multiple of `label_bucket` with index 0 / label -1
-(ignored), so compiled code sees few distinct shapes.
+a window of `max_len` items at a uniformly random place (the older items are seen too). Labels
+come out as flat indices into the [B*L] positions plus target ids, padded to a multiple of
+`label_bucket` with index 0 / label -1 (ignored), so compiled code sees few distinct shapes.
 
 Randomness comes from a NumPy Generator seeded per (seed, epoch, rank): a resumed run redraws
 exactly the masks and order it would have drawn.
@@ -112,8 +112,8 @@ def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: in
     stop = len(mine) - len(mine) % batch_size if static_shapes else len(mine)
     for start in range(0, stop, batch_size):
         rows = mine[start:start + batch_size]
-        batch = mask_batch(pad_left(train, rows, max_len, ends[rows]), num_items, mask_prob, last_item_prob, mask_rng,
-                           max_predictions=max_predictions)
+        batch = mask_batch(pad_left(train, rows, max_len, ends[rows]), num_items, mask_prob, last_item_prob,
+                           mask_rng, max_predictions=max_predictions)
         if pin_memory:
             batch = TrainBatch(batch.items.pin_memory(), batch.positions.pin_memory(),
                                batch.labels.pin_memory(), batch.num_samples)
