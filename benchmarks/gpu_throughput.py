@@ -43,7 +43,8 @@ COMPILE_MODES = {"amp_compile": "default", "amp_compile_autotune": "max-autotune
 # a variant name may end in these, each changing one thing against its base variant in the same run
 SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as wide as the catalog
             "_cce": {"loss": "cce"},  # cut cross-entropy kernels instead of full logits
-            "_noclip": {"overrides": ("optim.grad_clip=0",)}}  # what gradient clipping costs
+            "_noclip": {"overrides": ("optim.grad_clip=0",)},  # what gradient clipping costs
+            "_separate_clip": {"overrides": ("optim.fused_clip=false",)}}  # clipping in a pass of its own
 
 
 def variant_spec(variant: str, size: str, batch: int, steps: int, warmup: int) -> BenchSpec:

@@ -113,7 +113,8 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
-                     spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m))
+                     spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),
+                     fused_clip=cfg.optim.fused_clip)
     total = max(spec.warmup, 1) + spec.steps
     data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
     t0 = time.perf_counter()

@@ -99,6 +99,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     embedding_lr_mult: float = 1.0  # learning-rate multiplier for the item and position embeddings
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # with the fused AdamW (GPUs) and no fp16 loss scaling: apply the clipping factor inside the
+    # optimizer's own pass (its grad_scale) instead of a separate pass over every gradient
+    fused_clip: bool = True
     # validate, test and serve an exponential moving average of the weights, updated after every
     # step with this decay (e.g. 0.99; a second copy of the weights on the device); 0 = off
     ema_decay: float = 0.0

@@ -99,7 +99,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]  # iLoRA: the adapters only
     step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
-                     cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap)
+                     cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap,
+                     fused_clip=cfg.optim.fused_clip)
     scaler = step.scaler
     ema = build_ema(model, cfg.optim.ema_decay)
     net = ema.module if ema is not None else model  # the weights that are validated, tested, served

@@ -2,6 +2,12 @@
 
 `TrainStep` owns precision (bf16 autocast, or fp16 with a GradScaler that is unscaled before
 clipping), optional `torch.compile` of the objective, and the optimizer/scheduler update.
+
+Clipping by the global gradient norm needs the norm (one read of every gradient) and a rescale.
+With a fused AdamW and no loss scaling, the rescale rides in the optimizer's own pass: the fused
+kernel divides each gradient by the optimizer's `grad_scale` tensor (the hook GradScaler uses),
+so the step reads and writes every gradient once less. The update is the same as
+`clip_grad_norm_` followed by the step.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ from tuner.data.collate import TrainBatch
 class TrainStep:
     def __init__(self, objective: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                  scheduler, dtype: Optional[torch.dtype], grad_clip: float, device: torch.device,
-                 compile_mode: Optional[str] = None, wrap=lambda m: m):
+                 compile_mode: Optional[str] = None, wrap=lambda m: m, fused_clip: bool = True):
         self.module = wrap(objective)
         if compile_mode is not None:
             self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode)
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.fused_clip = (fused_clip and bool(optimizer.defaults.get("fused"))
+                           and not self.scaler.is_enabled())
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
@@ -34,7 +42,12 @@ class TrainStep:
         with self.autocast():
             loss = self.module(batch.items, batch.positions, batch.labels)
         self.scaler.scale(loss).backward()
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 and self.fused_clip:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            # clip_grad_norm_ multiplies by min(1, clip / (norm + 1e-6)); the fused step divides
+            self.optimizer.grad_scale = ((norm + 1e-6) / self.grad_clip).clamp(min=1.0).float()
+        elif self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
