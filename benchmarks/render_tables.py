@@ -158,6 +158,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),
           "--gpu-align": lambda: "\n\n".join(gpu_table(f"gpu_throughput_{s}.json", full=False)
                                              for s in ("align_430M", "align_130M", "clip_430M")),
+          "--gpu-fused-clip": lambda: "\n\n".join(gpu_table(f"gpu_throughput_fused_clip_{s}.json", full=False)
+                                                  for s in ("430M", "130M")),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
