@@ -40,6 +40,11 @@ def gpu_table(name: str = "gpu_throughput.json", full: bool = True) -> str:
     return "\n".join(lines)
 
 
+def gpu_tables(*runs: str) -> str:
+    """The rows of several gpu_throughput_RUN.json files, one table per run (each its own device line)."""
+    return "\n\n".join(gpu_table(f"gpu_throughput_{run}.json", full=False) for run in runs)
+
+
 def large_catalog_table() -> str:
     data = json.loads((RESULTS / "large_catalog.json").read_text())
     ratios = {(r["loss"], r["items"]): r for r in data.get("summary", [])}
@@ -156,10 +161,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
           "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),
-          "--gpu-align": lambda: "\n\n".join(gpu_table(f"gpu_throughput_{s}.json", full=False)
-                                             for s in ("align_430M", "align_130M", "clip_430M")),
-          "--gpu-fused-clip": lambda: "\n\n".join(gpu_table(f"gpu_throughput_fused_clip_{s}.json", full=False)
-                                                  for s in ("430M", "130M")),
+          "--gpu-align": lambda: gpu_tables("align_430M", "align_130M", "clip_430M"),
+          "--gpu-fused-clip": lambda: gpu_tables("fused_clip_430M", "fused_clip_130M"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
