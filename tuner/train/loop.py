@@ -188,8 +188,6 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         metrics["peak_mem_mb"] = ctx.sum({"m": _peak_mem_mb(device, rss_base)})["m"] / ctx.world_size
         if refit:  # the final weights are the model: nothing to select by
             progress.best_epoch = progress.epoch
-            if ema is not None:  # served from the checkpoint's best weights: the average's
-                best_state = _cpu_copy(net)
         elif metrics["val_ndcg_10"] > progress.best_metric:
             progress.best_metric, progress.best_epoch, progress.bad_epochs = metrics["val_ndcg_10"], progress.epoch, 0
             best_state = _cpu_copy(net)
@@ -213,7 +211,10 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "progress": vars(progress).copy(), "best_model": best_state,
+                "progress": vars(progress).copy(),
+                # served from the checkpoint's best weights; a refit serves its final weights, which
+                # with the average on are the average's (copied here, only when a checkpoint is due)
+                "best_model": _cpu_copy(net) if refit and ema is not None else best_state,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "config": cfg.to_dict(), "num_items": dataset.num_items,
