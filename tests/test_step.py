@@ -1,6 +1,5 @@
 """The optimizer step: clipping inside the fused AdamW is the same update as clip_grad_norm_."""
 
-import pytest
 import torch
 
 from tuner.config import load_config
@@ -42,5 +41,5 @@ def test_fp16_loss_scaling_keeps_the_separate_clip():
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     step = TrainStep(model, list(model.parameters()), optimizer, None, torch.float16, 1.0, torch.device("cpu"))
-    assert step.scaler.is_enabled() is True or pytest.skip("no fp16 GradScaler on this device")
+    assert step.scaler.is_enabled()  # fp16: the loss is scaled, so the clip is unscaled first
     assert step.fused_clip is False
