@@ -44,8 +44,18 @@ COMPILE_MODES = {"amp_compile": "default", "amp_compile_autotune": "max-autotune
 SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as wide as the catalog
             "_cce": {"loss": "cce"},  # cut cross-entropy kernels instead of full logits
             "_noclip": {"overrides": ("optim.grad_clip=0",)},  # what gradient clipping costs
-            "_separate_clip": {"overrides": ("optim.fused_clip=false",)}}  # clipping in a pass of its own
+            "_separate_clip": {"overrides": ("optim.fused_clip=false",)},  # clipping in a pass of its own
+            "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
+            **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
+               for name in ("cudnn", "efficient", "math")}}
 
+# kernel name patterns -> what the time is spent on (the first match wins), for the profile summary
+KERNEL_KINDS = (("optimizer", ("adam",)), ("grad norm", ("normfunctor", "lpnorm")),
+                ("attention", ("sdpa", "fmha", "flash", "attention")),
+                ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+                ("embedding backward", ("embedding", "indexing_backward", "radixsort", "sort")),
+                ("fused elementwise (inductor)", ("triton_",)),
+                ("copies and fills", ("copy", "fill", "elementwise_kernel", "memset", "memcpy")))
 
 def variant_spec(variant: str, size: str, batch: int, steps: int, warmup: int) -> BenchSpec:
     base, extra = variant, {"overrides": ()}
@@ -100,7 +110,24 @@ def eval_throughput(size: str, device: torch.device, users: int = 8192) -> dict:
     return {"size": size, "users_per_s": users / (time.perf_counter() - t0), "eval_batch": 1024}
 
 
-def profile(size: str, out_dir: Path, steps: int = 6) -> Path:
+def kernel_summary(prof, steps: int) -> str:
+    """GPU time per step by kind of kernel (KERNEL_KINDS), from a profile's kernel events."""
+    from torch.autograd import DeviceType
+
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA or event.is_user_annotation:  # kernels, not the regions around them
+            continue
+        name = event.key.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
+    total = sum(kinds.values())
+    lines = [f"GPU time per step by kind of kernel: {total:.2f} ms"]
+    lines += [f"  {kind:<30} {ms:6.2f} ms  {ms / total:5.1%}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines) + "\n\n"
+
+
+def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...] = ()) -> Path:
     """PyTorch profiler over AMP+compile training steps: where the GPU time goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -113,11 +140,11 @@ def profile(size: str, out_dir: Path, steps: int = 6) -> Path:
 
     device = torch.device("cuda")
     batch = 128 if size == "430M" else 256
-    cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50"])
+    cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50", *overrides])
     model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device)
     step = TrainStep(MaskedItemObjective(model).to(device), list(model.parameters()),
                      build_optimizer(model, cfg.optim, device), None, torch.bfloat16, cfg.optim.grad_clip,
-                     device, "default")
+                     device, "default", fused_clip=cfg.optim.fused_clip)
     data = random_sequences(batch * (steps + 8), 50, NUM_ITEMS, seed=0)
     batches = [b.to(device) for b in train_batches(data, NUM_ITEMS, batch, 50, 0.2, 0.1, 0, 0)]
     for b in batches[:8]:
@@ -127,8 +154,14 @@ def profile(size: str, out_dir: Path, steps: int = 6) -> Path:
         for b in batches[8:]:
             step(b)
         torch.cuda.synchronize()
-    path = out_dir / f"profile_{size}_amp_compile.txt"
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+    tag = "".join("_" + o.split("=")[-1] for o in overrides)
+    path = out_dir / f"profile_{size}_amp_compile{tag}.txt"
+    head = (f"# python benchmarks/gpu_throughput.py --profile {size}"
+            + "".join(f" --profile-set {o}" for o in overrides)
+            + f" on an {torch.cuda.get_device_name(device)}, torch {torch.__version__}; {steps} AMP+compile steps, "
+              f"batch {batch}, {NUM_ITEMS:,} items\n")
+    path.write_text(head + kernel_summary(prof, steps) + prof.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110))
     return path
 
 
@@ -141,10 +174,12 @@ def main() -> None:
     parser.add_argument("--seed-variants", nargs="+", default=["fp32", "amp", "amp_compile"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_throughput.json"))
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile (AMP+compile)")
+    parser.add_argument("--profile-set", action="append", default=[], help="config override for --profile")
     args = parser.parse_args()
     device = torch.device("cuda")
     for size in args.profile:
-        print(f"profile written to {profile(size, Path(args.output).parent)}", flush=True)
+        path = profile(size, Path(args.output).parent, overrides=tuple(args.profile_set))
+        print(f"profile written to {path}", flush=True)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     peak = matmul_tflops(device)

@@ -44,3 +44,23 @@ def test_attention_uses_explicit_linears():
     assert {"blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.attn.v_proj",
             "blocks.0.attn.o_proj", "blocks.0.ffn.up_proj"} <= names
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+
+
+def test_fused_qkv_projection_is_the_three_linears():
+    """Plain Q/K/V linears run as one GEMM; outputs and weight gradients are those of each linear."""
+    torch.manual_seed(0)
+    attn = _model("tiny", 20, tied=True, device="cpu").blocks[0].attn
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = torch.randn(3, 7, 32)
+    fused = attn._qkv(x, None)
+    separate = [linear(x) for linear in linears]
+    upstream = [torch.randn_like(t) for t in separate]
+    grads = []
+    for outputs in (fused, separate):
+        attn.zero_grad()
+        torch.autograd.backward(outputs, upstream)
+        grads.append([p.grad.clone() for linear in linears for p in (linear.weight, linear.bias)])
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -67,10 +67,14 @@ class ModelConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.1
     tied_head: bool = True  # output head shares the item embedding (paper); False = seed's untied head
+    fused_qkv: bool = True  # Q, K and V projections as one GEMM (False: three, for A/B benchmarks)
+    attention: str = "auto"  # SDPA kernel: auto (PyTorch picks) | cudnn | efficient | math (see tuner/model/bert4rec.py)
 
     def __post_init__(self) -> None:
+        from tuner.model.bert4rec import ATTENTION_BACKENDS
         from tuner.model.sizes import SIZES
 
+        _check_choice("model.attention", self.attention, list(ATTENTION_BACKENDS))
         _check_choice("model.size", self.size, list(SIZES))
         preset = SIZES[self.size]
         for name in ("hidden", "layers", "heads", "max_len"):

@@ -11,6 +11,9 @@ Design choices, with reasons:
 - The head is the paper's: GELU transform, then scores against the item embedding (tied) or a
   separate output matrix (untied, as the seed used), plus a per-item bias. Scores cover items
   1..num_items only: padding and mask can never be predicted or ranked.
+- Attention goes through `F.scaled_dot_product_attention`; `attention` pins its kernel (cuDNN,
+  the memory-efficient kernel, or the math path that `torch.compile` fuses) where PyTorch's own
+  choice is slower for short sequences (benchmarks/attention_backends.py measures them).
 - `forward` returns hidden states; `item_scores` scores chosen rows against the catalog. The
   loss picks the masked rows first, so full-catalog logits are never built for unmasked positions.
 
@@ -19,11 +22,17 @@ Single-device code only: no `torch.distributed`, no Ray.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# model.attention -> the SDPA kernel it pins (None: PyTorch's own choice)
+ATTENTION_BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass
@@ -37,6 +46,8 @@ class Bert4RecConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.1
     tied_head: bool = True
+    fused_qkv: bool = True  # plain Q/K/V linears as one GEMM
+    attention: str = "auto"  # a key of ATTENTION_BACKENDS
 
     @property
     def mask_token(self) -> int:
@@ -51,22 +62,36 @@ def _proj(layer: nn.Module, x: torch.Tensor, gate: torch.Tensor | None) -> torch
 class SelfAttention(nn.Module):
     def __init__(self, cfg: Bert4RecConfig):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.fused_qkv = cfg.heads, cfg.fused_qkv
         self.q_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.k_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.v_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.o_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.attn_dropout = cfg.attn_dropout
+        self.backend = ATTENTION_BACKENDS[cfg.attention]
         self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def _qkv(self, x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The Q, K and V projections of x, each [B, L, H].
+
+        Plain linears run as one GEMM over their concatenated weights: a wider GEMM keeps the GPU
+        busier than three narrow ones, and under autocast the concatenation rides in the cast to
+        bf16 that each weight needs anyway. iLoRA-adapted linears run one by one."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv and gate is None and all(type(p) is nn.Linear for p in projections):
+            fused = F.linear(x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
+            return fused.chunk(3, dim=-1)
+        return tuple(_proj(p, x, gate) for p in projections)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, hidden = x.shape
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
-        q, k, v = (split(_proj(self.q_proj, x, gate)), split(_proj(self.k_proj, x, gate)),
-                   split(_proj(self.v_proj, x, gate)))
+        q, k, v = (split(t) for t in self._qkv(x, gate))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=self.attn_dropout if self.training else 0.0)
+        pin = self.backend is not None and q.is_cuda  # CPUs have the math kernel (and their own flash) only
+        with sdpa_kernel(self.backend) if pin else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(batch, length, hidden)
         return self.resid_dropout(_proj(self.o_proj, y, gate))
 

@@ -1,0 +1,112 @@
+"""Attention kernels at BERT4Rec's shapes: forward + backward time of each SDPA backend.
+
+BERT4Rec's sequences are short (50 items at the seed's settings) and padded on the left, so
+attention takes a key-padding mask and (in training) dropout. Flash attention takes no mask, and
+the kernels PyTorch picks are tuned for long sequences. This measures, for each size's shape
+(batch, heads, head dim 64, length 50, bf16, 10% attention dropout, a padding mask), the median
+forward + backward time of each backend, eager and under `torch.compile`, in one process:
+
+    python benchmarks/attention_backends.py --out benchmarks/results/attention_backends.json
+
+`model.attention` pins the winner in training; benchmarks/gpu_throughput.py's `_attn_<name>`
+variants measure it in the whole step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tuner.model.bert4rec import ATTENTION_BACKENDS  # noqa: E402
+from tuner.model.sizes import SIZES  # noqa: E402
+
+SHAPES = {"130M": 256, "430M": 128}  # size -> the seed's batch
+
+
+def attention(q, k, v, keep, backend, dropout: float):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+
+
+def time_ms(fn, repeats: int = 50) -> float:
+    """Median milliseconds of fn() by CUDA events, after warm-up."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(size: str, length: int, dropout: float, device: torch.device) -> list[dict]:
+    preset, batch = SIZES[size], SHAPES[size]
+    heads, head_dim = preset["heads"], preset["hidden"] // preset["heads"]
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, heads, length, head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(device, torch.bfloat16).requires_grad_() for _ in range(3))
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)  # left padding, as the collate path pads
+    keep = (torch.arange(length)[None, :] >= (length - lengths)[:, None])[:, None, None, :].to(device)
+    grad = torch.randn(shape, generator=gen).to(device, torch.bfloat16)
+    rows = []
+    for name, backend in ATTENTION_BACKENDS.items():
+        if backend is None:
+            continue
+        for compiled in (False, True):
+            fn = torch.compile(attention) if compiled else attention
+
+            def step():
+                out = fn(q, k, v, keep, backend, dropout)
+                torch.autograd.grad(out, (q, k, v), grad)
+
+            try:
+                ms = time_ms(step)
+            except Exception as exc:  # noqa: BLE001 - a backend that rejects the shape is a result too
+                rows.append({"size": size, "backend": name, "compiled": compiled, "fwd_bwd_ms": None,
+                             "error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"})
+            else:
+                rows.append({"size": size, "backend": name, "compiled": compiled, "fwd_bwd_ms": ms,
+                             "per_step_ms": ms * preset["layers"]})
+            print(json.dumps(rows[-1]), flush=True)
+            torch._dynamo.reset()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--length", type=int, default=50)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_backends.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("attention_backends.py: needs a CUDA device")
+    unknown = [s for s in args.sizes if s not in SHAPES]
+    if unknown:
+        sys.exit(f"attention_backends.py: --sizes takes {', '.join(SHAPES)}, not {', '.join(unknown)}")
+    device = torch.device("cuda")
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "command": "python benchmarks/attention_backends.py " + " ".join(sys.argv[1:]),
+              "length": args.length, "dropout": args.dropout, "dtype": "bfloat16", "rows": []}
+    for size in args.sizes:
+        report["rows"] += measure(size, args.length, args.dropout, device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
