@@ -47,7 +47,7 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_separate_clip": {"overrides": ("optim.fused_clip=false",)},  # clipping in a pass of its own
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
-               for name in ("cudnn", "efficient", "math")}}
+               for name in ("auto", "cudnn", "efficient", "math")}}
 
 # kernel name patterns -> what the time is spent on (the first match wins), for the profile summary
 KERNEL_KINDS = (("optimizer", ("adam",)), ("grad norm", ("normfunctor", "lpnorm")),

@@ -29,7 +29,7 @@ def test_overrides_are_typed():
     ("train.batch_size=abc", "train.batch_size='abc' is not a valid int"),
     ("model.size=999M", "model.size='999M' is not one of: tiny, bert4rec, 5M, 85M, 130M, 430M"),
     ("train.amp=fp8", "train.amp='fp8' is not one of"),
-    ("model.attention=flash", "model.attention='flash' is not one of: auto, cudnn, efficient, math"),
+    ("model.attention=flash", "model.attention='flash' is not one of: auto, efficient, cudnn, math"),
     ("optim.lr=nan", "not a valid float"),
     ("model.hidden=33", "divisible by model.heads"),
     ("noequals", "must look like section.key=value"),

@@ -32,6 +32,18 @@ def test_cut_ce_matches_full_ce_in_loss_and_gradients(chunk):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-7)
 
 
+def test_full_ce_is_pytorchs_cross_entropy_in_loss_and_gradients():
+    """full_ce computes lse - target logit (a backward without a row reduction): the same loss
+    and gradients as F.cross_entropy over the logits, ignored rows included."""
+    hidden, weight, bias, labels = _inputs()
+    ours = full_ce(hidden, weight, bias, labels, LossConfig())
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t() + bias, torch.where(labels == IGNORE, -100, labels - 1),
+                                            ignore_index=-100)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (hidden, weight, bias)), torch.autograd.grad(ref, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_logits_padded_to_aligned_columns_change_neither_loss_nor_gradients():
     hidden, weight, bias, labels = _inputs(v=1000)  # 1,000 items: padded by 24 columns to 1,024
     targets = torch.where(labels == IGNORE, -100, labels - 1)

@@ -68,7 +68,7 @@ class ModelConfig:
     attn_dropout: float = 0.1
     tied_head: bool = True  # output head shares the item embedding (paper); False = seed's untied head
     fused_qkv: bool = True  # Q, K and V projections as one GEMM (False: three, for A/B benchmarks)
-    attention: str = "auto"  # SDPA kernel: auto (PyTorch picks) | cudnn | efficient | math (see tuner/model/bert4rec.py)
+    attention: str = "efficient"  # SDPA kernel: efficient | cudnn | math | auto (PyTorch picks); tuner/model/bert4rec.py
 
     def __post_init__(self) -> None:
         from tuner.model.bert4rec import ATTENTION_BACKENDS

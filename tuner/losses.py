@@ -187,10 +187,22 @@ def _aligned_logits(hidden, weight, bias, cfg: LossConfig) -> torch.Tensor:
     return catalog_logits(hidden, weight, bias, cfg.align if hidden.is_cuda else 1)
 
 
-def full_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> torch.Tensor:
+def _row_ce(hidden, weight, bias, labels, cfg: LossConfig) -> torch.Tensor:
+    """Per row: log-sum-exp of the catalog logits (fp32) minus the target's logit.
+
+    Written as logsumexp - gather rather than log_softmax + nll_loss: the backward of log_softmax
+    needs a row sum of its incoming gradient, so the compiled backward reads the [N, V] logits
+    twice (a reduction, then the gradient); logsumexp saves its result, and its backward,
+    softmax minus the one-hot target, is one pointwise pass (benchmarks/ce_backward.py).
+    Ignored rows give lse - logit[0], which the callers mask out."""
     logits = _aligned_logits(hidden, weight, bias, cfg)
-    targets = torch.where(labels == IGNORE, -100, labels - 1)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, ignore_index=-100)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    target = logits.gather(1, (labels.clamp(min=1) - 1)[:, None]).squeeze(1)
+    return torch.logsumexp(logits, dim=1) - target
+
+
+def full_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> torch.Tensor:
+    return _masked_mean(_row_ce(hidden, weight, bias, labels, cfg), labels != IGNORE)
 
 
 def cut_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> torch.Tensor:
@@ -248,10 +260,7 @@ def cut_sampled_ce(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None
 
 def focal(hidden, weight, bias, labels, cfg: LossConfig, item_logq=None) -> torch.Tensor:
     """The seed's "improved loss": focal loss (1 - p)^gamma * CE, on masked positions only."""
-    logits = _aligned_logits(hidden, weight, bias, cfg)
-    targets = torch.where(labels == IGNORE, -100, labels - 1)
-    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
-                         ignore_index=-100, reduction="none")
+    ce = _row_ce(hidden, weight, bias, labels, cfg)
     weight_focal = (1 - torch.exp(-ce)) ** cfg.focal_gamma
     return _masked_mean(weight_focal * ce, labels != IGNORE)
 
