@@ -123,3 +123,40 @@ def test_embedding_learning_rate_multiplier():
     assert lrs[id(model.item_emb.weight)] == pytest.approx(1e-2)
     assert lrs[id(model.blocks[0].attn.q_proj.weight)] == pytest.approx(1e-3)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("loss, autocast, compiled", [("ce", False, False), ("ce", True, False), ("ce", False, True),
+                                                      ("focal", False, False), ("focal", True, False)])
+def test_fused_item_table_gives_the_same_loss_and_gradients(loss, autocast, compiled):
+    """TiedItemTable (the table's input rows and output head in one autograd node) against
+    autograd summing the two uses: the same loss and the same gradient for every parameter,
+    padding and mask-token rows included."""
+    from tuner.losses import MaskedItemObjective
+    from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
+
+    torch.manual_seed(0)
+    model = Bert4Rec(Bert4RecConfig(num_items=50, max_len=12, hidden=16, layers=1, heads=2, ffn=32,
+                                    dropout=0.0, attn_dropout=0.0))
+    items = torch.randint(1, 51, (6, 12))
+    items[:, :3] = 0  # left padding
+    items[:, 5] = 51  # mask tokens
+    items[0, 7] = items[1, 8] = 9  # an item seen twice
+    positions = torch.arange(5, 72, 12)
+    labels = torch.randint(1, 51, (6,))
+    labels[-1] = IGNORE
+    results = []
+    for fused in (False, True):
+        objective = MaskedItemObjective(model, LossConfig(name=loss, fused_table=fused))
+        assert objective._fused_table() is fused
+        run = torch.compile(objective) if compiled else objective
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = run(items, positions, labels)
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused_value, fused_grads) = results
+    torch.testing.assert_close(fused_value, plain)
+    assert plain_grads["item_emb.weight"][0].abs().sum() == 0 == fused_grads["item_emb.weight"][0].abs().sum()
+    assert fused_grads["item_emb.weight"][-1].abs().sum() > 0  # the mask token's input row learns
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, msg=name)

@@ -151,6 +151,9 @@ class TrainConfig:
     # ce / focal on CUDA: the logit matrix's columns are rounded up to a multiple of this (the
     # extra ones masked), so cuBLAS keeps its fast kernels for any catalog size; 1 = no rounding
     logit_align: int = 64
+    # ce / focal with the tied head: the item table's input rows and output head share one autograd
+    # node, whose backward writes the table's gradient in one pass (tuner.losses.TiedItemTable)
+    fused_table: bool = True
     num_negatives: int = 1024  # sampled_ce / cce_sampled
     negative_sampling: str = "uniform"  # uniform | popularity (training counts, log-Q corrected)
     shared_negatives: bool = True  # sampled_ce: one negative set per batch, else per position

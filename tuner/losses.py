@@ -51,13 +51,52 @@ class LossConfig:
     focal_gamma: float = 2.0  # focal
     kernel: str = "auto"  # cce, cce_sampled: auto = Triton kernels on CUDA in bf16/fp16; torch = chunked PyTorch
     align: int = 64  # ce, focal on CUDA: logit columns rounded up to a multiple of this (1 = as many as items)
+    fused_table: bool = True  # ce, focal, tied head: one autograd node for the item table's two uses
 
 
 def loss_config(train, name: Optional[str] = None) -> LossConfig:
     """The LossConfig a `TrainConfig` describes (its `loss`, unless `name` is given)."""
     return LossConfig(name=name or train.loss, chunk=train.loss_chunk, num_negatives=train.num_negatives,
                       sampling=train.negative_sampling, shared_negatives=train.shared_negatives,
-                      focal_gamma=train.focal_gamma, kernel=train.loss_kernel, align=train.logit_align)
+                      focal_gamma=train.focal_gamma, kernel=train.loss_kernel, align=train.logit_align,
+                      fused_table=train.fused_table)
+
+
+class TiedItemTable(torch.autograd.Function):
+    """The tied item table's two uses as one autograd node: the input rows of `items`, and the
+    output head's weight (items 1..V, cast to `dtype`, zero rows appended up to a multiple of
+    `align`, as `catalog_logits` would pad it).
+
+    Autograd would otherwise give the table two gradients and add them: a dense [V, H] buffer
+    for the input rows (zeros, then a scatter) and the head's, sliced back from its padding and
+    cast to fp32, and a third pass to sum them. Here the head's gradient is cast once into the
+    table's gradient and the input rows' gradients are added to it in place, so each step makes
+    one pass over the table's gradient instead of three. The values are the same sums (the input
+    rows' additions may come in another order); the padding row gets none, as `padding_idx` says.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, items: torch.Tensor, align: int, dtype: torch.dtype):
+        ctx.save_for_backward(items)
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        head = table[1:-1].to(dtype)
+        pad = -head.shape[0] % align
+        if pad:
+            head = F.pad(head, (0, 0, 0, pad))
+        elif head.dtype == table.dtype:
+            head = head.clone()  # an output, not a view of the table
+        return F.embedding(items, table, padding_idx=0), head
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor, grad_head: torch.Tensor):
+        (items,) = ctx.saved_tensors
+        rows, dtype = ctx.table_shape[0], ctx.table_dtype
+        # written as whole-tensor ops, not row assignments: under torch.compile a row assignment
+        # after the scatter becomes a copy of the whole table (functionalization)
+        zero = grad_head.new_zeros((1, grad_head.shape[1]), dtype=dtype)
+        grad = torch.cat([zero, grad_head[:rows - 2].to(dtype), zero])  # padding, items 1..V, mask token
+        values = (grad_rows * (items != 0).unsqueeze(-1)).reshape(-1, grad.shape[1]).to(dtype)  # padding_idx
+        return grad.index_put_((items.reshape(-1),), values, accumulate=True), None, None, None
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
@@ -281,7 +320,27 @@ class MaskedItemObjective(nn.Module):
         self.register_buffer("item_logq", (probs / probs.sum()).log().float(), persistent=False)
 
     def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(items)
+        if self._fused_table():
+            hidden, weight, bias = self._tied_forward(items)
+        else:
+            hidden = self.model(items)
+            weight, bias = self.model.output_embedding()
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        weight, bias = self.model.output_embedding()
         return self.loss_fn(rows, weight, bias, labels, self.loss_cfg, self.item_logq)
+
+    def _fused_table(self) -> bool:
+        model = self.model
+        return (self.loss_cfg.fused_table and self.loss_cfg.name in ("ce", "focal") and model.cfg.tied_head
+                and model.router is None and model.item_emb.weight.requires_grad)
+
+    def _tied_forward(self, items: torch.Tensor):
+        """Hidden states and the padded head through `TiedItemTable` (full-logit losses, tied head)."""
+        table, bias = self.model.item_emb.weight, self.model.out_bias
+        device = table.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
+        align = self.loss_cfg.align if table.is_cuda else 1
+        item_vectors, weight = TiedItemTable.apply(table, items, align, dtype)
+        pad = weight.shape[0] - bias.shape[0]
+        if pad:
+            bias = F.pad(bias, (0, pad), value=float("-inf"))
+        return self.model(items, item_vectors), weight, bias

@@ -155,16 +155,20 @@ class Bert4Rec(nn.Module):
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """items: [B, L] int ids (left-padded) -> hidden states [B, L, H] after the head transform."""
+    def forward(self, items: torch.Tensor, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """items: [B, L] int ids (left-padded) -> hidden states [B, L, H] after the head transform.
+        `item_vectors` [B, L, H]: the items' embedding rows when the caller looked them up."""
         gate = self.router(self, items) if self.router is not None else None
-        return self.encode(items, gate)
+        return self.encode(items, gate, item_vectors)
 
-    def encode(self, items: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, gate: torch.Tensor | None = None,
+               item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder and head transform; `gate` [B, K] weights iLoRA's experts (None: none)."""
         length = items.shape[1]
         positions = torch.arange(self.cfg.max_len - length, self.cfg.max_len, device=items.device)
-        x = self.emb_dropout(self.emb_norm(self.item_emb(items) + self.pos_emb(positions)))
+        if item_vectors is None:
+            item_vectors = self.item_emb(items)
+        x = self.emb_dropout(self.emb_norm(item_vectors + self.pos_emb(positions)))
         keep = (items != 0)[:, None, None, :]
         for block in self.blocks:
             x = block(x, keep, gate)
