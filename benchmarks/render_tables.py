@@ -163,15 +163,16 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),
           "--gpu-align": lambda: gpu_tables("align_430M", "align_130M", "clip_430M"),
           "--gpu-fused-clip": lambda: gpu_tables("fused_clip_430M", "fused_clip_130M"),
+          "--gpu-kernels": lambda: gpu_tables("qkv_attn_430M", "qkv_attn_130M", "table_430M"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
           "--ray-overhead-direct": lambda: epoch_cycle_table("ray_overhead_direct.json"),
-          "--gpu": gpu_table, "--large-catalog": large_catalog_table,
+          "--gpu": lambda: gpu_table() + "\n\n" + gpu_table("gpu_throughput_small.json"), "--large-catalog": large_catalog_table,
           "--train-step": train_step_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
 
 if __name__ == "__main__":
     import sys
 
-    print(TABLES.get(sys.argv[1] if len(sys.argv) > 1 else "--gpu", gpu_table)())
+    print(TABLES.get(sys.argv[1] if len(sys.argv) > 1 else "--gpu", TABLES["--gpu"])())

@@ -96,7 +96,9 @@ class TiedItemTable(torch.autograd.Function):
         zero = grad_head.new_zeros((1, grad_head.shape[1]), dtype=dtype)
         grad = torch.cat([zero, grad_head[:rows - 2].to(dtype), zero])  # padding, items 1..V, mask token
         values = (grad_rows * (items != 0).unsqueeze(-1)).reshape(-1, grad.shape[1]).to(dtype)  # padding_idx
-        return grad.index_put_((items.reshape(-1),), values, accumulate=True), None, None, None
+        # index_add_, not index_put_(accumulate=True): on a CPU only the former sums in a fixed
+        # order, which exact resumption needs (tests/test_train.py)
+        return grad.index_add_(0, items.reshape(-1), values), None, None, None
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
