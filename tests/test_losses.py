@@ -32,11 +32,13 @@ def test_cut_ce_matches_full_ce_in_loss_and_gradients(chunk):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-7)
 
 
-def test_full_ce_is_pytorchs_cross_entropy_in_loss_and_gradients():
-    """full_ce computes lse - target logit (a backward without a row reduction): the same loss
-    and gradients as F.cross_entropy over the logits, ignored rows included."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_gather", "compiled_one_hot"])
+def test_full_ce_is_pytorchs_cross_entropy_in_loss_and_gradients(compiled):
+    """full_ce computes lse - target logit (a backward without a row reduction; the target by a
+    gather in eager code, by a one-hot row sum under compile): the same loss and gradients as
+    F.cross_entropy over the logits, ignored rows included."""
     hidden, weight, bias, labels = _inputs()
-    ours = full_ce(hidden, weight, bias, labels, LossConfig())
+    ours = (torch.compile(full_ce) if compiled else full_ce)(hidden, weight, bias, labels, LossConfig())
     ref = torch.nn.functional.cross_entropy(hidden @ weight.t() + bias, torch.where(labels == IGNORE, -100, labels - 1),
                                             ignore_index=-100)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)

@@ -235,10 +235,20 @@ def _row_ce(hidden, weight, bias, labels, cfg: LossConfig) -> torch.Tensor:
     needs a row sum of its incoming gradient, so the compiled backward reads the [N, V] logits
     twice (a reduction, then the gradient); logsumexp saves its result, and its backward,
     softmax minus the one-hot target, is one pointwise pass (benchmarks/ce_backward.py).
-    Ignored rows give lse - logit[0], which the callers mask out."""
+    Ignored rows give lse - logit[0], which the callers mask out.
+
+    Under torch.compile the target logit is picked by a one-hot compare and a row sum instead of
+    a gather: the sum joins the logsumexp's pass over the logits, and its gradient joins the
+    softmax's, where a gather's backward would scatter into a zeroed [N, V] buffer of its own.
+    Eager code keeps the gather, which builds no [N, V] temporaries."""
     logits = _aligned_logits(hidden, weight, bias, cfg)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    target = logits.gather(1, (labels.clamp(min=1) - 1)[:, None]).squeeze(1)
+    index = (labels.clamp(min=1) - 1)[:, None]
+    if torch.compiler.is_compiling():
+        hit = torch.arange(logits.shape[1], device=logits.device)[None, :] == index
+        target = torch.where(hit, logits, 0.0).sum(1)
+    else:
+        target = logits.gather(1, index).squeeze(1)
     return torch.logsumexp(logits, dim=1) - target
 
 
