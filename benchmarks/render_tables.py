@@ -163,7 +163,7 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),
           "--gpu-align": lambda: gpu_tables("align_430M", "align_130M", "clip_430M"),
           "--gpu-fused-clip": lambda: gpu_tables("fused_clip_430M", "fused_clip_130M"),
-          "--gpu-kernels": lambda: gpu_tables("qkv_attn_430M", "qkv_attn_130M", "table_430M_index_put", "table_430M"),
+          "--gpu-kernels": lambda: gpu_tables("qkv_attn_430M", "qkv_attn_130M", "table_430M_index_put", "table_430M", "onehot_430M"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
