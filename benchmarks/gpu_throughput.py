@@ -45,7 +45,6 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_cce": {"loss": "cce"},  # cut cross-entropy kernels instead of full logits
             "_noclip": {"overrides": ("optim.grad_clip=0",)},  # what gradient clipping costs
             "_separate_clip": {"overrides": ("optim.fused_clip=false",)},  # clipping in a pass of its own
-            "_triton_adamw": {"overrides": ("optim.adamw=triton",)},  # tuner.train.adamw_kernel's update
             "_unfused_table": {"overrides": ("train.fused_table=false",)},  # the table's two gradients summed by autograd
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel

@@ -106,9 +106,6 @@ class OptimConfig:
     # with the fused AdamW (GPUs) and no fp16 loss scaling: apply the clipping factor inside the
     # optimizer's own pass (its grad_scale) instead of a separate pass over every gradient
     fused_clip: bool = True
-    # AdamW's update on GPUs: fused = PyTorch's fused AdamW; triton = one Triton launch per group
-    # (tuner/train/adamw_kernel.py), the same arithmetic. CPUs use PyTorch's foreach AdamW.
-    adamw: str = "fused"
     # validate, test and serve an exponential moving average of the weights, updated after every
     # step with this decay (e.g. 0.99; a second copy of the weights on the device); 0 = off
     ema_decay: float = 0.0
@@ -123,7 +120,6 @@ class OptimConfig:
         _check_prob("optim.min_lr_ratio", self.min_lr_ratio, allow_one=True)
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
-        _check_choice("optim.adamw", self.adamw, ("fused", "triton"))
 
 
 @dataclass

@@ -12,8 +12,6 @@ from tuner.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over three groups: decayed weights, undecayed biases and norms, the embeddings.
-    On a GPU, PyTorch's fused AdamW or (`optim.adamw=triton`) tuner.train.adamw_kernel's."""
     decay, no_decay, embeddings = [], [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -28,11 +26,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
               {"params": no_decay, "weight_decay": 0.0},
               {"params": embeddings, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.embedding_lr_mult}]
     groups = [g for g in groups if g["params"]]
-    if device.type == "cuda" and cfg.adamw == "triton":
-        from tuner.train.adamw_kernel import TritonAdamW, available
-
-        if available(groups[0]["params"][0]):
-            return TritonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 

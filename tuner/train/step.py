@@ -31,8 +31,8 @@ class TrainStep:
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        takes_scale = bool(optimizer.defaults.get("fused")) or hasattr(optimizer, "grad_scale")
-        self.fused_clip = fused_clip and takes_scale and not self.scaler.is_enabled()
+        self.fused_clip = (fused_clip and bool(optimizer.defaults.get("fused"))
+                           and not self.scaler.is_enabled())
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
