@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tuner.model.bert4rec import ATTENTION_BACKENDS  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_report import start_report  # noqa: E402
+
 SHAPES = {"130M": 256, "430M": 128}  # size -> the seed's batch
 
 
@@ -93,15 +96,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_backends.json"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("attention_backends.py: needs a CUDA device")
-    unknown = [s for s in args.sizes if s not in SHAPES]
-    if unknown:
-        sys.exit(f"attention_backends.py: --sizes takes {', '.join(SHAPES)}, not {', '.join(unknown)}")
-    device = torch.device("cuda")
-    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "command": "python benchmarks/attention_backends.py " + " ".join(sys.argv[1:]),
-              "length": args.length, "dropout": args.dropout, "dtype": "bfloat16", "rows": []}
+    device, report = start_report("attention_backends.py", args.sizes, SHAPES)
+    report.update(length=args.length, dropout=args.dropout, dtype="bfloat16", rows=[])
     for size in args.sizes:
         report["rows"] += measure(size, args.length, args.dropout, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

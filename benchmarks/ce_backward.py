@@ -33,6 +33,9 @@ from tuner.data.collate import IGNORE, static_predictions  # noqa: E402
 from tuner.losses import LossConfig, catalog_logits, full_ce  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_report import start_report  # noqa: E402
+
 NUM_ITEMS = 159_750
 BATCH = {"130M": 256, "430M": 128}  # the seed's batch per size
 
@@ -103,14 +106,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(BATCH))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ce_backward.json"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("ce_backward.py: needs a CUDA device")
-    unknown = [s for s in args.sizes if s not in BATCH]
-    if unknown:
-        sys.exit(f"ce_backward.py: --sizes takes {', '.join(BATCH)}, not {', '.join(unknown)}")
-    device = torch.device("cuda")
-    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "command": "python benchmarks/ce_backward.py " + " ".join(sys.argv[1:]), "rows": []}
+    device, report = start_report("ce_backward.py", args.sizes, BATCH)
+    report["rows"] = []
     for size in args.sizes:
         report["rows"] += measure(size, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
