@@ -62,6 +62,15 @@ def test_logits_padded_to_aligned_columns_change_neither_loss_nor_gradients():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_a_weight_padded_beforehand_gets_its_bias_padded_to_match():
+    """TiedItemTable hands catalog_logits a head already padded to 1,024 rows with the 1,000-item
+    bias: the logits are those of padding both inside catalog_logits."""
+    hidden, weight, bias, _ = _inputs(v=1000)
+    prepadded = torch.nn.functional.pad(weight, (0, 0, 0, 24))
+    torch.testing.assert_close(catalog_logits(hidden, prepadded, bias, align=64),
+                               catalog_logits(hidden, weight, bias, align=64), rtol=0, atol=0)
+
+
 def test_chunked_logsumexp_gradcheck():
     hidden, weight, bias, _ = _inputs(n=5, v=23, h=4)
     assert torch.autograd.gradcheck(lambda h, w, b: chunked_logsumexp(h, w, b, 6), (hidden, weight, bias))

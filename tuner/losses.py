@@ -216,16 +216,23 @@ def catalog_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     `align` columns. The extra columns score zero rows with a -inf bias, so they take no
     probability and no gradient, and item i's logit stays at column i - 1. Aligned rows let cuBLAS
     use its Hopper kernels (16-byte-aligned rows); with an odd catalog such as 159,750 items it
-    falls back to slower ones."""
+    falls back to slower ones. A weight that comes padded already (`TiedItemTable`) keeps its rows;
+    the bias is padded to match it."""
     pad = -weight.shape[0] % align
     if pad:
         weight = F.pad(weight, (0, 0, 0, pad))
-        bias = F.pad(bias, (0, pad), value=float("-inf"))
+    if weight.shape[0] > bias.shape[0]:
+        bias = F.pad(bias, (0, weight.shape[0] - bias.shape[0]), value=float("-inf"))
     return hidden @ weight.t() + bias
 
 
+def _align(cfg: LossConfig, tensor: torch.Tensor) -> int:
+    """The logit column multiple for tensors on `tensor`'s device: cfg.align on CUDA, else 1."""
+    return cfg.align if tensor.is_cuda else 1
+
+
 def _aligned_logits(hidden, weight, bias, cfg: LossConfig) -> torch.Tensor:
-    return catalog_logits(hidden, weight, bias, cfg.align if hidden.is_cuda else 1)
+    return catalog_logits(hidden, weight, bias, _align(cfg, hidden))
 
 
 def _row_ce(hidden, weight, bias, labels, cfg: LossConfig) -> torch.Tensor:
@@ -346,13 +353,10 @@ class MaskedItemObjective(nn.Module):
                 and model.router is None and model.item_emb.weight.requires_grad)
 
     def _tied_forward(self, items: torch.Tensor):
-        """Hidden states and the padded head through `TiedItemTable` (full-logit losses, tied head)."""
-        table, bias = self.model.item_emb.weight, self.model.out_bias
+        """Hidden states, the padded head through `TiedItemTable` and the bias (full-logit losses,
+        tied head; `catalog_logits` pads the bias to the head's rows)."""
+        table = self.model.item_emb.weight
         device = table.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
-        align = self.loss_cfg.align if table.is_cuda else 1
-        item_vectors, weight = TiedItemTable.apply(table, items, align, dtype)
-        pad = weight.shape[0] - bias.shape[0]
-        if pad:
-            bias = F.pad(bias, (0, pad), value=float("-inf"))
-        return self.model(items, item_vectors), weight, bias
+        item_vectors, weight = TiedItemTable.apply(table, items, _align(self.loss_cfg, table), dtype)
+        return self.model(items, item_vectors), weight, self.model.out_bias
