@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tuner.model.bert4rec import ATTENTION_BACKENDS  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_report import start_report  # noqa: E402
+from gpu_report import median_ms, start_report  # noqa: E402
 
 SHAPES = {"130M": 256, "430M": 128}  # size -> the seed's batch
 
@@ -39,21 +38,6 @@ def attention(q, k, v, keep, backend, dropout: float):
 
     with sdpa_kernel(backend):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
-
-
-def time_ms(fn, repeats: int = 50) -> float:
-    """Median milliseconds of fn() by CUDA events, after warm-up."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(size: str, length: int, dropout: float, device: torch.device) -> list[dict]:
@@ -77,7 +61,7 @@ def measure(size: str, length: int, dropout: float, device: torch.device) -> lis
                 torch.autograd.grad(out, (q, k, v), grad)
 
             try:
-                ms = time_ms(step)
+                ms = median_ms(step, repeats=50)
             except Exception as exc:  # noqa: BLE001 - a backend that rejects the shape is a result too
                 rows.append({"size": size, "backend": name, "compiled": compiled, "fwd_bwd_ms": None,
                              "error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,11 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tuner.data.collate import IGNORE, static_predictions  # noqa: E402
-from tuner.losses import LossConfig, catalog_logits, full_ce  # noqa: E402
+from tuner.losses import LossConfig, _masked_mean, catalog_logits, full_ce  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_report import start_report  # noqa: E402
+from gpu_report import median_ms, start_report  # noqa: E402
 
 NUM_ITEMS = 159_750
 BATCH = {"130M": 256, "430M": 128}  # the seed's batch per size
@@ -49,8 +48,7 @@ def logsumexp_gather_ce(hidden, weight, bias, labels):
     logits = catalog_logits(hidden, weight, bias, LossConfig().align).float()
     target = logits.gather(1, (labels.clamp(min=1) - 1)[:, None]).squeeze(1)
     rows = torch.logsumexp(logits, dim=1) - target
-    valid = labels != IGNORE
-    return (rows * valid).sum() / valid.sum().clamp(min=1)
+    return _masked_mean(rows, labels != IGNORE)
 
 
 def logsumexp_ce(hidden, weight, bias, labels):
@@ -79,19 +77,12 @@ def measure(size: str, device: torch.device, repeats: int = 30) -> list[dict]:
             return loss
 
         for _ in range(5):
-            step()
+            loss = step()  # the same every call: nothing updates the weights
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.reset_peak_memory_stats(device)  # the timed calls' peak, not compilation's
+        ms = median_ms(step, repeats, warmup=0)
         results.append({"size": size, "variant": name, "rows": rows, "items": NUM_ITEMS, "hidden": hidden_size,
-                        "fwd_bwd_ms": statistics.median(times), "loss": float(loss),
+                        "fwd_bwd_ms": ms, "loss": float(loss),
                         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20})
         print(json.dumps(results[-1]), flush=True)
         weight.grad = bias.grad = hidden.grad = None

@@ -1,7 +1,8 @@
-"""The start of a GPU benchmark's report: the checks every such script makes, and its header."""
+"""Shared by the GPU micro-benchmarks: the checks and header of a report, and CUDA-event timing."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Iterable
 
@@ -19,3 +20,18 @@ def start_report(script: str, sizes: Iterable[str], known: Iterable[str]) -> tup
     device = torch.device("cuda")
     return device, {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                     "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:])}
+
+
+def median_ms(fn, repeats: int, warmup: int = 5) -> float:
+    """Median milliseconds of fn() by CUDA events, each call timed alone, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
