@@ -133,7 +133,7 @@ def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...]
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from tuner.config import load_config
-    from tuner.losses import MaskedItemObjective
+    from tuner.losses import MaskedItemObjective, loss_config
     from tuner.model.bert4rec import Bert4Rec
     from tuner.model.build import model_config
     from tuner.train.optim import build_optimizer
@@ -143,7 +143,7 @@ def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...]
     batch = 128 if size == "430M" else 256
     cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50", *overrides])
     model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device)
-    step = TrainStep(MaskedItemObjective(model).to(device), list(model.parameters()),
+    step = TrainStep(MaskedItemObjective(model, loss_config(cfg.train)).to(device), list(model.parameters()),
                      build_optimizer(model, cfg.optim, device), None, torch.bfloat16, cfg.optim.grad_clip,
                      device, "default", fused_clip=cfg.optim.fused_clip)
     data = random_sequences(batch * (steps + 8), 50, NUM_ITEMS, seed=0)
