@@ -47,11 +47,12 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_separate_clip": {"overrides": ("optim.fused_clip=false",)},  # clipping in a pass of its own
             "_unfused_table": {"overrides": ("train.fused_table=false",)},  # the table's two gradients summed by autograd
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
+            "_fp32_weights": {"overrides": ("train.weights=fp32",)},  # fp32 weights cast by autocast, fused AdamW
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
                for name in ("auto", "cudnn", "efficient", "math")}}
 
 # kernel name patterns -> what the time is spent on (the first match wins), for the profile summary
-KERNEL_KINDS = (("optimizer", ("adam",)), ("grad norm", ("normfunctor", "lpnorm")),
+KERNEL_KINDS = (("optimizer", ("adam", "triton_for_")),  # fused AdamW; MasterWeightAdamW's foreach kernels ("grad norm", ("normfunctor", "lpnorm")),
                 ("attention", ("sdpa", "fmha", "flash", "attention")),
                 ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
                 ("embedding backward", ("embedding", "indexing_backward", "radixsort", "sort")),
@@ -136,7 +137,7 @@ def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...]
     from tuner.losses import MaskedItemObjective, loss_config
     from tuner.model.bert4rec import Bert4Rec
     from tuner.model.build import model_config
-    from tuner.train.optim import build_optimizer
+    from tuner.train.optim import bf16_weights, build_optimizer
     from tuner.train.step import TrainStep
 
     device = torch.device("cuda")
@@ -144,7 +145,9 @@ def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...]
     cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50", *overrides])
     model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device)
     step = TrainStep(MaskedItemObjective(model, loss_config(cfg.train)).to(device), list(model.parameters()),
-                     build_optimizer(model, cfg.optim, device), None, torch.bfloat16, cfg.optim.grad_clip,
+                     build_optimizer(model, cfg.optim, device, bf16_weights(cfg.train.weights, torch.bfloat16, device,
+                                                                            cfg.optim.ema_decay), compile=True),
+                     None, torch.bfloat16, cfg.optim.grad_clip,
                      device, "default", fused_clip=cfg.optim.fused_clip)
     data = random_sequences(batch * (steps + 8), 50, NUM_ITEMS, seed=0)
     batches = [b.to(device) for b in train_batches(data, NUM_ITEMS, batch, 50, 0.2, 0.1, 0, 0)]

@@ -12,7 +12,9 @@
 - `ema` (issue 8): the weights' exponential moving average validated and tested instead of the
   weights (`optim.ema_decay`);
 - `window` (issue 8): histories longer than the model's length trained on a random window of it
-  for a share of them each epoch (`train.window_prob`), rather than always on the latest items.
+  for a share of them each epoch (`train.window_prob`), rather than always on the latest items;
+- `weights` (issue 5): bf16 weights with fp32 masters in the optimizer (`train.weights=bf16`)
+  against fp32 weights, two seeds each (a GPU: bf16 autocast).
 
 Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
 the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
@@ -78,6 +80,12 @@ GROUPS = {
         "plain": [],
         "window_0.5": ["train.window_prob=0.5"],
         "window_1": ["train.window_prob=1.0"],
+    },
+    "weights": {  # how the weights are stored: bf16 + fp32 masters (the default on GPUs) or fp32
+        "fp32_weights": ["train.weights=fp32"],
+        "bf16_weights": ["train.weights=bf16"],
+        "fp32_weights_seed1": ["train.weights=fp32", "train.seed=1"],
+        "bf16_weights_seed1": ["train.weights=bf16", "train.seed=1"],
     },
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")

@@ -45,8 +45,9 @@ def test_tiny_beats_popularity_twice_over():
         assert key in result
 
 
-@pytest.mark.parametrize("extra", [[], ["optim.ema_decay=0.9", "train.window_prob=0.5"]],
-                         ids=["weights", "weight_average_random_windows"])
+@pytest.mark.parametrize("extra", [[], ["optim.ema_decay=0.9", "train.window_prob=0.5"],
+                                   ["train.amp=bf16", "train.weights=bf16"]],
+                         ids=["weights", "weight_average_random_windows", "bf16_weights_fp32_masters"])
 def test_interrupted_run_resumes_exactly(tmp_path, extra):
     over = FAST + ["train.max_epochs=4", "train.patience=0"] + extra
     straight = load_config(overrides=over + [f"train.checkpoint_dir={tmp_path / 'a'}"])
@@ -87,6 +88,21 @@ def test_checkpoint_of_another_size_is_refused(tmp_path):
                                           "model.size=bert4rec", "model.max_len=16"])
     with pytest.raises(UserError, match="another model or catalog"):
         train_worker(other, local_context(other.train), Recorder())
+
+
+def test_checkpoint_with_other_weight_storage_is_refused(tmp_path):
+    over = FAST + ["train.max_epochs=1", f"train.checkpoint_dir={tmp_path}", "train.amp=bf16"]
+    cfg = load_config(overrides=over + ["train.weights=fp32"])
+    train_worker(cfg, local_context(cfg.train), Recorder())
+    other = load_config(overrides=over + ["train.weights=bf16", "train.max_epochs=2"])
+    with pytest.raises(UserError, match="trained with fp32 weights and this run's are bf16"):
+        train_worker(other, local_context(other.train), Recorder())
+
+
+def test_bf16_weights_without_bf16_autocast_is_refused():
+    cfg = load_config(overrides=FAST + ["train.max_epochs=1", "train.weights=bf16"])  # amp auto: off on a CPU
+    with pytest.raises(UserError, match="train.weights=bf16 needs bf16 autocast.*set train.amp=bf16"):
+        train_worker(cfg, local_context(cfg.train), Recorder())
 
 
 def test_foreign_checkpoint_file_is_refused(tmp_path):

@@ -25,7 +25,7 @@ from tuner.errors import UserError
 from tuner.losses import MaskedItemObjective, loss_config
 from tuner.model.bert4rec import Bert4RecConfig, count_parameters
 from tuner.model.build import build_model
-from tuner.train.optim import build_optimizer
+from tuner.train.optim import bf16_weights, build_optimizer
 from tuner.train.step import TrainStep
 
 
@@ -107,10 +107,11 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
     model = build_model(cfg, spec.num_items, pretrained=False).to(device)
     mcfg = model.cfg
     objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)
-    optimizer = build_optimizer(model, cfg.optim, device)
     dtype = None
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    optimizer = build_optimizer(model, cfg.optim, device,
+                                bf16_weights(cfg.train.weights, dtype, device, cfg.optim.ema_decay), spec.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),

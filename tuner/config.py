@@ -139,6 +139,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available
     amp: str = "auto"  # auto = bf16 on GPUs that have it, fp16 + GradScaler otherwise, off on CPU
+    # how the trainable weights are stored: fp32, or bf16 with fp32 master copies and moments kept
+    # by the optimizer (tuner.train.master_adamw; needs bf16 autocast, no optim.ema_decay); auto =
+    # bf16 when training under bf16 autocast on CUDA without a weight average, else fp32
+    weights: str = "auto"
     compile: str = "auto"  # auto = on for cuda
     compile_mode: str = "default"  # reduce-overhead = CUDA graphs (use with static_shapes)
     static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
@@ -187,6 +191,9 @@ class TrainConfig:
         _check(self.patience >= 0, "train.patience must be >= 0")
         _check_choice("train.device", self.device, _DEVICE_CHOICES)
         _check_choice("train.amp", self.amp, _AMP_CHOICES)
+        _check_choice("train.weights", self.weights, ("auto", "fp32", "bf16"))
+        _check(self.weights != "bf16" or self.amp in ("auto", "bf16"),
+               f"train.weights=bf16 needs bf16 autocast, not train.amp={self.amp}")
         _check_choice("train.compile", self.compile, _COMPILE_CHOICES)
         _check_choice("train.compile_mode", self.compile_mode, _COMPILE_MODES)
         _check_choice("train.loss", self.loss, ("ce", "focal", "cce", "sampled_ce", "cce_sampled"))
@@ -313,6 +320,11 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(not (self.train.weights == "bf16" and self.optim.ema_decay),
+               "train.weights=bf16 cannot be combined with optim.ema_decay (the average would be bf16 "
+               "too); set train.weights=fp32")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -95,10 +95,28 @@ class TiedItemTable(torch.autograd.Function):
         # after the scatter becomes a copy of the whole table (functionalization)
         zero = grad_head.new_zeros((1, grad_head.shape[1]), dtype=dtype)
         grad = torch.cat([zero, grad_head[:rows - 2].to(dtype), zero])  # padding, items 1..V, mask token
-        values = (grad_rows * (items != 0).unsqueeze(-1)).reshape(-1, grad.shape[1]).to(dtype)  # padding_idx
+        values = (grad_rows * (items != 0).unsqueeze(-1)).reshape(-1, grad.shape[1])  # padding_idx
+        ids = items.reshape(-1)
+        if dtype != torch.float32:  # bf16 weights: sum each item's rows in fp32, add once
+            ids, values = _sum_rows_by_id(ids, values)
         # index_add_, not index_put_(accumulate=True): on a CPU only the former sums in a fixed
         # order, which exact resumption needs (tests/test_train.py)
-        return grad.index_add_(0, items.reshape(-1), values), None, None, None
+        return grad.index_add_(0, ids, values.to(dtype)), None, None, None
+
+
+def _sum_rows_by_id(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids', sums) with each distinct id of `ids` once and the fp32 sum of its `values` rows.
+
+    An item that fills many positions of a batch would otherwise have its rows added one by one to
+    a bf16 gradient, rounding after every addition. Shapes stay static (no host sync, compiles):
+    ids' has as many entries as ids; the spare ones are id 0 with zero sums, which the caller's
+    padding row absorbs."""
+    sorted_ids, order = ids.sort()
+    first = torch.cat([sorted_ids.new_ones(1, dtype=torch.bool), sorted_ids[1:] != sorted_ids[:-1]])  # an id starts
+    group = first.cumsum(0) - 1
+    sums = values.new_zeros(values.shape, dtype=torch.float32).index_add_(0, group, values[order].float())
+    unique = torch.zeros_like(ids).scatter_(0, group, sorted_ids)  # every write of a group is its id
+    return unique, sums
 
 
 class ChunkedLogSumExp(torch.autograd.Function):

@@ -30,7 +30,8 @@ from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, po
 from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
 from tuner.train.checkpoint import Snapshots, has_checkpoint, load_resume_state, save_checkpoint
-from tuner.train.optim import build_ema, build_optimizer, build_scheduler, shorten_schedule
+from tuner.train.master_adamw import MasterWeightAdamW
+from tuner.train.optim import bf16_weights, build_ema, build_optimizer, build_scheduler, shorten_schedule
 from tuner.train.parallel import WorkerContext
 from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
@@ -87,7 +88,9 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     item_counts = torch.from_numpy(popularity[1:dataset.num_items + 1])
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.optim, device, bf16_weights(cfg.train.weights, dtype, device,
+                                                                       cfg.optim.ema_decay), use_compile)
     steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size, cfg.train.static_shapes)
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train.offsets) - 1} "
@@ -96,7 +99,6 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]  # iLoRA: the adapters only
     step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
                      cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap,
@@ -109,6 +111,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     if has_checkpoint(ctx.resume_dir):
         state = load_resume_state(ctx.resume_dir, ctx.resume_fallbacks)
         _check_compatible(state, cfg, dataset.num_items, ctx.resume_dir)
+        _check_weights(state, isinstance(optimizer, MasterWeightAdamW), ctx.resume_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -277,6 +280,15 @@ def _val_rows(val: EvalSplit, max_users: int, seed: int) -> np.ndarray:
 # the phrase of the incompatible-checkpoint error; the Ray driver recognises it (a worker's
 # exception reaches the driver as text) to name the run instead of a worker's temporary directory
 INCOMPATIBLE = "another model or catalog"
+
+
+def _check_weights(state: dict, bf16: bool, where) -> None:
+    """The checkpoint's optimizer keeps fp32 masters exactly when this run's weights are bf16."""
+    saved_bf16 = any("master" in s for s in state["optimizer"]["state"].values())
+    if saved_bf16 != bf16:
+        saved, now = ("bf16", "fp32") if saved_bf16 else ("fp32", "bf16")
+        raise UserError(f"{where}: checkpoint was trained with {saved} weights and this run's are {now}; "
+                        f"set train.weights={saved} or use a new checkpoint directory")
 
 
 def _check_compatible(state: dict, cfg: Config, num_items: int, where) -> None:

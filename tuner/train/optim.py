@@ -1,4 +1,8 @@
-"""AdamW (no decay on biases and LayerNorm), warm-up + cosine schedule, and the optional weight average."""
+"""AdamW (no decay on biases and LayerNorm), warm-up + cosine schedule, and the optional weight average.
+
+The AdamW is PyTorch's (fused on CUDA) over fp32 weights, or `MasterWeightAdamW` over bf16 weights
+with fp32 masters (`train.weights`, chosen by `bf16_weights`).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,27 @@ import torch
 from torch import nn
 
 from tuner.config import OptimConfig
+from tuner.errors import UserError
+from tuner.train.master_adamw import MasterWeightAdamW
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def bf16_weights(choice: str, autocast_dtype: Optional[torch.dtype], device: torch.device, ema_decay: float) -> bool:
+    """Whether `train.weights` (auto | fp32 | bf16) stores the trainable weights in bf16.
+
+    auto picks bf16 only where it is the fast path and keeps every other setup as it was: CUDA,
+    bf16 autocast, no weight average (which would be kept in bf16 too)."""
+    if choice == "bf16":
+        if autocast_dtype != torch.bfloat16:
+            raise UserError(f"train.weights=bf16 needs bf16 autocast, but train.amp gives "
+                            f"{autocast_dtype or 'fp32'} on {device.type}: set train.amp=bf16")
+        return True
+    return choice == "auto" and autocast_dtype == torch.bfloat16 and device.type == "cuda" and not ema_decay
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, bf16: bool = False,
+                    compile: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights; with `bf16` a `MasterWeightAdamW`, which turns them into
+    bf16 (call it before DDP or torch.compile see the model) and, with `compile`, compiles its update."""
     decay, no_decay, embeddings = [], [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -26,6 +48,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
               {"params": no_decay, "weight_decay": 0.0},
               {"params": embeddings, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.embedding_lr_mult}]
     groups = [g for g in groups if g["params"]]
+    if bf16:
+        return MasterWeightAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), compile=compile)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 

@@ -7,7 +7,8 @@ Clipping by the global gradient norm needs the norm (one read of every gradient)
 With a fused AdamW and no loss scaling, the rescale rides in the optimizer's own pass: the fused
 kernel divides each gradient by the optimizer's `grad_scale` tensor (the hook GradScaler uses),
 so the step reads and writes every gradient once less. The update is the same as
-`clip_grad_norm_` followed by the step.
+`clip_grad_norm_` followed by the step. `MasterWeightAdamW` (bf16 weights) takes the same hook;
+the norm of its bf16 gradients is summed in fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from tuner.data.collate import TrainBatch
+from tuner.train.master_adamw import MasterWeightAdamW
 
 
 class TrainStep:
@@ -31,8 +33,8 @@ class TrainStep:
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.fused_clip = (fused_clip and bool(optimizer.defaults.get("fused"))
-                           and not self.scaler.is_enabled())
+        takes_scale = bool(optimizer.defaults.get("fused")) or isinstance(optimizer, MasterWeightAdamW)
+        self.fused_clip = fused_clip and takes_scale and not self.scaler.is_enabled()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
@@ -44,7 +46,7 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0 and self.fused_clip:
             grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
             # clip_grad_norm_ multiplies by min(1, clip / (norm + 1e-6)); the fused step divides
             self.optimizer.grad_scale = ((norm + 1e-6) / self.grad_clip).clamp(min=1.0).float()
         elif self.grad_clip > 0:

@@ -1,0 +1,130 @@
+"""bf16 weights with fp32 masters: the masters take torch.optim.AdamW's path, the weights are
+their bf16 rounding, the state survives a checkpoint, and the tied table's bf16 gradient sums
+repeated items in fp32."""
+
+import copy
+
+import pytest
+import torch
+
+from tuner.losses import TiedItemTable
+from tuner.train.master_adamw import MasterWeightAdamW, adamw_update
+from tuner.train.step import TrainStep
+
+
+def _pair(seed: int = 0):
+    """An fp32 model under torch's AdamW and its copy under MasterWeightAdamW (bf16 weights), with
+    the decayed / undecayed groups and learning rates the training loop builds."""
+    torch.manual_seed(seed)
+    reference = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    mixed = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    mixed.load_state_dict(reference.state_dict())
+
+    def groups(model):
+        weights = [model[0].weight, model[2].weight]
+        rest = [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
+        return [{"params": weights, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0, "lr": 2e-2}]
+
+    opt_ref = torch.optim.AdamW(groups(reference), lr=1e-2, betas=(0.9, 0.98))
+    opt_mixed = MasterWeightAdamW(groups(mixed), lr=1e-2, betas=(0.9, 0.98))
+    return reference, opt_ref, mixed, opt_mixed
+
+
+def _bf16_grads(model_a, model_b, step: int) -> None:
+    """The same gradients, exactly representable in bf16, to both models (fp32 / bf16)."""
+    gen = torch.Generator().manual_seed(step)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        grad = (torch.randn(a.shape, generator=gen) * 10 ** (step % 3 - 1)).to(torch.bfloat16)
+        a.grad, b.grad = grad.to(a.dtype), grad.to(b.dtype)
+
+
+def _masters(opt, model):
+    return [opt.state[w]["master"] for w in model.parameters()]
+
+
+def test_masters_follow_torch_adamw_and_the_weights_are_their_bf16_rounding():
+    reference, opt_ref, mixed, opt_mixed = _pair()
+    assert all(p.dtype == torch.bfloat16 for p in mixed.parameters())
+    for step in range(25):
+        for opt in (opt_ref, opt_mixed):  # a scheduler's per-step learning rate
+            for group, base in zip(opt.param_groups, (1e-2, 2e-2)):
+                group["lr"] = base * (1 - step / 30)
+        _bf16_grads(reference, mixed, step)
+        opt_ref.step()
+        opt_mixed.step()
+    for ref, master, weight in zip(reference.parameters(), _masters(opt_mixed, mixed), mixed.parameters()):
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master, ref.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(weight, master.to(torch.bfloat16))
+    moved = [(ref.detach() - w.float()).abs().max() for ref, w in zip(reference.parameters(), mixed.parameters())]
+    assert max(moved) > 0  # the bf16 weights are a rounding, not the masters themselves
+
+
+def test_grad_scale_divides_the_gradients_as_clipping_needs():
+    reference, opt_ref, mixed, opt_mixed = _pair()
+    for step in range(5):
+        _bf16_grads(reference, mixed, step)
+        for p in reference.parameters():
+            p.grad /= 4.0
+        opt_mixed.grad_scale = torch.tensor(4.0)
+        opt_ref.step()
+        opt_mixed.step()
+    for ref, master in zip(reference.parameters(), _masters(opt_mixed, mixed)):
+        torch.testing.assert_close(master, ref.detach(), rtol=1e-5, atol=1e-6)
+    step = TrainStep(mixed, list(mixed.parameters()), opt_mixed, None, torch.bfloat16, 1.0, torch.device("cpu"))
+    assert step.fused_clip  # TrainStep hands it the clipping factor instead of clipping bf16 gradients
+
+
+def test_a_reloaded_optimizer_continues_exactly_with_fp32_state():
+    _, _, mixed, opt_mixed = _pair()
+    for step in range(3):
+        _bf16_grads(mixed, mixed, step)
+        opt_mixed.step()
+    saved_model, saved_opt = copy.deepcopy(mixed.state_dict()), copy.deepcopy(opt_mixed.state_dict())  # as on disk
+    _, _, resumed, opt_resumed = _pair(seed=1)  # other initial weights, overwritten by the load
+    resumed.load_state_dict(saved_model)
+    opt_resumed.load_state_dict(saved_opt)
+    for state in opt_resumed.state.values():
+        assert all(state[k].dtype == torch.float32 for k in ("master", "exp_avg", "exp_avg_sq"))
+    for step in range(3, 6):
+        for model in (mixed, resumed):
+            _bf16_grads(model, model, step)
+        opt_mixed.step()
+        opt_resumed.step()
+    for a, b in zip(_masters(opt_mixed, mixed), _masters(opt_resumed, resumed)):
+        assert torch.equal(a, b)
+    for a, b in zip(mixed.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_compiled_update_is_the_eager_one():
+    torch.manual_seed(0)
+    shapes = [(64, 16), (16,), (3, 5)]
+    weights = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    state = {k: [torch.randn(s).abs() for s in shapes] for k in ("master", "exp_avg", "exp_avg_sq")}
+    steps = [torch.tensor(3.0) for _ in shapes]
+    grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    copies = [[t.clone() for t in group] for group in (weights, *state.values(), steps)]
+    args = (torch.tensor(1e-2), torch.tensor(2.0), 0.9, 0.999, 1e-8, 0.05)
+    adamw_update(weights, grads, *state.values(), steps, *args)
+    torch.compile(adamw_update, fullgraph=True, dynamic=False)(copies[0], grads, *copies[1:], *args)
+    for eager, compiled in zip([weights, *state.values(), steps], copies):
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_tied_tables_gradient_sums_a_popular_items_rows_at_full_precision(dtype):
+    torch.manual_seed(0)
+    table = torch.randn(12, 8).to(dtype).requires_grad_()
+    items = torch.tensor([[3] * 500 + [0, 5, 7, 5]] * 4)  # item 3 fills 2,000 positions, 0 is padding
+    rows, head = TiedItemTable.apply(table, items, 1, dtype)
+    grad_rows = torch.full(rows.shape, 0.01).to(rows.dtype)
+    grad_head = torch.randn(head.shape).to(head.dtype)
+    (rows * grad_rows).sum().add_((head * grad_head).sum()).backward()
+    expected = torch.zeros(12, 8)
+    expected[1:-1] = grad_head.float()
+    expected.index_add_(0, items[items != 0], grad_rows.float()[items != 0])
+    # within a bf16 step of the fp32 sum; adding 2,000 rows to a bf16 gradient one by one stalls near 4
+    torch.testing.assert_close(table.grad.float(), expected.to(dtype).float(), rtol=2 ** -7, atol=1e-6)
+    assert table.grad.dtype == dtype and not table.grad[0].any()
