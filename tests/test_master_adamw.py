@@ -105,7 +105,7 @@ def test_the_compiled_update_is_the_eager_one():
     steps = [torch.tensor(3.0) for _ in shapes]
     grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
     copies = [[t.clone() for t in group] for group in (weights, *state.values(), steps)]
-    args = (torch.tensor(1e-2), torch.tensor(2.0), 0.9, 0.999, 1e-8, 0.05)
+    args = ([torch.tensor(1e-2)] * 2 + [torch.tensor(2e-2)], [0.05, 0.05, 0.0], torch.tensor(2.0), 0.9, 0.999, 1e-8)
     adamw_update(weights, grads, *state.values(), steps, *args)
     torch.compile(adamw_update, fullgraph=True, dynamic=False)(copies[0], grads, *copies[1:], *args)
     for eager, compiled in zip([weights, *state.values(), steps], copies):

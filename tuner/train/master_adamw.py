@@ -31,16 +31,17 @@ _FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
 
 def adamw_update(weights: list[torch.Tensor], grads: list[torch.Tensor], masters: list[torch.Tensor],
                  exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
-                 lr: torch.Tensor, grad_scale: Optional[torch.Tensor], beta1: float, beta2: float, eps: float,
-                 weight_decay: float) -> None:
+                 lrs: list[torch.Tensor], weight_decays: list[float], grad_scale: Optional[torch.Tensor],
+                 beta1: float, beta2: float, eps: float) -> None:
     """One AdamW step on the fp32 `masters` from `grads` (any float dtype, divided by
-    `grad_scale` if given), then `weights` <- masters (cast to the weights' dtype). In place."""
+    `grad_scale` if given), then `weights` <- masters (cast to the weights' dtype). In place.
+    Per tensor: its step count, learning rate (a 0-d tensor) and weight decay."""
     torch._foreach_add_(steps, 1)
     grads = [g.to(torch.float32) for g in grads]
     if grad_scale is not None:
         grads = torch._foreach_div(grads, grad_scale)
-    if weight_decay:
-        torch._foreach_mul_(masters, 1 - lr * weight_decay)  # decoupled decay, as torch.optim.AdamW
+    # decoupled decay, as torch.optim.AdamW
+    torch._foreach_mul_(masters, [1 - lr * decay for lr, decay in zip(lrs, weight_decays)])
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -48,7 +49,7 @@ def adamw_update(weights: list[torch.Tensor], grads: list[torch.Tensor], masters
     torch._foreach_div_(denom, [(1 - beta2 ** step).sqrt() for step in steps])
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(updates, [lr / (1 - beta1 ** step) for step in steps])
+    torch._foreach_mul_(updates, [lr / (1 - beta1 ** step) for lr, step in zip(lrs, steps)])
     torch._foreach_sub_(masters, updates)
     torch._foreach_copy_(weights, masters)
 
@@ -80,20 +81,26 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step takes no closure")
+        # one update call for all groups that share betas and eps (the loop's groups all do):
+        # each call costs host time (guards, launches) that a small model's step would feel
+        calls: dict[tuple, list] = {}
         for group in self.param_groups:
             live = [w for w in group["params"] if w.grad is not None]
             if not live:
                 continue
-            states = [self.state[w] for w in live]
             lr = group["lr_tensor"]
             if lr is None:
                 lr = group["lr_tensor"] = torch.zeros((), dtype=torch.float32, device=live[0].device)
             lr.fill_(group["lr"])  # a kernel argument, not a host-to-device copy: no sync
-            beta1, beta2 = group["betas"]
-            self._update(live, [w.grad for w in live], [s["master"] for s in states],
-                         [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                         [s["step"] for s in states], lr, self.grad_scale, beta1, beta2, group["eps"],
-                         group["weight_decay"])
+            calls.setdefault((*group["betas"], group["eps"]), []).extend(
+                (w, lr, group["weight_decay"]) for w in live)
+        for (beta1, beta2, eps), entries in calls.items():
+            states = [self.state[w] for w, _, _ in entries]
+            self._update([w for w, _, _ in entries], [w.grad for w, _, _ in entries],
+                         [s["master"] for s in states], [s["exp_avg"] for s in states],
+                         [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                         [lr for _, lr, _ in entries], [decay for _, _, decay in entries], self.grad_scale,
+                         beta1, beta2, eps)
 
     def state_dict(self):
         saved = super().state_dict()
