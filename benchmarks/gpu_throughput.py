@@ -145,8 +145,8 @@ def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...]
     cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50", *overrides])
     model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device)
     step = TrainStep(MaskedItemObjective(model, loss_config(cfg.train)).to(device), list(model.parameters()),
-                     build_optimizer(model, cfg.optim, device, bf16_weights(cfg.train.weights, torch.bfloat16, device,
-                                                                            cfg.optim.ema_decay), compile=True),
+                     build_optimizer(model, cfg.optim, device, bf16_weights(cfg, torch.bfloat16, device, model),
+                                     compile=True),
                      None, torch.bfloat16, cfg.optim.grad_clip,
                      device, "default", fused_clip=cfg.optim.fused_clip)
     data = random_sequences(batch * (steps + 8), 50, NUM_ITEMS, seed=0)

@@ -81,7 +81,7 @@ GROUPS = {
         "window_0.5": ["train.window_prob=0.5"],
         "window_1": ["train.window_prob=1.0"],
     },
-    "weights": {  # how the weights are stored: bf16 + fp32 masters (the default on GPUs) or fp32
+    "weights": {  # how the weights are stored: bf16 + fp32 masters, or fp32 (auto picks it for this small model)
         "fp32_weights": ["train.weights=fp32"],
         "bf16_weights": ["train.weights=bf16"],
         "fp32_weights_seed1": ["train.weights=fp32", "train.seed=1"],

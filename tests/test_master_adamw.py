@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 
+from tuner.config import load_config
 from tuner.losses import TiedItemTable
 from tuner.train.master_adamw import MasterWeightAdamW, adamw_update
+from tuner.train.optim import bf16_weights
 from tuner.train.step import TrainStep
 
 
@@ -128,3 +130,16 @@ def test_the_tied_tables_gradient_sums_a_popular_items_rows_at_full_precision(dt
     # within a bf16 step of the fp32 sum; adding 2,000 rows to a bf16 gradient one by one stalls near 4
     torch.testing.assert_close(table.grad.float(), expected.to(dtype).float(), rtol=2 ** -7, atol=1e-6)
     assert table.grad.dtype == dtype and not table.grad[0].any()
+
+
+def test_auto_stores_bf16_weights_only_for_large_models_under_bf16_autocast_on_cuda():
+    cfg, cuda, bf16 = load_config(), torch.device("cuda"), torch.bfloat16
+    large = torch.nn.Linear(10_000, 10_000, device="meta")  # 100M weights, no memory
+    small = torch.nn.Linear(1_000, 1_000)
+    assert bf16_weights(cfg, bf16, cuda, large)
+    assert not bf16_weights(cfg, bf16, cuda, small)  # the compiled update's host work would cost more
+    assert not bf16_weights(cfg, torch.float16, cuda, large)
+    assert not bf16_weights(cfg, bf16, torch.device("cpu"), large)
+    assert not bf16_weights(load_config(overrides=["optim.ema_decay=0.9"]), bf16, cuda, large)
+    assert not bf16_weights(load_config(overrides=["train.weights=fp32"]), bf16, cuda, large)
+    assert bf16_weights(load_config(overrides=["train.weights=bf16"]), bf16, torch.device("cpu"), small)

@@ -111,7 +111,7 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     optimizer = build_optimizer(model, cfg.optim, device,
-                                bf16_weights(cfg.train.weights, dtype, device, cfg.optim.ema_decay), spec.compile)
+                                bf16_weights(cfg, dtype, device, model), spec.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),

@@ -89,8 +89,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    optimizer = build_optimizer(model, cfg.optim, device, bf16_weights(cfg.train.weights, dtype, device,
-                                                                       cfg.optim.ema_decay), use_compile)
+    optimizer = build_optimizer(model, cfg.optim, device, bf16_weights(cfg, dtype, device, model),
+                                use_compile)
     steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size, cfg.train.static_shapes)
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train.offsets) - 1} "

@@ -12,22 +12,32 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tuner.config import OptimConfig
+from tuner.config import Config, OptimConfig
 from tuner.errors import UserError
 from tuner.train.master_adamw import MasterWeightAdamW
 
 
-def bf16_weights(choice: str, autocast_dtype: Optional[torch.dtype], device: torch.device, ema_decay: float) -> bool:
+# auto stores weights in bf16 from this many trainable ones: below it the bytes saved are fewer
+# than the compiled update's host work costs (H100: 430M, 266M weights, 1.08x faster per step; 130M,
+# 68M, 1.03x with CUDA graphs but 0.83x without; a 2.5M ML-1M model 5% slower: benchmarks/results/
+# gpu_throughput_weights.json, ml1m_weights.json)
+BF16_WEIGHTS_MIN = 100_000_000
+
+
+def bf16_weights(cfg: Config, autocast_dtype: Optional[torch.dtype], device: torch.device, model: nn.Module) -> bool:
     """Whether `train.weights` (auto | fp32 | bf16) stores the trainable weights in bf16.
 
     auto picks bf16 only where it is the fast path and keeps every other setup as it was: CUDA,
-    bf16 autocast, no weight average (which would be kept in bf16 too)."""
+    bf16 autocast, no weight average (which would be kept in bf16 too), BF16_WEIGHTS_MIN weights."""
+    choice = cfg.train.weights
     if choice == "bf16":
         if autocast_dtype != torch.bfloat16:
             raise UserError(f"train.weights=bf16 needs bf16 autocast, but train.amp gives "
                             f"{autocast_dtype or 'fp32'} on {device.type}: set train.amp=bf16")
         return True
-    return choice == "auto" and autocast_dtype == torch.bfloat16 and device.type == "cuda" and not ema_decay
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (choice == "auto" and autocast_dtype == torch.bfloat16 and device.type == "cuda"
+            and not cfg.optim.ema_decay and trainable >= BF16_WEIGHTS_MIN)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, bf16: bool = False,
