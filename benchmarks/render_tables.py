@@ -165,6 +165,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--gpu-fused-clip": lambda: gpu_tables("fused_clip_430M", "fused_clip_130M"),
           "--gpu-kernels": lambda: gpu_tables("qkv_attn_430M", "qkv_attn_130M", "table_430M_index_put", "table_430M", "onehot_430M",
                                            "table_130M"),
+          "--gpu-weights": lambda: gpu_tables("weights_430M", "weights", "weights_430M_40steps"),
+          "--weights": lambda: variants_table("ml1m_weights.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
