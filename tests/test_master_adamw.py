@@ -115,15 +115,19 @@ def test_the_compiled_update_is_the_eager_one():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_tied_tables_gradient_sums_a_popular_items_rows_at_full_precision(dtype):
+@pytest.mark.parametrize("dtype, compiled", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)])
+def test_the_tied_tables_gradient_sums_a_popular_items_rows_at_full_precision(dtype, compiled):
     torch.manual_seed(0)
     table = torch.randn(12, 8).to(dtype).requires_grad_()
     items = torch.tensor([[3] * 500 + [0, 5, 7, 5]] * 4)  # item 3 fills 2,000 positions, 0 is padding
-    rows, head = TiedItemTable.apply(table, items, 1, dtype)
-    grad_rows = torch.full(rows.shape, 0.01).to(rows.dtype)
-    grad_head = torch.randn(head.shape).to(head.dtype)
-    (rows * grad_rows).sum().add_((head * grad_head).sum()).backward()
+    grad_rows = torch.full((*items.shape, 8), 0.01).to(dtype)
+    grad_head = torch.randn(10, 8).to(dtype)
+
+    def loss(table):
+        rows, head = TiedItemTable.apply(table, items, 1, dtype)
+        return (rows * grad_rows).sum() + (head * grad_head).sum()
+
+    (torch.compile(loss, fullgraph=True) if compiled else loss)(table).backward()
     expected = torch.zeros(12, 8)
     expected[1:-1] = grad_head.float()
     expected.index_add_(0, items[items != 0], grad_rows.float()[items != 0])

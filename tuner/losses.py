@@ -97,8 +97,13 @@ class TiedItemTable(torch.autograd.Function):
         grad = torch.cat([zero, grad_head[:rows - 2].to(dtype), zero])  # padding, items 1..V, mask token
         values = (grad_rows * (items != 0).unsqueeze(-1)).reshape(-1, grad.shape[1])  # padding_idx
         ids = items.reshape(-1)
-        if dtype != torch.float32:  # bf16 weights: sum each item's rows in fp32, add once
-            ids, values = _sum_rows_by_id(ids, values)
+        if dtype != torch.float32:
+            # bf16 weights: each item's rows summed in fp32 and added to its head-gradient row in
+            # fp32, one rounding per row. Written back by index (ids distinct but for the padding
+            # row, whose writes are all zero): compiled, an index_add_ on bf16 falls back to
+            # aten's out-of-place one, which first copies the whole gradient
+            ids, sums = _sum_rows_by_id(ids, values)
+            return grad.index_put_((ids,), (grad[ids].float() + sums).to(dtype)), None, None, None
         # index_add_, not index_put_(accumulate=True): on a CPU only the former sums in a fixed
         # order, which exact resumption needs (tests/test_train.py)
         return grad.index_add_(0, ids, values.to(dtype)), None, None, None
@@ -109,8 +114,8 @@ def _sum_rows_by_id(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
 
     An item that fills many positions of a batch would otherwise have its rows added one by one to
     a bf16 gradient, rounding after every addition. Shapes stay static (no host sync, compiles):
-    ids' has as many entries as ids; the spare ones are id 0 with zero sums, which the caller's
-    padding row absorbs."""
+    ids' has as many entries as ids; the spare ones are id 0 with zero sums (the padding row, which
+    the caller's values leave at zero)."""
     sorted_ids, order = ids.sort()
     first = torch.cat([sorted_ids.new_ones(1, dtype=torch.bool), sorted_ids[1:] != sorted_ids[:-1]])  # an id starts
     group = first.cumsum(0) - 1
