@@ -136,15 +136,18 @@ def test_embedding_learning_rate_multiplier():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("loss, autocast, compiled", [("ce", False, False), ("ce", True, False), ("ce", False, True),
-                                                      ("focal", False, False), ("focal", True, False)])
-def test_fused_item_table_gives_the_same_loss_and_gradients(loss, autocast, compiled):
+@pytest.mark.parametrize("loss, autocast, compiled, align", [
+    ("ce", False, False, 1), ("ce", True, False, 1), ("ce", False, True, 1), ("focal", False, False, 1),
+    ("focal", True, False, 1), ("ce", True, False, 16), ("focal", False, True, 16)])
+def test_fused_item_table_gives_the_same_loss_and_gradients(loss, autocast, compiled, align, monkeypatch):
     """TiedItemTable (the table's input rows and output head in one autograd node) against
     autograd summing the two uses: the same loss and the same gradient for every parameter,
-    padding and mask-token rows included."""
+    padding and mask-token rows included; align > 1 pads the logit columns as on a GPU."""
+    import tuner.losses as losses
     from tuner.losses import MaskedItemObjective
     from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
+    monkeypatch.setattr(losses, "_align", lambda cfg, tensor: align)
     torch.manual_seed(0)
     model = Bert4Rec(Bert4RecConfig(num_items=50, max_len=12, hidden=16, layers=1, heads=2, ffn=32,
                                     dropout=0.0, attn_dropout=0.0))

@@ -27,7 +27,7 @@ Losses take hidden rows [N, H], the output embedding (weight [V, H], bias [V]) a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -52,6 +52,9 @@ class LossConfig:
     kernel: str = "auto"  # cce, cce_sampled: auto = Triton kernels on CUDA in bf16/fp16; torch = chunked PyTorch
     align: int = 64  # ce, focal on CUDA: logit columns rounded up to a multiple of this (1 = as many as items)
     fused_table: bool = True  # ce, focal, tied head: one autograd node for the item table's two uses
+    # logit column of item 1: 1 when the head starts at the padding row (TiedItemTable's); the
+    # columns before it are computed (the GEMM's output stays aligned) and dropped
+    head_offset: int = 0
 
 
 def loss_config(train, name: Optional[str] = None) -> LossConfig:
@@ -64,37 +67,38 @@ def loss_config(train, name: Optional[str] = None) -> LossConfig:
 
 class TiedItemTable(torch.autograd.Function):
     """The tied item table's two uses as one autograd node: the input rows of `items`, and the
-    output head's weight (items 1..V, cast to `dtype`, zero rows appended up to a multiple of
-    `align`, as `catalog_logits` would pad it).
+    output head's weight: the whole table, row i scoring item i, cast to `dtype` and zero rows
+    appended up to a multiple of `align`, as `catalog_logits` would pad it. The caller drops the
+    padding row's logit column and masks the mask token's and the appended rows' with -inf.
 
     Autograd would otherwise give the table two gradients and add them: a dense [V, H] buffer
     for the input rows (zeros, then a scatter) and the head's, sliced back from its padding and
-    cast to fp32, and a third pass to sum them. Here the head's gradient is cast once into the
-    table's gradient and the input rows' gradients are added to it in place, so each step makes
-    one pass over the table's gradient instead of three. The values are the same sums (the input
-    rows' additions may come in another order); the padding row gets none, as `padding_idx` says.
+    cast to fp32, and a third pass to sum them. Here the head's gradient is the table's (rows 0
+    and V+1 take no probability, so get none) and the input rows' gradients are added to it in place: one
+    pass over the table's gradient instead of three, none with bf16 weights. The values are the
+    same sums (the input rows' additions may come in another order); the padding row gets none,
+    as `padding_idx` says.
     """
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, items: torch.Tensor, align: int, dtype: torch.dtype):
         ctx.save_for_backward(items)
         ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
-        head = table[1:-1].to(dtype)
+        head = table.to(dtype)
         pad = -head.shape[0] % align
         if pad:
             head = F.pad(head, (0, 0, 0, pad))
         elif head.dtype == table.dtype:
-            head = head.clone()  # an output, not a view of the table
+            head = head.view_as(head)  # the table itself: no copy
         return F.embedding(items, table, padding_idx=0), head
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor, grad_head: torch.Tensor):
         (items,) = ctx.saved_tensors
         rows, dtype = ctx.table_shape[0], ctx.table_dtype
-        # written as whole-tensor ops, not row assignments: under torch.compile a row assignment
-        # after the scatter becomes a copy of the whole table (functionalization)
-        zero = grad_head.new_zeros((1, grad_head.shape[1]), dtype=dtype)
-        grad = torch.cat([zero, grad_head[:rows - 2].to(dtype), zero])  # padding, items 1..V, mask token
+        grad = grad_head[:rows]
+        if grad.dtype != dtype or not torch.compiler.is_compiling():
+            grad = grad.to(dtype, copy=True)  # eager code never writes into the incoming gradient
         values = (grad_rows * (items != 0).unsqueeze(-1)).reshape(-1, grad.shape[1])  # padding_idx
         ids = items.reshape(-1)
         if dtype != torch.float32:
@@ -255,7 +259,7 @@ def _align(cfg: LossConfig, tensor: torch.Tensor) -> int:
 
 
 def _aligned_logits(hidden, weight, bias, cfg: LossConfig) -> torch.Tensor:
-    return catalog_logits(hidden, weight, bias, _align(cfg, hidden))
+    return catalog_logits(hidden, weight, bias, _align(cfg, hidden))[:, cfg.head_offset:]
 
 
 def _row_ce(hidden, weight, bias, labels, cfg: LossConfig) -> torch.Tensor:
@@ -368,7 +372,8 @@ class MaskedItemObjective(nn.Module):
             hidden = self.model(items)
             weight, bias = self.model.output_embedding()
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        return self.loss_fn(rows, weight, bias, labels, self.loss_cfg, self.item_logq)
+        cfg = replace(self.loss_cfg, head_offset=1) if self._fused_table() else self.loss_cfg
+        return self.loss_fn(rows, weight, bias, labels, cfg, self.item_logq)
 
     def _fused_table(self) -> bool:
         model = self.model
@@ -376,10 +381,12 @@ class MaskedItemObjective(nn.Module):
                 and model.router is None and model.item_emb.weight.requires_grad)
 
     def _tied_forward(self, items: torch.Tensor):
-        """Hidden states, the padded head through `TiedItemTable` and the bias (full-logit losses,
-        tied head; `catalog_logits` pads the bias to the head's rows)."""
+        """Hidden states, the padded head through `TiedItemTable` (the whole table: row i is item
+        i, so the loss drops logit column 0, `head_offset`) and its bias, to which `catalog_logits`
+        appends -inf for the mask token's row and the alignment rows."""
         table = self.model.item_emb.weight
         device = table.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
         item_vectors, weight = TiedItemTable.apply(table, items, _align(self.loss_cfg, table), dtype)
-        return self.model(items, item_vectors), weight, self.model.out_bias
+        bias = F.pad(self.model.out_bias, (1, 0))  # the padding row's column, dropped by the loss
+        return self.model(items, item_vectors), weight, bias
