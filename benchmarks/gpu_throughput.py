@@ -42,7 +42,8 @@ COMPILE_MODES = {"amp_compile": "default", "amp_compile_autotune": "max-autotune
                  "amp_compile_graphs": "reduce-overhead"}
 # a variant name may end in these, each changing one thing against its base variant in the same run
 SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as wide as the catalog
-            "_align8": {"overrides": ("train.logit_align=8",)},  # 16-byte rows only (the tied head is then the table)
+            "_align8": {"overrides": ("train.logit_align=8",)},  # 16-byte rows only (the default since 23b4012)
+            "_align64": {"overrides": ("train.logit_align=64",)},  # the default before
             "_cce": {"loss": "cce"},  # cut cross-entropy kernels instead of full logits
             "_noclip": {"overrides": ("optim.grad_clip=0",)},  # what gradient clipping costs
             "_separate_clip": {"overrides": ("optim.fused_clip=false",)},  # clipping in a pass of its own

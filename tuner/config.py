@@ -154,7 +154,10 @@ class TrainConfig:
     loss_kernel: str = "auto"  # cce / cce_sampled: auto = Triton kernels on CUDA; torch = chunked PyTorch
     # ce / focal on CUDA: the logit matrix's columns are rounded up to a multiple of this (the
     # extra ones masked), so cuBLAS keeps its fast kernels for any catalog size; 1 = no rounding
-    logit_align: int = 64
+    # 8: 16-byte bf16 rows, all cuBLAS's Hopper kernels need; where V + 2 is a multiple of 8 (the
+    # seed's 159,750 items) the tied head needs no padding and is the bf16 table itself (430M
+    # step: 16.5 against 17.3 ms at 64, benchmarks/results/gpu_throughput_head_430M_130M.json)
+    logit_align: int = 8
     # ce / focal with the tied head: the item table's input rows and output head share one autograd
     # node, whose backward writes the table's gradient in one pass (tuner.losses.TiedItemTable)
     fused_table: bool = True

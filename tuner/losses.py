@@ -50,7 +50,7 @@ class LossConfig:
     shared_negatives: bool = True  # one set of negatives for the whole batch (sampled_ce)
     focal_gamma: float = 2.0  # focal
     kernel: str = "auto"  # cce, cce_sampled: auto = Triton kernels on CUDA in bf16/fp16; torch = chunked PyTorch
-    align: int = 64  # ce, focal on CUDA: logit columns rounded up to a multiple of this (1 = as many as items)
+    align: int = 8  # ce, focal on CUDA: logit columns rounded up to a multiple of this (1 = as many as items)
     fused_table: bool = True  # ce, focal, tied head: one autograd node for the item table's two uses
     # logit column of item 1: 1 when the head starts at the padding row (TiedItemTable's), whose
     # column the bias masks; the columns stay as the GEMM wrote them (a sliced-off first column
