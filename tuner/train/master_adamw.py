@@ -64,18 +64,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, dtype: torch.dtype = torch.bfloat16, compile: bool = False):
+        self.dtype = dtype
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.grad_scale: Optional[torch.Tensor] = None  # set per step by the caller, as for the fused AdamW
         self._update = torch.compile(adamw_update, fullgraph=True, dynamic=False) if compile else adamw_update
-        for group in self.param_groups:
-            group["lr_tensor"] = None  # device copy of group["lr"], made on the first step
-            for weight in group["params"]:
-                state = self.state[weight]
-                state["master"] = weight.detach().to(torch.float32, copy=True)
-                state["exp_avg"] = torch.zeros_like(state["master"])
-                state["exp_avg_sq"] = torch.zeros_like(state["master"])
-                state["step"] = torch.zeros((), dtype=torch.float32, device=weight.device)
-                weight.data = weight.data.to(dtype)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As `torch.optim.Optimizer`'s, and the group's weights get their fp32 state and turn bf16."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["lr_tensor"] = None  # device copy of group["lr"], made on the first step
+        for weight in group["params"]:
+            state = self.state[weight]
+            state["master"] = weight.detach().to(torch.float32, copy=True)
+            state["exp_avg"] = torch.zeros_like(state["master"])
+            state["exp_avg_sq"] = torch.zeros_like(state["master"])
+            state["step"] = torch.zeros((), dtype=torch.float32, device=weight.device)
+            weight.data = weight.data.to(self.dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
