@@ -167,7 +167,7 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
                                            "table_130M"),
           "--gpu-weights": lambda: gpu_tables("weights_430M", "weights", "weights_430M_40steps", "weights_430M_ac5fbc7",
                                            "head_sliced_430M", "head_430M_130M", "5a93aa3"),
-          "--gpu-latest": lambda: gpu_table("gpu_throughput_5a93aa3.json"),
+          "--gpu-latest": lambda: gpu_table("gpu_throughput_5a93aa3.json") + "\n\n" + gpu_table("gpu_throughput_small_fd9dd91.json"),
           "--weights": lambda: variants_table("ml1m_weights.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
