@@ -14,6 +14,7 @@ from torch import nn
 
 from tuner.config import Config, OptimConfig
 from tuner.errors import UserError
+from tuner.model.bert4rec import count_parameters
 from tuner.train.master_adamw import MasterWeightAdamW
 
 
@@ -35,7 +36,7 @@ def bf16_weights(cfg: Config, autocast_dtype: Optional[torch.dtype], device: tor
             raise UserError(f"train.weights=bf16 needs bf16 autocast, but train.amp gives "
                             f"{autocast_dtype or 'fp32'} on {device.type}: set train.amp=bf16")
         return True
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, _ = count_parameters(model)
     return (choice == "auto" and autocast_dtype == torch.bfloat16 and device.type == "cuda"
             and not cfg.optim.ema_decay and trainable >= BF16_WEIGHTS_MIN)
 
