@@ -362,6 +362,7 @@ class MaskedItemObjective(nn.Module):
         self.model = model
         self.loss_cfg = loss if isinstance(loss, LossConfig) else LossConfig(name=loss)
         self.loss_fn = LOSSES[self.loss_cfg.name]
+        self.tied_loss_cfg = replace(self.loss_cfg, head_offset=1)  # TiedItemTable's head: row i is item i
         counts = item_counts if item_counts is not None else torch.ones(model.cfg.num_items)
         probs = counts.double().clamp(min=0) + 1e-3  # every item may be drawn
         self.register_buffer("item_logq", (probs / probs.sum()).log().float(), persistent=False)
@@ -369,11 +370,12 @@ class MaskedItemObjective(nn.Module):
     def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._fused_table():
             hidden, weight, bias = self._tied_forward(items)
+            cfg = self.tied_loss_cfg
         else:
             hidden = self.model(items)
             weight, bias = self.model.output_embedding()
+            cfg = self.loss_cfg
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        cfg = replace(self.loss_cfg, head_offset=1) if self._fused_table() else self.loss_cfg
         return self.loss_fn(rows, weight, bias, labels, cfg, self.item_logq)
 
     def _fused_table(self) -> bool:
