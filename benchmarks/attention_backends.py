@@ -8,6 +8,7 @@ forward + backward time of each backend, eager and under `torch.compile`, in one
 
     python benchmarks/attention_backends.py --out benchmarks/results/attention_backends.json
 
+The `triton` rows are tuner.model.short_attention's kernel (one program per sequence and head).
 `model.attention` pins the winner in training; benchmarks/gpu_throughput.py's `_attn_<name>`
 variants measure it in the whole step.
 """
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tuner.model import short_attention  # noqa: E402
 from tuner.model.bert4rec import ATTENTION_BACKENDS  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
@@ -40,6 +42,10 @@ def attention(q, k, v, keep, backend, dropout: float):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
 
 
+def short_kernel(qkv, keep, heads: int, dropout: float):
+    return short_attention.short_attention(qkv, keep, short_attention.new_seed(qkv.device), heads, dropout)
+
+
 def measure(size: str, length: int, dropout: float, device: torch.device) -> list[dict]:
     preset, batch = SIZES[size], SHAPES[size]
     heads, head_dim = preset["heads"], preset["hidden"] // preset["heads"]
@@ -49,16 +55,24 @@ def measure(size: str, length: int, dropout: float, device: torch.device) -> lis
     lengths = torch.randint(1, length + 1, (batch,), generator=gen)  # left padding, as the collate path pads
     keep = (torch.arange(length)[None, :] >= (length - lengths)[:, None])[:, None, None, :].to(device)
     grad = torch.randn(shape, generator=gen).to(device, torch.bfloat16)
+    # the Triton kernel reads the fused projection's [B, L, 3H] output and writes [B, L, H]: the
+    # same numbers in the layout the model hands it (SDPA's rows below take [B, heads, L, d] leaves,
+    # so they leave out the transposes and the gradients' concatenation that the model pays for)
+    packed = torch.cat([t.detach().transpose(1, 2).reshape(batch, length, -1) for t in (q, k, v)], -1)
+    packed.requires_grad_()
+    packed_grad = grad.transpose(1, 2).reshape(batch, length, -1).contiguous()
+    keep_rows = keep.view(batch, length)
+    calls = {name: (attention, (q, k, v, keep, backend, dropout), (q, k, v), grad)
+             for name, backend in ATTENTION_BACKENDS.items() if backend is not None and name != "triton"}
+    calls["triton"] = (short_kernel, (packed, keep_rows, heads, dropout), (packed,), packed_grad)
     rows = []
-    for name, backend in ATTENTION_BACKENDS.items():
-        if backend is None:
-            continue
+    for name, (call, args, leaves, out_grad) in calls.items():
         for compiled in (False, True):
-            fn = torch.compile(attention) if compiled else attention
+            fn = torch.compile(call) if compiled else call
 
             def step():
-                out = fn(q, k, v, keep, backend, dropout)
-                torch.autograd.grad(out, (q, k, v), grad)
+                out = fn(*args)
+                torch.autograd.grad(out, leaves, out_grad)
 
             try:
                 ms = median_ms(step, repeats=50)

@@ -51,7 +51,7 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             "_fp32_weights": {"overrides": ("train.weights=fp32",)},  # fp32 weights cast by autocast, fused AdamW
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
-               for name in ("auto", "cudnn", "efficient", "math")}}
+               for name in ("auto", "cudnn", "efficient", "math", "triton")}}
 
 # kernel name patterns -> what the time is spent on (the first match wins), for the profile summary
 KERNEL_KINDS = (("optimizer", ("adam", "triton_for_")),  # fused AdamW; MasterWeightAdamW's foreach kernels

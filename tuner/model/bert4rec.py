@@ -32,10 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tuner.model import short_attention
+
 # model.attention -> the SDPA kernels it allows on a GPU, best first (None: PyTorch's own choice,
-# cuDNN on an H100). The math kernel backs up a fused one for inputs it does not take.
+# cuDNN on an H100). The math kernel backs up a fused one for inputs it does not take. "triton" is
+# tuner.model.short_attention's kernel, with these SDPA kernels for the shapes it does not take.
 ATTENTION_BACKENDS = {"auto": None, "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-                      "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH]}
+                      "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH],
+                      "triton": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
 
 
 @dataclass
@@ -72,29 +76,37 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.attn_dropout = cfg.attn_dropout
         self.backend = ATTENTION_BACKENDS[cfg.attention]
+        self.short_kernel = cfg.attention == "triton"
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def _qkv(self, x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """The Q, K and V projections of x, each [B, L, H].
+    def _qkv(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The Q, K and V projections of x: one [B, L, 3H] tensor with them side by side when they
+        run as one GEMM, else three [B, L, H] tensors.
 
         Plain linears run as one GEMM over their concatenated weights: a wider GEMM keeps the GPU
         busier than three narrow ones, and under autocast the concatenation rides in the cast to
         bf16 that each weight needs anyway. iLoRA-adapted linears run one by one."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if self.fused_qkv and gate is None and all(type(p) is nn.Linear for p in projections):
-            fused = F.linear(x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
-            return fused.chunk(3, dim=-1)
+            return F.linear(x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
         return tuple(_proj(p, x, gate) for p in projections)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, hidden = x.shape
+        qkv = self._qkv(x, gate)
+        dropout = self.attn_dropout if self.training else 0.0
+        if self.short_kernel:
+            packed = qkv if isinstance(qkv, torch.Tensor) else torch.cat(qkv, dim=-1)
+            if short_attention.usable(packed, self.heads):
+                seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
+                y = short_attention.short_attention(packed, keep.view(batch, length), seed, self.heads, dropout)
+                return self.resid_dropout(_proj(self.o_proj, y, gate))
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
-        q, k, v = (split(t) for t in self._qkv(x, gate))
+        q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if isinstance(qkv, torch.Tensor) else qkv))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
         pin = self.backend is not None and q.is_cuda  # CPUs have the math kernel (and their own flash) only
         with sdpa_kernel(self.backend) if pin else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=keep, dropout_p=self.attn_dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(batch, length, hidden)
         return self.resid_dropout(_proj(self.o_proj, y, gate))
 

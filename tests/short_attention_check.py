@@ -1,0 +1,111 @@
+"""Run under TRITON_INTERPRET=1 by tests/test_short_attention.py: the Triton short-sequence attention
+kernels on CPU tensors against PyTorch attention with the kernels' own dropout mask; prints one JSON
+object of relative errors and facts. With `--cuda` (no interpreter) it checks the compiled kernels
+at the seed's shapes on a GPU instead."""
+
+import json
+import sys
+
+import torch
+
+from tuner.model import short_attention as sa
+from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
+
+
+def rel(a, b, floor=1e-30):
+    """Largest difference over the reference's largest magnitude (at least `floor`)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
+
+
+def reference(qkv, keep, mask, heads, p):
+    """Attention in float64 with the given dropout mask (bool [B, heads, L, L] or None)."""
+    batch, length, width = qkv.shape
+    split = lambda t: t.view(batch, length, heads, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = (split(t) for t in qkv.double().chunk(3, dim=-1))
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num()  # a sequence of padding only: zeros
+    if mask is not None:
+        probs = probs * mask / (1 - p)
+    return (probs @ v).transpose(1, 2).reshape(batch, length, width // 3)
+
+
+def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    width = 3 * heads * head_dim
+    # a strided view, as the fused projection's output is when the model pads it: the kernels
+    # read the strides they are given
+    qkv = torch.randn(batch, length, width + 8, generator=g).to(device)[..., :width].to(dtype).requires_grad_()
+    lengths = torch.randint(1, length + 1, (batch,), generator=g)
+    lengths[0] = 0  # a sequence of padding only
+    lengths[-1] = length
+    keep = (torch.arange(length)[None, :] >= (length - lengths)[:, None]).to(device)
+    seed_t = torch.tensor([1234 + seed], dtype=torch.int32, device=device)
+    out = sa.short_attention(qkv, keep, seed_t, heads, p)
+    grad = torch.randn(out.shape, generator=g).to(device, dtype)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    mask = sa.dropout_keep_mask(seed_t, batch, heads, length, p) if p > 0 else None
+    ref_in = qkv.detach().double().requires_grad_()
+    ref = reference(ref_in, keep, mask, heads, p)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, grad.double())
+    r = {"out": rel(out, ref), "grad": rel(dqkv, ref_grad),
+         "padding_only_zero": bool((out[0] == 0).all() and (dqkv[0] == 0).all())}
+    if mask is not None:
+        real = keep[:, None, :, None] & keep[:, None, None, :]
+        r["kept_fraction"] = float(mask[real.expand_as(mask)].float().mean())
+        again = sa.dropout_keep_mask(seed_t, batch, heads, length, p)
+        other = sa.dropout_keep_mask(seed_t + 1, batch, heads, length, p)
+        r["mask_repeats"] = bool(torch.equal(mask, again))
+        r["mask_differs_by_seed"] = not torch.equal(mask, other)
+        again_out = sa.short_attention(qkv, keep, seed_t, heads, p)
+        r["forward_repeats"] = bool(torch.equal(out, again_out))
+    return r
+
+
+def model_case():
+    """Bert4Rec with attention=triton against attention=math, weights shared, no dropout: the
+    same hidden states and gradients, eagerly and under torch.compile."""
+    cfg = dict(num_items=40, max_len=20, hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, attn_dropout=0.0)
+    torch.manual_seed(0)
+    ours = Bert4Rec(Bert4RecConfig(**cfg, attention="triton"))
+    theirs = Bert4Rec(Bert4RecConfig(**cfg, attention="math"))
+    theirs.load_state_dict(ours.state_dict())
+    items = torch.randint(1, 41, (4, 20))
+    items[1, :7] = 0
+    items[2, :19] = 0
+    out = {}
+    for name, compile_it in (("eager", False), ("compiled", True)):
+        fn = torch.compile(ours, backend="aot_eager", fullgraph=True) if compile_it else ours
+        if compile_it:  # compiling runs the ops on fake tensors: keep that out of the profile
+            fn(items)
+        with torch.profiler.profile() as prof:
+            h = fn(items)
+            g = torch.autograd.grad(h.square().sum(), list(ours.parameters()), allow_unused=True)
+        ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::")})
+        ref = theirs(items)
+        rg = torch.autograd.grad(ref.square().sum(), list(theirs.parameters()), allow_unused=True)
+        pairs = [(a, b) for a, b in zip(g, rg) if b is not None]
+        # floor: the key bias's true gradient is 0 (softmax ignores a shift), so its rounding has no scale
+        out[name] = {"hidden": rel(h, ref), "grad": max(rel(a, b, floor=1e-6) for a, b in pairs), "ops": ops,
+                     "grads": len(pairs)}
+    return out
+
+
+def main():
+    if sys.argv[1:] == ["--cuda"]:  # on a GPU, compiled by Triton: the seed's shapes in bf16 and fp16
+        print(json.dumps({"bf16_430M": case(128, 50, 16, 64, torch.bfloat16, 0.1, device="cuda"),
+                          "fp16_130M": case(256, 50, 6, 64, torch.float16, 0.1, seed=1, device="cuda")}))
+        return
+    result = {
+        "fp32": case(3, 50, 2, 16, torch.float32, 0.0),
+        "fp32_dropout": case(3, 50, 2, 16, torch.float32, 0.25, seed=1),
+        "fp16_dropout": case(2, 37, 2, 32, torch.float16, 0.1, seed=2),
+        "short": case(2, 9, 1, 16, torch.float32, 0.1, seed=3),
+        "model": model_case(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

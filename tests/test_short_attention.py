@@ -1,0 +1,57 @@
+"""The Triton short-sequence attention kernels, run by Triton's interpreter on the CPU (no GPU in CI).
+
+`tests/short_attention_check.py` runs in its own process, because TRITON_INTERPRET must be set
+before the kernels are defined. It checks the custom op against float64 attention with the
+kernels' own dropout mask (fp32 and fp16, lengths that are and are not a power of two, a strided
+QKV input, a sequence of padding only), that the mask repeats for a seed and changes with it, and
+that `model.attention=triton` gives the same hidden states and gradients as the math kernel,
+eagerly and under torch.compile with the backward on the kernel. The GPU timings come from
+benchmarks/attention_backends.py and benchmarks/gpu_throughput.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def result():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "short_attention_check.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp32_dropout", "fp16_dropout", "short"])
+def test_kernel_matches_attention_with_its_mask(result, case):
+    r = result[case]
+    bound = 1e-3 if case.startswith("fp16") else 1e-6  # fp16 inputs: P and dS are rounded for the products
+    assert r["out"] < bound and r["grad"] < bound, r
+    # a sequence of padding only attends to nothing: zeros, where SDPA gives NaN
+    assert r["padding_only_zero"]
+
+
+@pytest.mark.parametrize("case", ["fp32_dropout", "fp16_dropout", "short"])
+def test_dropout_mask(result, case):
+    r = result[case]
+    p = {"fp32_dropout": 0.25, "fp16_dropout": 0.1, "short": 0.1}[case]
+    # thousands of weights per case: the kept share is 1 - p within sampling noise
+    assert abs(r["kept_fraction"] - (1 - p)) < (0.05 if case == "short" else 0.02), r
+    assert r["mask_repeats"] and r["forward_repeats"] and r["mask_differs_by_seed"]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_model_on_the_kernel_matches_math_attention(result, mode):
+    r = result["model"][mode]
+    assert r["hidden"] < 1e-5 and r["grad"] < 1e-4, r
+    # forward and backward both ran on the kernels (the compiled graph's backward too)
+    assert r["ops"] == ["tuner::short_attention", "tuner::short_attention_backward"], r["ops"]

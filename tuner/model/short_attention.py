@@ -1,0 +1,215 @@
+"""Self-attention for short sequences on CUDA: one Triton program per (sequence, head).
+
+BERT4Rec's histories are short (50 items at the seed's settings). At that length a whole head's
+Q, K and V (50 x 64 each) and its 50 x 50 scores fit in one program's registers, so:
+
+- Forward, `_forward_kernel`: scores, key-padding mask, softmax, attention dropout and the
+  product with V in one pass, reading Q, K and V straight out of the fused QKV projection
+  [B, L, 3H] and writing the output in the [B, L, H] layout the output projection reads. No
+  transposes, no log-sum-exp or mask kept for the backward.
+- Backward, `_backward_kernel`: recomputes the softmax and the dropout mask (counter-based
+  Philox, `tl.rand`, keyed by a seed drawn on the device each call) and writes dQ, dK and dV
+  into one [B, L, 3H] gradient, which is the fused projection's output gradient as it stands:
+  no concatenation. One program owns all of a head's keys, so there are no atomics.
+
+The general kernels (PyTorch's memory-efficient and cuDNN attention) tile for long sequences:
+at length 50 they pad to 64-wide tiles, keep a log-sum-exp for the backward and need the Q, K
+and V gradients concatenated afterwards.
+
+`short_attention(qkv, keep, seed, heads, dropout_p)` is a `torch.library` custom op with its own
+autograd formula, so `torch.compile` (CUDA graphs included) treats it as one opaque call.
+`usable(...)` says whether the kernel takes a shape: CUDA (or Triton's interpreter), fp16/bf16
+(any float under the interpreter), a power-of-two head size of 16 to 128 and at most
+`MAX_LENGTH` positions; the model falls back to `F.scaled_dot_product_attention` otherwise.
+
+A sequence whose keys are all padding gets zeros (SDPA gives NaN there). The kernels run on CPU
+tensors under `TRITON_INTERPRET=1`, which is how the tests check them against PyTorch's
+attention with the same dropout mask (`dropout_keep_mask`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: `usable` is False and the model uses SDPA
+    triton = None
+
+MAX_LENGTH = 128  # one program holds BLOCK_L x BLOCK_L scores (BLOCK_L: the length rounded up to 2^k)
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once: torch.compile traces `usable`
+
+
+def usable(qkv: torch.Tensor, heads: int) -> bool:
+    """True when the kernels take `qkv` [B, L, 3H] split into `heads` heads."""
+    if triton is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+        return False
+    device_ok = (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)) or INTERPRETING
+    return device_ok and qkv.shape[-1] // (3 * heads) in HEAD_DIMS and qkv.shape[1] <= MAX_LENGTH
+
+
+def _block(length: int) -> int:
+    return max(16, 1 << (length - 1).bit_length())
+
+
+if triton is not None:
+
+    _CONFIGS = [triton.Config({}, num_warps=w) for w in ((4,) if INTERPRETING else (4, 8))]
+
+    @triton.jit
+    def _keep_bits(seed, bh, rows, cols, p, BLOCK_L: tl.constexpr):
+        """The dropout mask of head `bh`: True where an attention weight is kept."""
+        offsets = bh * (BLOCK_L * BLOCK_L) + rows[:, None] * BLOCK_L + cols[None, :]
+        return tl.rand(seed, offsets) >= p
+
+    @triton.jit
+    def _softmax(QKV, KEEP, b, h, rows, dims, L, stride_b, stride_l, stride_keep, scale,
+                 H: tl.constexpr, D: tl.constexpr):
+        """(q, k, v, probabilities) of head h of sequence b; padded keys get probability 0."""
+        row_ok = rows < L
+        ptrs = QKV + b * stride_b + h * D + rows[:, None] * stride_l + dims[None, :]
+        q = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        k = tl.load(ptrs + H, mask=row_ok[:, None], other=0.0)
+        v = tl.load(ptrs + 2 * H, mask=row_ok[:, None], other=0.0)
+        key_ok = tl.load(KEEP + b * stride_keep + rows, mask=row_ok, other=0) != 0
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        top = tl.max(s, axis=1)
+        top = tl.where(top == float("-inf"), 0.0, top)  # a sequence of padding only: all zeros
+        e = tl.exp(s - top[:, None])
+        total = tl.sum(e, axis=1)
+        return q, k, v, e / tl.where(total == 0.0, 1.0, total)[:, None]
+
+    @triton.autotune(configs=_CONFIGS, key=["L", "H"])
+    @triton.jit
+    def _forward_kernel(QKV, KEEP, SEED, OUT, L, heads, stride_b, stride_l, stride_keep, stride_ob, stride_ol,
+                        scale, p, H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
+        bh = tl.program_id(0)
+        b, h = bh // heads, bh % heads
+        rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, D)
+        q, k, v, probs = _softmax(QKV, KEEP, b, h, rows, dims, L, stride_b, stride_l, stride_keep, scale, H, D)
+        if DROPOUT:
+            probs = tl.where(_keep_bits(tl.load(SEED), bh, rows, rows, p, BLOCK_L), probs / (1.0 - p), 0.0)
+        out = tl.dot(probs.to(v.dtype), v)
+        ptrs = OUT + b * stride_ob + h * D + rows[:, None] * stride_ol + dims[None, :]
+        tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(rows < L)[:, None])
+
+    @triton.autotune(configs=_CONFIGS, key=["L", "H"])
+    @triton.jit
+    def _backward_kernel(QKV, KEEP, SEED, GRAD, DQKV, L, heads, stride_b, stride_l, stride_keep, stride_gb,
+                         stride_gl, stride_db, stride_dl, scale, p,
+                         H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
+        bh = tl.program_id(0)
+        b, h = bh // heads, bh % heads
+        rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, D)
+        row_ok = rows < L
+        q, k, v, probs = _softmax(QKV, KEEP, b, h, rows, dims, L, stride_b, stride_l, stride_keep, scale, H, D)
+        grad = tl.load(GRAD + b * stride_gb + h * D + rows[:, None] * stride_gl + dims[None, :],
+                       mask=row_ok[:, None], other=0.0)
+        # out = dropped @ v, dropped = probs * mask / (1 - p)
+        dropped_grad = tl.dot(grad, tl.trans(v))
+        if DROPOUT:
+            kept = _keep_bits(tl.load(SEED), bh, rows, rows, p, BLOCK_L)
+            dropped = tl.where(kept, probs / (1.0 - p), 0.0)
+            probs_grad = tl.where(kept, dropped_grad / (1.0 - p), 0.0)
+        else:
+            dropped = probs
+            probs_grad = dropped_grad
+        dv = tl.dot(tl.trans(dropped.to(v.dtype)), grad)
+        # softmax backward: ds = p * (dp - sum_j p_j dp_j)
+        ds = probs * (probs_grad - tl.sum(probs * probs_grad, axis=1)[:, None])
+        ds = ds.to(q.dtype)
+        dq = tl.dot(ds, k) * scale
+        dk = tl.dot(tl.trans(ds), q) * scale
+        ptrs = DQKV + b * stride_db + h * D + rows[:, None] * stride_dl + dims[None, :]
+        out_ty = DQKV.dtype.element_ty
+        tl.store(ptrs, dq.to(out_ty), mask=row_ok[:, None])
+        tl.store(ptrs + H, dk.to(out_ty), mask=row_ok[:, None])
+        tl.store(ptrs + 2 * H, dv.to(out_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _mask_kernel(SEED, OUT, L, p, BLOCK_L: tl.constexpr):
+        bh = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_L)
+        kept = _keep_bits(tl.load(SEED), bh, rows, rows, p, BLOCK_L)
+        ok = (rows < L)[:, None] & (rows < L)[None, :]
+        tl.store(OUT + bh * L * L + rows[:, None] * L + rows[None, :], kept.to(tl.int8), mask=ok)
+
+
+def _launch_args(qkv: torch.Tensor, keep: torch.Tensor, heads: int, dropout_p: float) -> tuple:
+    batch, length, width = qkv.shape
+    hidden = width // 3
+    head_dim = hidden // heads
+    meta = dict(H=hidden, D=head_dim, BLOCK_L=_block(length), DROPOUT=dropout_p > 0)
+    return (batch * heads,), length, keep.view(torch.int8), 1.0 / math.sqrt(head_dim), meta
+
+
+@torch.library.custom_op("tuner::short_attention", mutates_args=())
+def short_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, heads: int,
+                    dropout_p: float) -> torch.Tensor:
+    """Attention of qkv [B, L, 3H] (Q, K, V side by side) over keys where keep [B, L] (bool) is
+    True, with dropout p on the weights drawn from `seed` (an int32 tensor of one element)
+    -> [B, L, H]."""
+    grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
+    out = qkv.new_empty(qkv.shape[0], length, meta["H"])
+    if out.numel():
+        _forward_kernel[grid](qkv, keep8, seed, out, length, heads, qkv.stride(0), qkv.stride(1), keep8.stride(0),
+                              out.stride(0), out.stride(1), scale, dropout_p, **meta)
+    return out
+
+
+@short_attention.register_fake
+def _short_attention_fake(qkv, keep, seed, heads, dropout_p):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+
+
+@torch.library.custom_op("tuner::short_attention_backward", mutates_args=())
+def short_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor,
+                             heads: int, dropout_p: float) -> torch.Tensor:
+    """d loss / d qkv [B, L, 3H] from d loss / d out [B, L, H]."""
+    grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    if dqkv.numel():
+        _backward_kernel[grid](qkv, keep8, seed, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
+                               keep8.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1),
+                               scale, dropout_p, **meta)
+    return dqkv
+
+
+@short_attention_backward.register_fake
+def _short_attention_backward_fake(grad, qkv, keep, seed, heads, dropout_p):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, keep, seed, heads, dropout_p = inputs
+    ctx.save_for_backward(qkv, keep, seed)
+    ctx.heads, ctx.dropout_p = heads, dropout_p
+
+
+def _backward(ctx, grad):
+    qkv, keep, seed = ctx.saved_tensors
+    return short_attention_backward(grad.contiguous(), qkv, keep, seed, ctx.heads, ctx.dropout_p), None, None, None, None
+
+
+short_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def new_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed on `device`, drawn from torch's generator (so `torch.manual_seed`
+    repeats it, and CUDA graphs replay a new one each step)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int32)
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p: float) -> torch.Tensor:
+    """The kernels' dropout mask for `seed`: bool [B, heads, L, L], True where a weight is kept."""
+    out = torch.empty(batch * heads, length, length, dtype=torch.int8, device=seed.device)
+    _mask_kernel[(batch * heads,)](seed, out, length, dropout_p, BLOCK_L=_block(length))
+    return out.view(batch, heads, length, length).bool()
