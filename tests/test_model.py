@@ -52,7 +52,7 @@ def test_fused_qkv_projection_is_the_three_linears():
     attn = _model("tiny", 20, tied=True, device="cpu").blocks[0].attn
     linears = (attn.q_proj, attn.k_proj, attn.v_proj)
     x = torch.randn(3, 7, 32)
-    fused = attn._qkv(x, None)
+    fused = attn._qkv(x, None).chunk(3, dim=-1)  # one [B, L, 3H] tensor, Q, K and V side by side
     separate = [linear(x) for linear in linears]
     upstream = [torch.randn_like(t) for t in separate]
     grads = []
