@@ -4,7 +4,9 @@ BERT4Rec's sequences are short (50 items at the seed's settings) and padded on t
 attention takes a key-padding mask and (in training) dropout. Flash attention takes no mask, and
 the kernels PyTorch picks are tuned for long sequences. This measures, for each size's shape
 (batch, heads, head dim 64, length 50, bf16, 10% attention dropout, a padding mask), the median
-forward + backward time of each backend, eager and under `torch.compile`, in one process:
+GPU time of each backend's forward and of its forward + backward, eager and under
+`torch.compile`, in one process. Calls are replayed from a CUDA graph, as the training step
+replays them, because one layer's attention takes less GPU time than the host needs to launch it:
 
     python benchmarks/attention_backends.py --out benchmarks/results/attention_backends.json
 
@@ -70,34 +72,58 @@ def measure(size: str, length: int, dropout: float, device: torch.device) -> lis
         for compiled in (False, True):
             fn = torch.compile(call) if compiled else call
 
-            def step():
-                out = fn(*args)
-                torch.autograd.grad(out, leaves, out_grad)
+            def forward():
+                fn(*args)
 
+            def step():
+                torch.autograd.grad(fn(*args), leaves, out_grad)
+
+            row = {"size": size, "backend": name, "compiled": compiled, "dropout": dropout}
             try:
-                ms = median_ms(step, repeats=50)
+                row["fwd_ms"] = graph_ms(forward)
+                row["fwd_bwd_ms"] = graph_ms(step)
             except Exception as exc:  # noqa: BLE001 - a backend that rejects the shape is a result too
-                rows.append({"size": size, "backend": name, "compiled": compiled, "fwd_bwd_ms": None,
-                             "error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"})
+                row.update(fwd_bwd_ms=None, error=f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
             else:
-                rows.append({"size": size, "backend": name, "compiled": compiled, "fwd_bwd_ms": ms,
-                             "per_step_ms": ms * preset["layers"]})
+                row["per_step_ms"] = row["fwd_bwd_ms"] * preset["layers"]
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
             torch._dynamo.reset()
+    if "triton" in calls:
+        rows.append({"size": size, "backend": "triton", "dropout": dropout, "tuned": {
+            kernel: str(getattr(getattr(short_attention, kernel), "best_config", None))
+            for kernel in ("_forward_kernel", "_backward_kernel")}})
     return rows
+
+
+def graph_ms(fn, calls: int = 10) -> float:
+    """GPU milliseconds per fn() as the training step runs it: `calls` calls captured in one CUDA
+    graph and replayed, so host launch costs (which dominate one layer's attention) drop out."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, repeats=30) / calls
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SHAPES))
     parser.add_argument("--length", type=int, default=50)
-    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.1], help="attention dropout rates to measure")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_backends.json"))
     args = parser.parse_args()
     device, report = start_report("attention_backends.py", args.sizes, SHAPES)
     report.update(length=args.length, dropout=args.dropout, dtype="bfloat16", rows=[])
     for size in args.sizes:
-        report["rows"] += measure(size, args.length, args.dropout, device)
+        for dropout in args.dropout:
+            report["rows"] += measure(size, args.length, dropout, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
