@@ -92,7 +92,7 @@ def measure(size: str, length: int, dropout: float, device: torch.device) -> lis
     if "triton" in calls:
         rows.append({"size": size, "backend": "triton", "dropout": dropout, "tuned": {
             kernel: str(getattr(getattr(short_attention, kernel), "best_config", None))
-            for kernel in ("_forward_kernel", "_backward_kernel")}})
+            for kernel in ("_attention_forward_kernel", "_attention_backward_kernel")}})
     return rows
 
 

@@ -14,7 +14,10 @@
 - `window` (issue 8): histories longer than the model's length trained on a random window of it
   for a share of them each epoch (`train.window_prob`), rather than always on the latest items;
 - `weights` (issue 5): bf16 weights with fp32 masters in the optimizer (`train.weights=bf16`)
-  against fp32 weights, two seeds each (a GPU: bf16 autocast).
+  against fp32 weights, two seeds each (a GPU: bf16 autocast);
+- `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
+  against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
+  128; the tuned 200 falls back to SDPA).
 
 Every variant is one `tuner train` on ../shared/data/ml-1m with the same seed and settings but
 the option; the table reports test NDCG@10 / HR@10 (full ranking minus the history), the best
@@ -86,6 +89,12 @@ GROUPS = {
         "bf16_weights": ["train.weights=bf16"],
         "fp32_weights_seed1": ["train.weights=fp32", "train.seed=1"],
         "bf16_weights_seed1": ["train.weights=bf16", "train.seed=1"],
+    },
+    "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
+        "efficient": ["model.attention=efficient", "model.max_len=100"],
+        "triton": ["model.attention=triton", "model.max_len=100"],
+        "efficient_seed1": ["model.attention=efficient", "model.max_len=100", "train.seed=1"],
+        "triton_seed1": ["model.attention=triton", "model.max_len=100", "train.seed=1"],
     },
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")

@@ -63,28 +63,34 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     return r
 
 
-def model_case():
-    """Bert4Rec with attention=triton against attention=math, weights shared, no dropout: the
-    same hidden states and gradients, eagerly and under torch.compile."""
+def model_case(device="cpu", backend="aot_eager", reference="math"):
+    """Bert4Rec with attention=triton against an SDPA kernel, weights shared, no dropout: the
+    same hidden states and gradients, eagerly and under torch.compile (fullgraph: no breaks). On
+    a GPU both run under bf16 autocast."""
     cfg = dict(num_items=40, max_len=20, hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, attn_dropout=0.0)
     torch.manual_seed(0)
-    ours = Bert4Rec(Bert4RecConfig(**cfg, attention="triton"))
-    theirs = Bert4Rec(Bert4RecConfig(**cfg, attention="math"))
+    ours = Bert4Rec(Bert4RecConfig(**cfg, attention="triton")).to(device)
+    theirs = Bert4Rec(Bert4RecConfig(**cfg, attention=reference)).to(device)
     theirs.load_state_dict(ours.state_dict())
     items = torch.randint(1, 41, (4, 20))
     items[1, :7] = 0
     items[2, :19] = 0
+    items = items.to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
     out = {}
     for name, compile_it in (("eager", False), ("compiled", True)):
-        fn = torch.compile(ours, backend="aot_eager", fullgraph=True) if compile_it else ours
+        fn = torch.compile(ours, backend=backend, fullgraph=True) if compile_it else ours
         if compile_it:  # compiling runs the ops on fake tensors: keep that out of the profile
-            fn(items)
+            with autocast:
+                fn(items)
         with torch.profiler.profile() as prof:
-            h = fn(items)
-            g = torch.autograd.grad(h.square().sum(), list(ours.parameters()), allow_unused=True)
+            with autocast:
+                h = fn(items)
+            g = torch.autograd.grad(h.float().square().sum(), list(ours.parameters()), allow_unused=True)
         ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::")})
-        ref = theirs(items)
-        rg = torch.autograd.grad(ref.square().sum(), list(theirs.parameters()), allow_unused=True)
+        with autocast:
+            ref = theirs(items)
+        rg = torch.autograd.grad(ref.float().square().sum(), list(theirs.parameters()), allow_unused=True)
         pairs = [(a, b) for a, b in zip(g, rg) if b is not None]
         # floor: the key bias's true gradient is 0 (softmax ignores a shift), so its rounding has no scale
         out[name] = {"hidden": rel(h, ref), "grad": max(rel(a, b, floor=1e-6) for a, b in pairs), "ops": ops,
@@ -95,7 +101,8 @@ def model_case():
 def main():
     if sys.argv[1:] == ["--cuda"]:  # on a GPU, compiled by Triton: the seed's shapes in bf16 and fp16
         print(json.dumps({"bf16_430M": case(128, 50, 16, 64, torch.bfloat16, 0.1, device="cuda"),
-                          "fp16_130M": case(256, 50, 6, 64, torch.float16, 0.1, seed=1, device="cuda")}))
+                          "fp16_130M": case(256, 50, 6, 64, torch.float16, 0.1, seed=1, device="cuda"),
+                          "model": model_case("cuda", "inductor", "efficient")}))
         return
     result = {
         "fp32": case(3, 50, 2, 16, torch.float32, 0.0),

@@ -30,7 +30,7 @@ def test_overrides_are_typed():
     ("model.size=999M", "model.size='999M' is not one of: tiny, bert4rec, 5M, 85M, 130M, 430M"),
     ("train.amp=fp8", "train.amp='fp8' is not one of"),
     ("train.weights=fp16", "train.weights='fp16' is not one of: auto, fp32, bf16"),
-    ("model.attention=flash", "model.attention='flash' is not one of: auto, efficient, cudnn, math"),
+    ("model.attention=flash", "model.attention='flash' is not one of: auto, efficient, cudnn, math, triton"),
     ("optim.lr=nan", "not a valid float"),
     ("model.hidden=33", "divisible by model.heads"),
     ("noequals", "must look like section.key=value"),

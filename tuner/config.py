@@ -68,7 +68,9 @@ class ModelConfig:
     attn_dropout: float = 0.1
     tied_head: bool = True  # output head shares the item embedding (paper); False = seed's untied head
     fused_qkv: bool = True  # Q, K and V projections as one GEMM (False: three, for A/B benchmarks)
-    attention: str = "efficient"  # SDPA kernel: efficient | cudnn | math | auto (PyTorch picks); tuner/model/bert4rec.py
+    # triton (tuner/model/short_attention.py, sequences up to 128 on sm80+; SDPA's efficient kernel
+    # otherwise) | efficient | cudnn | math | auto (PyTorch picks an SDPA kernel); tuner/model/bert4rec.py
+    attention: str = "triton"
 
     def __post_init__(self) -> None:
         from tuner.model.bert4rec import ATTENTION_BACKENDS

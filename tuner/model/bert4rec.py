@@ -11,11 +11,14 @@ Design choices, with reasons:
 - The head is the paper's: GELU transform, then scores against the item embedding (tied) or a
   separate output matrix (untied, as the seed used), plus a per-item bias. Scores cover items
   1..num_items only: padding and mask can never be predicted or ranked.
-- Attention goes through `F.scaled_dot_product_attention` with a padding mask and dropout;
-  `attention` picks its kernel. The default is the memory-efficient kernel: at BERT4Rec's short
-  sequences it beats PyTorch's own choice (cuDNN on an H100) by 3% of the whole 130M and 430M
-  training step (benchmarks/gpu_throughput.py `_attn_*` variants), and it runs on every GPU of
-  the cluster (V100 and up).
+- Attention: `attention` picks the kernel. The default, `triton`, is tuner.model.short_attention's
+  kernel, one program per sequence and head, reading the fused QKV projection as it is: 2.3x
+  less GPU time than SDPA's memory-efficient kernel per 430M layer on an H100, which cut the
+  whole 430M step from 16.9 to 15.5 ms (benchmarks/attention_backends.py, gpu_throughput.py's
+  `_attn_triton`). Shapes it does not take (sequences over 128, GPUs before sm80, fp32, CPUs)
+  go to `F.scaled_dot_product_attention` with a padding mask and dropout, on the
+  memory-efficient kernel: at BERT4Rec's short sequences it beats PyTorch's own choice (cuDNN on
+  an H100) by 3% of the whole 130M and 430M step, and it runs on every GPU of the cluster.
 - `forward` returns hidden states; `item_scores` scores chosen rows against the catalog. The
   loss picks the masked rows first, so full-catalog logits are never built for unmasked positions.
 
@@ -54,7 +57,7 @@ class Bert4RecConfig:
     attn_dropout: float = 0.1
     tied_head: bool = True
     fused_qkv: bool = True  # plain Q/K/V linears as one GEMM
-    attention: str = "efficient"  # a key of ATTENTION_BACKENDS
+    attention: str = "triton"  # a key of ATTENTION_BACKENDS
 
     @property
     def mask_token(self) -> int:

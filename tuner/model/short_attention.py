@@ -3,11 +3,11 @@
 BERT4Rec's histories are short (50 items at the seed's settings). At that length a whole head's
 Q, K and V (50 x 64 each) and its 50 x 50 scores fit in one program's registers, so:
 
-- Forward, `_forward_kernel`: scores, key-padding mask, softmax, attention dropout and the
+- Forward, `_attention_forward_kernel`: scores, key-padding mask, softmax, attention dropout and the
   product with V in one pass, reading Q, K and V straight out of the fused QKV projection
   [B, L, 3H] and writing the output in the [B, L, H] layout the output projection reads. No
   transposes, no log-sum-exp or mask kept for the backward.
-- Backward, `_backward_kernel`: recomputes the softmax and the dropout mask (counter-based
+- Backward, `_attention_backward_kernel`: recomputes the softmax and the dropout mask (counter-based
   Philox, `tl.rand`, keyed by a seed drawn on the device each call) and writes dQ, dK and dV
   into one [B, L, 3H] gradient, which is the fused projection's output gradient as it stands:
   no concatenation. One program owns all of a head's keys, so there are no atomics.
@@ -18,8 +18,8 @@ and V gradients concatenated afterwards.
 
 `short_attention(qkv, keep, seed, heads, dropout_p)` is a `torch.library` custom op with its own
 autograd formula, so `torch.compile` (CUDA graphs included) treats it as one opaque call.
-`usable(...)` says whether the kernel takes a shape: CUDA (or Triton's interpreter), fp16/bf16
-(any float under the interpreter), a power-of-two head size of 16 to 128 and at most
+`usable(...)` says whether the kernel takes a shape: a CUDA GPU of sm80 or newer (or Triton's
+interpreter), fp16/bf16 (any float under the interpreter), a power-of-two head size of 16 to 128 and at most
 `MAX_LENGTH` positions; the model falls back to `F.scaled_dot_product_attention` otherwise.
 
 A sequence whose keys are all padding gets zeros (SDPA gives NaN there). The kernels run on CPU
@@ -47,11 +47,18 @@ HEAD_DIMS = (16, 32, 64, 128)
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once: torch.compile traces `usable`
 
 
+@torch._dynamo.assume_constant_result  # traced once, a constant in the compiled graph
+def _ampere_or_newer(index: int) -> bool:
+    """The kernels are built and measured for sm80 and up (A100, L4, H100); a V100 keeps SDPA."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def usable(qkv: torch.Tensor, heads: int) -> bool:
     """True when the kernels take `qkv` [B, L, 3H] split into `heads` heads."""
     if triton is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
         return False
-    device_ok = (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)) or INTERPRETING
+    device_ok = INTERPRETING or (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
+                                 and _ampere_or_newer(qkv.device.index))
     return device_ok and qkv.shape[-1] // (3 * heads) in HEAD_DIMS and qkv.shape[1] <= MAX_LENGTH
 
 
@@ -94,7 +101,7 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["L", "H"])
     @triton.jit
-    def _forward_kernel(QKV, KEEP, SEED, OUT, L, heads, stride_b, stride_l, stride_keep, stride_ob, stride_ol,
+    def _attention_forward_kernel(QKV, KEEP, SEED, OUT, L, heads, stride_b, stride_l, stride_keep, stride_ob, stride_ol,
                         scale, p, H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // heads, bh % heads
@@ -108,7 +115,7 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["L", "H"])
     @triton.jit
-    def _backward_kernel(QKV, KEEP, SEED, GRAD, DQKV, L, heads, stride_b, stride_l, stride_keep, stride_gb,
+    def _attention_backward_kernel(QKV, KEEP, SEED, GRAD, DQKV, L, heads, stride_b, stride_l, stride_keep, stride_gb,
                          stride_gl, stride_db, stride_dl, scale, p,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
         bh = tl.program_id(0)
@@ -140,7 +147,7 @@ if triton is not None:
         tl.store(ptrs + 2 * H, dv.to(out_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _mask_kernel(SEED, OUT, L, p, BLOCK_L: tl.constexpr):
+    def _attention_mask_kernel(SEED, OUT, L, p, BLOCK_L: tl.constexpr):
         bh = tl.program_id(0)
         rows = tl.arange(0, BLOCK_L)
         kept = _keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L)
@@ -165,7 +172,7 @@ def short_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, h
     grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
     out = qkv.new_empty(qkv.shape[0], length, meta["H"])
     if out.numel():
-        _forward_kernel[grid](qkv, keep8, seed, out, length, heads, qkv.stride(0), qkv.stride(1), keep8.stride(0),
+        _attention_forward_kernel[grid](qkv, keep8, seed, out, length, heads, qkv.stride(0), qkv.stride(1), keep8.stride(0),
                               out.stride(0), out.stride(1), scale, dropout_p, **meta)
     return out
 
@@ -182,7 +189,7 @@ def short_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.
     grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
-        _backward_kernel[grid](qkv, keep8, seed, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
+        _attention_backward_kernel[grid](qkv, keep8, seed, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
                                keep8.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1),
                                scale, dropout_p, **meta)
     return dqkv
@@ -216,5 +223,5 @@ def new_seed(device: torch.device) -> torch.Tensor:
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p: float) -> torch.Tensor:
     """The kernels' dropout mask for `seed`: bool [B, heads, L, L], True where a weight is kept."""
     out = torch.empty(batch * heads, length, length, dtype=torch.int8, device=seed.device)
-    _mask_kernel[(batch * heads,)](seed, out, length, dropout_p, BLOCK_L=_block(length))
+    _attention_mask_kernel[(batch * heads,)](seed, out, length, dropout_p, BLOCK_L=_block(length))
     return out.view(batch, heads, length, length).bool()
