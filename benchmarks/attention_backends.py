@@ -89,10 +89,6 @@ def measure(size: str, length: int, dropout: float, device: torch.device) -> lis
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
             torch._dynamo.reset()
-    if "triton" in calls:
-        rows.append({"size": size, "backend": "triton", "dropout": dropout, "tuned": {
-            kernel: str(getattr(getattr(short_attention, kernel), "best_config", None))
-            for kernel in ("_attention_forward_kernel", "_attention_backward_kernel")}})
     return rows
 
 
