@@ -157,6 +157,22 @@ def variants_table(name: str = "seed_options.json") -> str:
     return "\n".join(lines)
 
 
+def attention_kernels_table(name: str = "attention_backends.json") -> str:
+    """benchmarks/attention_backends.py: GPU time per layer of each attention kernel."""
+    data = json.loads((RESULTS / name).read_text())
+    code = f" (code {data['code_commit']})" if data.get("code_commit") else ""
+    lines = [f"Device: {data['device']} (torch {data['torch']}); sequence {data['length']}, {data['dtype']}, "
+             f"a padding mask; `{data['command']}`{code}. Microseconds per layer, CUDA graph replays.", "",
+             "| size | attention dropout | kernel | compiled | forward us | forward + backward us | per step ms |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r.get("fwd_bwd_ms") is None:
+            continue
+        lines.append(f"| {r['size']} | {r['dropout']} | {r['backend']} | {'yes' if r['compiled'] else 'no'} | "
+                     f"{r['fwd_ms'] * 1e3:.0f} | {r['fwd_bwd_ms'] * 1e3:.0f} | {r['per_step_ms']:.2f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
@@ -167,7 +183,9 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
                                            "table_130M"),
           "--gpu-weights": lambda: gpu_tables("weights_430M", "weights", "weights_430M_40steps", "weights_430M_ac5fbc7",
                                            "head_sliced_430M", "head_430M_130M", "5a93aa3"),
-          "--gpu-latest": lambda: gpu_table("gpu_throughput_5a93aa3.json") + "\n\n" + gpu_table("gpu_throughput_small_fd9dd91.json"),
+          "--gpu-latest": lambda: gpu_table("gpu_throughput_e5ffbdf.json") + "\n\n" + gpu_table("gpu_throughput_small_e504505.json"),
+          "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
+          "--attention-kernels": attention_kernels_table, "--attention": lambda: variants_table("ml1m_attention.json"),
           "--weights": lambda: variants_table("ml1m_weights.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
