@@ -50,6 +50,7 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_unfused_table": {"overrides": ("train.fused_table=false",)},  # the table's two gradients summed by autograd
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             "_fp32_weights": {"overrides": ("train.weights=fp32",)},  # fp32 weights cast by autocast, fused AdamW
+            "_bf16_moments": {"overrides": ("optim.moments=bf16",)},  # AdamW's moments in bf16 (stochastic rounding)
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
                for name in ("auto", "cudnn", "efficient", "math", "triton")}}
 

@@ -14,7 +14,8 @@
 - `window` (issue 8): histories longer than the model's length trained on a random window of it
   for a share of them each epoch (`train.window_prob`), rather than always on the latest items;
 - `weights` (issue 5): bf16 weights with fp32 masters in the optimizer (`train.weights=bf16`)
-  against fp32 weights, two seeds each (a GPU: bf16 autocast);
+  against fp32 weights, and bf16 moments (`optim.moments=bf16`) on top, two seeds each (a GPU:
+  bf16 autocast);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -89,6 +90,8 @@ GROUPS = {
         "bf16_weights": ["train.weights=bf16"],
         "fp32_weights_seed1": ["train.weights=fp32", "train.seed=1"],
         "bf16_weights_seed1": ["train.weights=bf16", "train.seed=1"],
+        "bf16_moments": ["train.weights=bf16", "optim.moments=bf16"],
+        "bf16_moments_seed1": ["train.weights=bf16", "optim.moments=bf16", "train.seed=1"],
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],

@@ -30,6 +30,7 @@ def test_overrides_are_typed():
     ("model.size=999M", "model.size='999M' is not one of: tiny, bert4rec, 5M, 85M, 130M, 430M"),
     ("train.amp=fp8", "train.amp='fp8' is not one of"),
     ("train.weights=fp16", "train.weights='fp16' is not one of: auto, fp32, bf16"),
+    ("optim.moments=fp8", "optim.moments='fp8' is not one of: fp32, bf16"),
     ("model.attention=flash", "model.attention='flash' is not one of: auto, efficient, cudnn, math, triton"),
     ("optim.lr=nan", "not a valid float"),
     ("model.hidden=33", "divisible by model.heads"),
@@ -44,6 +45,7 @@ def test_bad_overrides_name_the_problem(override, message):
 @pytest.mark.parametrize("overrides, message", [
     (["train.weights=bf16", "train.amp=fp16"], "train.weights=bf16 needs bf16 autocast, not train.amp=fp16"),
     (["train.weights=bf16", "optim.ema_decay=0.9"], "cannot be combined with optim.ema_decay"),
+    (["train.weights=fp32", "optim.moments=bf16"], "optim.moments=bf16 needs bf16 weights"),
 ])
 def test_bf16_weights_refuse_settings_they_cannot_serve(overrides, message):
     with pytest.raises(UserError) as info:

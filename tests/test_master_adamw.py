@@ -9,7 +9,7 @@ import torch
 
 from tuner.config import load_config
 from tuner.losses import TiedItemTable
-from tuner.train.master_adamw import MasterWeightAdamW, adamw_update
+from tuner.train.master_adamw import MasterWeightAdamW, adamw_update, round_to_bf16
 from tuner.train.optim import bf16_weights
 from tuner.train.step import TrainStep
 
@@ -148,3 +148,101 @@ def test_auto_stores_bf16_weights_only_for_large_models_under_bf16_autocast_on_c
     assert not bf16_weights(load_config(overrides=["optim.ema_decay=0.9"]), bf16, cuda, large)
     assert not bf16_weights(load_config(overrides=["train.weights=fp32"]), bf16, cuda, large)
     assert bf16_weights(load_config(overrides=["train.weights=bf16"]), bf16, torch.device("cpu"), small)
+
+
+def _moments_pair(moments_dtype):
+    reference, opt_ref, mixed, _ = _pair()
+    groups = [{"params": [mixed[0].weight, mixed[2].weight], "weight_decay": 0.1},
+              {"params": [mixed[0].bias, mixed[1].weight, mixed[1].bias, mixed[2].bias], "weight_decay": 0.0,
+               "lr": 2e-2}]
+    return reference, opt_ref, mixed, MasterWeightAdamW(groups, lr=1e-2, betas=(0.9, 0.98), moments_dtype=moments_dtype)
+
+
+def test_stochastic_rounding_to_bf16_is_unbiased_where_rounding_to_nearest_is_not():
+    torch.manual_seed(0)
+    value = 1.0 + 2 ** -7 * 0.25  # a quarter of the way from 1 to the next bf16 value, 1 + 2^-7
+    values = torch.full((200_000,), value)
+    rounded = round_to_bf16(values)
+    assert rounded.dtype == torch.bfloat16
+    assert set(rounded.float().unique().tolist()) == {1.0, 1.0 + 2 ** -7}  # only the two neighbours
+    assert abs(rounded.float().mean().item() - value) < 2 ** -7 * 0.01  # exact in expectation
+    assert values.to(torch.bfloat16).float().mean().item() == 1.0  # nearest: always down
+    negative = round_to_bf16(-values).float()
+    assert abs(negative.mean().item() + value) < 2 ** -7 * 0.01  # rounds the magnitude, both signs
+
+
+def test_a_bf16_second_moment_keeps_growing_with_stochastic_rounding_and_stalls_without():
+    """A constant gradient of 1: v_t = 1 - 0.999^t (0.95 after 3,000 steps) in exact arithmetic."""
+    shape, steps = (4096,), 3000
+    weight = [torch.zeros(shape, dtype=torch.bfloat16)]
+    state = [torch.zeros(shape), torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)]
+    count = [torch.tensor(0.0)]
+    grad = [torch.ones(shape, dtype=torch.bfloat16)]
+    nearest = torch.zeros(shape, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        adamw_update(weight, grad, *[[t] for t in state], count, [torch.tensor(1e-3)], [0.0], None, 0.9, 0.999, 1e-8)
+        nearest = (nearest.float() * 0.999 + 0.001).to(torch.bfloat16)  # the same moment, rounded to nearest
+    exact = 1 - 0.999 ** steps
+    assert abs(state[2].float().mean().item() - exact) < 0.01 * exact
+    assert nearest.float().max().item() < 0.5  # stalled where 0.1% of the gap is under half a bf16 step
+
+
+def test_bf16_moments_keep_the_masters_on_torch_adamws_path():
+    reference, opt_ref, mixed, opt_mixed = _moments_pair(torch.bfloat16)
+    start = [p.detach().clone() for p in reference.parameters()]
+    for step in range(25):
+        _bf16_grads(reference, mixed, step)
+        opt_ref.step()
+        opt_mixed.step()
+    for state in opt_mixed.state.values():
+        assert state["master"].dtype == torch.float32
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    for ref, master, first in zip(reference.parameters(), _masters(opt_mixed, mixed), start):
+        moved = (ref.detach() - first).abs().max()
+        # the moments' rounding noise (0.4% at most per value, unbiased) moves each weight by under
+        # 2% of what 25 AdamW steps moved it
+        assert (master - ref.detach()).abs().max() < 0.02 * moved
+
+
+def test_a_state_saved_with_fp32_moments_loads_into_bf16_moments():
+    _, _, mixed, opt_fp32 = _moments_pair(torch.float32)
+    _bf16_grads(mixed, mixed, 0)
+    opt_fp32.step()
+    saved = copy.deepcopy(opt_fp32.state_dict())
+    _, _, other, opt_bf16 = _moments_pair(torch.bfloat16)
+    opt_bf16.load_state_dict(saved)
+    for before, after in zip(opt_fp32.state.values(), opt_bf16.state.values()):
+        assert torch.equal(after["master"], before["master"]) and after["master"].dtype == torch.float32
+        assert after["exp_avg_sq"].dtype == torch.bfloat16
+        torch.testing.assert_close(after["exp_avg_sq"].float(), before["exp_avg_sq"], rtol=2 ** -8, atol=0)
+
+
+def test_the_compiled_update_with_bf16_moments_matches_eager_up_to_the_rounding():
+    torch.manual_seed(0)
+    shapes = [(64, 16), (16,)]
+    weights = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    masters = [w.float() for w in weights]
+    moments = [[torch.randn(s).abs().to(torch.bfloat16) for s in shapes] for _ in range(2)]
+    grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    steps = [torch.tensor(3.0) for _ in shapes]
+    copies = [[t.clone() for t in group] for group in (weights, masters, *moments, steps)]
+    args = ([torch.tensor(1e-2)] * 2, [0.05, 0.0], None, 0.9, 0.999, 1e-8)
+    adamw_update(weights, grads, masters, *moments, steps, *args)
+    torch.compile(adamw_update, fullgraph=True, dynamic=False)(copies[0], grads, *copies[1:], *args)
+    for a, b in zip(masters, copies[1]):  # the masters use the fp32 moments before their rounding
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for eager, compiled in zip(moments, copies[2:4]):  # each rounding is one of two neighbours
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=0)
+
+
+def test_bf16_moments_need_bf16_weights():
+    from tuner.errors import UserError
+    from tuner.train.optim import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(UserError, match="optim.moments=bf16 needs bf16 weights"):
+        build_optimizer(model, load_config(overrides=["optim.moments=bf16"]).optim, torch.device("cpu"))
+    optimizer = build_optimizer(model, load_config(overrides=["optim.moments=bf16"]).optim, torch.device("cpu"), bf16=True)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in optimizer.state.values())

@@ -111,8 +111,12 @@ class OptimConfig:
     # validate, test and serve an exponential moving average of the weights, updated after every
     # step with this decay (e.g. 0.99; a second copy of the weights on the device); 0 = off
     ema_decay: float = 0.0
+    # with bf16 weights (train.weights): AdamW's two moments in fp32, or in bf16 written back with
+    # stochastic rounding (8 bytes fewer per weight and step; tuner/train/master_adamw.py)
+    moments: str = "fp32"
 
     def __post_init__(self) -> None:
+        _check_choice("optim.moments", self.moments, ("fp32", "bf16"))
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be positive")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         _check(self.embedding_lr_mult > 0, "optim.embedding_lr_mult must be positive")
@@ -330,6 +334,8 @@ class Config:
         _check(not (self.train.weights == "bf16" and self.optim.ema_decay),
                "train.weights=bf16 cannot be combined with optim.ema_decay (the average would be bf16 "
                "too); set train.weights=fp32")
+        _check(not (self.optim.moments == "bf16" and self.train.weights == "fp32"),
+               "optim.moments=bf16 needs bf16 weights: set train.weights=bf16 (or auto)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,13 @@ read and write the fp32 master and moments; write the bf16 weight) against about
 weights under autocast (two casts, an fp32 gradient, the fused AdamW). Memory per weight: 2 + 4 + 8
 bytes of weights and moments and 2 of gradient, against 4 + 8 and 4.
 
+`moments_dtype=torch.bfloat16` (`optim.moments=bf16`) keeps the two moments in bf16: 26 bytes per
+weight and step instead of 34 with the masters. The update still runs in fp32; each new moment
+is written back with stochastic rounding (`round_to_bf16`), because round-to-nearest would stall
+the second moment: at beta2 = 0.999 a step moves it by 0.1% of the gap to g^2, under bf16's
+relative spacing of 0.4-0.8%, so once it is within a factor of about 3 of g^2 it stops moving
+(tests/test_master_adamw.py shows the stall and its absence).
+
 The update is written with foreach ops. With `compile=True` (CUDA) torch.compile fuses them into a
 few horizontal kernels, one pass over each tensor; the learning rate and step counts live in
 tensors, so a scheduler that changes the lr every step does not recompile. Gradient clipping uses
@@ -25,8 +32,18 @@ from typing import Optional
 
 import torch
 
-# what each weight's optimizer state holds; "step" is a 0-d float tensor as in the fused AdamW
-_FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
+# what each weight's optimizer state holds besides "step" (a 0-d float tensor, as in the fused
+# AdamW): the fp32 master and the two moments (fp32 or bf16)
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def round_to_bf16(values: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 with stochastic rounding: up to the next bf16 value (in magnitude) with
+    probability equal to the distance covered, so the rounding is exact in expectation. A random
+    16-bit integer added to the fp32 bits, then the low 16 bits dropped (bf16 is fp32's top half)."""
+    bits = values.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def adamw_update(weights: list[torch.Tensor], grads: list[torch.Tensor], masters: list[torch.Tensor],
@@ -35,23 +52,30 @@ def adamw_update(weights: list[torch.Tensor], grads: list[torch.Tensor], masters
                  beta1: float, beta2: float, eps: float) -> None:
     """One AdamW step on the fp32 `masters` from `grads` (any float dtype, divided by
     `grad_scale` if given), then `weights` <- masters (cast to the weights' dtype). In place.
-    Per tensor: its step count, learning rate (a 0-d tensor) and weight decay."""
+    Per tensor: its step count, learning rate (a 0-d tensor) and weight decay. The moments are
+    all fp32 or all bf16 (computed in fp32, stored with `round_to_bf16`)."""
     torch._foreach_add_(steps, 1)
     grads = [g.to(torch.float32) for g in grads]
     if grad_scale is not None:
         grads = torch._foreach_div(grads, grad_scale)
     # decoupled decay, as torch.optim.AdamW
     torch._foreach_mul_(masters, [1 - lr * decay for lr, decay in zip(lrs, weight_decays)])
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    rounded = exp_avgs[0].dtype != torch.float32  # bf16 moments: update in fp32, round stochastically
+    first = [m.to(torch.float32) for m in exp_avgs] if rounded else exp_avgs
+    second = [v.to(torch.float32) for v in exp_avg_sqs] if rounded else exp_avg_sqs
+    torch._foreach_lerp_(first, grads, 1 - beta1)
+    torch._foreach_mul_(second, beta2)
+    torch._foreach_addcmul_(second, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(second)
     torch._foreach_div_(denom, [(1 - beta2 ** step).sqrt() for step in steps])
     torch._foreach_add_(denom, eps)
-    updates = torch._foreach_div(exp_avgs, denom)
+    updates = torch._foreach_div(first, denom)
     torch._foreach_mul_(updates, [lr / (1 - beta1 ** step) for lr, step in zip(lrs, steps)])
     torch._foreach_sub_(masters, updates)
     torch._foreach_copy_(weights, masters)
+    if rounded:
+        torch._foreach_copy_(exp_avgs, [round_to_bf16(m) for m in first])
+        torch._foreach_copy_(exp_avg_sqs, [round_to_bf16(v) for v in second])
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
@@ -63,8 +87,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, dtype: torch.dtype = torch.bfloat16, compile: bool = False):
-        self.dtype = dtype
+                 weight_decay: float = 1e-2, dtype: torch.dtype = torch.bfloat16, compile: bool = False,
+                 moments_dtype: torch.dtype = torch.float32):
+        self.dtype, self.moments_dtype = dtype, moments_dtype
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.grad_scale: Optional[torch.Tensor] = None  # set per step by the caller, as for the fused AdamW
         self._update = torch.compile(adamw_update, fullgraph=True, dynamic=False) if compile else adamw_update
@@ -77,8 +102,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for weight in group["params"]:
             state = self.state[weight]
             state["master"] = weight.detach().to(torch.float32, copy=True)
-            state["exp_avg"] = torch.zeros_like(state["master"])
-            state["exp_avg_sq"] = torch.zeros_like(state["master"])
+            for key in _MOMENTS:
+                state[key] = torch.zeros_like(state["master"], dtype=self.moments_dtype)
             state["step"] = torch.zeros((), dtype=torch.float32, device=weight.device)
             weight.data = weight.data.to(self.dtype)
 
@@ -114,14 +139,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict) -> None:
-        """Load as `torch.optim.Optimizer` does, but keep the masters and moments in fp32 (the base
-        class casts every saved tensor to its weight's dtype, which would round them to bf16)."""
+        """Load as `torch.optim.Optimizer` does, but keep the masters in fp32 and the moments in
+        `moments_dtype` (the base class casts every saved tensor to its weight's dtype, which would
+        round the masters to bf16). A state saved with the other moment dtype loads converted."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         weights = [w for group in self.param_groups for w in group["params"]]
         for index, weight in zip(ids, weights):
-            for key in _FP32_STATE:
-                self.state[weight][key] = saved[index][key].to(device=weight.device, dtype=torch.float32)
+            state = self.state[weight]
+            state["master"] = saved[index]["master"].to(device=weight.device, dtype=torch.float32)
+            for key in _MOMENTS:
+                state[key] = saved[index][key].to(device=weight.device, dtype=self.moments_dtype)
         for group in self.param_groups:
             group["lr_tensor"] = None

@@ -1,7 +1,7 @@
 """AdamW (no decay on biases and LayerNorm), warm-up + cosine schedule, and the optional weight average.
 
 The AdamW is PyTorch's (fused on CUDA) over fp32 weights, or `MasterWeightAdamW` over bf16 weights
-with fp32 masters (`train.weights`, chosen by `bf16_weights`).
+with fp32 masters (`train.weights`, chosen by `bf16_weights`) and fp32 or bf16 moments (`optim.moments`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, bf
               {"params": embeddings, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.embedding_lr_mult}]
     groups = [g for g in groups if g["params"]]
     if bf16:
-        return MasterWeightAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), compile=compile)
+        return MasterWeightAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), compile=compile,
+                                 moments_dtype=torch.bfloat16 if cfg.moments == "bf16" else torch.float32)
+    if cfg.moments == "bf16":
+        raise UserError("optim.moments=bf16 needs bf16 weights, and train.weights chose fp32 here "
+                        "(auto: CUDA, bf16 autocast, no optim.ema_decay, 100M+ weights): set train.weights=bf16")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
