@@ -37,12 +37,14 @@ import torch
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def round_to_bf16(values: torch.Tensor) -> torch.Tensor:
+def round_to_bf16(values: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 -> bf16 with stochastic rounding: up to the next bf16 value (in magnitude) with
     probability equal to the distance covered, so the rounding is exact in expectation. A random
-    16-bit integer added to the fp32 bits, then the low 16 bits dropped (bf16 is fp32's top half)."""
+    16-bit integer (`noise`, int32 in [0, 2^16), drawn here if not given) is added to the fp32 bits,
+    then the low 16 bits are dropped (bf16 is fp32's top half)."""
     bits = values.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
+    if noise is None:
+        noise = torch.randint_like(bits, 0, 1 << 16)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
@@ -73,9 +75,10 @@ def adamw_update(weights: list[torch.Tensor], grads: list[torch.Tensor], masters
     torch._foreach_mul_(updates, [lr / (1 - beta1 ** step) for lr, step in zip(lrs, steps)])
     torch._foreach_sub_(masters, updates)
     torch._foreach_copy_(weights, masters)
-    if rounded:
-        torch._foreach_copy_(exp_avgs, [round_to_bf16(m) for m in first])
-        torch._foreach_copy_(exp_avg_sqs, [round_to_bf16(v) for v in second])
+    if rounded:  # one 32-bit draw per weight: its low half rounds the first moment, its high half the second
+        draws = [torch.randint_like(m, -(2**31), 2**31 - 1, dtype=torch.int32) for m in first]
+        torch._foreach_copy_(exp_avgs, [round_to_bf16(m, d & 0xFFFF) for m, d in zip(first, draws)])
+        torch._foreach_copy_(exp_avg_sqs, [round_to_bf16(v, (d >> 16) & 0xFFFF) for v, d in zip(second, draws)])
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
