@@ -185,6 +185,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
                                            "head_sliced_430M", "head_430M_130M", "5a93aa3"),
           "--gpu-latest": lambda: gpu_table("gpu_throughput_e5ffbdf.json") + "\n\n" + gpu_table("gpu_throughput_small_e504505.json"),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
+          "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
+          "--moments": lambda: variants_table("ml1m_moments.json"),
           "--attention-kernels": attention_kernels_table, "--attention": lambda: variants_table("ml1m_attention.json"),
           "--weights": lambda: variants_table("ml1m_weights.json"),
           "--epoch-cycle": epoch_cycle_table, "--ray-overhead": lambda: epoch_cycle_table("ray_overhead.json"),
