@@ -8,26 +8,16 @@ losses dispatching to the op, eagerly and under torch.compile. The GPU figures a
 check on an H100 come from benchmarks/large_catalog.py.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_helpers import interpreted  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def result():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cce_kernel_check.py")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted("cce_kernel_check.py")
 
 
 @pytest.mark.parametrize("case", ["preload_fp16", "kloop_fp16", "fp32", "widened_fp16"])

@@ -9,26 +9,16 @@ eagerly and under torch.compile with the backward on the kernel. The GPU timings
 benchmarks/attention_backends.py and benchmarks/gpu_throughput.py.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_helpers import interpreted  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def result():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "short_attention_check.py")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted("short_attention_check.py")
 
 
 @pytest.mark.parametrize("case", ["fp32", "fp32_dropout", "fp16_dropout", "short"])

@@ -89,6 +89,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     dtype). Its state dict holds the masters, so a resumed run continues exactly.
     """
 
+    takes_grad_scale = True  # divides the gradients by `grad_scale` (TrainStep's clipping) as the fused AdamW does
+
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, dtype: torch.dtype = torch.bfloat16, compile: bool = False,
                  moments_dtype: torch.dtype = torch.float32):

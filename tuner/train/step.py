@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from tuner.data.collate import TrainBatch
-from tuner.train.master_adamw import MasterWeightAdamW
 
 
 class TrainStep:
@@ -33,7 +32,8 @@ class TrainStep:
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        takes_scale = bool(optimizer.defaults.get("fused")) or isinstance(optimizer, MasterWeightAdamW)
+        # PyTorch's fused optimizers divide by `grad_scale`; others declare it (MasterWeightAdamW)
+        takes_scale = bool(optimizer.defaults.get("fused")) or getattr(optimizer, "takes_grad_scale", False)
         self.fused_clip = fused_clip and takes_scale and not self.scaler.is_enabled()
 
     def autocast(self):
