@@ -63,14 +63,28 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     return r
 
 
-def model_case(device="cpu", backend="aot_eager", reference="math"):
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def model_case(device="cpu", backend="aot_eager", reference="math", ilora=False):
     """Bert4Rec with attention=triton against an SDPA kernel, weights shared, no dropout: the
     same hidden states and gradients, eagerly and under torch.compile (fullgraph: no breaks). On
-    a GPU both run under bf16 autocast."""
+    a GPU both run under bf16 autocast. `ilora`: with iLoRA experts on the projections, which
+    run one by one (the kernel gets their outputs concatenated)."""
     cfg = dict(num_items=40, max_len=20, hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, attn_dropout=0.0)
     torch.manual_seed(0)
     ours = Bert4Rec(Bert4RecConfig(**cfg, attention="triton")).to(device)
     theirs = Bert4Rec(Bert4RecConfig(**cfg, attention=reference)).to(device)
+    if ilora:
+        from tuner.model.ilora import IloraSpec, apply_ilora
+
+        spec = IloraSpec(rank=4, experts=2, dropout=0.0)
+        apply_ilora(ours, spec)
+        apply_ilora(theirs, spec)
+        for name, param in ours.named_parameters():
+            if "lora_B" in name:  # zero at the start: give the experts a say in the outputs
+                torch.nn.init.normal_(param, std=0.5)
     theirs.load_state_dict(ours.state_dict())
     items = torch.randint(1, 41, (4, 20))
     items[1, :7] = 0
@@ -86,11 +100,11 @@ def model_case(device="cpu", backend="aot_eager", reference="math"):
         with torch.profiler.profile() as prof:
             with autocast:
                 h = fn(items)
-            g = torch.autograd.grad(h.float().square().sum(), list(ours.parameters()), allow_unused=True)
+            g = torch.autograd.grad(h.float().square().sum(), _trainable(ours), allow_unused=True)
         ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::")})
         with autocast:
             ref = theirs(items)
-        rg = torch.autograd.grad(ref.float().square().sum(), list(theirs.parameters()), allow_unused=True)
+        rg = torch.autograd.grad(ref.float().square().sum(), _trainable(theirs), allow_unused=True)
         pairs = [(a, b) for a, b in zip(g, rg) if b is not None]
         # floor: the key bias's true gradient is 0 (softmax ignores a shift), so its rounding has no scale
         out[name] = {"hidden": rel(h, ref), "grad": max(rel(a, b, floor=1e-6) for a, b in pairs), "ops": ops,
@@ -110,6 +124,7 @@ def main():
         "fp16_dropout": case(2, 37, 2, 32, torch.float16, 0.1, seed=2),
         "short": case(2, 9, 1, 16, torch.float32, 0.1, seed=3),
         "model": model_case(),
+        "model_ilora": model_case(ilora=True),
     }
     print(json.dumps(result))
 

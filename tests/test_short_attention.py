@@ -5,7 +5,8 @@ before the kernels are defined. It checks the custom op against float64 attentio
 kernels' own dropout mask (fp32 and fp16, lengths that are and are not a power of two, a strided
 QKV input, a sequence of padding only), that the mask repeats for a seed and changes with it, and
 that `model.attention=triton` gives the same hidden states and gradients as the math kernel,
-eagerly and under torch.compile with the backward on the kernel. The GPU timings come from
+eagerly and under torch.compile with the backward on the kernel, with and without iLoRA experts
+on the projections. The GPU timings come from
 benchmarks/attention_backends.py and benchmarks/gpu_throughput.py.
 """
 
@@ -39,9 +40,11 @@ def test_dropout_mask(result, case):
     assert r["mask_repeats"] and r["forward_repeats"] and r["mask_differs_by_seed"]
 
 
+@pytest.mark.parametrize("model", ["model", "model_ilora"])
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-def test_model_on_the_kernel_matches_math_attention(result, mode):
-    r = result["model"][mode]
+def test_model_on_the_kernel_matches_math_attention(result, model, mode):
+    r = result[model][mode]
+    assert r["grads"] > 0
     assert r["hidden"] < 1e-5 and r["grad"] < 1e-4, r
     # forward and backward both ran on the kernels (the compiled graph's backward too)
     assert r["ops"] == ["tuner::short_attention", "tuner::short_attention_backward"], r["ops"]
