@@ -6,7 +6,7 @@ kernels' own dropout mask (fp32 and fp16, lengths that are and are not a power o
 QKV input, a sequence of padding only), that the mask repeats for a seed and changes with it, and
 that `model.attention=triton` gives the same hidden states and gradients as the math kernel,
 eagerly and under torch.compile with the backward on the kernel, with and without iLoRA experts
-on the projections. The GPU timings come from
+on the projections, and that `export_scorer` exports the model on SDPA (no custom op in the graph). The GPU timings come from
 benchmarks/attention_backends.py and benchmarks/gpu_throughput.py.
 """
 
@@ -48,3 +48,10 @@ def test_model_on_the_kernel_matches_math_attention(result, model, mode):
     assert r["hidden"] < 1e-5 and r["grad"] < 1e-4, r
     # forward and backward both ran on the kernels (the compiled graph's backward too)
     assert r["ops"] == ["tuner::short_attention", "tuner::short_attention_backward"], r["ops"]
+
+
+def test_export_uses_sdpa_so_the_graph_runs_without_this_package(result):
+    r = result["export"]
+    assert r["eager_ops"] == ["tuner::short_attention"]  # the same model runs on the kernel outside export
+    assert r["exported_custom_ops"] == [] and r["exported_sdpa"]
+    assert r["scores"] < 1e-5

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tuner.model import short_attention
 from tuner.model.bert4rec import Bert4Rec
 
 
@@ -36,7 +37,8 @@ def export_scorer(model: Bert4Rec, max_batch: int = 4096) -> torch.export.Export
     example[:, -2] = 1
     example[:, -1] = cfg.mask_token
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    return torch.export.export(CatalogScorer(model), (example,), dynamic_shapes={"ids": {0: batch}})
+    with short_attention.portable():  # SDPA, not the Triton kernel's custom op: plain ATen ops only
+        return torch.export.export(CatalogScorer(model), (example,), dynamic_shapes={"ids": {0: batch}})
 
 
 def save(program: torch.export.ExportedProgram, path: str | Path) -> Path:

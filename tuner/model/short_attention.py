@@ -29,6 +29,7 @@ attention with the same dropout mask (`dropout_keep_mask`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -45,6 +46,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once: torch.compile traces `usable`
+_enabled = True  # `portable()` turns the kernels off while a graph is exported
 
 
 @torch._dynamo.assume_constant_result  # traced once, a constant in the compiled graph
@@ -53,9 +55,21 @@ def _ampere_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
+@contextlib.contextmanager
+def portable():
+    """Within this block the model uses SDPA only, so a graph exported from it (`torch.export`)
+    holds ATen ops and runs where this package and Triton are absent."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
 def usable(qkv: torch.Tensor, heads: int) -> bool:
     """True when the kernels take `qkv` [B, L, 3H] split into `heads` heads."""
-    if triton is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+    if triton is None or not _enabled or qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
         return False
     device_ok = INTERPRETING or (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
                                  and _ampere_or_newer(qkv.device.index))
