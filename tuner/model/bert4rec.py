@@ -98,14 +98,14 @@ class SelfAttention(nn.Module):
         batch, length, hidden = x.shape
         qkv = self._qkv(x, gate)
         dropout = self.attn_dropout if self.training else 0.0
-        if self.short_kernel:
-            packed = qkv if isinstance(qkv, torch.Tensor) else torch.cat(qkv, dim=-1)
-            if short_attention.usable(packed, self.heads):
-                seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
-                y = short_attention.short_attention(packed, keep.view(batch, length), seed, self.heads, dropout)
-                return self.resid_dropout(_proj(self.o_proj, y, gate))
+        fused = isinstance(qkv, torch.Tensor)
+        if self.short_kernel and short_attention.usable(qkv if fused else qkv[0], hidden // self.heads):
+            packed = qkv if fused else torch.cat(qkv, dim=-1)
+            seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
+            y = short_attention.short_attention(packed, keep.view(batch, length), seed, self.heads, dropout)
+            return self.resid_dropout(_proj(self.o_proj, y, gate))
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
-        q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if isinstance(qkv, torch.Tensor) else qkv))
+        q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if fused else qkv))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
         pin = self.backend is not None and q.is_cuda  # CPUs have the math kernel (and their own flash) only
         with sdpa_kernel(self.backend) if pin else contextlib.nullcontext():

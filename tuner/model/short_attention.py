@@ -67,13 +67,16 @@ def portable():
         _enabled = before
 
 
-def usable(qkv: torch.Tensor, heads: int) -> bool:
-    """True when the kernels take `qkv` [B, L, 3H] split into `heads` heads."""
-    if triton is None or not _enabled or qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+def usable(projection: torch.Tensor, head_dim: int) -> bool:
+    """True when the kernels take attention over `projection` (the fused [B, L, 3H] QKV output, or
+    one of Q, K, V: its device, dtype and length decide) with heads of `head_dim`. Asked before
+    the three projections of iLoRA-adapted layers are concatenated for the kernel, so a shape the
+    kernel does not take costs no copy."""
+    if triton is None or not _enabled or projection.dim() != 3:
         return False
-    device_ok = INTERPRETING or (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
-                                 and _ampere_or_newer(qkv.device.index))
-    return device_ok and qkv.shape[-1] // (3 * heads) in HEAD_DIMS and qkv.shape[1] <= MAX_LENGTH
+    device_ok = INTERPRETING or (projection.is_cuda and projection.dtype in (torch.float16, torch.bfloat16)
+                                 and _ampere_or_newer(projection.device.index))
+    return device_ok and head_dim in HEAD_DIMS and projection.shape[1] <= MAX_LENGTH
 
 
 def _block(length: int) -> int:
