@@ -17,6 +17,7 @@ row to benchmarks/results/gpu_throughput.json (or --output).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seed_reference import bench_seed  # noqa: E402
 
-from tuner.bench import BenchSpec, matmul_tflops, random_sequences, run_bench  # noqa: E402
+from tuner.bench import BenchSpec, matmul_tflops, prepare_bench, random_sequences, run_bench  # noqa: E402
 from tuner.data.collate import IGNORE, train_batches  # noqa: E402
 from tuner.data.dataset import EvalSplit  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
@@ -39,7 +40,7 @@ from tuner.model.sizes import SIZES  # noqa: E402
 NUM_ITEMS = 159_750
 # variant -> torch.compile mode; amp_compile_graphs also fixes batch shapes so CUDA graphs replay
 COMPILE_MODES = {"amp_compile": "default", "amp_compile_autotune": "max-autotune-no-cudagraphs",
-                 "amp_compile_graphs": "reduce-overhead"}
+                 "amp_compile_graphs": "reduce-overhead", "amp_compile_autotune_graphs": "max-autotune"}
 # a variant name may end in these, each changing one thing against its base variant in the same run
 SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as wide as the catalog
             "_align8": {"overrides": ("train.logit_align=8",)},  # 16-byte rows only (the default since 23b4012)
@@ -51,6 +52,11 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             "_fp32_weights": {"overrides": ("train.weights=fp32",)},  # fp32 weights cast by autocast, fused AdamW
             "_bf16_moments": {"overrides": ("optim.moments=bf16",)},  # AdamW's moments in bf16 (stochastic rounding)
+            "_bf16_residual": {"overrides": ("model.residual=bf16",)},  # the residual stream in bf16
+            "_torch_ce": {"overrides": ("train.loss_kernel=torch",)},  # inductor's softmax passes, not tuner.ce_kernel's
+            # layer-norm backward: inductor's mix-order reduction off, or with this many rows per partial sum
+            "_no_mix_order": {"inductor": (("triton.mix_order_reduction", False),)},
+            **{f"_mix_split{n}": {"inductor": (("triton.mix_order_reduction_split_size", n),)} for n in (32, 64)},
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
                for name in ("auto", "cudnn", "efficient", "math", "triton")}}
 
@@ -73,7 +79,7 @@ def variant_spec(variant: str, size: str, batch: int, steps: int, warmup: int) -
         sys.exit(f"gpu_throughput.py: unknown variant {variant!r}")
     return BenchSpec(size=size, num_items=NUM_ITEMS, batch_size=batch, seq_len=50, steps=steps, warmup=warmup,
                      amp=base != "fp32", compile=base.startswith("amp_compile"),
-                     compile_mode=COMPILE_MODES.get(base, "default"), static_shapes=base == "amp_compile_graphs",
+                     compile_mode=COMPILE_MODES.get(base, "default"), static_shapes=base.endswith("_graphs"),
                      device="cuda", **extra)
 
 
@@ -134,33 +140,23 @@ def kernel_summary(prof, steps: int) -> str:
 
 
 def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...] = ()) -> Path:
-    """PyTorch profiler over AMP+compile training steps: where the GPU time goes."""
+    """PyTorch profiler over AMP+compile training steps (the `amp_compile` variant's setup): where
+    the GPU time goes, by kind of kernel, by operator, and by operator and input shape."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from tuner.config import load_config
-    from tuner.losses import MaskedItemObjective, loss_config
-    from tuner.model.bert4rec import Bert4Rec
-    from tuner.model.build import model_config
-    from tuner.train.optim import bf16_weights, build_optimizer
-    from tuner.train.step import TrainStep
-
-    device = torch.device("cuda")
+    warmup = 8
     batch = 128 if size == "430M" else 256
-    cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50", *overrides])
-    model = Bert4Rec(model_config(cfg, NUM_ITEMS)).to(device)
-    step = TrainStep(MaskedItemObjective(model, loss_config(cfg.train)).to(device), list(model.parameters()),
-                     build_optimizer(model, cfg.optim, device, bf16_weights(cfg, torch.bfloat16, device, model),
-                                     compile=True),
-                     None, torch.bfloat16, cfg.optim.grad_clip,
-                     device, "default", fused_clip=cfg.optim.fused_clip)
-    data = random_sequences(batch * (steps + 8), 50, NUM_ITEMS, seed=0)
-    batches = [b.to(device) for b in train_batches(data, NUM_ITEMS, batch, 50, 0.2, 0.1, 0, 0)]
-    for b in batches[:8]:
-        step(b)
+    spec = variant_spec("amp_compile", size, batch, steps, warmup)
+    spec = dataclasses.replace(spec, overrides=spec.overrides + overrides)
+    device = torch.device("cuda")
+    bench = prepare_bench(spec, device)
+    batches = [b.to(device) for b in bench.batches]
+    for b in batches[:warmup]:
+        bench.step(b)
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for b in batches[8:]:
-            step(b)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for b in batches[warmup:]:
+            bench.step(b)
         torch.cuda.synchronize()
     tag = "".join("_" + o.split("=")[-1] for o in overrides)
     path = out_dir / f"profile_{size}_amp_compile{tag}.txt"
@@ -168,8 +164,10 @@ def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...]
             + "".join(f" --profile-set {o}" for o in overrides)
             + f" on an {torch.cuda.get_device_name(device)}, torch {torch.__version__}; {steps} AMP+compile steps, "
               f"batch {batch}, {NUM_ITEMS:,} items\n")
-    path.write_text(head + kernel_summary(prof, steps) + prof.key_averages().table(
-        sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110))
+    table = dict(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110)
+    path.write_text(head + kernel_summary(prof, steps) + prof.key_averages().table(**table)
+                    + "\n\nBy operator and input shape:\n"
+                    + prof.key_averages(group_by_input_shape=True).table(**table, max_shapes_column_width=90))
     return path
 
 

@@ -64,3 +64,61 @@ def test_fused_qkv_projection_is_the_three_linears():
         torch.testing.assert_close(a, b)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def _residual_pair(weights_dtype, device="cpu"):
+    """The same tiny model with an fp32 and a bf16 residual stream (weights in `weights_dtype`)."""
+    torch.manual_seed(0)
+    cfg = dict(num_items=40, hidden=32, layers=2, heads=2, ffn=64, max_len=16, dropout=0.0, attn_dropout=0.0)
+    fp32 = Bert4Rec(Bert4RecConfig(**cfg)).to(device, weights_dtype)
+    bf16 = Bert4Rec(Bert4RecConfig(**cfg, residual="bf16")).to(device, weights_dtype)
+    bf16.load_state_dict(fp32.state_dict())
+    return fp32, bf16
+
+
+def _stream_dtypes(model, items):
+    """The dtype each block receives and returns, and the hidden states', under bf16 autocast."""
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+             for b in model.blocks]
+    with torch.autocast(items.device.type, dtype=torch.bfloat16):
+        hidden = model(items)
+    for h in hooks:
+        h.remove()
+    return seen, hidden
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_residual_stream_under_autocast(weights_dtype, device):
+    """model.residual=bf16: every block reads and returns bf16, whatever the weights' dtype (CUDA's
+    autocast runs layer norms in fp32 and returns fp32), and the hidden states match the default
+    stream's to bf16 rounding; gradients reach the weights. The default keeps fp32 weights' stream
+    in fp32."""
+    fp32, bf16 = _residual_pair(weights_dtype, device)
+    items = torch.randint(1, 41, (4, 16), device=device)
+    items[0, :5] = 0
+    seen, reference = _stream_dtypes(fp32, items)
+    if weights_dtype == torch.float32 or device == "cuda":
+        assert set(seen) == {(torch.float32, torch.float32)}
+    seen, hidden = _stream_dtypes(bf16, items)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)} and hidden.dtype == torch.bfloat16
+    error = (hidden.float() - reference.float()).norm() / reference.float().norm()
+    assert error < 0.02
+    hidden.float().square().mean().backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in bf16.named_parameters() if n not in ("out_bias", "item_emb.weight"))
+    with torch.no_grad():  # without autocast the option changes nothing
+        torch.testing.assert_close(bf16(items), fp32(items), atol=0, rtol=0)
+
+
+def test_bf16_residual_stream_compiles_to_one_graph():
+    _, model = _residual_pair(torch.bfloat16)
+    items = torch.randint(1, 41, (4, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(items)
+        compiled = torch.compile(model, fullgraph=True)(items)
+    assert compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=0.03, rtol=0.03)

@@ -51,6 +51,8 @@ class BenchSpec:
     static_shapes: bool = False
     ilora: bool = False  # freeze the model and train iLoRA experts (tuner.model.ilora)
     overrides: tuple[str, ...] = ()  # further config overrides, e.g. ("ilora.router=encoder",)
+    # torch._inductor.config settings while the step compiles, e.g. (("triton.mix_order_reduction", False),)
+    inductor: tuple[tuple[str, object], ...] = ()
 
 
 def random_sequences(num_users: int, length: int, num_items: int, seed: int) -> Sequences:
@@ -88,24 +90,29 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Optional[torch.device] = None,
-              wrap=None) -> dict:
-    """Time `spec.steps` training steps. `device` and `wrap` (e.g. DDP) come from Ray Train when
-    the benchmark runs on several workers (benchmarks/multigpu.py); by default `spec.device`."""
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
-    device = device or torch.device(spec.device)
+@dataclass
+class PreparedBench:
+    """What `prepare_bench` built: the loop's step, and the batches (pinned on a GPU) to feed it."""
+
+    step: TrainStep
+    batches: list
+    model_cfg: Bert4RecConfig
+    trainable_params: int
+    total_params: int
+    dtype: Optional[torch.dtype]
+    collate_samples_per_s: float
+
+
+def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedBench:
+    """The model, optimizer and `TrainStep` of `spec` on `device`, and `max(warmup, 1) + steps`
+    batches from the real collate path. `wrap` (e.g. DDP) wraps the objective before compile."""
     overrides = [f"model.size={spec.size}", f"model.max_len={spec.seq_len}", f"model.tied_head={spec.tied_head}"]
     if spec.hidden:
         overrides += [f"model.hidden={spec.hidden}", f"model.ffn={4 * spec.hidden}"]
     overrides += [f"ilora.enabled={spec.ilora}", *spec.overrides]
     cfg = load_config(overrides=overrides)
     torch.manual_seed(spec.seed)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg, spec.num_items, pretrained=False).to(device)
-    mcfg = model.cfg
     objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)
     dtype = None
     if spec.amp:
@@ -123,12 +130,29 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
                                  spec.last_item_prob, spec.seed, 0, pin_memory=device.type == "cuda",
                                  static_shapes=spec.static_shapes))
     collate_samples_per_s = spec.batch_size * len(batches) / (time.perf_counter() - t0)
+    trainable, total_params = count_parameters(model)
+    return PreparedBench(step, batches, model.cfg, trainable, total_params, dtype, collate_samples_per_s)
+
+
+def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Optional[torch.device] = None,
+              wrap=None) -> dict:
+    """Time `spec.steps` training steps. `device` and `wrap` (e.g. DDP) come from Ray Train when
+    the benchmark runs on several workers (benchmarks/multigpu.py); by default `spec.device`."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available")
+    device = device or torch.device(spec.device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bench = prepare_bench(spec, device, wrap)
+    step, batches, mcfg, dtype = bench.step, bench.batches, bench.model_cfg, bench.dtype
     predicted = statistics.mean(int((b.labels >= 0).sum()) for b in batches)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    first_loss = float(step(batches[0].to(device)))
     spec_warmup = max(spec.warmup, 1)
-    for batch in batches[1:spec_warmup]:  # compilation and autotuning happen here
-        step(batch.to(device))
+    with torch._inductor.config.patch(dict(spec.inductor)):  # compilation and autotuning happen here
+        first_loss = float(step(batches[0].to(device)))
+        for batch in batches[1:spec_warmup]:
+            step(batch.to(device))
     # steps run back to back as in training (no sync inside a window, so the host's launch work
     # overlaps the GPU's); a window's wall time / its steps is one sample, the median is reported
     timed = batches[spec_warmup:]
@@ -147,7 +171,7 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
     else:
         peak_mb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     flops = model_flops(mcfg, spec.batch_size, spec.seq_len, predicted)
-    trainable, total_params = count_parameters(model)
+    trainable, total_params = bench.trainable_params, bench.total_params
     result = {
         "size": spec.size, "num_items": spec.num_items, "hidden": mcfg.hidden, "batch_size": spec.batch_size,
         "seq_len": spec.seq_len, "loss": spec.loss, "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
@@ -155,7 +179,7 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
         "step_ms": step_s * 1e3, "samples_per_s": spec.batch_size / step_s, "peak_mem_mb": peak_mb,
         "loss_first_step": first_loss, "total_params": total_params, "trainable_params": trainable,
         "predicted_positions": predicted, "model_tflop_per_step": flops / 1e12,
-        "achieved_tflops": flops / step_s / 1e12, "collate_samples_per_s": collate_samples_per_s,
+        "achieved_tflops": flops / step_s / 1e12, "collate_samples_per_s": bench.collate_samples_per_s,
     }
     if device.type == "cuda":
         peak = peak_tflops or matmul_tflops(device)

@@ -71,12 +71,18 @@ class ModelConfig:
     # triton (tuner/model/short_attention.py, sequences up to 128 on sm80+; SDPA's efficient kernel
     # otherwise) | efficient | cudnn | math | auto (PyTorch picks an SDPA kernel); tuner/model/bert4rec.py
     attention: str = "triton"
+    # the residual stream (embeddings, every block's sum, the layer norms' outputs) under bf16
+    # autocast: fp32 (autocast's layer norms return fp32) or bf16 (the norms still compute in fp32
+    # but return bf16: half the bytes of every elementwise pass over the stream). No effect without
+    # bf16 autocast (CPUs, fp16 GPUs)
+    residual: str = "fp32"
 
     def __post_init__(self) -> None:
         from tuner.model.bert4rec import ATTENTION_BACKENDS
         from tuner.model.sizes import SIZES
 
         _check_choice("model.attention", self.attention, list(ATTENTION_BACKENDS))
+        _check_choice("model.residual", self.residual, ("fp32", "bf16"))
         _check_choice("model.size", self.size, list(SIZES))
         preset = SIZES[self.size]
         for name in ("hidden", "layers", "heads", "max_len"):
@@ -159,7 +165,9 @@ class TrainConfig:
     release_memory: bool = False  # gc.collect() and empty the CUDA cache after every epoch
     loss_chunk: int = 8192  # catalog items per logit block for cce / cce_sampled (the CUDA kernel
     # widens it while the block stays under 1 GiB, so few rows take few, large launches)
-    loss_kernel: str = "auto"  # cce / cce_sampled: auto = Triton kernels on CUDA; torch = chunked PyTorch
+    # auto = Triton kernels on CUDA (cce / cce_sampled: tuner/cce_kernel.py; ce / focal: the softmax
+    # passes over the logits, tuner/ce_kernel.py); torch = chunked PyTorch (cce) or inductor's code (ce)
+    loss_kernel: str = "auto"
     # ce / focal on CUDA: the logit matrix's columns are rounded up to a multiple of this (the
     # extra ones masked), so cuBLAS keeps its fast kernels for any catalog size; 1 = no rounding
     # 8: 16-byte bf16 rows, all cuBLAS's Hopper kernels need; where V + 2 is a multiple of 8 (the
