@@ -17,7 +17,6 @@ row to benchmarks/results/gpu_throughput.json (or --output).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import sys
@@ -52,7 +51,8 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             "_fp32_weights": {"overrides": ("train.weights=fp32",)},  # fp32 weights cast by autocast, fused AdamW
             "_bf16_moments": {"overrides": ("optim.moments=bf16",)},  # AdamW's moments in bf16 (stochastic rounding)
-            "_bf16_residual": {"overrides": ("model.residual=bf16",)},  # the residual stream in bf16
+            "_bf16_residual": {"overrides": ("model.residual=bf16",)},  # the residual stream in bf16 (the default since 2026-11-24)
+            "_fp32_residual": {"overrides": ("model.residual=fp32",)},  # the residual stream in fp32 (autocast's)
             "_torch_ce": {"overrides": ("train.loss_kernel=torch",)},  # inductor's softmax passes, not tuner.ce_kernel's
             # layer-norm backward: inductor's mix-order reduction off, or with this many rows per partial sum
             "_no_mix_order": {"inductor": (("triton.mix_order_reduction", False),)},
@@ -139,31 +139,29 @@ def kernel_summary(prof, steps: int) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def profile(size: str, out_dir: Path, steps: int = 6, overrides: tuple[str, ...] = ()) -> Path:
-    """PyTorch profiler over AMP+compile training steps (the `amp_compile` variant's setup): where
-    the GPU time goes, by kind of kernel, by operator, and by operator and input shape."""
+def profile(size: str, out_dir: Path, steps: int = 6, variant: str = "amp_compile") -> Path:
+    """PyTorch profiler over training steps of `variant` (AMP+compile by default): where the GPU
+    time goes, by kind of kernel, by operator, and by operator and input shape."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     warmup = 8
     batch = 128 if size == "430M" else 256
-    spec = variant_spec("amp_compile", size, batch, steps, warmup)
-    spec = dataclasses.replace(spec, overrides=spec.overrides + overrides)
+    spec = variant_spec(variant, size, batch, steps, warmup)
     device = torch.device("cuda")
     bench = prepare_bench(spec, device)
     batches = [b.to(device) for b in bench.batches]
-    for b in batches[:warmup]:
-        bench.step(b)
+    with torch._inductor.config.patch(dict(spec.inductor)):
+        for b in batches[:warmup]:
+            bench.step(b)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for b in batches[warmup:]:
             bench.step(b)
         torch.cuda.synchronize()
-    tag = "".join("_" + o.split("=")[-1] for o in overrides)
-    path = out_dir / f"profile_{size}_amp_compile{tag}.txt"
-    head = (f"# python benchmarks/gpu_throughput.py --profile {size}"
-            + "".join(f" --profile-set {o}" for o in overrides)
-            + f" on an {torch.cuda.get_device_name(device)}, torch {torch.__version__}; {steps} AMP+compile steps, "
-              f"batch {batch}, {NUM_ITEMS:,} items\n")
+    path = out_dir / f"profile_{size}_{variant}.txt"
+    head = (f"# python benchmarks/gpu_throughput.py --profile {size} --profile-variant {variant}"
+            f" on an {torch.cuda.get_device_name(device)}, torch {torch.__version__}; {steps} steps, "
+            f"batch {batch}, {NUM_ITEMS:,} items\n")
     table = dict(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110)
     path.write_text(head + kernel_summary(prof, steps) + prof.key_averages().table(**table)
                     + "\n\nBy operator and input shape:\n"
@@ -179,13 +177,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["fp32", "amp", "amp_compile", "amp_compile_graphs"])
     parser.add_argument("--seed-variants", nargs="+", default=["fp32", "amp", "amp_compile"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_throughput.json"))
-    parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile (AMP+compile)")
-    parser.add_argument("--profile-set", action="append", default=[], help="config override for --profile")
+    parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile")
+    parser.add_argument("--profile-variant", action="append", default=[],
+                        help="variant to profile (repeatable; default amp_compile)")
     args = parser.parse_args()
     device = torch.device("cuda")
     for size in args.profile:
-        path = profile(size, Path(args.output).parent, overrides=tuple(args.profile_set))
-        print(f"profile written to {path}", flush=True)
+        for variant in args.profile_variant or ["amp_compile"]:
+            path = profile(size, Path(args.output).parent, variant=variant)
+            print(f"profile written to {path}", flush=True)
+            torch._dynamo.reset()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     peak = matmul_tflops(device)

@@ -93,6 +93,13 @@ GROUPS = {
         "bf16_moments": ["train.weights=bf16", "optim.moments=bf16"],
         "bf16_moments_seed1": ["train.weights=bf16", "optim.moments=bf16", "train.seed=1"],
     },
+    "stream": {  # bf16 weights (the 430M setup): the loss on inductor's code or tuner.ce_kernel, and the residual stream in bf16
+        **{f"torch_ce{seed}": ["train.weights=bf16", "train.loss_kernel=torch", *extra]
+           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+        **{f"ce_kernel{seed}": ["train.weights=bf16", *extra] for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+        **{f"bf16_residual{seed}": ["train.weights=bf16", "model.residual=bf16", *extra]
+           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+    },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],
         "triton": ["model.attention=triton", "model.max_len=100"],

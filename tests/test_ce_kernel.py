@@ -15,8 +15,9 @@ def result():
     return interpreted("ce_kernel_check.py")
 
 
-def test_rows_match_float64(result):
-    assert result["float64"]["rows"] < 1e-6 and result["float64"]["lse"] < 1e-6
+@pytest.mark.parametrize("mode", ["float64", "float64_per_row"])  # the forward's running sums per lane or per row
+def test_rows_match_float64(result, mode):
+    assert result[mode]["rows"] < 1e-6 and result[mode]["lse"] < 1e-6
 
 
 @pytest.mark.parametrize("case", ["fp32", "focal_fp32", "compiled_fp32", "bf16"])
@@ -37,8 +38,8 @@ def test_compiled_ce_calls_the_kernels(result):
 
 _SIGNATURES = {
     "_forward_kernel": ({"L": "*bf16", "B": "*bf16", "T": "*i32", "ROWS": "*fp32", "LSE": "*fp32", "V": "constexpr",
-                         "stride_l": "constexpr", "BLOCK": "constexpr"},
-                        {"V": 159_752, "stride_l": 159_752, "BLOCK": 4096}),
+                         "stride_l": "constexpr", "BLOCK": "constexpr", "PER_LANE": "constexpr"},
+                        {"V": 159_752, "stride_l": 159_752, "BLOCK": 4096, "PER_LANE": True}),
     "_backward_kernel": ({"L": "*bf16", "B": "*bf16", "T": "*i32", "LSE": "*fp32", "G": "*fp32", "D": "*bf16",
                           "PART": "*fp32", "N": "i32", "V": "constexpr", "stride_l": "constexpr",
                           "stride_d": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"},

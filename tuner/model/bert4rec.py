@@ -19,8 +19,9 @@ Design choices, with reasons:
   go to `F.scaled_dot_product_attention` with a padding mask and dropout, on the
   memory-efficient kernel: at BERT4Rec's short sequences it beats PyTorch's own choice (cuDNN on
   an H100) by 3% of the whole 130M and 430M step, and it runs on every GPU of the cluster.
-- `residual="bf16"` keeps the residual stream in bf16 under bf16 autocast (`LayerNorm` returns
-  its input's dtype instead of autocast's fp32); the default, fp32, is what autocast does.
+- `residual="bf16"` (the service's default, `model.residual`) keeps the residual stream in bf16
+  under bf16 autocast (`LayerNorm` returns its input's dtype instead of autocast's fp32); fp32 is
+  what autocast does.
 - `forward` returns hidden states; `item_scores` scores chosen rows against the catalog. The
   loss picks the masked rows first, so full-catalog logits are never built for unmasked positions.
 
@@ -60,7 +61,7 @@ class Bert4RecConfig:
     tied_head: bool = True
     fused_qkv: bool = True  # plain Q/K/V linears as one GEMM
     attention: str = "triton"  # a key of ATTENTION_BACKENDS
-    residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast
+    residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
 
     @property
     def mask_token(self) -> int:
