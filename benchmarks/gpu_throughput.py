@@ -50,6 +50,7 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_unfused_table": {"overrides": ("train.fused_table=false",)},  # the table's two gradients summed by autograd
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             "_fp32_weights": {"overrides": ("train.weights=fp32",)},  # fp32 weights cast by autocast, fused AdamW
+            "_fp32_masters": {"overrides": ("optim.masters=fp32",)},  # whole fp32 masters, not bf16 weight + low half
             "_bf16_moments": {"overrides": ("optim.moments=bf16",)},  # AdamW's moments in bf16 (stochastic rounding)
             "_bf16_residual": {"overrides": ("model.residual=bf16",)},  # the residual stream in bf16 (the default since 2026-11-24)
             "_fp32_residual": {"overrides": ("model.residual=fp32",)},  # the residual stream in fp32 (autocast's)

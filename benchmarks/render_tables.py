@@ -173,6 +173,25 @@ def attention_kernels_table(name: str = "attention_backends.json") -> str:
     return "\n".join(lines)
 
 
+def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
+    """benchmarks/ce_kernel_tiles.py: GPU time of tuner.ce_kernel's passes per launch setting."""
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}); {data['rows']:,} rows x {data['items']:,} bf16 logits; "
+             f"`{data['command']}` (code {data['code_commit']}). Median GPU ms per call.", "",
+             "| pass | setting | ms | TB/s moved |", "|---|---|---|---|"]
+    for r in data["forward"]:
+        sums = "per lane" if r["PER_LANE"] else "per row"
+        lines.append(f"| forward | block {r['BLOCK']}, sums {sums}, {r['num_warps']} warps | {r['ms']:.3f} | "
+                     f"{r['read_tb_per_s']:.2f} |")
+    for r in data["backward"]:
+        lines.append(f"| backward | tile {r['BLOCK_N']} x {r['BLOCK_V']}, {r['num_warps']} warps | {r['ms']:.3f} | "
+                     f"{r['read_write_tb_per_s']:.2f} |")
+    lines.append(f"| inductor, forward | `_row_ce`'s expression compiled | {data['inductor_forward_ms']:.3f} | |")
+    lines.append(f"| inductor, forward + backward | with the bias gradient | {data['inductor_forward_backward_ms']:.3f} | |")
+    lines.append(f"| kernels, forward + backward | the best of each | {data['kernel_forward_backward_ms']:.3f} | |")
+    return "\n".join(lines)
+
+
 TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
@@ -183,7 +202,10 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
                                            "table_130M"),
           "--gpu-weights": lambda: gpu_tables("weights_430M", "weights", "weights_430M_40steps", "weights_430M_ac5fbc7",
                                            "head_sliced_430M", "head_430M_130M", "5a93aa3"),
-          "--gpu-latest": lambda: gpu_table("gpu_throughput_e5ffbdf.json") + "\n\n" + gpu_table("gpu_throughput_small_e504505.json"),
+          "--gpu-latest": lambda: "\n\n".join(gpu_table(f"gpu_throughput_{run}.json") for run in
+                                              ("eb4dafa", "130M_eb4dafa", "small_e504505")),
+          "--gpu-stream": lambda: gpu_tables("ce_copies_430M", "residual_mix_430M", "eb4dafa"),
+          "--stream": lambda: variants_table("ml1m_stream.json"), "--ce-tiles": ce_tiles_table,
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
           "--moments": lambda: variants_table("ml1m_moments.json"),

@@ -9,14 +9,14 @@ import torch
 
 from tuner.config import load_config
 from tuner.losses import TiedItemTable
-from tuner.train.master_adamw import MasterWeightAdamW, adamw_update, round_to_bf16
+from tuner.train.master_adamw import MasterWeightAdamW, adamw_update, join_master, round_to_bf16, split_master
 from tuner.train.optim import bf16_weights
 from tuner.train.step import TrainStep
 
 
-def _pair(seed: int = 0):
+def _pair(seed: int = 0, split: bool = False):
     """An fp32 model under torch's AdamW and its copy under MasterWeightAdamW (bf16 weights), with
-    the decayed / undecayed groups and learning rates the training loop builds."""
+    the decayed / undecayed groups and learning rates the training loop builds; `split` masters."""
     torch.manual_seed(seed)
     reference = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
     mixed = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
@@ -28,7 +28,7 @@ def _pair(seed: int = 0):
         return [{"params": weights, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0, "lr": 2e-2}]
 
     opt_ref = torch.optim.AdamW(groups(reference), lr=1e-2, betas=(0.9, 0.98))
-    opt_mixed = MasterWeightAdamW(groups(mixed), lr=1e-2, betas=(0.9, 0.98))
+    opt_mixed = MasterWeightAdamW(groups(mixed), lr=1e-2, betas=(0.9, 0.98), split_masters=split)
     return reference, opt_ref, mixed, opt_mixed
 
 
@@ -41,11 +41,12 @@ def _bf16_grads(model_a, model_b, step: int) -> None:
 
 
 def _masters(opt, model):
-    return [opt.state[w]["master"] for w in model.parameters()]
+    return [opt.master(w) for w in model.parameters()]
 
 
-def test_masters_follow_torch_adamw_and_the_weights_are_their_bf16_rounding():
-    reference, opt_ref, mixed, opt_mixed = _pair()
+@pytest.mark.parametrize("split", [False, True], ids=["fp32_masters", "split_masters"])
+def test_masters_follow_torch_adamw_and_the_weights_are_their_bf16_rounding(split):
+    reference, opt_ref, mixed, opt_mixed = _pair(split=split)
     assert all(p.dtype == torch.bfloat16 for p in mixed.parameters())
     for step in range(25):
         for opt in (opt_ref, opt_mixed):  # a scheduler's per-step learning rate
@@ -57,7 +58,12 @@ def test_masters_follow_torch_adamw_and_the_weights_are_their_bf16_rounding():
     for ref, master, weight in zip(reference.parameters(), _masters(opt_mixed, mixed), mixed.parameters()):
         assert master.dtype == torch.float32
         torch.testing.assert_close(master, ref.detach(), rtol=1e-5, atol=1e-6)
-        assert torch.equal(weight, master.to(torch.bfloat16))
+        # round to nearest; split masters break ties away from zero (the split must be undone)
+        assert torch.equal(weight, split_master(master)[0] if split else master.to(torch.bfloat16))
+        assert ((weight.float() - master).abs() <= (master.to(torch.bfloat16).float() - master).abs()).all()
+    if split:  # the state holds the low halves, not a second copy of the weights
+        assert all(set(s) == {"master_low", "exp_avg", "exp_avg_sq", "step"} and s["master_low"].dtype == torch.int16
+                   for s in opt_mixed.state.values())
     moved = [(ref.detach() - w.float()).abs().max() for ref, w in zip(reference.parameters(), mixed.parameters())]
     assert max(moved) > 0  # the bf16 weights are a rounding, not the masters themselves
 
@@ -77,17 +83,23 @@ def test_grad_scale_divides_the_gradients_as_clipping_needs():
     assert step.fused_clip  # TrainStep hands it the clipping factor instead of clipping bf16 gradients
 
 
-def test_a_reloaded_optimizer_continues_exactly_with_fp32_state():
-    _, _, mixed, opt_mixed = _pair()
+@pytest.mark.parametrize("saved_split, loaded_split", [(False, False), (True, True), (True, False), (False, True)])
+def test_a_reloaded_optimizer_continues_exactly_with_fp32_state(saved_split, loaded_split):
+    """Checkpoints hold fp32 masters whether or not they are split in memory, so a run resumes
+    exactly, also with the other setting."""
+    _, _, mixed, opt_mixed = _pair(split=saved_split)
     for step in range(3):
         _bf16_grads(mixed, mixed, step)
         opt_mixed.step()
     saved_model, saved_opt = copy.deepcopy(mixed.state_dict()), copy.deepcopy(opt_mixed.state_dict())  # as on disk
-    _, _, resumed, opt_resumed = _pair(seed=1)  # other initial weights, overwritten by the load
+    assert all(s["master"].dtype == torch.float32 for s in saved_opt["state"].values())
+    _, _, resumed, opt_resumed = _pair(seed=1, split=loaded_split)  # other initial weights, overwritten by the load
     resumed.load_state_dict(saved_model)
     opt_resumed.load_state_dict(saved_opt)
-    for state in opt_resumed.state.values():
-        assert all(state[k].dtype == torch.float32 for k in ("master", "exp_avg", "exp_avg_sq"))
+    for weight in resumed.parameters():
+        state = opt_resumed.state[weight]
+        assert all(state[k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq"))
+        assert opt_resumed.master(weight).dtype == torch.float32
     for step in range(3, 6):
         for model in (mixed, resumed):
             _bf16_grads(model, model, step)
@@ -95,21 +107,31 @@ def test_a_reloaded_optimizer_continues_exactly_with_fp32_state():
         opt_resumed.step()
     for a, b in zip(_masters(opt_mixed, mixed), _masters(opt_resumed, resumed)):
         assert torch.equal(a, b)
-    for a, b in zip(mixed.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    if saved_split == loaded_split:  # else the weights differ where a master is a tie
+        for a, b in zip(mixed.parameters(), resumed.parameters()):
+            assert torch.equal(a, b)
 
 
-def test_the_compiled_update_is_the_eager_one():
+@pytest.mark.parametrize("split", [False, True], ids=["fp32_masters", "split_masters"])
+def test_the_compiled_update_is_the_eager_one(split):
     torch.manual_seed(0)
     shapes = [(64, 16), (16,), (3, 5)]
     weights = [torch.randn(s).to(torch.bfloat16) for s in shapes]
     state = {k: [torch.randn(s).abs() for s in shapes] for k in ("master", "exp_avg", "exp_avg_sq")}
+    if split:  # the masters as bf16 weights and their low halves
+        weights, state["master"] = map(list, zip(*(split_master(m) for m in state["master"])))
     steps = [torch.tensor(3.0) for _ in shapes]
     grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
     copies = [[t.clone() for t in group] for group in (weights, *state.values(), steps)]
     args = ([torch.tensor(1e-2)] * 2 + [torch.tensor(2e-2)], [0.05, 0.05, 0.0], torch.tensor(2.0), 0.9, 0.999, 1e-8)
+    before = [join_master(w, low) for w, low in zip(weights, state["master"])] if split else None
     adamw_update(weights, grads, *state.values(), steps, *args)
     torch.compile(adamw_update, fullgraph=True, dynamic=False)(copies[0], grads, *copies[1:], *args)
+    if split:  # compare the masters the halves make
+        after = [join_master(w, low) for w, low in zip(weights, state["master"])]
+        assert all((a - b).abs().max() > 0 for a, b in zip(after, before))  # the update moved them
+        weights[:], state["master"] = [w.float() for w in weights], after
+        copies[0], copies[1] = [w.float() for w in copies[0]], [join_master(w, lo) for w, lo in zip(copies[0], copies[1])]
     for eager, compiled in zip([weights, *state.values(), steps], copies):
         for a, b in zip(eager, compiled):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -195,8 +217,8 @@ def test_bf16_moments_keep_the_masters_on_torch_adamws_path():
         _bf16_grads(reference, mixed, step)
         opt_ref.step()
         opt_mixed.step()
-    for state in opt_mixed.state.values():
-        assert state["master"].dtype == torch.float32
+    for weight, state in opt_mixed.state.items():
+        assert opt_mixed.master(weight).dtype == torch.float32
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
     for ref, master, first in zip(reference.parameters(), _masters(opt_mixed, mixed), start):
         moved = (ref.detach() - first).abs().max()
@@ -212,8 +234,8 @@ def test_a_state_saved_with_fp32_moments_loads_into_bf16_moments():
     saved = copy.deepcopy(opt_fp32.state_dict())
     _, _, other, opt_bf16 = _moments_pair(torch.bfloat16)
     opt_bf16.load_state_dict(saved)
-    for before, after in zip(opt_fp32.state.values(), opt_bf16.state.values()):
-        assert torch.equal(after["master"], before["master"]) and after["master"].dtype == torch.float32
+    for (w_before, before), (w_after, after) in zip(opt_fp32.state.items(), opt_bf16.state.items()):
+        assert torch.equal(opt_bf16.master(w_after), opt_fp32.master(w_before))
         assert after["exp_avg_sq"].dtype == torch.bfloat16
         torch.testing.assert_close(after["exp_avg_sq"].float(), before["exp_avg_sq"], rtol=2 ** -8, atol=0)
 

@@ -61,7 +61,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, bf
     groups = [g for g in groups if g["params"]]
     if bf16:
         return MasterWeightAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), compile=compile,
-                                 moments_dtype=torch.bfloat16 if cfg.moments == "bf16" else torch.float32)
+                                 moments_dtype=torch.bfloat16 if cfg.moments == "bf16" else torch.float32,
+                                 split_masters=cfg.masters == "split")
     if cfg.moments == "bf16":
         raise UserError("optim.moments=bf16 needs bf16 weights, and train.weights chose fp32 here "
                         "(auto: CUDA, bf16 autocast, no optim.ema_decay, 100M+ weights): set train.weights=bf16")
