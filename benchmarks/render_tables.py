@@ -203,7 +203,7 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--gpu-weights": lambda: gpu_tables("weights_430M", "weights", "weights_430M_40steps", "weights_430M_ac5fbc7",
                                            "head_sliced_430M", "head_430M_130M", "5a93aa3"),
           "--gpu-latest": lambda: "\n\n".join(gpu_table(f"gpu_throughput_{run}.json") for run in
-                                              ("eb4dafa", "130M_eb4dafa", "small_e504505")),
+                                              ("masters_430M", "eb4dafa", "130M_eb4dafa", "small_e504505")),
           "--gpu-stream": lambda: gpu_tables("ce_copies_430M", "residual_mix_430M", "eb4dafa"),
           "--stream": lambda: variants_table("ml1m_stream.json"), "--ce-tiles": ce_tiles_table,
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
