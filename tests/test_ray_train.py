@@ -13,9 +13,15 @@ PER_PROCESS = {"samples_per_s", "peak_mem_mb", "wall_s"}
 
 
 @pytest.mark.slow
-def test_two_workers_report_identical_metrics(tmp_path):
+@pytest.mark.parametrize("precision", [
+    [],
+    # what a GPU cluster runs by default at 430M: bf16 weights, split fp32 masters kept by each rank's
+    # optimizer, bf16 gradients averaged by DDP (gloo here) and a bf16 residual stream
+    ["train.amp=bf16", "train.weights=bf16", "optim.masters=split", "model.residual=bf16"],
+], ids=["fp32", "bf16_weights"])
+def test_two_workers_report_identical_metrics(tmp_path, precision):
     cfg = load_config(overrides=["data.synthetic_users=400", "data.synthetic_items=100", "train.max_epochs=2",
-                                 "train.batch_size=32", "model.max_len=16", "resources.workers=2"])
+                                 "train.batch_size=32", "model.max_len=16", "resources.workers=2", *precision])
     final = fit(cfg, quiet=True, storage=str(tmp_path))
     ranks = [json.loads((tmp_path / "train-tiny" / "final" / f"final_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == final
@@ -24,6 +30,32 @@ def test_two_workers_report_identical_metrics(tmp_path):
         if key not in PER_PROCESS:
             assert ranks[0][key] == ranks[1][key], key
     assert final["epochs"] == 2 and final["test_hr_10"] > 0
+    # the metrics above are all-reduced, so they agree whatever the ranks hold; this compares weights
+    assert final["ranks_agree"] == 1.0
+
+
+def test_weights_digest_and_agreement_see_one_bit_of_difference():
+    import copy
+
+    import torch
+
+    from tuner.train.parallel import WorkerContext, weights_digest
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    twin = copy.deepcopy(model)
+    assert weights_digest(model) == weights_digest(twin)
+    with torch.no_grad():
+        twin[0].weight.view(torch.int16)[7, 3] += 1  # one bf16 ulp of one weight
+    assert weights_digest(model) != weights_digest(twin)
+
+    def rank0_with(other: int) -> WorkerContext:  # rank 0, its all-reduce adding rank 1's value
+        return WorkerContext(torch.device("cpu"), rank=0, world_size=2,
+                             all_reduce_fn=lambda tensor: tensor.add_(float(other)))
+
+    assert rank0_with(weights_digest(model)).agree(weights_digest(model))
+    assert not rank0_with(weights_digest(twin)).agree(weights_digest(model))
+    assert WorkerContext(torch.device("cpu")).agree(weights_digest(model))  # one process
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -32,7 +33,7 @@ from tuner.model.build import build_model
 from tuner.train.checkpoint import Snapshots, has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.master_adamw import MasterWeightAdamW
 from tuner.train.optim import bf16_weights, build_ema, build_optimizer, build_scheduler, shorten_schedule
-from tuner.train.parallel import WorkerContext
+from tuner.train.parallel import WorkerContext, weights_digest
 from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
 from tuner.train.step import TrainStep
@@ -239,6 +240,13 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
 
     if best_state is not None and not refit:
         net.load_state_dict(best_state)
+    # DDP keeps ranks identical only if each rank's optimizer starts from and applies the same
+    # thing (bf16 weights: each rank keeps its own fp32 masters); a rank that drifted would make the
+    # all-reduced test metrics an average over different models
+    agree = ctx.agree(weights_digest(net)) if ctx.world_size > 1 else True
+    if not agree and ctx.is_main:
+        print(f"warning: the {ctx.world_size} ranks ended with different weights; the test metrics mix "
+              f"their models (the final metrics say ranks_agree=0)", file=sys.stderr)
     all_rows = np.arange(len(test.targets))
     final = run_eval(test, all_rows, "test_", sampled=True)
     if not refit:  # refitted on the validation targets: their metrics would not be held out
@@ -252,6 +260,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
         "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time), "refit": float(refit),
     }
+    if ctx.world_size > 1:
+        final["ranks_agree"] = float(agree)
     reporter.final(final)
     return final
 

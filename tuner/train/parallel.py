@@ -53,6 +53,27 @@ class WorkerContext:
     def wrap(self, module: nn.Module) -> nn.Module:
         return module if self.wrap_fn is None else self.wrap_fn(module)
 
+    def agree(self, value: int) -> bool:
+        """Whether every rank holds the same `value` (an integer in [0, 2^31)); True on one process.
+        Each rank checks the all-reduced sum against world_size x its own value (exact in float64)."""
+        return self.sum({"v": float(value)})["v"] == self.world_size * float(value)
+
+
+def weights_digest(module: nn.Module) -> int:
+    """A fingerprint of the module's floating-point state, in [0, 2^31): each tensor's bit pattern
+    summed as integers (exact, so the same on any device and in any reduction order), combined in
+    state-dict order. Ranks whose weights differ in any bit get different digests, but for
+    collisions as unlikely as 2^-31."""
+    digest = 0
+    for index, tensor in enumerate(module.state_dict().values()):
+        if not tensor.is_floating_point():
+            continue
+        bits = tensor.detach().contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32,
+                                                  8: torch.int64}[tensor.element_size()])
+        total = int(bits.sum(dtype=torch.int64)) if bits.numel() else 0
+        digest = (digest * 1_000_003 + (index + 1) * total) % 2_147_483_647
+    return digest
+
 
 def local_context(cfg: TrainConfig) -> WorkerContext:
     """One process: checkpoints in train.checkpoint_dir, resumed from there when present."""
