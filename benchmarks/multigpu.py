@@ -9,6 +9,11 @@ wrapped in DistributedDataParallel, on its own random histories, with the per-GP
 window time gives samples/s = N x batch / step time; efficiency = samples/s at N GPUs /
 (N x samples/s at 1 GPU), all measured in the same run. NVLink multicast stays off
 (NCCL_NVLS_ENABLE=0) because it can take a shared host's GPUs out of service.
+
+The ranks share the initial weights and draw their own batches. Each row says whether every
+rank ended with the same weights (`ranks_agree`, from `tuner.train.parallel.weights_digest`).
+`--graphs` runs the step under CUDA graphs (static shapes + reduce-overhead), `--bucket-mb` sets
+DDP's bucket size. The CPU run (`--device cpu`) is a gloo smoke test of the script.
 """
 
 from __future__ import annotations
@@ -38,20 +43,30 @@ def worker(config: dict) -> None:
     if cuda:
         torch.cuda.set_device(device)
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    graphs = config["graphs"] and cuda
     spec = BenchSpec(size=config["size"], num_items=config["num_items"], batch_size=config["batch"], seq_len=50,
                      steps=config["steps"], warmup=config["warmup"], amp=cuda, compile=cuda,
-                     device=config["device"], seed=rank)
+                     compile_mode="reduce-overhead" if graphs else "default", static_shapes=graphs,
+                     device=config["device"], seed=rank, model_seed=0)  # same weights, own data
+    bucket = {"bucket_cap_mb": config["bucket_mb"]} if config["bucket_mb"] else {}
 
     def wrap(module):
         if world == 1:
             return module
-        return DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
+        return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, **bucket)
 
     result = run_bench(spec, device=device, wrap=wrap, peak_tflops=1.0)
+    # DDP must leave every rank with the same weights (bf16 weights: each rank's optimizer keeps
+    # its own masters; CUDA graphs: the all-reduce must be replayed too): a fast step that lets the
+    # ranks drift apart is not a DDP step
+    digests = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(digests, result["weights_digest"])
     if rank == 0:
         out = Path(config["out"])
         out.write_text(json.dumps({"step_ms": result["step_ms"], "peak_mem_mb": result["peak_mem_mb"],
-                                   "tflop_per_step_per_gpu": result["model_tflop_per_step"]}))
+                                   "tflop_per_step_per_gpu": result["model_tflop_per_step"],
+                                   "ranks_agree": len(set(digests)) == 1}))
     ray.train.report({"done": 1})
 
 
@@ -64,7 +79,8 @@ def run_one(size: str, gpus: int, args) -> dict:
         trainer = TorchTrainer(worker, train_loop_config={"size": size, "num_items": args.num_items,
                                                           "batch": BATCH[size], "steps": args.steps,
                                                           "warmup": args.warmup, "out": str(out),
-                                                          "device": args.device},
+                                                          "device": args.device, "graphs": args.graphs,
+                                                          "bucket_mb": args.bucket_mb},
                                scaling_config=ScalingConfig(num_workers=gpus, use_gpu=args.device == "cuda",
                                                             resources_per_worker={"CPU": 1, **(
                                                                 {"GPU": 1} if args.device == "cuda" else {})}),
@@ -75,7 +91,7 @@ def run_one(size: str, gpus: int, args) -> dict:
     step_s = r["step_ms"] / 1e3
     return {"size": size, "gpus": gpus, "batch_per_gpu": BATCH[size], "step_ms": r["step_ms"],
             "samples_per_s": gpus * BATCH[size] / step_s, "peak_mem_mb_rank0": r["peak_mem_mb"],
-            "wall_s": time.perf_counter() - t0}
+            "ranks_agree": r["ranks_agree"], "wall_s": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -86,6 +102,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a gloo smoke test")
+    parser.add_argument("--graphs", action="store_true",
+                        help="CUDA graphs: train.compile_mode=reduce-overhead with static shapes (no effect on cpu)")
+    parser.add_argument("--bucket-mb", type=float, default=0.0, help="DDP bucket_cap_mb (0: DDP's default, 25)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "multigpu.json"))
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -112,7 +131,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
     result = {"device": f"{have} x {name}",
               "torch": torch.__version__, "nccl_nvls_enable": os.environ["NCCL_NVLS_ENABLE"],
-              "num_items": args.num_items, "seq_len": 50, "command": " ".join(["python"] + sys.argv), "rows": rows}
+              "num_items": args.num_items, "seq_len": 50,
+              "compile": "reduce-overhead, static shapes" if args.graphs and args.device == "cuda" else "default",
+              "bucket_cap_mb": args.bucket_mb or 25, "command": " ".join(["python"] + sys.argv), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 

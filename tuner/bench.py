@@ -26,6 +26,7 @@ from tuner.losses import MaskedItemObjective, loss_config
 from tuner.model.bert4rec import Bert4RecConfig, count_parameters
 from tuner.model.build import build_model
 from tuner.train.optim import bf16_weights, build_optimizer
+from tuner.train.parallel import weights_digest
 from tuner.train.step import TrainStep
 
 
@@ -44,7 +45,8 @@ class BenchSpec:
     compile: bool = False
     compile_mode: str = "default"
     device: str = "cpu"
-    seed: int = 0
+    seed: int = 0  # the data's (and, without model_seed, the weights')
+    model_seed: Optional[int] = None  # DDP ranks (benchmarks/multigpu.py) share the weights, not the data
     tied_head: bool = True
     mask_prob: float = 0.2
     last_item_prob: float = 0.1
@@ -111,7 +113,7 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
         overrides += [f"model.hidden={spec.hidden}", f"model.ffn={4 * spec.hidden}"]
     overrides += [f"ilora.enabled={spec.ilora}", *spec.overrides]
     cfg = load_config(overrides=overrides)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed if spec.model_seed is None else spec.model_seed)
     model = build_model(cfg, spec.num_items, pretrained=False).to(device)
     objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)
     dtype = None
@@ -137,7 +139,9 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
 def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Optional[torch.device] = None,
               wrap=None) -> dict:
     """Time `spec.steps` training steps. `device` and `wrap` (e.g. DDP) come from Ray Train when
-    the benchmark runs on several workers (benchmarks/multigpu.py); by default `spec.device`."""
+    the benchmark runs on several workers (benchmarks/multigpu.py); by default `spec.device`.
+    With `wrap` the result also holds `weights_digest` (tuner.train.parallel) of the trained
+    weights, for the ranks to compare."""
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available")
     device = device or torch.device(spec.device)
@@ -181,6 +185,8 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
         "predicted_positions": predicted, "model_tflop_per_step": flops / 1e12,
         "achieved_tflops": flops / step_s / 1e12, "collate_samples_per_s": bench.collate_samples_per_s,
     }
+    if wrap is not None:
+        result["weights_digest"] = weights_digest(step.params)
     if device.type == "cuda":
         peak = peak_tflops or matmul_tflops(device)
         result["matmul_tflops"] = peak

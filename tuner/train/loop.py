@@ -243,7 +243,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     # DDP keeps ranks identical only if each rank's optimizer starts from and applies the same
     # thing (bf16 weights: each rank keeps its own fp32 masters); a rank that drifted would make the
     # all-reduced test metrics an average over different models
-    agree = ctx.agree(weights_digest(net)) if ctx.world_size > 1 else True
+    agree = ctx.agree(weights_digest(net.state_dict().values())) if ctx.world_size > 1 else True
     if not agree and ctx.is_main:
         print(f"warning: the {ctx.world_size} ranks ended with different weights; the test metrics mix "
               f"their models (the final metrics say ranks_agree=0)", file=sys.stderr)

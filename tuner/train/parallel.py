@@ -8,7 +8,7 @@ how is the model wrapped, where do I resume from and where do checkpoints go.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -59,13 +59,13 @@ class WorkerContext:
         return self.sum({"v": float(value)})["v"] == self.world_size * float(value)
 
 
-def weights_digest(module: nn.Module) -> int:
-    """A fingerprint of the module's floating-point state, in [0, 2^31): each tensor's bit pattern
-    summed as integers (exact, so the same on any device and in any reduction order), combined in
-    state-dict order. Ranks whose weights differ in any bit get different digests, but for
-    collisions as unlikely as 2^-31."""
+def weights_digest(tensors: Iterable[torch.Tensor]) -> int:
+    """A fingerprint of floating-point tensors (a state dict's values, a parameter list), in
+    [0, 2^31): each tensor's bit pattern summed as integers (exact, so the same on any device and
+    in any reduction order), combined in the given order. Ranks whose weights differ in any bit
+    get different digests, but for collisions as unlikely as 2^-31."""
     digest = 0
-    for index, tensor in enumerate(module.state_dict().values()):
+    for index, tensor in enumerate(tensors):
         if not tensor.is_floating_point():
             continue
         bits = tensor.detach().contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32,
@@ -73,9 +73,3 @@ def weights_digest(module: nn.Module) -> int:
         total = int(bits.sum(dtype=torch.int64)) if bits.numel() else 0
         digest = (digest * 1_000_003 + (index + 1) * total) % 2_147_483_647
     return digest
-
-
-def local_context(cfg: TrainConfig) -> WorkerContext:
-    """One process: checkpoints in train.checkpoint_dir, resumed from there when present."""
-    return WorkerContext(device=pick_device(cfg), resume_dir=cfg.checkpoint_dir,
-                         checkpoint_root=cfg.checkpoint_dir)
