@@ -73,3 +73,9 @@ def weights_digest(tensors: Iterable[torch.Tensor]) -> int:
         total = int(bits.sum(dtype=torch.int64)) if bits.numel() else 0
         digest = (digest * 1_000_003 + (index + 1) * total) % 2_147_483_647
     return digest
+
+
+def local_context(cfg: TrainConfig) -> WorkerContext:
+    """One process: checkpoints in train.checkpoint_dir, resumed from there when present."""
+    return WorkerContext(device=pick_device(cfg), resume_dir=cfg.checkpoint_dir,
+                         checkpoint_root=cfg.checkpoint_dir)
