@@ -44,18 +44,20 @@ def test_weights_digest_and_agreement_see_one_bit_of_difference():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
     twin = copy.deepcopy(model)
-    assert weights_digest(model.state_dict().values()) == weights_digest(twin.state_dict().values())
+    mine = weights_digest(model.state_dict().values())
+    assert weights_digest(twin.state_dict().values()) == mine
     with torch.no_grad():
         twin[0].weight.view(torch.int16)[7, 3] += 1  # one bf16 ulp of one weight
-    assert weights_digest(model.state_dict().values()) != weights_digest(twin.state_dict().values())
+    drifted = weights_digest(twin.state_dict().values())
+    assert drifted != mine
 
     def rank0_with(other: int) -> WorkerContext:  # rank 0, its all-reduce adding rank 1's value
         return WorkerContext(torch.device("cpu"), rank=0, world_size=2,
                              all_reduce_fn=lambda tensor: tensor.add_(float(other)))
 
-    assert rank0_with(weights_digest(model.state_dict().values())).agree(weights_digest(model.state_dict().values()))
-    assert not rank0_with(weights_digest(twin.state_dict().values())).agree(weights_digest(model.state_dict().values()))
-    assert WorkerContext(torch.device("cpu")).agree(weights_digest(model.state_dict().values()))  # one process
+    assert rank0_with(mine).agree(mine)
+    assert not rank0_with(drifted).agree(mine)
+    assert WorkerContext(torch.device("cpu")).agree(mine)  # one process
 
 
 @pytest.mark.slow
