@@ -13,7 +13,8 @@ window time gives samples/s = N x batch / step time; efficiency = samples/s at N
 The ranks share the initial weights and draw their own batches. Each row says whether every
 rank ended with the same weights (`ranks_agree`, from `tuner.train.parallel.weights_digest`).
 `--graphs` runs the step under CUDA graphs (static shapes + reduce-overhead), `--bucket-mb` sets
-DDP's bucket size. The CPU run (`--device cpu`) is a gloo smoke test of the script.
+DDP's bucket size and `--bucket-view` keeps the gradients in DDP's buckets. The CPU run
+(`--device cpu`) is a gloo smoke test of the script.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def worker(config: dict) -> None:
                      compile_mode="reduce-overhead" if graphs else "default", static_shapes=graphs,
                      device=config["device"], seed=rank, model_seed=0)  # same weights, own data
     bucket = {"bucket_cap_mb": config["bucket_mb"]} if config["bucket_mb"] else {}
+    if config["bucket_view"]:
+        bucket["gradient_as_bucket_view"] = True  # gradients live in DDP's buckets: no copy in or out
 
     def wrap(module):
         if world == 1:
@@ -80,7 +83,8 @@ def run_one(size: str, gpus: int, args) -> dict:
                                                           "batch": BATCH[size], "steps": args.steps,
                                                           "warmup": args.warmup, "out": str(out),
                                                           "device": args.device, "graphs": args.graphs,
-                                                          "bucket_mb": args.bucket_mb},
+                                                          "bucket_mb": args.bucket_mb,
+                                                          "bucket_view": args.bucket_view},
                                scaling_config=ScalingConfig(num_workers=gpus, use_gpu=args.device == "cuda",
                                                             resources_per_worker={"CPU": 1, **(
                                                                 {"GPU": 1} if args.device == "cuda" else {})}),
@@ -105,6 +109,7 @@ def main() -> None:
     parser.add_argument("--graphs", action="store_true",
                         help="CUDA graphs: train.compile_mode=reduce-overhead with static shapes (no effect on cpu)")
     parser.add_argument("--bucket-mb", type=float, default=0.0, help="DDP bucket_cap_mb (0: DDP's default, 25)")
+    parser.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "multigpu.json"))
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -133,7 +138,8 @@ def main() -> None:
               "torch": torch.__version__, "nccl_nvls_enable": os.environ["NCCL_NVLS_ENABLE"],
               "num_items": args.num_items, "seq_len": 50,
               "compile": "reduce-overhead, static shapes" if args.graphs and args.device == "cuda" else "default",
-              "bucket_cap_mb": args.bucket_mb or 25, "command": " ".join(["python"] + sys.argv), "rows": rows}
+              "bucket_cap_mb": args.bucket_mb or 25,
+              "gradient_as_bucket_view": args.bucket_view, "command": " ".join(["python"] + sys.argv), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
