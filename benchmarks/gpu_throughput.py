@@ -62,7 +62,8 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
                for name in ("auto", "cudnn", "efficient", "math", "triton")}}
 
 # kernel name patterns -> what the time is spent on (the first match wins), for the profile summary
-KERNEL_KINDS = (("optimizer", ("adam", "triton_for_")),  # fused AdamW; MasterWeightAdamW's foreach kernels
+KERNEL_KINDS = (("NCCL collectives (DDP)", ("nccl",)),
+                ("optimizer", ("adam", "triton_for_")),  # fused AdamW; MasterWeightAdamW's foreach kernels
                 ("grad norm", ("normfunctor", "lpnorm")),
                 ("attention", ("sdpa", "fmha", "flash", "attention")),
                 ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),

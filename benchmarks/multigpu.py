@@ -1,6 +1,8 @@
 """DDP scaling of one trial through Ray Train: samples/s at 1, 2, ... GPUs (issue 10).
 
-    NCCL_NVLS_ENABLE=0 python benchmarks/multigpu.py --gpus 1 2 --sizes 130M 430M --out results.json
+    NCCL_NVLS_ENABLE=0 python benchmarks/multigpu.py --gpus 1 2 4 --sizes 430M 130M --out OUT/run.json
+    NCCL_NVLS_ENABLE=0 python benchmarks/multigpu.py --gpus 4 --sizes 430M --steps 6 --profile OUT
+    python benchmarks/multigpu_report.py --scaling OUT/run.json ...   # results/multigpu.json
 
 Each configuration is one `TorchTrainer` with N GPU workers (NCCL); every worker runs the same
 training step as `tuner bench` (real collate path, AMP bf16 + torch.compile, optimizer step)
@@ -13,8 +15,9 @@ window time gives samples/s = N x batch / step time; efficiency = samples/s at N
 The ranks share the initial weights and draw their own batches. Each row says whether every
 rank ended with the same weights (`ranks_agree`, from `tuner.train.parallel.weights_digest`).
 `--graphs` runs the step under CUDA graphs (static shapes + reduce-overhead), `--bucket-mb` sets
-DDP's bucket size and `--bucket-view` keeps the gradients in DDP's buckets. The CPU run
-(`--device cpu`) is a gloo smoke test of the script.
+DDP's bucket size and `--bucket-view` keeps the gradients in DDP's buckets. `--profile DIR`
+profiles rank 0's steps instead of timing them (where a DDP step's time goes: NCCL kernels, gaps).
+The CPU run (`--device cpu`) is a gloo smoke test of the script.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def worker(config: dict) -> None:
             return module
         return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, **bucket)
 
+    if config["profile"]:
+        profile_step(spec, device, wrap, rank, world, Path(config["profile"]), config["benchmarks"])
+        ray.train.report({"done": 1})
+        return
     result = run_bench(spec, device=device, wrap=wrap, peak_tflops=1.0)
     # DDP must leave every rank with the same weights (bf16 weights: each rank's optimizer keeps
     # its own masters; CUDA graphs: the all-reduce must be replayed too): a fast step that lets the
@@ -73,6 +80,54 @@ def worker(config: dict) -> None:
     ray.train.report({"done": 1})
 
 
+def profile_step(spec, device, wrap, rank: int, world: int, out_dir: Path, benchmarks: str) -> None:
+    """PyTorch profiler over `spec.steps` DDP steps after `spec.warmup`: rank 0 writes GPU time by
+    kind of kernel (NCCL's all-reduces on their own stream included), the operator table and a
+    Chrome trace (gzipped) to `out_dir`; the other ranks run the same steps unrecorded."""
+    import contextlib
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tuner.bench import prepare_bench
+
+    sys.path.insert(0, benchmarks)
+    from gpu_throughput import kernel_summary
+
+    bench = prepare_bench(spec, device, wrap)
+    batches = [b.to(device) for b in bench.batches]
+    warm = max(spec.warmup, 1)
+    for b in batches[:warm]:
+        bench.step(b)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    recorder = profile(activities=activities) if rank == 0 else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with recorder as prof:
+        for b in batches[warm:]:
+            bench.step(b)
+        sync()
+    if rank != 0:
+        return
+    wall_ms = (time.perf_counter() - t0) * 1e3 / len(batches[warm:])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"profile_ddp_{spec.size}_{world}gpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    head = (f"# {world} x {name}, torch {torch.__version__}, rank 0; {len(batches[warm:])} steps of {spec.size} "
+            f"(batch {spec.batch_size} per GPU) under the profiler, {wall_ms:.1f} ms per step of wall time\n")
+    summary = kernel_summary(prof, len(batches[warm:])) if device.type == "cuda" else ""
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                                      row_limit=50, max_name_column_width=100)
+    Path(f"{stem}.txt").write_text(head + summary + table)
+    prof.export_chrome_trace(f"{stem}.json")
+    with open(f"{stem}.json", "rb") as raw, gzip.open(f"{stem}.json.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    Path(f"{stem}.json").unlink()
+
+
 def run_one(size: str, gpus: int, args) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -84,13 +139,18 @@ def run_one(size: str, gpus: int, args) -> dict:
                                                           "warmup": args.warmup, "out": str(out),
                                                           "device": args.device, "graphs": args.graphs,
                                                           "bucket_mb": args.bucket_mb,
-                                                          "bucket_view": args.bucket_view},
+                                                          "bucket_view": args.bucket_view,
+                                                          "profile": args.profile and str(Path(args.profile).resolve()),
+                                                          "benchmarks": str(Path(__file__).resolve().parent)},
                                scaling_config=ScalingConfig(num_workers=gpus, use_gpu=args.device == "cuda",
                                                             resources_per_worker={"CPU": 1, **(
                                                                 {"GPU": 1} if args.device == "cuda" else {})}),
                                run_config=RunConfig(name=f"ddp-{size}-{gpus}", storage_path=tmp))
         t0 = time.perf_counter()
         trainer.fit()
+        if args.profile:
+            return {"size": size, "gpus": gpus, "profile": str(Path(args.profile) / f"profile_ddp_{size}_{gpus}gpu.txt"),
+                    "wall_s": time.perf_counter() - t0}
         r = json.loads(out.read_text())
     step_s = r["step_ms"] / 1e3
     return {"size": size, "gpus": gpus, "batch_per_gpu": BATCH[size], "step_ms": r["step_ms"],
@@ -110,7 +170,10 @@ def main() -> None:
                         help="CUDA graphs: train.compile_mode=reduce-overhead with static shapes (no effect on cpu)")
     parser.add_argument("--bucket-mb", type=float, default=0.0, help="DDP bucket_cap_mb (0: DDP's default, 25)")
     parser.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "multigpu.json"))
+    parser.add_argument("--profile", metavar="DIR", help="instead of timing: profile --steps steps on rank 0 "
+                        "and write profile_ddp_SIZE_NGPU.txt and .json.gz (a Chrome trace) to DIR")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "multigpu_runs" / "run.json"),
+                        help="this run's rows (benchmarks/multigpu_report.py makes results/multigpu.json from runs)")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import ray
@@ -127,12 +190,17 @@ def main() -> None:
                     print(f"skip {size} x {gpus}: only {have} GPUs", file=sys.stderr)
                     continue
                 row = run_one(size, gpus, args)
+                if args.profile:
+                    print(json.dumps(row), flush=True)
+                    continue
                 base = next((r for r in rows if r["size"] == size and r["gpus"] == 1), None)
                 row["scaling_efficiency"] = row["samples_per_s"] / (gpus * base["samples_per_s"]) if base else None
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
         ray.shutdown()
+    if args.profile:
+        return
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
     result = {"device": f"{have} x {name}",
               "torch": torch.__version__, "nccl_nvls_enable": os.environ["NCCL_NVLS_ENABLE"],

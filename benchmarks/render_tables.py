@@ -103,15 +103,9 @@ def ilora_table() -> str:
 
 
 def multigpu_table() -> str:
-    data = json.loads((RESULTS / "multigpu.json").read_text())
-    lines = [f"Device: {data['device']}, NCCL_NVLS_ENABLE={data['nccl_nvls_enable']}; catalog {data['num_items']:,}, "
-             f"sequence {data['seq_len']}, bf16 + compile, per-GPU batch fixed.", "",
-             "| size | GPUs | batch per GPU | ms/step | samples/s | scaling efficiency |", "|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        eff = f"{100 * r['scaling_efficiency']:.0f}%" if r["scaling_efficiency"] else "-"
-        lines.append(f"| {r['size']} | {r['gpus']} | {r['batch_per_gpu']} | {r['step_ms']:.1f} | "
-                     f"{r['samples_per_s']:,.0f} | {eff} |")
-    return "\n".join(lines)
+    from multigpu_report import tables
+
+    return tables(json.loads((RESULTS / "multigpu.json").read_text()))
 
 
 def inference_table() -> str:

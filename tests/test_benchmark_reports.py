@@ -1,0 +1,54 @@
+"""benchmarks/multigpu_report.py: issue 10's result file is computed, not typed in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import multigpu_report  # noqa: E402
+
+
+def _run_file(path: Path, device: str, rows: list[tuple[str, int, float]]) -> Path:
+    batch = {"430M": 128, "130M": 256}
+    path.write_text(json.dumps({
+        "device": device, "torch": "2.11", "nccl_nvls_enable": "0", "num_items": 159750, "seq_len": 50,
+        "compile": "default", "bucket_cap_mb": 100, "gradient_as_bucket_view": True, "command": f"python {path.name}",
+        "rows": [{"size": s, "gpus": g, "batch_per_gpu": batch[s], "step_ms": ms,
+                  "samples_per_s": g * batch[s] / (ms / 1e3), "ranks_agree": True} for s, g, ms in rows]}))
+    return path
+
+
+def test_efficiency_is_against_the_one_gpu_row_of_the_same_size_across_files(tmp_path):
+    one = _run_file(tmp_path / "one.json", "1 x H200", [("430M", 1, 10.0), ("130M", 1, 5.0)])
+    four = _run_file(tmp_path / "four.json", "4 x H200", [("430M", 4, 20.0), ("130M", 4, 6.25)])
+    rows = {(r["size"], r["gpus"]): r for r in multigpu_report.scaling([one, four])["rows"]}
+    assert rows[("430M", 4)]["scaling_efficiency"] == pytest.approx(0.5)
+    assert rows[("130M", 4)]["scaling_efficiency"] == pytest.approx(0.8)
+    assert rows[("430M", 1)]["scaling_efficiency"] is None
+
+
+def test_runs_from_different_gpus_are_refused_in_one_line(tmp_path):
+    one = _run_file(tmp_path / "one.json", "1 x H100", [("430M", 1, 10.0)])
+    four = _run_file(tmp_path / "four.json", "4 x H200", [("430M", 4, 20.0)])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multigpu_report.py"), "--scaling", str(one),
+                           str(four), "--out", str(tmp_path / "out.json")], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "multigpu_report.py: --scaling files come from different GPUs (H100, H200)"]
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_tuning_comparison_finds_when_each_search_reached_the_common_level():
+    runs = [ROOT / "benchmarks" / "results" / "ml1m_runs" / f"4xH200_{n}.json" for n in ("concurrent", "ddp")]
+    t = multigpu_report.tune(runs)
+    assert t["common_level"] == min(r["best_val_ndcg_10"] for r in t["rows"])
+    for row in t["rows"]:
+        assert row["common_level_reached_s"] <= row["best_reached_s"]
+        assert row["best_val_by_time"][-1] == [row["best_reached_s"], row["best_val_ndcg_10"]]
