@@ -187,3 +187,18 @@ def test_mlflow_server_outage_mid_run_loses_nothing_silently(tmp_path):
         assert [(m.step, m.value) for m in lost] == [(3, 1.0)]
     finally:
         stop(server)
+
+
+def test_trial_run_keeps_the_final_test_metrics_and_whether_the_ranks_agreed(tmp_path):
+    """A DDP trial whose ranks drifted must say so where users compare trials: in its MLflow run."""
+    from tuner import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent = tracking.parent_run(uri, "ddp", {})
+    reporter = tracking.MlflowReporter(uri, exp_id, parent, "t1", "trial-1", {"optim.lr": 1e-3}, "x: 1\n")
+    reporter.final({"test_ndcg_10": 0.15, "ranks_agree": 0.0, "epochs": 3, "wall_s": 12.0, "num_users": 400})
+    run = tracking.client(uri).get_run(reporter.run_id)
+    assert run.data.metrics["ranks_agree"] == 0.0
+    assert run.data.metrics["test_ndcg_10"] == 0.15
+    assert "wall_s" not in run.data.metrics  # per-process figures stay out of the comparison
+    assert run.info.status == "FINISHED"

@@ -155,7 +155,7 @@ class MlflowReporter:
 
     def final(self, metrics: dict[str, float]) -> None:
         keep = {k: v for k, v in metrics.items() if k.startswith(("test_", "popularity_"))
-                or k in ("best_epoch", "trainable_params", "total_params", "epochs")}
+                or k in ("best_epoch", "trainable_params", "total_params", "epochs", "ranks_agree")}
         self._log(keep, int(metrics.get("epochs", 0)))
         try:
             self.client.set_terminated(self.run_id, "FINISHED")
