@@ -14,7 +14,8 @@ window time gives samples/s = N x batch / step time; efficiency = samples/s at N
 
 The ranks share the initial weights and draw their own batches. Each row says whether every
 rank ended with the same weights (`ranks_agree`, from `tuner.train.parallel.weights_digest`).
-`--graphs` runs the step under CUDA graphs (static shapes + reduce-overhead), `--bucket-mb` sets
+`--graphs` runs the step under CUDA graphs (static shapes + reduce-overhead), `--ddp-single` wraps
+the 1-GPU rows in DDP too (DDP's own cost, with nothing to wait for), `--bucket-mb` sets
 DDP's bucket size and `--bucket-view` keeps the gradients in DDP's buckets. `--profile DIR`
 profiles rank 0's steps instead of timing them (where a DDP step's time goes: NCCL kernels, gaps).
 The CPU run (`--device cpu`) is a gloo smoke test of the script.
@@ -57,7 +58,7 @@ def worker(config: dict) -> None:
         bucket["gradient_as_bucket_view"] = True  # gradients live in DDP's buckets: no copy in or out
 
     def wrap(module):
-        if world == 1:
+        if world == 1 and not config["ddp_single"]:
             return module
         return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, **bucket)
 
@@ -140,6 +141,7 @@ def run_one(size: str, gpus: int, args) -> dict:
                                                           "device": args.device, "graphs": args.graphs,
                                                           "bucket_mb": args.bucket_mb,
                                                           "bucket_view": args.bucket_view,
+                                                          "ddp_single": args.ddp_single,
                                                           "profile": args.profile and str(Path(args.profile).resolve()),
                                                           "benchmarks": str(Path(__file__).resolve().parent)},
                                scaling_config=ScalingConfig(num_workers=gpus, use_gpu=args.device == "cuda",
@@ -170,6 +172,8 @@ def main() -> None:
                         help="CUDA graphs: train.compile_mode=reduce-overhead with static shapes (no effect on cpu)")
     parser.add_argument("--bucket-mb", type=float, default=0.0, help="DDP bucket_cap_mb (0: DDP's default, 25)")
     parser.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    parser.add_argument("--ddp-single", action="store_true",
+                        help="wrap the 1-GPU rows in DDP too: what DDP costs without any communication to wait for")
     parser.add_argument("--profile", metavar="DIR", help="instead of timing: profile --steps steps on rank 0 "
                         "and write profile_ddp_SIZE_NGPU.txt and .json.gz (a Chrome trace) to DIR")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "multigpu_runs" / "run.json"),
@@ -207,7 +211,8 @@ def main() -> None:
               "num_items": args.num_items, "seq_len": 50,
               "compile": "reduce-overhead, static shapes" if args.graphs and args.device == "cuda" else "default",
               "bucket_cap_mb": args.bucket_mb or 25,
-              "gradient_as_bucket_view": args.bucket_view, "command": " ".join(["python"] + sys.argv), "rows": rows}
+              "gradient_as_bucket_view": args.bucket_view, "ddp_at_1_gpu": args.ddp_single,
+              "command": " ".join(["python"] + sys.argv), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 

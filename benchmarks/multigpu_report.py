@@ -6,8 +6,8 @@
         --out benchmarks/results/multigpu.json
 
 `--scaling` takes outputs of `benchmarks/multigpu.py` made on one machine (one call: a row's
-scaling efficiency is taken against the 1-GPU row of its size among these files, never against
-another machine's). `--tune` takes `benchmarks/ml1m.py run` records of searches with the same
+scaling efficiency is taken against the plain 1-GPU row of its size among these files, never
+against another machine's; a 1-GPU row under DDP, `--ddp-single`, gets one too). `--tune` takes `benchmarks/ml1m.py run` records of searches with the same
 search space and seed on the same machine, one after another: the best validation NDCG@10 each
 had reached by each second of its wall clock, how long each took to reach the level that all of
 them reached, and each trial's seconds per epoch (the searches share their first configuration,
@@ -33,12 +33,13 @@ def scaling(files: list[Path]) -> dict:
     if len(devices) != 1:
         sys.exit(f"multigpu_report.py: --scaling files come from different GPUs ({', '.join(sorted(devices))})")
     rows = [dict(row, bucket_cap_mb=run.get("bucket_cap_mb", 25), gradient_as_bucket_view=run.get(
-        "gradient_as_bucket_view", False), compile=run["compile"]) for run in runs for row in run["rows"]]
-    rows.sort(key=lambda r: (-float(r["size"].rstrip("M")) if r["size"][:-1].isdigit() else 0, r["gpus"]))
+        "gradient_as_bucket_view", False), compile=run["compile"],
+        ddp=row["gpus"] > 1 or run.get("ddp_at_1_gpu", False)) for run in runs for row in run["rows"]]
+    rows.sort(key=lambda r: (-float(r["size"].rstrip("M")) if r["size"][:-1].isdigit() else 0, r["gpus"], r["ddp"]))
     for row in rows:
-        base = next((b for b in rows if b["size"] == row["size"] and b["gpus"] == 1), None)
+        base = next((b for b in rows if b["size"] == row["size"] and b["gpus"] == 1 and not b["ddp"]), None)
         row["scaling_efficiency"] = (row["samples_per_s"] / (row["gpus"] * base["samples_per_s"])
-                                     if base and row["gpus"] > 1 else None)
+                                     if base and row is not base else None)
     return {"device": max((r["device"] for r in runs), key=len), "torch": runs[0]["torch"],
             "nccl_nvls_enable": runs[0]["nccl_nvls_enable"], "num_items": runs[0]["num_items"],
             "seq_len": runs[0]["seq_len"], "commands": [r["command"] for r in runs], "rows": rows}
@@ -97,7 +98,7 @@ def tables(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         eff = f"{100 * r['scaling_efficiency']:.0f}%" if r["scaling_efficiency"] else "-"
-        buckets = "-" if r["gpus"] == 1 else f"{r['bucket_cap_mb']:g} MB" + (", views" if r["gradient_as_bucket_view"] else "")
+        buckets = "no DDP" if not r["ddp"] else f"{r['bucket_cap_mb']:g} MB" + (", views" if r["gradient_as_bucket_view"] else "")
         lines.append(f"| {r['size']} | {r['gpus']} | {r['batch_per_gpu']} | {buckets} | {r['step_ms']:.1f} | "
                      f"{r['samples_per_s']:,.0f} | {eff} | {'yes' if r['ranks_agree'] else 'NO'} |")
     t = result.get("tune")

@@ -52,3 +52,11 @@ def test_tuning_comparison_finds_when_each_search_reached_the_common_level():
     for row in t["rows"]:
         assert row["common_level_reached_s"] <= row["best_reached_s"]
         assert row["best_val_by_time"][-1] == [row["best_reached_s"], row["best_val_ndcg_10"]]
+
+
+def test_a_one_gpu_ddp_row_is_measured_against_the_plain_step(tmp_path):
+    plain = _run_file(tmp_path / "plain.json", "1 x H200", [("430M", 1, 10.0)])
+    ddp = json.loads(_run_file(tmp_path / "ddp.json", "1 x H200", [("430M", 1, 12.5)]).read_text())
+    (tmp_path / "ddp.json").write_text(json.dumps(dict(ddp, ddp_at_1_gpu=True)))
+    rows = multigpu_report.scaling([tmp_path / "ddp.json", plain])["rows"]
+    assert [(r["ddp"], r["scaling_efficiency"]) for r in rows] == [(False, None), (True, pytest.approx(0.8))]

@@ -25,7 +25,7 @@ from tuner.errors import UserError
 from tuner.losses import MaskedItemObjective, loss_config
 from tuner.model.bert4rec import Bert4RecConfig, count_parameters
 from tuner.model.build import build_model
-from tuner.train.optim import bf16_weights, build_optimizer
+from tuner.train.optim import training_optimizer
 from tuner.train.parallel import weights_digest
 from tuner.train.step import TrainStep
 
@@ -119,8 +119,7 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     dtype = None
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    optimizer = build_optimizer(model, cfg.optim, device,
-                                bf16_weights(cfg, dtype, device, model), spec.compile)
+    optimizer = training_optimizer(model, cfg, dtype, device, spec.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),

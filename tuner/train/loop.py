@@ -32,7 +32,7 @@ from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
 from tuner.train.checkpoint import Snapshots, has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.master_adamw import MasterWeightAdamW
-from tuner.train.optim import bf16_weights, build_ema, build_optimizer, build_scheduler, shorten_schedule
+from tuner.train.optim import build_ema, build_scheduler, shorten_schedule, training_optimizer
 from tuner.train.parallel import WorkerContext, weights_digest
 from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
@@ -90,8 +90,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    optimizer = build_optimizer(model, cfg.optim, device, bf16_weights(cfg, dtype, device, model),
-                                use_compile)
+    optimizer = training_optimizer(model, cfg, dtype, device, use_compile)
     steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size, cfg.train.static_shapes)
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train.offsets) - 1} "

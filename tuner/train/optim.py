@@ -41,6 +41,13 @@ def bf16_weights(cfg: Config, autocast_dtype: Optional[torch.dtype], device: tor
             and not cfg.optim.ema_decay and trainable >= BF16_WEIGHTS_MIN)
 
 
+def training_optimizer(model: nn.Module, cfg: Config, autocast_dtype: Optional[torch.dtype], device: torch.device,
+                       compile: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of the training loop and of `tuner bench` (so both time the same update):
+    `build_optimizer` with bf16 weights where `train.weights` picks them (`bf16_weights`)."""
+    return build_optimizer(model, cfg.optim, device, bf16_weights(cfg, autocast_dtype, device, model), compile)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, bf16: bool = False,
                     compile: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable weights; with `bf16` a `MasterWeightAdamW`, which turns them into
