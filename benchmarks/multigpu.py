@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "multigpu_runs" / "run.json"),
                         help="this run's rows (benchmarks/multigpu_report.py makes results/multigpu.json from runs)")
     args = parser.parse_args()
+    if 0 < args.bucket_mb < 1:  # DDP's first bucket is 1 MB, and compiled DDP asserts it is the smallest
+        sys.exit(f"multigpu.py: --bucket-mb {args.bucket_mb:g} is below DDP's 1 MB first bucket; pass 0 or at least 1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import ray
     import torch
