@@ -58,6 +58,19 @@ def test_placement_pins_trials_and_sets_precision():
     assert scaling.accelerator_type == "V100" and scaling.use_gpu
 
 
+def test_a_global_batch_counts_every_worker_of_the_placement():
+    import dataclasses
+
+    from tuner.config import Config, load_config
+
+    a100 = dataclasses.replace(plan_placements("430M", AWS)[0], workers=4, gpus_per_trial=4)
+    per_worker = Config.from_dict(apply_placement(load_config().to_dict(), a100))
+    whole = Config.from_dict(apply_placement(load_config(overrides=["train.batch_scope=global"]).to_dict(), a100))
+    assert per_worker.train.batch_size == a100.batch_size  # what one GPU holds
+    assert whole.train.batch_size == 4 * a100.batch_size  # so each of the 4 workers still takes that
+    assert whole.resources.workers == 4
+
+
 def test_batch_shrinks_where_memory_is_short(tmp_path):
     policy = load_policy()
     policy["sizes"]["430M"]["peak_gb_at_batch"] = 100.0  # pretend 430M needed 100 GB at batch 128

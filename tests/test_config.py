@@ -46,8 +46,11 @@ def test_bad_overrides_name_the_problem(override, message):
     (["train.weights=bf16", "train.amp=fp16"], "train.weights=bf16 needs bf16 autocast, not train.amp=fp16"),
     (["train.weights=bf16", "optim.ema_decay=0.9"], "cannot be combined with optim.ema_decay"),
     (["train.weights=fp32", "optim.moments=bf16"], "optim.moments=bf16 needs bf16 weights"),
+    (["train.batch_scope=global", "resources.workers=3", "train.batch_size=32"],
+     "train.batch_size=32 with train.batch_scope=global must be a multiple of resources.workers=3"),
+    (["train.batch_scope=all"], "train.batch_scope='all' is not one of: worker, global"),
 ])
-def test_bf16_weights_refuse_settings_they_cannot_serve(overrides, message):
+def test_settings_that_cannot_work_together_are_refused(overrides, message):
     with pytest.raises(UserError) as info:
         load_config(overrides=overrides)
     assert message in str(info.value)

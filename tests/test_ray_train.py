@@ -34,6 +34,24 @@ def test_two_workers_report_identical_metrics(tmp_path, precision):
     assert final["ranks_agree"] == 1.0
 
 
+@pytest.mark.slow
+def test_global_batch_scope_makes_the_steps_of_one_worker(tmp_path):
+    """train.batch_scope=global: two workers take half the batch each, so the run makes as many
+    optimizer steps as one worker with the whole batch (worker scope: about half as many)."""
+    from tuner.train.loop import train_worker
+    from tuner.train.parallel import local_context
+    from tuner.train.reporting import ConsoleReporter
+
+    base = ["data.synthetic_users=400", "data.synthetic_items=100", "train.max_epochs=2", "train.batch_size=32",
+            "model.max_len=16"]
+    one = load_config(overrides=base)
+    single = train_worker(one, local_context(one.train), ConsoleReporter(enabled=False))
+    two = fit(load_config(overrides=base + ["resources.workers=2", "train.batch_scope=global"]), quiet=True,
+              storage=str(tmp_path))
+    assert two["steps"] == single["steps"] == 2 * 13  # 400 users in batches of 32: 13 a epoch
+    assert two["ranks_agree"] == 1.0
+
+
 def test_weights_digest_and_agreement_see_one_bit_of_difference():
     import copy
 

@@ -148,6 +148,11 @@ class TrainConfig:
     max_epochs: int = 30
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
     batch_size: int = 128
+    # what batch_size counts with several workers (resources.workers): worker = each worker's batch,
+    # so one optimizer step takes workers x batch_size samples; global = one optimizer step's batch
+    # over all workers (each takes batch_size / workers), so a DDP trial makes the same steps as a
+    # 1-worker trial and a learning rate tuned on one carries over
+    batch_scope: str = "worker"
     mask_prob: float = 0.2  # cloze masking probability per item
     last_item_prob: float = 0.1  # share of samples with only the last item masked
     # share of histories longer than model.max_len trained, each epoch, on a window of max_len
@@ -216,6 +221,7 @@ class TrainConfig:
         _check_choice("train.device", self.device, _DEVICE_CHOICES)
         _check_choice("train.amp", self.amp, _AMP_CHOICES)
         _check_choice("train.weights", self.weights, ("auto", "fp32", "bf16"))
+        _check_choice("train.batch_scope", self.batch_scope, ("worker", "global"))
         _check(self.weights != "bf16" or self.amp in ("auto", "bf16"),
                f"train.weights=bf16 needs bf16 autocast, not train.amp={self.amp}")
         _check_choice("train.compile", self.compile, _COMPILE_CHOICES)
@@ -351,6 +357,9 @@ class Config:
                "too); set train.weights=fp32")
         _check(not (self.optim.moments == "bf16" and self.train.weights == "fp32"),
                "optim.moments=bf16 needs bf16 weights: set train.weights=bf16 (or auto)")
+        _check(self.train.batch_scope == "worker" or self.train.batch_size % self.resources.workers == 0,
+               f"train.batch_size={self.train.batch_size} with train.batch_scope=global must be a multiple of "
+               f"resources.workers={self.resources.workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

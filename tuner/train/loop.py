@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tuner.config import Config
+from tuner.config import Config, TrainConfig
 from tuner.data.collate import num_train_batches, train_batches
 from tuner.data.dataset import Dataset, EvalSplit, load_dataset
 from tuner.errors import UserError
@@ -91,10 +91,12 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     dtype = resolve_precision(cfg.train.amp, device)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     optimizer = training_optimizer(model, cfg, dtype, device, use_compile)
-    steps_per_epoch = num_train_batches(train, cfg.train.batch_size, ctx.world_size, cfg.train.static_shapes)
+    batch_size = rank_batch_size(cfg.train, ctx.world_size)
+    steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size, cfg.train.static_shapes)
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train.offsets) - 1} "
-                        f"training users (train.static_shapes drops incomplete batches)")
+                        f"training users{f' over {ctx.world_size} workers' if ctx.world_size > 1 else ''} "
+                        f"(train.static_shapes drops incomplete batches)")
     total_steps = steps_per_epoch * cfg.train.max_epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -159,7 +161,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         profiling = cfg.train.profile_epoch == epoch + 1 and ctx.is_main
         with (profiled(cfg.train.profile_out, f"training epoch {epoch + 1}, {ctx.world_size} worker(s), {device}",
                        device) if profiling else contextlib.nullcontext()):
-            for batch in train_batches(train, dataset.num_items, cfg.train.batch_size, cfg.model.max_len,
+            for batch in train_batches(train, dataset.num_items, batch_size, cfg.model.max_len,
                                        cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
                                        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
                                        static_shapes=cfg.train.static_shapes,
@@ -268,6 +270,12 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's weights copied to the CPU: a new dict each time, never updated in place."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def rank_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """Each rank's batch: train.batch_size, or its share of it with train.batch_scope=global (the
+    config check makes it divide evenly)."""
+    return cfg.batch_size // world_size if cfg.batch_scope == "global" else cfg.batch_size
 
 
 def epochs_that_fit(cycles: list[float], left_s: float) -> Optional[int]:

@@ -124,7 +124,11 @@ def apply_placement(base: dict[str, dict[str, Any]], placement: Placement) -> di
     merged.setdefault("resources", {}).update(workers=placement.workers,
                                               gpus_per_worker=placement.gpus_per_trial / placement.workers,
                                               accelerator_type=placement.accelerator_type)
-    merged.setdefault("train", {}).update(amp=placement.precision, batch_size=placement.batch_size)
+    train = merged.setdefault("train", {})
+    # the placement's batch is what one GPU holds; with train.batch_scope=global batch_size counts
+    # all the trial's workers
+    per_step = placement.workers if train.get("batch_scope") == "global" else 1
+    train.update(amp=placement.precision, batch_size=placement.batch_size * per_step)
     return merged
 
 
