@@ -10,8 +10,8 @@ scaling efficiency is taken against the plain 1-GPU row of its size among these 
 against another machine's; a 1-GPU row under DDP, `--ddp-single`, gets one too). `--tune` takes `benchmarks/ml1m.py run` records of searches with the same
 search space and seed on the same machine, one after another: the best validation NDCG@10 each
 had reached by each second of its wall clock, how long each took to reach the level that all of
-them reached, and each trial's seconds per epoch (the searches share their first configuration,
-TPE's first draw, so its epoch time compares one 1-GPU trial with one DDP trial directly).
+them reached, and the epoch time and best validation NDCG@10 of a configuration every search tried
+(TPE's first draw, with the same seed): one 1-GPU trial against one DDP trial of the same settings.
 Prints the Markdown tables the README shows.
 """
 
@@ -67,9 +67,13 @@ def tune(files: list[Path]) -> dict:
     records = [json.loads(f.read_text()) for f in files]
     curves = {r["name"]: _best_by(r["trials"], r["started_at"]) for r in records}
     common = min(c[-1][1] for c in curves.values())  # the best that every search reached
-    first = [min(r["trials"], key=lambda t: t["start"]) for r in records]
+    # a configuration every search tried (TPE's first draw, with the same seed): its epoch time
+    # compares one trial's speed across the layouts
+    keys = [{json.dumps(t["params"], sort_keys=True) for t in r["trials"]} for r in records]
+    shared = sorted(set.intersection(*keys))
     rows = []
-    for r, first_trial in zip(records, first):
+    for r in records:
+        same = [t for t in r["trials"] if shared and json.dumps(t["params"], sort_keys=True) == shared[0]]
         c = curves[r["name"]]
         words = r["command"].split()
         rows.append({
@@ -77,9 +81,10 @@ def tune(files: list[Path]) -> dict:
             "settings": [words[i + 1] for i, w in enumerate(words) if w == "--set"],
             "trials": len(r["trials"]), "trials_stopped_early": sum(t["outcome"] == "stopped_early" for t in r["trials"]),
             "trial_epochs": sum(len(t["epochs"]) for t in r["trials"]),
-            "first_trial_s_per_epoch": _seconds_per_epoch(first_trial),
-            "first_trial_params": first_trial["params"],
-            "first_trial_started_s": round(first_trial["start"] - r["started_at"], 1),
+            "shared_config_s_per_epoch": _seconds_per_epoch(same[0]) if same else None,
+            "shared_config_best_val": max((v for _, v, _ in same[0]["epochs"]), default=None) if same else None,
+            "shared_config": json.loads(shared[0]) if shared else None,
+            "first_trial_started_s": round(min(t["start"] for t in r["trials"]) - r["started_at"], 1),
             "best_val_ndcg_10": c[-1][1], "best_reached_s": round(c[-1][0], 1),
             "common_level_reached_s": round(next(t for t, v in c if v >= common), 1),
             "test_ndcg_10_of_best": r["summary"].get("test_ndcg_10"),
@@ -87,6 +92,10 @@ def tune(files: list[Path]) -> dict:
             "best_val_by_time": [[round(t, 1), v] for t, v in c],
         })
     return {"common_level": common, "rows": rows}
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def tables(result: dict) -> str:
@@ -105,12 +114,13 @@ def tables(result: dict) -> str:
     if t:
         lines += ["", f"Tuning on the same machine (`{t['rows'][0]['device']}`); level every search reached: "
                   f"validation NDCG@10 {t['common_level']:.4f}.", "",
-                  "| search | budget s | trials (stopped by ASHA) | trial-epochs | s/epoch, first trial | "
+                  "| search | budget s | trials (stopped by ASHA) | trial-epochs | shared config: s/epoch, best val | "
                   f"reached {t['common_level']:.4f} at s | best val NDCG@10 (at s) | test NDCG@10 of best |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
             lines.append(f"| {r['search']}: {' '.join(r['settings'])} | {r['budget_s']:g} | {r['trials']} "
-                         f"({r['trials_stopped_early']}) | {r['trial_epochs']} | {r['first_trial_s_per_epoch']:.3f} | "
+                         f"({r['trials_stopped_early']}) | {r['trial_epochs']} | {_num(r['shared_config_s_per_epoch'], 3)}, "
+                         f"{_num(r['shared_config_best_val'], 4)} | "
                          f"{r['common_level_reached_s']:.1f} | {r['best_val_ndcg_10']:.4f} ({r['best_reached_s']:.1f}) | "
                          f"{r['test_ndcg_10_of_best']:.4f} |")
     return "\n".join(lines)

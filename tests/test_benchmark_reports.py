@@ -49,6 +49,9 @@ def test_tuning_comparison_finds_when_each_search_reached_the_common_level():
     runs = [ROOT / "benchmarks" / "results" / "ml1m_runs" / f"4xH200_{n}.json" for n in ("concurrent", "ddp")]
     t = multigpu_report.tune(runs)
     assert t["common_level"] == min(r["best_val_ndcg_10"] for r in t["rows"])
+    concurrent, ddp = t["rows"]
+    assert concurrent["shared_config"] == ddp["shared_config"] is not None  # the same settings in both
+    assert ddp["shared_config_s_per_epoch"] < concurrent["shared_config_s_per_epoch"]  # 4 GPUs against 1
     for row in t["rows"]:
         assert row["common_level_reached_s"] <= row["best_reached_s"]
         assert row["best_val_by_time"][-1] == [row["best_reached_s"], row["best_val_ndcg_10"]]
