@@ -62,6 +62,20 @@ def _seconds_per_epoch(trial: dict) -> float | None:
     return statistics.median(gaps) if len(gaps) >= 5 else None
 
 
+def slot_gaps(trials: list[dict]) -> list[float]:
+    """Seconds from one trial's last epoch to the first epoch of the trial that took its place
+    (Tune stopping the old trial, starting the new one's processes, compiling): the GPU idles."""
+    first_wave = min(t["epochs"][0][2] for t in trials if t["epochs"])
+    ends = sorted(t["epochs"][-1][2] for t in trials if t["epochs"])
+    gaps = []
+    for t in sorted((t for t in trials if t["epochs"] and t["start"] > first_wave), key=lambda t: t["start"]):
+        freed = next((e for e in ends if e <= t["start"]), None)
+        if freed is not None:
+            ends.remove(freed)
+            gaps.append(round(t["epochs"][0][2] - freed, 1))
+    return gaps
+
+
 def tune(files: list[Path]) -> dict:
     """Best validation NDCG@10 against wall time for each search, and the level all reached."""
     records = [json.loads(f.read_text()) for f in files]
@@ -85,6 +99,10 @@ def tune(files: list[Path]) -> dict:
             "shared_config_best_val": max((v for _, v, _ in same[0]["epochs"]), default=None) if same else None,
             "shared_config": json.loads(shared[0]) if shared else None,
             "first_trial_started_s": round(min(t["start"] for t in r["trials"]) - r["started_at"], 1),
+            # the trial's MLflow run opens once its worker has started; then compile and CUDA graphs
+            "run_start_to_first_epoch_s": round(statistics.median(t["epochs"][0][2] - t["start"] for t in r["trials"]
+                                                                  if t["epochs"]), 1),
+            "slot_idle_s": slot_gaps(r["trials"]),
             "best_val_ndcg_10": c[-1][1], "best_reached_s": round(c[-1][0], 1),
             "common_level_reached_s": round(next(t for t, v in c if v >= common), 1),
             "test_ndcg_10_of_best": r["summary"].get("test_ndcg_10"),
@@ -115,14 +133,15 @@ def tables(result: dict) -> str:
         lines += ["", f"Tuning on the same machine (`{t['rows'][0]['device']}`); level every search reached: "
                   f"validation NDCG@10 {t['common_level']:.4f}.", "",
                   "| search | budget s | trials (stopped by ASHA) | trial-epochs | shared config: s/epoch, best val | "
-                  f"reached {t['common_level']:.4f} at s | best val NDCG@10 (at s) | test NDCG@10 of best |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"reached {t['common_level']:.4f} at s | best val NDCG@10 (at s) | test NDCG@10 of best | "
+                  "slot idle between trials, s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
             lines.append(f"| {r['search']}: {' '.join(r['settings'])} | {r['budget_s']:g} | {r['trials']} "
                          f"({r['trials_stopped_early']}) | {r['trial_epochs']} | {_num(r['shared_config_s_per_epoch'], 3)}, "
                          f"{_num(r['shared_config_best_val'], 4)} | "
                          f"{r['common_level_reached_s']:.1f} | {r['best_val_ndcg_10']:.4f} ({r['best_reached_s']:.1f}) | "
-                         f"{r['test_ndcg_10_of_best']:.4f} |")
+                         f"{r['test_ndcg_10_of_best']:.4f} | {', '.join(f'{g:.0f}' for g in r['slot_idle_s']) or '-'} |")
     return "\n".join(lines)
 
 

@@ -63,3 +63,12 @@ def test_a_one_gpu_ddp_row_is_measured_against_the_plain_step(tmp_path):
     (tmp_path / "ddp.json").write_text(json.dumps(dict(ddp, ddp_at_1_gpu=True)))
     rows = multigpu_report.scaling([tmp_path / "ddp.json", plain])["rows"]
     assert [(r["ddp"], r["scaling_efficiency"]) for r in rows] == [(False, None), (True, pytest.approx(0.8))]
+
+
+def test_slot_gaps_pair_each_later_trial_with_the_slot_that_freed_first():
+    def trial(start, first, last):
+        return {"start": start, "epochs": [[1, 0.1, first], [2, 0.2, last]]}
+
+    # two slots: trials a and b start together; a ends at 20 and c takes its slot, b ends at 50 and d
+    trials = [trial(0, 5, 20), trial(0, 6, 50), trial(30, 40, 60), trial(55, 70, 80)]
+    assert multigpu_report.slot_gaps(trials) == [20.0, 20.0]
