@@ -112,18 +112,23 @@ def parent_metrics(uri: str, experiment: str) -> dict[str, float]:
     return dict(runs[0].data.metrics) if runs else {}
 
 
+def best_so_far(record: dict) -> list[tuple[float, float]]:
+    """(seconds since the search started, best validation NDCG@10 so far) after each epoch of any
+    trial, in time order."""
+    events = sorted((t, v) for trial in record["trials"] for _, v, t in trial["epochs"])
+    best, points = -1.0, []
+    for t, v in events:
+        best = max(best, v)
+        points.append((t - record["started_at"], best))
+    return points
+
+
 def curves(record: dict) -> dict[str, list]:
     """Best validation NDCG@10 so far against GPU-minutes (the search's dedicated GPU, from the
     experiment's start) and against trial-epochs, over all epochs of all trials in time order."""
-    events = sorted((t, v) for trial in record["trials"] for _, v, t in trial["epochs"])
-    start = record["started_at"]
-    best, xs_min, xs_ep, ys = -1.0, [], [], []
-    for i, (t, v) in enumerate(events, 1):
-        best = max(best, v)
-        xs_min.append((t - start) / 60)
-        xs_ep.append(i)
-        ys.append(best)
-    return {"gpu_minutes": xs_min, "trial_epochs": xs_ep, "best_val_ndcg_10": ys}
+    points = best_so_far(record)
+    return {"gpu_minutes": [s / 60 for s, _ in points], "trial_epochs": list(range(1, len(points) + 1)),
+            "best_val_ndcg_10": [best for _, best in points]}
 
 
 def best_at(curve: dict, axis: str, budget: float) -> float | None:

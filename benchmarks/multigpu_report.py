@@ -23,6 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from ml1m import best_so_far
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,15 +47,18 @@ def scaling(files: list[Path]) -> dict:
             "seq_len": runs[0]["seq_len"], "commands": [r["command"] for r in runs], "rows": rows}
 
 
-def _best_by(trials: list[dict], start: float) -> list[tuple[float, float]]:
+def _improvements(record: dict) -> list[tuple[float, float]]:
     """(seconds since the search started, best validation NDCG@10 so far) at each improvement."""
-    events = sorted((t - start, v) for trial in trials for _, v, t in trial["epochs"])
-    best, out = -1.0, []
-    for t, v in events:
-        if v > best:
-            best = v
-            out.append((t, v))
-    return out
+    points = best_so_far(record)
+    return [p for i, p in enumerate(points) if i == 0 or p[1] > points[i - 1][1]]
+
+
+def _first_by_params(trials: list[dict]) -> dict[str, dict]:
+    """Each configuration's first trial, keyed by its settings."""
+    first: dict[str, dict] = {}
+    for t in trials:
+        first.setdefault(json.dumps(t["params"], sort_keys=True), t)
+    return first
 
 
 def _seconds_per_epoch(trial: dict) -> float | None:
@@ -79,15 +84,15 @@ def slot_gaps(trials: list[dict]) -> list[float]:
 def tune(files: list[Path]) -> dict:
     """Best validation NDCG@10 against wall time for each search, and the level all reached."""
     records = [json.loads(f.read_text()) for f in files]
-    curves = {r["name"]: _best_by(r["trials"], r["started_at"]) for r in records}
+    curves = {r["name"]: _improvements(r) for r in records}
     common = min(c[-1][1] for c in curves.values())  # the best that every search reached
     # a configuration every search tried (TPE's first draw, with the same seed): its epoch time
     # compares one trial's speed across the layouts
-    keys = [{json.dumps(t["params"], sort_keys=True) for t in r["trials"]} for r in records]
-    shared = sorted(set.intersection(*keys))
+    settings = [_first_by_params(r["trials"]) for r in records]
+    shared = sorted(set.intersection(*(set(by_params) for by_params in settings)))
     rows = []
-    for r in records:
-        same = [t for t in r["trials"] if shared and json.dumps(t["params"], sort_keys=True) == shared[0]]
+    for r, by_params in zip(records, settings):
+        same = [by_params[shared[0]]] if shared else []
         c = curves[r["name"]]
         words = r["command"].split()
         rows.append({
