@@ -141,33 +141,54 @@ def kernel_summary(prof, steps: int) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def profile_steps(step, batches: list, warmup: int, record: bool = True, inductor=()):
+    """Runs `step` over `batches`: the first `warmup` unrecorded (compilation happens there, under
+    the `inductor` settings), the rest under the PyTorch profiler, or unrecorded where `record` is
+    False (the DDP ranks other than 0 must run the same steps). Returns the profile (None when
+    unrecorded) and the wall milliseconds per recorded step."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cuda = batches[0].items.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch._inductor.config.patch(dict(inductor)):
+        for b in batches[:warmup]:
+            step(b)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    recorder = torch_profile(activities=activities, record_shapes=True) if record else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with recorder as prof:
+        for b in batches[warmup:]:
+            step(b)
+        sync()
+    return prof, (time.perf_counter() - t0) * 1e3 / len(batches[warmup:])
+
+
+def profile_text(prof, steps: int, cuda: bool = True) -> str:
+    """Time per step by kind of kernel (CUDA), then by operator, then by operator and input shape."""
+    table = dict(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=60,
+                 max_name_column_width=110)
+    return ((kernel_summary(prof, steps) if cuda else "") + prof.key_averages().table(**table)
+            + "\n\nBy operator and input shape:\n"
+            + prof.key_averages(group_by_input_shape=True).table(**table, max_shapes_column_width=90))
+
+
 def profile(size: str, out_dir: Path, steps: int = 6, variant: str = "amp_compile") -> Path:
     """PyTorch profiler over training steps of `variant` (AMP+compile by default): where the GPU
     time goes, by kind of kernel, by operator, and by operator and input shape."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     warmup = 8
     batch = 128 if size == "430M" else 256
     spec = variant_spec(variant, size, batch, steps, warmup)
     device = torch.device("cuda")
     bench = prepare_bench(spec, device)
-    batches = [b.to(device) for b in bench.batches]
-    with torch._inductor.config.patch(dict(spec.inductor)):
-        for b in batches[:warmup]:
-            bench.step(b)
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for b in batches[warmup:]:
-            bench.step(b)
-        torch.cuda.synchronize()
+    prof, _ = profile_steps(bench.step, [b.to(device) for b in bench.batches], warmup, inductor=spec.inductor)
     path = out_dir / f"profile_{size}_{variant}.txt"
     head = (f"# python benchmarks/gpu_throughput.py --profile {size} --profile-variant {variant}"
             f" on an {torch.cuda.get_device_name(device)}, torch {torch.__version__}; {steps} steps, "
             f"batch {batch}, {NUM_ITEMS:,} items\n")
-    table = dict(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=110)
-    path.write_text(head + kernel_summary(prof, steps) + prof.key_averages().table(**table)
-                    + "\n\nBy operator and input shape:\n"
-                    + prof.key_averages(group_by_input_shape=True).table(**table, max_shapes_column_width=90))
+    path.write_text(head + profile_text(prof, steps))
     return path
 
 

@@ -82,47 +82,32 @@ def worker(config: dict) -> None:
 
 
 def profile_step(spec, device, wrap, rank: int, world: int, out_dir: Path, benchmarks: str) -> None:
-    """PyTorch profiler over `spec.steps` DDP steps after `spec.warmup`: rank 0 writes GPU time by
-    kind of kernel (NCCL's all-reduces on their own stream included), the operator table and a
-    Chrome trace (gzipped) to `out_dir`; the other ranks run the same steps unrecorded."""
-    import contextlib
+    """PyTorch profiler over `spec.steps` DDP steps after `spec.warmup` (gpu_throughput.py's
+    profile_steps): rank 0 writes GPU time by kind of kernel (NCCL's all-reduces on their own stream
+    included), the operator tables and a Chrome trace (gzipped) to `out_dir`; the other ranks run
+    the same steps unrecorded."""
     import gzip
     import shutil
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from tuner.bench import prepare_bench
 
     sys.path.insert(0, benchmarks)
-    from gpu_throughput import kernel_summary
+    from gpu_throughput import profile_steps, profile_text
 
     bench = prepare_bench(spec, device, wrap)
-    batches = [b.to(device) for b in bench.batches]
     warm = max(spec.warmup, 1)
-    for b in batches[:warm]:
-        bench.step(b)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    recorder = profile(activities=activities) if rank == 0 else contextlib.nullcontext()
-    t0 = time.perf_counter()
-    with recorder as prof:
-        for b in batches[warm:]:
-            bench.step(b)
-        sync()
+    prof, wall_ms = profile_steps(bench.step, [b.to(device) for b in bench.batches], warm, record=rank == 0)
     if rank != 0:
         return
-    wall_ms = (time.perf_counter() - t0) * 1e3 / len(batches[warm:])
+    steps = len(bench.batches) - warm
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"profile_ddp_{spec.size}_{world}gpu"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    head = (f"# {world} x {name}, torch {torch.__version__}, rank 0; {len(batches[warm:])} steps of {spec.size} "
+    head = (f"# {world} x {name}, torch {torch.__version__}, rank 0; {steps} steps of {spec.size} "
             f"(batch {spec.batch_size} per GPU) under the profiler, {wall_ms:.1f} ms per step of wall time\n")
-    summary = kernel_summary(prof, len(batches[warm:])) if device.type == "cuda" else ""
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                                      row_limit=50, max_name_column_width=100)
-    Path(f"{stem}.txt").write_text(head + summary + table)
+    Path(f"{stem}.txt").write_text(head + profile_text(prof, steps, cuda=device.type == "cuda"))
     prof.export_chrome_trace(f"{stem}.json")
     with open(f"{stem}.json", "rb") as raw, gzip.open(f"{stem}.json.gz", "wb") as packed:
         shutil.copyfileobj(raw, packed)
