@@ -175,6 +175,40 @@ def profile_text(prof, steps: int, cuda: bool = True) -> str:
             + prof.key_averages(group_by_input_shape=True).table(**table, max_shapes_column_width=90))
 
 
+def kernel_timeline(trace: dict, steps: int) -> str:
+    """Per step, from a Chrome trace's kernel events (all streams): how many kernels ran, the time
+    at least one kernel ran (the union of their intervals) and the time between the first kernel's
+    start and the last one's end that no kernel covered (launch gaps, waits)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
+                   if e.get("cat") == "kernel" and e.get("ph") == "X")
+    if not spans:
+        return "No kernel events in the trace.\n\n"
+    busy, end = 0.0, spans[0][0]
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    idle = end - spans[0][0] - busy
+    return (f"Kernel timeline per step: {len(spans) / steps:.0f} kernels, {busy / 1e3 / steps:.2f} ms with a kernel "
+            f"running, {idle / 1e3 / steps:.2f} ms between kernels with none running\n\n")
+
+
+def write_profile(prof, stem: Path, head: str, steps: int, cuda: bool = True) -> Path:
+    """`stem`.txt (the kernel timeline, `profile_text`'s tables) and `stem`.json.gz (a Chrome
+    trace); returns the text file's path."""
+    import gzip
+    import os
+
+    raw = Path(f"{stem}.json")
+    prof.export_chrome_trace(str(raw))
+    trace = json.loads(raw.read_text())
+    with gzip.open(f"{stem}.json.gz", "wt") as packed:
+        json.dump(trace, packed)
+    os.unlink(raw)
+    text = Path(f"{stem}.txt")
+    text.write_text(head + (kernel_timeline(trace, steps) if cuda else "") + profile_text(prof, steps, cuda))
+    return text
+
+
 def profile(size: str, out_dir: Path, steps: int = 6, variant: str = "amp_compile") -> Path:
     """PyTorch profiler over training steps of `variant` (AMP+compile by default): where the GPU
     time goes, by kind of kernel, by operator, and by operator and input shape."""
@@ -184,12 +218,10 @@ def profile(size: str, out_dir: Path, steps: int = 6, variant: str = "amp_compil
     device = torch.device("cuda")
     bench = prepare_bench(spec, device)
     prof, _ = profile_steps(bench.step, [b.to(device) for b in bench.batches], warmup, inductor=spec.inductor)
-    path = out_dir / f"profile_{size}_{variant}.txt"
     head = (f"# python benchmarks/gpu_throughput.py --profile {size} --profile-variant {variant}"
             f" on an {torch.cuda.get_device_name(device)}, torch {torch.__version__}; {steps} steps, "
             f"batch {batch}, {NUM_ITEMS:,} items\n")
-    path.write_text(head + profile_text(prof, steps))
-    return path
+    return write_profile(prof, out_dir / f"profile_{size}_{variant}", head, steps)
 
 
 def main() -> None:

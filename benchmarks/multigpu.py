@@ -86,15 +86,12 @@ def profile_step(spec, device, wrap, rank: int, world: int, out_dir: Path, bench
     profile_steps): rank 0 writes GPU time by kind of kernel (NCCL's all-reduces on their own stream
     included), the operator tables and a Chrome trace (gzipped) to `out_dir`; the other ranks run
     the same steps unrecorded."""
-    import gzip
-    import shutil
-
     import torch
 
     from tuner.bench import prepare_bench
 
     sys.path.insert(0, benchmarks)
-    from gpu_throughput import profile_steps, profile_text
+    from gpu_throughput import profile_steps, write_profile
 
     bench = prepare_bench(spec, device, wrap)
     warm = max(spec.warmup, 1)
@@ -107,11 +104,7 @@ def profile_step(spec, device, wrap, rank: int, world: int, out_dir: Path, bench
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     head = (f"# {world} x {name}, torch {torch.__version__}, rank 0; {steps} steps of {spec.size} "
             f"(batch {spec.batch_size} per GPU) under the profiler, {wall_ms:.1f} ms per step of wall time\n")
-    Path(f"{stem}.txt").write_text(head + profile_text(prof, steps, cuda=device.type == "cuda"))
-    prof.export_chrome_trace(f"{stem}.json")
-    with open(f"{stem}.json", "rb") as raw, gzip.open(f"{stem}.json.gz", "wb") as packed:
-        shutil.copyfileobj(raw, packed)
-    Path(f"{stem}.json").unlink()
+    write_profile(prof, stem, head, steps, cuda=device.type == "cuda")
 
 
 def run_one(size: str, gpus: int, args) -> dict:

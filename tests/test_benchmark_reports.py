@@ -72,3 +72,13 @@ def test_slot_gaps_pair_each_later_trial_with_the_slot_that_freed_first():
     # two slots: trials a and b start together; a ends at 20 and c takes its slot, b ends at 50 and d
     trials = [trial(0, 5, 20), trial(0, 6, 50), trial(30, 40, 60), trial(55, 70, 80)]
     assert multigpu_report.slot_gaps(trials) == [20.0, 20.0]
+
+
+def test_kernel_timeline_counts_overlapping_kernels_once_and_the_gaps_between_them():
+    import gpu_throughput
+
+    kernel = lambda ts, dur: {"cat": "kernel", "ph": "X", "ts": ts, "dur": dur}
+    # two steps: kernels at [0, 100] and [50, 150] overlap (another stream), then a 50 us gap
+    events = [kernel(0, 100), kernel(50, 100), kernel(200, 100), {"cat": "cpu_op", "ph": "X", "ts": 0, "dur": 999}]
+    line = gpu_throughput.kernel_timeline({"traceEvents": events}, steps=2)
+    assert line.startswith("Kernel timeline per step: 2 kernels, 0.12 ms with a kernel running, 0.03 ms between")
