@@ -55,6 +55,8 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_bf16_residual": {"overrides": ("model.residual=bf16",)},  # the residual stream in bf16 (the default since 2026-11-24)
             "_fp32_residual": {"overrides": ("model.residual=fp32",)},  # the residual stream in fp32 (autocast's)
             "_torch_ce": {"overrides": ("train.loss_kernel=torch",)},  # inductor's softmax passes, not tuner.ce_kernel's
+            # residual dropout + add + LayerNorm as inductor's kernels, not tuner.model.add_norm's
+            "_unfused_add_norm": {"overrides": ("model.fused_add_norm=false",)},
             # layer-norm backward: inductor's mix-order reduction off, or with this many rows per partial sum
             "_no_mix_order": {"inductor": (("triton.mix_order_reduction", False),)},
             **{f"_mix_split{n}": {"inductor": (("triton.mix_order_reduction_split_size", n),)} for n in (32, 64)},

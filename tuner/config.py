@@ -77,6 +77,9 @@ class ModelConfig:
     # without bf16 autocast (CPUs, fp16 GPUs). bf16 cut the 430M step 0.25-0.4 ms on an H100 and
     # lost nothing on ML-1M (README; benchmarks/results/ml1m_stream.json)
     residual: str = "bf16"
+    # each residual add, its dropout and the LayerNorm after it as one Triton kernel each way
+    # (tuner/model/add_norm.py; where short_attention's kernels run), else inductor's code
+    fused_add_norm: bool = True
 
     def __post_init__(self) -> None:
         from tuner.model.bert4rec import ATTENTION_BACKENDS

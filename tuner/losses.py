@@ -123,11 +123,12 @@ def _sum_rows_by_id(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
     a bf16 gradient, rounding after every addition. Shapes stay static (no host sync, compiles):
     ids' has as many entries as ids; the spare ones are id 0 with zero sums (the padding row, which
     the caller's values leave at zero)."""
-    sorted_ids, order = ids.sort()
+    # 32-bit keys: a radix sort makes 4 passes over them instead of 8 (catalogs stay far below 2^31)
+    sorted_ids, order = ids.to(torch.int32).sort()
     first = torch.cat([sorted_ids.new_ones(1, dtype=torch.bool), sorted_ids[1:] != sorted_ids[:-1]])  # an id starts
     group = first.cumsum(0) - 1
     sums = values.new_zeros(values.shape, dtype=torch.float32).index_add_(0, group, values[order].float())
-    unique = torch.zeros_like(ids).scatter_(0, group, sorted_ids)  # every write of a group is its id
+    unique = torch.zeros_like(ids).scatter_(0, group, sorted_ids.to(ids.dtype))  # every write of a group is its id
     return unique, sums
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tuner.model import short_attention
+from tuner.model import add_norm, short_attention
 
 # model.attention -> the SDPA kernels it allows on a GPU, best first (None: PyTorch's own choice,
 # cuDNN on an H100). The math kernel backs up a fused one for inputs it does not take. "triton" is
@@ -62,6 +62,7 @@ class Bert4RecConfig:
     fused_qkv: bool = True  # plain Q/K/V linears as one GEMM
     attention: str = "triton"  # a key of ATTENTION_BACKENDS
     residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
+    fused_add_norm: bool = True  # residual dropout + add + LayerNorm on add_norm's kernels where they run
 
     @property
     def mask_token(self) -> int:
@@ -117,7 +118,14 @@ class SelfAttention(nn.Module):
             return F.linear(x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
         return tuple(_proj(p, x, gate) for p in projections)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None,
+                drop: bool = True) -> torch.Tensor:
+        """The branch's output, with its residual dropout unless `drop` is False (the caller's
+        `add_norm` applies it)."""
+        out = self._attend(x, keep, gate)
+        return self.resid_dropout(out) if drop else out
+
+    def _attend(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         batch, length, hidden = x.shape
         qkv = self._qkv(x, gate)
         dropout = self.attn_dropout if self.training else 0.0
@@ -126,7 +134,7 @@ class SelfAttention(nn.Module):
             packed = qkv if fused else torch.cat(qkv, dim=-1)
             seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
             y = short_attention.short_attention(packed, keep.view(batch, length), seed, self.heads, dropout)
-            return self.resid_dropout(_proj(self.o_proj, y, gate))
+            return _proj(self.o_proj, y, gate)
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
         q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if fused else qkv))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
@@ -134,7 +142,7 @@ class SelfAttention(nn.Module):
         with sdpa_kernel(self.backend) if pin else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(batch, length, hidden)
-        return self.resid_dropout(_proj(self.o_proj, y, gate))
+        return _proj(self.o_proj, y, gate)
 
 
 class FeedForward(nn.Module):
@@ -144,8 +152,9 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return self.dropout(_proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate))
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, drop: bool = True) -> torch.Tensor:
+        out = _proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate)
+        return self.dropout(out) if drop else out
 
 
 class Block(nn.Module):
@@ -159,6 +168,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), keep, gate)
         return x + self.ffn(self.ffn_norm(x), gate)
+
+    def forward_fused(self, x: torch.Tensor, normed: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None,
+                      next_norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on `add_norm`'s kernels: (x, normed) -> (the block's output, `next_norm` of
+        it), where `normed` is `attn_norm(x)`. Each residual add, its dropout and the LayerNorm
+        after it are one kernel each way."""
+        p = self.ffn.dropout.p if self.training else 0.0
+        x, normed = add_norm.add_norm(x, self.attn(normed, keep, gate, drop=False), self.ffn_norm, p)
+        return add_norm.add_norm(x, self.ffn(normed, gate, drop=False), next_norm, p)
 
 
 class Bert4Rec(nn.Module):
@@ -211,9 +229,14 @@ class Bert4Rec(nn.Module):
             x = x.to(torch.bfloat16)  # fp32 tables (train.weights=fp32): the stream starts bf16 here
         x = self.emb_dropout(self.emb_norm(x))
         keep = (items != 0)[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, keep, gate)
-        x = self.final_norm(x)
+        if self.cfg.fused_add_norm and self.blocks and add_norm.usable(x):
+            stream, x = x, self.blocks[0].attn_norm(x)  # each block returns its successor's normed input
+            for block, after in zip(self.blocks, [*self.blocks[1:], None]):
+                stream, x = block.forward_fused(stream, x, keep, gate, after.attn_norm if after else self.final_norm)
+        else:
+            for block in self.blocks:
+                x = block(x, keep, gate)
+            x = self.final_norm(x)
         return self.head_norm(F.gelu(self.head_proj(x)))
 
     def output_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ def model_config(cfg: Config, num_items: int) -> Bert4RecConfig:
     return Bert4RecConfig(num_items=num_items, max_len=m.max_len, hidden=m.hidden, layers=m.layers,
                           heads=m.heads, ffn=m.ffn, dropout=m.dropout, attn_dropout=m.attn_dropout,
                           tied_head=m.tied_head, fused_qkv=m.fused_qkv,
-                          attention=m.attention, residual=m.residual)
+                          attention=m.attention, residual=m.residual,
+                          fused_add_norm=m.fused_add_norm)
 
 
 def build_model(cfg: Config, num_items: int, pretrained: bool = True) -> Bert4Rec:

@@ -67,6 +67,11 @@ def portable():
         _enabled = before
 
 
+def enabled() -> bool:
+    """False inside `portable()`: the model's Triton kernels (this one, `add_norm`'s) stand down."""
+    return _enabled
+
+
 def usable(projection: torch.Tensor, head_dim: int) -> bool:
     """True when the kernels take attention over `projection` (the fused [B, L, 3H] QKV output, or
     one of Q, K, V: its device, dtype and length decide) with heads of `head_dim`. Asked before

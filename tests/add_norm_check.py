@@ -1,0 +1,126 @@
+"""Run under TRITON_INTERPRET=1 by tests/test_add_norm.py: `tuner.model.add_norm`'s kernels on CPU
+tensors against PyTorch with the kernels' own dropout mask; prints one JSON object of relative
+errors and facts. With `--cuda` (no interpreter) it checks the compiled kernels at the 430M and
+130M shapes on a GPU instead."""
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from tuner.model import add_norm as an
+from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
+
+
+def rel(a, b, floor=1e-30):
+    """Largest difference over the reference's largest magnitude (at least `floor`)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
+
+
+def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, device="cpu"):
+    """The op against float64 PyTorch with the kernels' mask: outputs and all four gradients."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=g).to(device, dtype).requires_grad_()
+    branch = torch.randn(rows, hidden, generator=g).to(device, branch_dtype or dtype).requires_grad_()
+    weight = (1 + 0.5 * torch.randn(hidden, generator=g)).to(device, dtype).requires_grad_()
+    bias = (0.1 * torch.randn(hidden, generator=g)).to(device, dtype).requires_grad_()
+    seed_t = torch.tensor([77 + seed], dtype=torch.int32, device=device)
+    s, y = an.dropout_add_norm(x, branch, weight, bias, seed_t, p, 1e-5)
+    dy = torch.randn(y.shape, generator=g).to(device, y.dtype)
+    ds = torch.randn(s.shape, generator=g).to(device, s.dtype)
+    outputs, grads_in = ((s, y), (ds, dy)) if grad_s else ((y,), (dy,))
+    got = torch.autograd.grad(outputs, (x, branch, weight, bias), grads_in)
+    keep = an.keep_mask(seed_t, rows, hidden, p) if p > 0 else torch.ones(rows, hidden, dtype=torch.bool, device=device)
+    ref_s, ref_y = an.reference(x.detach(), branch.detach(), weight.detach(), bias.detach(), keep, p, 1e-5)
+    leaves = [t.detach().double().requires_grad_() for t in (x, branch, weight, bias)]
+    s64 = leaves[0] + (torch.where(keep, leaves[1] / (1 - p), 0.0) if p > 0 else leaves[1])
+    y64 = F.layer_norm(s64, (hidden,), leaves[2], leaves[3], 1e-5)
+    want = torch.autograd.grad((s64, y64) if grad_s else (y64,), leaves,
+                               tuple(t.double() for t in grads_in))
+    r = {"s": rel(s, ref_s), "y": rel(y, ref_y), "dtypes": [str(s.dtype), str(y.dtype)],
+         "grads": {name: rel(a, b) for name, a, b in zip(("x", "branch", "weight", "bias"), got, want)},
+         "grad_dtypes": [str(t.dtype) for t in got]}
+    if p > 0:
+        r["kept_fraction"] = float(keep.float().mean())
+        r["mask_repeats"] = bool(torch.equal(keep, an.keep_mask(seed_t, rows, hidden, p)))
+        r["mask_differs_by_seed"] = not torch.equal(keep, an.keep_mask(seed_t + 1, rows, hidden, p))
+        again = an.dropout_add_norm(x, branch, weight, bias, seed_t, p, 1e-5)[0]
+        r["forward_repeats"] = bool(torch.equal(s, again))
+        # the dropped elements are the mask's: s - x is zero exactly there
+        r["dropped_where_masked"] = bool(((s.float() - x.float()).abs() < 1e-6).eq(~keep).float().mean() > 0.99)
+    return r
+
+
+def model_case(device="cpu", backend="aot_eager"):
+    """Bert4Rec on the kernels against the same weights on PyTorch's ops, no dropout: the same
+    hidden states and gradients, eagerly and compiled (fullgraph: no breaks), and the kernels ran
+    both ways. On a GPU both run under bf16 autocast."""
+    cfg = dict(num_items=40, max_len=20, hidden=32, layers=3, heads=2, ffn=64, dropout=0.0, attn_dropout=0.0,
+               attention="math")
+    torch.manual_seed(0)
+    ours = Bert4Rec(Bert4RecConfig(**cfg, fused_add_norm=True)).to(device)
+    theirs = Bert4Rec(Bert4RecConfig(**cfg, fused_add_norm=False)).to(device)
+    for module in ours.modules():  # LayerNorms that are not the identity, so their gradients mean something
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.weight, 1.0, 0.3)
+            torch.nn.init.normal_(module.bias, 0.0, 0.3)
+    theirs.load_state_dict(ours.state_dict())
+    items = torch.randint(1, 41, (4, 20))
+    items[1, :7] = 0
+    items = items.to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
+    out = {}
+    for name, compile_it in (("eager", False), ("compiled", True)):
+        fn = torch.compile(ours, backend=backend, fullgraph=True) if compile_it else ours
+        if compile_it:
+            with autocast:
+                fn(items)
+        with torch.profiler.profile() as prof:
+            with autocast:
+                h = fn(items)
+            g = torch.autograd.grad(h.float().square().sum(), list(ours.parameters()), allow_unused=True)
+        ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::")})
+        with autocast:
+            ref = theirs(items)
+        rg = torch.autograd.grad(ref.float().square().sum(), list(theirs.parameters()), allow_unused=True)
+        pairs = [(a, b) for a, b in zip(g, rg) if b is not None]
+        # floor: the key bias's true gradient is 0 (softmax ignores a shift), so its rounding has
+        # no scale of its own; measure it against the largest gradient's
+        floor = 1e-6 * max(float(b.abs().max()) for _, b in pairs)
+        out[name] = {"hidden": rel(h, ref), "grad": max(rel(a, b, floor=floor) for a, b in pairs if a is not None),
+                     "ops": ops,
+                     "grads": len(pairs), "missing": sum(a is None for a, b in pairs)}
+    # training mode with dropout: the kernels draw a new mask per call (a new seed each time)
+    ours.cfg.dropout = 0.3
+    for block in ours.blocks:
+        block.ffn.dropout.p = block.attn.resid_dropout.p = 0.3
+    ours.train()
+    first, second = ours(items), ours(items)
+    out["dropout_changes_outputs"] = not torch.equal(first, second)
+    ours.eval()
+    out["eval_repeats"] = bool(torch.equal(ours(items), ours(items)))
+    return out
+
+
+def main():
+    if sys.argv[1:] == ["--cuda"]:  # on a GPU, compiled by Triton: the 430M and 130M shapes
+        print(json.dumps({"bf16_430M": case(6400, 1024, torch.bfloat16, 0.1, device="cuda"),
+                          "bf16_130M": case(12800, 384, torch.bfloat16, 0.1, seed=1, device="cuda"),
+                          "fp32_stream_430M": case(6400, 1024, torch.float32, 0.1, seed=2,
+                                                   branch_dtype=torch.bfloat16, device="cuda"),
+                          "model": model_case("cuda", "inductor")}))
+        return
+    result = {
+        "fp32": case(37, 32, torch.float32, 0.0),
+        "fp32_dropout": case(64, 32, torch.float32, 0.25, seed=1),
+        "fp16_dropout": case(23, 48, torch.float16, 0.1, seed=2),  # a width that is not a power of two
+        "mixed_no_grad_s": case(19, 40, torch.float32, 0.2, seed=3, branch_dtype=torch.float16, grad_s=False),
+        "model": model_case(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
