@@ -92,10 +92,10 @@ def main() -> None:
     settings = [("default", *defaults)]
     for block_r, warps in itertools.product((1, 2, 4), (4, 8)):
         settings.append((f"forward r{block_r} w{warps}", dict(BLOCK_R=block_r, num_warps=warps), defaults[1]))
-    for block_r, per_program, warps in itertools.product((1, 2, 4), (8, 16, 32), (4, 8)):
+    for block_r, per_program, warps, stages in itertools.product((1, 2, 4), (4, 8, 16, 32), (2, 4), (1, 3)):
         if per_program >= block_r:
-            settings.append((f"backward r{block_r} p{per_program} w{warps}", defaults[0],
-                             dict(BLOCK_R=block_r, ROWS_PER_PROGRAM=per_program, num_warps=warps)))
+            settings.append((f"backward r{block_r} p{per_program} w{warps} s{stages}", defaults[0],
+                             dict(BLOCK_R=block_r, ROWS_PER_PROGRAM=per_program, num_warps=warps, STAGES=stages)))
     for size in args.sizes:
         rows, hidden = SHAPES[size]
         compiled = torch.compile(reference)

@@ -94,14 +94,14 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(S, W, SEED, DY, DS, DX, DBR, PART_W, PART_B, N, H, iters, eps, p, QUARTER: tl.constexpr,
-                         BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr, HAS_DS: tl.constexpr):
+                         BLOCK_R: tl.constexpr, STAGES: tl.constexpr, DROPOUT: tl.constexpr, HAS_DS: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, 4 * QUARTER)
         w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
         dw = tl.zeros([4 * QUARTER], tl.float32)
         db = tl.zeros([4 * QUARTER], tl.float32)
         seed = tl.load(SEED)
-        for i in range(0, iters):
+        for i in tl.range(0, iters, num_stages=STAGES):  # STAGES > 1: the next rows' loads overlap this one's math
             rows = (pid * iters + i).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
             inside = (rows < N)[:, None] & (cols < H)[None, :]
             offsets = rows[:, None] * H + cols[None, :]
@@ -149,15 +149,17 @@ if triton is not None:
 # launch settings on a GPU (benchmarks/add_norm_kernels.py times the alternatives): rows per
 # program (forward), rows per iteration and rows per program (backward, whose programs each sum
 # their rows' weight gradients), warps
-FORWARD = dict(BLOCK_R=1, num_warps=4)
-BACKWARD = dict(BLOCK_R=4, ROWS_PER_PROGRAM=16, num_warps=8)
+FORWARD = dict(BLOCK_R=4, num_warps=4)
+BACKWARD = dict(BLOCK_R=4, ROWS_PER_PROGRAM=32, num_warps=4, STAGES=1)
+# the partial sums' reduction: one program per SUM_COLUMNS columns, SUM_PARTS partials at a time
+SUM_COLUMNS, SUM_PARTS = 16, 64
 
 
 def _settings(hidden: int) -> tuple[dict, dict]:
     """(forward, backward) launch settings; small ones under the interpreter, which runs every
     lane in numpy. Warps scale down for narrow rows (a 32-wide row has 32 elements for them)."""
     if short_attention.INTERPRETING:
-        return dict(BLOCK_R=2, num_warps=1), dict(BLOCK_R=2, ROWS_PER_PROGRAM=4, num_warps=1)
+        return dict(BLOCK_R=2, num_warps=1), dict(BLOCK_R=2, ROWS_PER_PROGRAM=4, num_warps=1, STAGES=1)
     cap = max(1, min(8, 4 * _quarter(hidden) // 128))
     return ({**FORWARD, "num_warps": min(FORWARD["num_warps"], cap)},
             {**BACKWARD, "num_warps": min(BACKWARD["num_warps"], cap)})
@@ -213,9 +215,8 @@ def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: tor
                                       eps, p, QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_DS=has_grad_s, **tile)
     else:
         parts.zero_()
-    block_c = 64
-    _sum_parts_kernel[(triton.cdiv(hidden, block_c),)](parts[0], parts[1], dw, db, programs, hidden,
-                                                       BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
+    _sum_parts_kernel[(triton.cdiv(hidden, SUM_COLUMNS),)](parts[0], parts[1], dw, db, programs, hidden,
+                                                           BLOCK_P=SUM_PARTS, BLOCK_C=SUM_COLUMNS, num_warps=4)
     return dx.view(s.shape), dbranch.view(s.shape), dw, db
 
 
