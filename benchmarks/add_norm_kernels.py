@@ -2,9 +2,10 @@
 compiled code against tuner.model.add_norm's kernels at several launch settings.
 
 Shapes: the 430M step's 6,400 rows x 1,024 and the 130M step's 12,800 x 384, bf16, dropout 0.1,
-gradients on both outputs (the sum feeds the next residual, the norm the next branch). Each
-variant runs 20 times inside one CUDA graph, so the times are GPU time without launch overhead;
-the median of 30 replays. Writes benchmarks/results/add_norm_kernels.json (or --out).
+the branch's bias added in the kernel (inductor: in its fused kernel), gradients on both outputs
+(the sum feeds the next residual, the norm the next branch). Each variant runs 20 times inside
+one CUDA graph, so the times are GPU time without launch overhead; the median of 30 replays.
+Writes benchmarks/results/add_norm_kernels.json (or --out).
 
     python benchmarks/add_norm_kernels.py
 """
@@ -29,14 +30,14 @@ SHAPES = {"430M": (6400, 1024), "130M": (12800, 384)}
 P = 0.1
 
 
-def reference(x, branch, weight, bias):
-    s = x + F.dropout(branch, P)
+def reference(x, branch, branch_bias, weight, bias):
+    s = x + F.dropout(branch + branch_bias, P)
     return s, F.layer_norm(s, s.shape[-1:], weight, bias)
 
 
-def kernels(x, branch, weight, bias):
+def kernels(x, branch, branch_bias, weight, bias):
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
-    return add_norm.dropout_add_norm(x, branch, weight, bias, seed, P, 1e-5)
+    return add_norm.dropout_add_norm(x, branch, branch_bias, weight, bias, seed, P, 1e-5)
 
 
 def graph_us(fn, reps: int = 20, replays: int = 30) -> float:
@@ -66,9 +67,9 @@ def measure(impl, rows: int, hidden: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     make = lambda *shape: torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
     x, branch = make(rows, hidden).requires_grad_(), make(rows, hidden).requires_grad_()
-    weight, bias = make(hidden).requires_grad_(), make(hidden).requires_grad_()
+    branch_bias, weight, bias = (make(hidden).requires_grad_() for _ in range(3))
     ds, dy = make(rows, hidden), make(rows, hidden)
-    inputs = (x, branch, weight, bias)
+    inputs = (x, branch, branch_bias, weight, bias)
 
     def forward():
         with torch.no_grad():
@@ -92,7 +93,7 @@ def main() -> None:
     settings = [("default", *defaults)]
     for block_r, warps in itertools.product((1, 2, 4), (4, 8)):
         settings.append((f"forward r{block_r} w{warps}", dict(BLOCK_R=block_r, num_warps=warps), defaults[1]))
-    for block_r, per_program, warps, stages in itertools.product((1, 2, 4), (4, 8, 16, 32), (2, 4), (1, 3)):
+    for block_r, per_program, warps, stages in itertools.product((2, 4), (16, 32, 64), (2, 4), (2, 3, 4)):
         if per_program >= block_r:
             settings.append((f"backward r{block_r} p{per_program} w{warps} s{stages}", defaults[0],
                              dict(BLOCK_R=block_r, ROWS_PER_PROGRAM=per_program, num_warps=warps, STAGES=stages)))

@@ -19,37 +19,42 @@ def rel(a, b, floor=1e-30):
     return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 
-def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, device="cpu"):
+def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, branch_bias=True, device="cpu"):
     """The op against float64 PyTorch with the kernels' mask: outputs and all four gradients."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, hidden, generator=g).to(device, dtype).requires_grad_()
     branch = torch.randn(rows, hidden, generator=g).to(device, branch_dtype or dtype).requires_grad_()
     weight = (1 + 0.5 * torch.randn(hidden, generator=g)).to(device, dtype).requires_grad_()
     bias = (0.1 * torch.randn(hidden, generator=g)).to(device, dtype).requires_grad_()
+    bb = (0.3 * torch.randn(hidden, generator=g)).to(device, dtype).requires_grad_() if branch_bias else None
     seed_t = torch.tensor([77 + seed], dtype=torch.int32, device=device)
-    s, y = an.dropout_add_norm(x, branch, weight, bias, seed_t, p, 1e-5)
+    s, y = an.dropout_add_norm(x, branch, bb, weight, bias, seed_t, p, 1e-5)
     dy = torch.randn(y.shape, generator=g).to(device, y.dtype)
     ds = torch.randn(s.shape, generator=g).to(device, s.dtype)
     outputs, grads_in = ((s, y), (ds, dy)) if grad_s else ((y,), (dy,))
-    got = torch.autograd.grad(outputs, (x, branch, weight, bias), grads_in)
+    inputs = (x, branch, weight, bias) + ((bb,) if branch_bias else ())
+    got = torch.autograd.grad(outputs, inputs, grads_in)
     keep = an.keep_mask(seed_t, rows, hidden, p) if p > 0 else torch.ones(rows, hidden, dtype=torch.bool, device=device)
-    ref_s, ref_y = an.reference(x.detach(), branch.detach(), weight.detach(), bias.detach(), keep, p, 1e-5)
-    leaves = [t.detach().double().requires_grad_() for t in (x, branch, weight, bias)]
-    s64 = leaves[0] + (torch.where(keep, leaves[1] / (1 - p), 0.0) if p > 0 else leaves[1])
+    ref_s, ref_y = an.reference(x.detach(), branch.detach(), bb.detach() if branch_bias else None, weight.detach(),
+                                bias.detach(), keep, p, 1e-5)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    full = leaves[1] + leaves[4] if branch_bias else leaves[1]
+    s64 = leaves[0] + (torch.where(keep, full / (1 - p), 0.0) if p > 0 else full)
     y64 = F.layer_norm(s64, (hidden,), leaves[2], leaves[3], 1e-5)
     want = torch.autograd.grad((s64, y64) if grad_s else (y64,), leaves,
                                tuple(t.double() for t in grads_in))
     r = {"s": rel(s, ref_s), "y": rel(y, ref_y), "dtypes": [str(s.dtype), str(y.dtype)],
-         "grads": {name: rel(a, b) for name, a, b in zip(("x", "branch", "weight", "bias"), got, want)},
+         "grads": {name: rel(a, b) for name, a, b in zip(("x", "branch", "weight", "bias", "branch_bias"), got, want)},
          "grad_dtypes": [str(t.dtype) for t in got]}
     if p > 0:
         r["kept_fraction"] = float(keep.float().mean())
         r["mask_repeats"] = bool(torch.equal(keep, an.keep_mask(seed_t, rows, hidden, p)))
         r["mask_differs_by_seed"] = not torch.equal(keep, an.keep_mask(seed_t + 1, rows, hidden, p))
-        again = an.dropout_add_norm(x, branch, weight, bias, seed_t, p, 1e-5)[0]
+        again = an.dropout_add_norm(x, branch, bb, weight, bias, seed_t, p, 1e-5)[0]
         r["forward_repeats"] = bool(torch.equal(s, again))
         # the dropped elements are the mask's: s - x is zero exactly there
         r["dropped_where_masked"] = bool(((s.float() - x.float()).abs() < 1e-6).eq(~keep).float().mean() > 0.99)
+    r["branch_bias"] = branch_bias
     return r
 
 
@@ -117,6 +122,7 @@ def main():
         "fp32_dropout": case(64, 32, torch.float32, 0.25, seed=1),
         "fp16_dropout": case(23, 48, torch.float16, 0.1, seed=2),  # a width that is not a power of two
         "mixed_no_grad_s": case(19, 40, torch.float32, 0.2, seed=3, branch_dtype=torch.float16, grad_s=False),
+        "no_branch_bias": case(21, 32, torch.float32, 0.2, seed=4, branch_bias=False),
         "model": model_case(),
     }
     print(json.dumps(result))

@@ -4,7 +4,7 @@ on the CPU (no GPU in CI).
 `tests/add_norm_check.py` runs in its own process (TRITON_INTERPRET must be set before the
 kernels are defined). It checks the op's two outputs and four gradients against float64 PyTorch
 with the kernels' own dropout mask (fp32, fp16, a width that is not a power of two, a residual
-and a branch of different dtypes, no gradient on the sum), that the mask repeats for a seed and
+and a branch of different dtypes, no gradient on the sum, with and without the branch's bias), that the mask repeats for a seed and
 changes with it, and that `model.fused_add_norm` gives the same hidden states and gradients as
 PyTorch's ops, eagerly and under torch.compile, with both kernels in the run. The GPU timings
 come from benchmarks/gpu_throughput.py (`_unfused_add_norm`).
@@ -22,9 +22,10 @@ def result():
     return interpreted("add_norm_check.py")
 
 
-@pytest.mark.parametrize("case", ["fp32", "fp32_dropout", "fp16_dropout", "mixed_no_grad_s"])
+@pytest.mark.parametrize("case", ["fp32", "fp32_dropout", "fp16_dropout", "mixed_no_grad_s", "no_branch_bias"])
 def test_op_matches_pytorch_with_its_mask(result, case):
     r = result[case]
+    assert len(r["grads"]) == (4 if case == "no_branch_bias" else 5)  # the branch's bias, where given
     bound = 2e-3 if "fp16" in case or case.startswith("mixed") else 1e-6  # fp16 outputs are rounded
     assert r["s"] < bound and r["y"] < bound, r
     assert all(err < bound for err in r["grads"].values()), r
@@ -32,7 +33,7 @@ def test_op_matches_pytorch_with_its_mask(result, case):
     wide = "torch.float16" if case == "fp16_dropout" else "torch.float32"
     assert r["dtypes"] == [wide, wide]
     if case == "mixed_no_grad_s":
-        assert r["grad_dtypes"] == ["torch.float32", "torch.float16", "torch.float32", "torch.float32"]
+        assert r["grad_dtypes"] == ["torch.float32", "torch.float16"] + ["torch.float32"] * 3
 
 
 @pytest.mark.parametrize("case", ["fp32_dropout", "fp16_dropout", "mixed_no_grad_s"])

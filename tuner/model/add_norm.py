@@ -25,6 +25,8 @@ interpreter.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -74,14 +76,16 @@ if triton is not None:
         return centred, 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / H + eps)
 
     @triton.jit
-    def _forward_kernel(X, BR, W, B, SEED, S, Y, N, H, eps, p, QUARTER: tl.constexpr, BLOCK_R: tl.constexpr,
-                        DROPOUT: tl.constexpr):
+    def _forward_kernel(X, BR, BB, W, B, SEED, S, Y, N, H, eps, p, QUARTER: tl.constexpr, BLOCK_R: tl.constexpr,
+                        DROPOUT: tl.constexpr, HAS_BB: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, 4 * QUARTER)
         inside = (rows < N)[:, None] & (cols < H)[None, :]
         offsets = rows[:, None] * H + cols[None, :]
         x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
         branch = tl.load(BR + offsets, mask=inside, other=0.0).to(tl.float32)
+        if HAS_BB:  # the branch's own bias (its last linear's), added here instead of in the GEMM
+            branch += tl.load(BB + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
         if DROPOUT:
             branch = tl.where(_keep(tl.load(SEED), rows, p, QUARTER), branch / (1.0 - p), 0.0)
         s = (x + branch).to(S.dtype.element_ty)
@@ -93,13 +97,15 @@ if triton is not None:
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _backward_kernel(S, W, SEED, DY, DS, DX, DBR, PART_W, PART_B, N, H, iters, eps, p, QUARTER: tl.constexpr,
-                         BLOCK_R: tl.constexpr, STAGES: tl.constexpr, DROPOUT: tl.constexpr, HAS_DS: tl.constexpr):
+    def _backward_kernel(S, W, SEED, DY, DS, DX, DBR, PARTS, N, H, iters, eps, p, QUARTER: tl.constexpr,
+                         BLOCK_R: tl.constexpr, STAGES: tl.constexpr, DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
+                         HAS_BB: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, 4 * QUARTER)
         w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
         dw = tl.zeros([4 * QUARTER], tl.float32)
         db = tl.zeros([4 * QUARTER], tl.float32)
+        dbb = tl.zeros([4 * QUARTER], tl.float32)
         seed = tl.load(SEED)
         for i in tl.range(0, iters, num_stages=STAGES):  # STAGES > 1: the next rows' loads overlap this one's math
             rows = (pid * iters + i).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -120,23 +126,29 @@ if triton is not None:
             if DROPOUT:
                 ds = tl.where(_keep(seed, rows, p, QUARTER), ds / (1.0 - p), 0.0)
             tl.store(DBR + offsets, ds.to(DBR.dtype.element_ty), mask=inside)
-        tl.store(PART_W + pid * H + cols, dw, mask=cols < H)
-        tl.store(PART_B + pid * H + cols, db, mask=cols < H)
+            if HAS_BB:
+                dbb += tl.sum(ds, axis=0)
+        # PARTS [2 or 3, programs, H]: this program's sums for the weight, the bias, the branch's bias
+        programs = tl.num_programs(0)
+        tl.store(PARTS + pid * H + cols, dw, mask=cols < H)
+        tl.store(PARTS + (programs + pid) * H + cols, db, mask=cols < H)
+        if HAS_BB:
+            tl.store(PARTS + (2 * programs + pid) * H + cols, dbb, mask=cols < H)
 
     @triton.jit
-    def _sum_parts_kernel(PART_W, PART_B, DW, DB, programs, H, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _sum_parts_kernel(PARTS, OUT, programs, H, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """OUT[k] = PARTS[k].sum(0) in OUT's dtype, for PARTS [K, programs, H]; program (c, k):
+        columns block c of sum k."""
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        k = tl.program_id(1)
         inside = cols < H
-        dw = tl.zeros([BLOCK_C], tl.float32)
-        db = tl.zeros([BLOCK_C], tl.float32)
+        total = tl.zeros([BLOCK_C], tl.float32)
         for start in range(0, programs, BLOCK_P):
             parts = start + tl.arange(0, BLOCK_P)
             ok = (parts < programs)[:, None] & inside[None, :]
-            offsets = parts[:, None] * H + cols[None, :]
-            dw += tl.sum(tl.load(PART_W + offsets, mask=ok, other=0.0), axis=0)
-            db += tl.sum(tl.load(PART_B + offsets, mask=ok, other=0.0), axis=0)
-        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=inside)
-        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=inside)
+            total += tl.sum(tl.load(PARTS + (k * programs + parts[:, None]) * H + cols[None, :], mask=ok, other=0.0),
+                            axis=0)
+        tl.store(OUT + k * H + cols, total.to(OUT.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _mask_kernel(SEED, OUT, N, H, p, QUARTER: tl.constexpr):
@@ -149,20 +161,23 @@ if triton is not None:
 # launch settings on a GPU (benchmarks/add_norm_kernels.py times the alternatives): rows per
 # program (forward), rows per iteration and rows per program (backward, whose programs each sum
 # their rows' weight gradients), warps
+# (results/add_norm_kernels.json, H100: the backward 58 against 67 us with STAGES=1 at the 430M
+# shape; 2 warps rather than 4 at the 130M shape's 384 columns, hence the cap below)
 FORWARD = dict(BLOCK_R=4, num_warps=4)
-BACKWARD = dict(BLOCK_R=4, ROWS_PER_PROGRAM=32, num_warps=4, STAGES=1)
+BACKWARD = dict(BLOCK_R=4, ROWS_PER_PROGRAM=32, num_warps=4, STAGES=3)
 # the partial sums' reduction: one program per SUM_COLUMNS columns, SUM_PARTS partials at a time
 SUM_COLUMNS, SUM_PARTS = 16, 64
 
 
 def _settings(hidden: int) -> tuple[dict, dict]:
     """(forward, backward) launch settings; small ones under the interpreter, which runs every
-    lane in numpy. Warps scale down for narrow rows (a 32-wide row has 32 elements for them)."""
+    lane in numpy. Warps scale down for narrow rows: at most one per 128 columns forward, one per
+    256 backward."""
     if short_attention.INTERPRETING:
         return dict(BLOCK_R=2, num_warps=1), dict(BLOCK_R=2, ROWS_PER_PROGRAM=4, num_warps=1, STAGES=1)
-    cap = max(1, min(8, 4 * _quarter(hidden) // 128))
-    return ({**FORWARD, "num_warps": min(FORWARD["num_warps"], cap)},
-            {**BACKWARD, "num_warps": min(BACKWARD["num_warps"], cap)})
+    width = 4 * _quarter(hidden)
+    return ({**FORWARD, "num_warps": max(1, min(FORWARD["num_warps"], width // 128))},
+            {**BACKWARD, "num_warps": max(1, min(BACKWARD["num_warps"], width // 256))})
 
 
 def _stream_dtype(x: torch.Tensor, branch: torch.Tensor) -> torch.dtype:
@@ -170,85 +185,94 @@ def _stream_dtype(x: torch.Tensor, branch: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("tuner::dropout_add_norm", mutates_args=())
-def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     seed: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, y): s = x + dropout_p(branch) (mask from `seed`, an int32 tensor of one element) in the
-    wider of the two dtypes, y = layer_norm(s, weight, bias, eps) in the same dtype. x, branch:
-    [..., H]."""
+def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optional[torch.Tensor], weight: torch.Tensor,
+                     bias: torch.Tensor, seed: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y): s = x + dropout_p(branch + branch_bias) (mask from `seed`, an int32 tensor of one
+    element; `branch_bias` [H] or None) in the wider of x's and branch's dtypes, y =
+    layer_norm(s, weight, bias, eps) in the same dtype. x, branch: [..., H]."""
     hidden = x.shape[-1]
     x2, b2 = x.reshape(-1, hidden).contiguous(), branch.reshape(-1, hidden).contiguous()
     s = torch.empty(x2.shape, dtype=_stream_dtype(x, branch), device=x.device)
     y = torch.empty_like(s)
     if s.numel():
         tile = _settings(hidden)[0]
-        _forward_kernel[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](x2, b2, weight, bias, seed, s, y, s.shape[0], hidden,
-                                                                     eps, p, QUARTER=_quarter(hidden), DROPOUT=p > 0,
-                                                                     **tile)
+        _forward_kernel[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](
+            x2, b2, branch_bias if branch_bias is not None else weight, weight, bias, seed, s, y, s.shape[0], hidden,
+            eps, p, QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_BB=branch_bias is not None, **tile)
     return s.view(x.shape), y.view(x.shape)
 
 
 @dropout_add_norm.register_fake
-def _dropout_add_norm_fake(x, branch, weight, bias, seed, p, eps):
+def _dropout_add_norm_fake(x, branch, branch_bias, weight, bias, seed, p, eps):
     s = x.new_empty(x.shape, dtype=_stream_dtype(x, branch))
     return s, torch.empty_like(s)
 
 
 @torch.library.custom_op("tuner::dropout_add_norm_backward", mutates_args=())
 def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
-                              seed: torch.Tensor, p: float, eps: float, has_grad_s: bool, x_dtype: torch.dtype,
-                              branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d x, d branch, d weight, d bias) from d y and d s (ignored where `has_grad_s` is False)."""
+                              seed: torch.Tensor, p: float, eps: float, has_grad_s: bool, has_branch_bias: bool,
+                              x_dtype: torch.dtype, branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d branch, sums) from d y and d s (ignored where `has_grad_s` is False); sums [K, H]
+    in the weight's dtype: d weight, d bias and, with `has_branch_bias`, d branch_bias."""
     hidden = s.shape[-1]
     s2, dy = s.reshape(-1, hidden), grad_y.reshape(-1, hidden).contiguous()
     ds = grad_s.reshape(-1, hidden).contiguous() if has_grad_s else dy
     rows = s2.shape[0]
     dx = torch.empty(s2.shape, dtype=x_dtype, device=s.device)
     dbranch = torch.empty(s2.shape, dtype=branch_dtype, device=s.device)
-    dw, db = torch.empty_like(weight), torch.empty_like(weight)
+    kinds = 3 if has_branch_bias else 2
+    sums = torch.empty(kinds, hidden, dtype=weight.dtype, device=s.device)
     tile = dict(_settings(hidden)[1])
     per_program = tile.pop("ROWS_PER_PROGRAM")
     iters = max(1, per_program // tile["BLOCK_R"])
     programs = max(1, triton.cdiv(rows, iters * tile["BLOCK_R"]))
-    parts = torch.empty(2, programs, hidden, dtype=torch.float32, device=s.device)
+    parts = torch.empty(kinds, programs, hidden, dtype=torch.float32, device=s.device)
     if rows:
-        _backward_kernel[(programs,)](s2, weight, seed, dy, ds, dx, dbranch, parts[0], parts[1], rows, hidden, iters,
-                                      eps, p, QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_DS=has_grad_s, **tile)
+        _backward_kernel[(programs,)](s2, weight, seed, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps, p,
+                                      QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_DS=has_grad_s,
+                                      HAS_BB=has_branch_bias, **tile)
     else:
         parts.zero_()
-    _sum_parts_kernel[(triton.cdiv(hidden, SUM_COLUMNS),)](parts[0], parts[1], dw, db, programs, hidden,
-                                                           BLOCK_P=SUM_PARTS, BLOCK_C=SUM_COLUMNS, num_warps=4)
-    return dx.view(s.shape), dbranch.view(s.shape), dw, db
+    _sum_parts_kernel[(triton.cdiv(hidden, SUM_COLUMNS), kinds)](parts, sums, programs, hidden, BLOCK_P=SUM_PARTS,
+                                                                 BLOCK_C=SUM_COLUMNS, num_warps=4)
+    return dx.view(s.shape), dbranch.view(s.shape), sums
 
 
 @dropout_add_norm_backward.register_fake
-def _dropout_add_norm_backward_fake(grad_y, grad_s, s, weight, seed, p, eps, has_grad_s, x_dtype, branch_dtype):
-    return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape, dtype=branch_dtype), torch.empty_like(weight),
-            torch.empty_like(weight))
+def _dropout_add_norm_backward_fake(grad_y, grad_s, s, weight, seed, p, eps, has_grad_s, has_branch_bias, x_dtype,
+                                    branch_dtype):
+    kinds = 3 if has_branch_bias else 2
+    return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape, dtype=branch_dtype),
+            weight.new_empty(kinds, s.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, branch, weight, bias, seed, p, eps = inputs
+    x, branch, branch_bias, weight, bias, seed, p, eps = inputs
     ctx.save_for_backward(output[0], weight, seed)
-    ctx.p, ctx.eps, ctx.dtypes = p, eps, (x.dtype, branch.dtype, bias.dtype)
+    ctx.p, ctx.eps = p, eps
+    ctx.dtypes = (x.dtype, branch.dtype, bias.dtype, None if branch_bias is None else branch_bias.dtype)
 
 
 def _backward(ctx, grad_s, grad_y):
     s, weight, seed = ctx.saved_tensors
-    x_dtype, branch_dtype, bias_dtype = ctx.dtypes
-    has_grad_s = grad_s is not None
-    dx, dbranch, dw, db = dropout_add_norm_backward(grad_y, grad_s if has_grad_s else grad_y, s, weight, seed, ctx.p,
-                                                    ctx.eps, has_grad_s, x_dtype, branch_dtype)
-    return dx, dbranch, dw, db.to(bias_dtype), None, None, None
+    x_dtype, branch_dtype, bias_dtype, branch_bias_dtype = ctx.dtypes
+    has_grad_s, has_bb = grad_s is not None, branch_bias_dtype is not None
+    grad_y = grad_y if grad_y is not None else torch.zeros_like(s)
+    dx, dbranch, sums = dropout_add_norm_backward(grad_y, grad_s if has_grad_s else grad_y, s, weight, seed, ctx.p,
+                                                  ctx.eps, has_grad_s, has_bb, x_dtype, branch_dtype)
+    dbb = sums[2].to(branch_bias_dtype) if has_bb else None
+    return dx, dbranch, dbb, sums[0], sums[1].to(bias_dtype), None, None, None
 
 
 dropout_add_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
-def add_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + dropout_p(branch), norm of that) on the kernels; the caller checked `usable(x)`.
-    Under autocast the branch is already in autocast's dtype (a linear's output)."""
+def add_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm, p: float,
+             branch_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + dropout_p(branch + branch_bias), norm of that) on the kernels; the caller checked
+    `usable(x)`. Under autocast the branch is already in autocast's dtype (a linear's output)."""
     seed = short_attention.new_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int32, device=x.device)
-    return dropout_add_norm(x, branch, norm.weight, norm.bias, seed, p, norm.eps)
+    return dropout_add_norm(x, branch, branch_bias, norm.weight, norm.bias, seed, p, norm.eps)
 
 
 def keep_mask(seed: torch.Tensor, rows: int, hidden: int, p: float) -> torch.Tensor:
@@ -258,11 +282,12 @@ def keep_mask(seed: torch.Tensor, rows: int, hidden: int, p: float) -> torch.Ten
     return out.bool()
 
 
-def reference(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor,
-              p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optional[torch.Tensor], weight: torch.Tensor,
+              bias: torch.Tensor, keep: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`dropout_add_norm` in PyTorch with the mask `keep` (bool, x's shape): the tests' yardstick."""
     dtype = _stream_dtype(x, branch)
-    dropped = torch.where(keep, branch.float() / (1 - p), 0.0) if p > 0 else branch.float()
+    full = branch.float() + (branch_bias.float() if branch_bias is not None else 0.0)
+    dropped = torch.where(keep, full / (1 - p), 0.0) if p > 0 else full
     s = (x.float() + dropped).to(dtype)
     y = F.layer_norm(s.float(), s.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
     return s, y

@@ -74,6 +74,14 @@ def _proj(layer: nn.Module, x: torch.Tensor, gate: torch.Tensor | None) -> torch
     return layer(x) if gate is None else layer(x, gate)
 
 
+def _split_proj(layer: nn.Module, x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(layer(x) without its bias, the bias) for a plain linear with a bias, so `add_norm`'s kernel
+    adds it (and sums its gradient) in a pass it makes anyway; else (`_proj`'s output, None)."""
+    if gate is None and type(layer) is nn.Linear and layer.bias is not None:
+        return F.linear(x, layer.weight), layer.bias
+    return _proj(layer, x, gate), None
+
+
 def _bf16_autocast(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
 
@@ -118,14 +126,17 @@ class SelfAttention(nn.Module):
             return F.linear(x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
         return tuple(_proj(p, x, gate) for p in projections)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None,
-                drop: bool = True) -> torch.Tensor:
-        """The branch's output, with its residual dropout unless `drop` is False (the caller's
-        `add_norm` applies it)."""
-        out = self._attend(x, keep, gate)
-        return self.resid_dropout(out) if drop else out
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.resid_dropout(_proj(self.o_proj, self._attend(x, keep, gate), gate))
+
+    def branch(self, x: torch.Tensor, keep: torch.Tensor,
+               gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` without the residual dropout and, where it can, without the output
+        projection's bias: (output, bias or None) for `add_norm`, which applies both."""
+        return _split_proj(self.o_proj, self._attend(x, keep, gate), gate)
 
     def _attend(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """The heads' outputs side by side, before the output projection."""
         batch, length, hidden = x.shape
         qkv = self._qkv(x, gate)
         dropout = self.attn_dropout if self.training else 0.0
@@ -133,16 +144,14 @@ class SelfAttention(nn.Module):
         if self.short_kernel and short_attention.usable(qkv if fused else qkv[0], hidden // self.heads):
             packed = qkv if fused else torch.cat(qkv, dim=-1)
             seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
-            y = short_attention.short_attention(packed, keep.view(batch, length), seed, self.heads, dropout)
-            return _proj(self.o_proj, y, gate)
+            return short_attention.short_attention(packed, keep.view(batch, length), seed, self.heads, dropout)
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
         q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if fused else qkv))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
         pin = self.backend is not None and q.is_cuda  # CPUs have the math kernel (and their own flash) only
         with sdpa_kernel(self.backend) if pin else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(batch, length, hidden)
-        return _proj(self.o_proj, y, gate)
+        return y.transpose(1, 2).reshape(batch, length, hidden)
 
 
 class FeedForward(nn.Module):
@@ -152,9 +161,12 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, drop: bool = True) -> torch.Tensor:
-        out = _proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate)
-        return self.dropout(out) if drop else out
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dropout(_proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate))
+
+    def branch(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `SelfAttention.branch`: (output without dropout or, where it can, bias; bias or None)."""
+        return _split_proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate)
 
 
 class Block(nn.Module):
@@ -175,8 +187,10 @@ class Block(nn.Module):
         it), where `normed` is `attn_norm(x)`. Each residual add, its dropout and the LayerNorm
         after it are one kernel each way."""
         p = self.ffn.dropout.p if self.training else 0.0
-        x, normed = add_norm.add_norm(x, self.attn(normed, keep, gate, drop=False), self.ffn_norm, p)
-        return add_norm.add_norm(x, self.ffn(normed, gate, drop=False), next_norm, p)
+        out, bias = self.attn.branch(normed, keep, gate)
+        x, normed = add_norm.add_norm(x, out, self.ffn_norm, p, bias)
+        out, bias = self.ffn.branch(normed, gate)
+        return add_norm.add_norm(x, out, next_norm, p, bias)
 
 
 class Bert4Rec(nn.Module):
