@@ -172,7 +172,9 @@ def profile_text(prof, steps: int, cuda: bool = True) -> str:
     """Time per step by kind of kernel (CUDA), then by operator, then by operator and input shape."""
     table = dict(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=60,
                  max_name_column_width=110)
+    host = dict(table, sort_by="self_cpu_time_total", row_limit=30)
     return ((kernel_summary(prof, steps) if cuda else "") + prof.key_averages().table(**table)
+            + "\n\nBy host time:\n" + prof.key_averages().table(**host)
             + "\n\nBy operator and input shape:\n"
             + prof.key_averages(group_by_input_shape=True).table(**table, max_shapes_column_width=90))
 
