@@ -17,8 +17,8 @@ the three into one kernel per place, 16 per 430M step each way, but two things c
 dropout_p(branch), rounded to the stream's dtype (the next residual), and y = LayerNorm(s) in
 the same dtype; mean and variance in fp32, from the rounded s, as `nn.LayerNorm` on s would. The
 backward recomputes them and the dropout mask from s and the seed, so nothing but s is kept.
-Ops with their own autograd (`tuner.triton_ops`: traced `triton_op`s on a GPU, whose kernels
-inductor launches like its own). `reference` is the same computation in PyTorch for a given mask
+`torch.library` custom ops with their own autograd: `torch.compile` (CUDA graphs included) sees
+one opaque call each way. `reference` is the same computation in PyTorch for a given mask
 (`keep_mask` gives the kernels' mask), which the tests compare against under Triton's
 interpreter.
 """
@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from tuner.model import short_attention
-from tuner.triton_ops import fake, launch, op
 
 try:
     import triton
@@ -185,9 +184,7 @@ def _stream_dtype(x: torch.Tensor, branch: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, branch.dtype)
 
 
-
-
-@op("tuner::dropout_add_norm")
+@torch.library.custom_op("tuner::dropout_add_norm", mutates_args=())
 def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optional[torch.Tensor], weight: torch.Tensor,
                      bias: torch.Tensor, seed: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): s = x + dropout_p(branch + branch_bias) (mask from `seed`, an int32 tensor of one
@@ -199,13 +196,19 @@ def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optiona
     y = torch.empty_like(s)
     if s.numel():
         tile = _settings(hidden)[0]
-        launch(_forward_kernel)[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](
+        _forward_kernel[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](
             x2, b2, branch_bias if branch_bias is not None else weight, weight, bias, seed, s, y, s.shape[0], hidden,
             eps, p, QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_BB=branch_bias is not None, **tile)
     return s.view(x.shape), y.view(x.shape)
 
 
-@op("tuner::dropout_add_norm_backward")
+@dropout_add_norm.register_fake
+def _dropout_add_norm_fake(x, branch, branch_bias, weight, bias, seed, p, eps):
+    s = x.new_empty(x.shape, dtype=_stream_dtype(x, branch))
+    return s, torch.empty_like(s)
+
+
+@torch.library.custom_op("tuner::dropout_add_norm_backward", mutates_args=())
 def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
                               seed: torch.Tensor, p: float, eps: float, has_grad_s: bool, has_branch_bias: bool,
                               x_dtype: torch.dtype, branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,26 +228,22 @@ def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: tor
     programs = max(1, triton.cdiv(rows, iters * tile["BLOCK_R"]))
     parts = torch.empty(kinds, programs, hidden, dtype=torch.float32, device=s.device)
     if rows:
-        launch(_backward_kernel)[(programs,)](s2, weight, seed, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps, p,
+        _backward_kernel[(programs,)](s2, weight, seed, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps, p,
                                       QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_DS=has_grad_s,
                                       HAS_BB=has_branch_bias, **tile)
     else:
         parts.zero_()
-    launch(_sum_parts_kernel)[(triton.cdiv(hidden, SUM_COLUMNS), kinds)](parts, sums, programs, hidden, BLOCK_P=SUM_PARTS,
+    _sum_parts_kernel[(triton.cdiv(hidden, SUM_COLUMNS), kinds)](parts, sums, programs, hidden, BLOCK_P=SUM_PARTS,
                                                                  BLOCK_C=SUM_COLUMNS, num_warps=4)
     return dx.view(s.shape), dbranch.view(s.shape), sums
 
 
-@fake(dropout_add_norm)
-def _fake(x, branch, branch_bias, weight, bias, seed, p, eps):
-    s = x.new_empty(x.shape, dtype=_stream_dtype(x, branch))
-    return s, torch.empty_like(s)
-
-
-@fake(dropout_add_norm_backward)
-def _fake_backward(grad_y, grad_s, s, weight, seed, p, eps, has_grad_s, has_branch_bias, x_dtype, branch_dtype):
+@dropout_add_norm_backward.register_fake
+def _dropout_add_norm_backward_fake(grad_y, grad_s, s, weight, seed, p, eps, has_grad_s, has_branch_bias, x_dtype,
+                                    branch_dtype):
+    kinds = 3 if has_branch_bias else 2
     return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape, dtype=branch_dtype),
-            weight.new_empty(3 if has_branch_bias else 2, s.shape[-1]))
+            weight.new_empty(kinds, s.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):

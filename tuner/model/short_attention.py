@@ -16,8 +16,8 @@ The general kernels (PyTorch's memory-efficient and cuDNN attention) tile for lo
 at length 50 they pad to 64-wide tiles, keep a log-sum-exp for the backward and need the Q, K
 and V gradients concatenated afterwards.
 
-`short_attention(qkv, keep, seed, heads, dropout_p)` is an op (`tuner.triton_ops`) with its own
-autograd formula; under `torch.compile` on a GPU inductor launches its kernels from its own code.
+`short_attention(qkv, keep, seed, heads, dropout_p)` is a `torch.library` custom op with its own
+autograd formula, so `torch.compile` (CUDA graphs included) treats it as one opaque call.
 `usable(...)` says whether the kernel takes a shape: a CUDA GPU of sm80 or newer (or Triton's
 interpreter), fp16/bf16 (any float under the interpreter), a power-of-two head size of 16 to 128 and at most
 `MAX_LENGTH` positions; the model falls back to `F.scaled_dot_product_attention` otherwise.
@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
-
-from tuner.triton_ops import INTERPRETING, fake, launch, op
 
 try:
     import triton
@@ -46,6 +45,7 @@ MAX_LENGTH = 128  # one program holds BLOCK_L x BLOCK_L scores (BLOCK_L: the len
 HEAD_DIMS = (16, 32, 64, 128)
 
 
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once: torch.compile traces `usable`
 _enabled = True  # `portable()` turns the kernels off while a graph is exported
 
 
@@ -185,7 +185,7 @@ def _launch_args(qkv: torch.Tensor, keep: torch.Tensor, heads: int, dropout_p: f
     return (batch * heads,), length, keep.view(torch.int8), 1.0 / math.sqrt(head_dim), meta
 
 
-@op("tuner::short_attention")
+@torch.library.custom_op("tuner::short_attention", mutates_args=())
 def short_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, heads: int,
                     dropout_p: float) -> torch.Tensor:
     """Attention of qkv [B, L, 3H] (Q, K, V side by side) over keys where keep [B, L] (bool) is
@@ -194,30 +194,30 @@ def short_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, h
     grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
     out = qkv.new_empty(qkv.shape[0], length, meta["H"])
     if out.numel():
-        launch(_attention_forward_kernel)[grid](qkv, keep8, seed, out, length, heads, qkv.stride(0), qkv.stride(1), keep8.stride(0),
+        _attention_forward_kernel[grid](qkv, keep8, seed, out, length, heads, qkv.stride(0), qkv.stride(1), keep8.stride(0),
                               out.stride(0), out.stride(1), scale, dropout_p, **meta)
     return out
 
 
-@fake(short_attention)
+@short_attention.register_fake
 def _short_attention_fake(qkv, keep, seed, heads, dropout_p):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
 
 
-@op("tuner::short_attention_backward")
+@torch.library.custom_op("tuner::short_attention_backward", mutates_args=())
 def short_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor,
                              heads: int, dropout_p: float) -> torch.Tensor:
     """d loss / d qkv [B, L, 3H] from d loss / d out [B, L, H]."""
     grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
-        launch(_attention_backward_kernel)[grid](qkv, keep8, seed, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
+        _attention_backward_kernel[grid](qkv, keep8, seed, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
                                keep8.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1),
                                scale, dropout_p, **meta)
     return dqkv
 
 
-@fake(short_attention_backward)
+@short_attention_backward.register_fake
 def _short_attention_backward_fake(grad, qkv, keep, seed, heads, dropout_p):
     return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
