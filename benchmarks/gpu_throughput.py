@@ -56,7 +56,8 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_fp32_residual": {"overrides": ("model.residual=fp32",)},  # the residual stream in fp32 (autocast's)
             "_torch_ce": {"overrides": ("train.loss_kernel=torch",)},  # inductor's softmax passes, not tuner.ce_kernel's
             # residual dropout + add + LayerNorm as inductor's kernels, not tuner.model.add_norm's
-            "_unfused_add_norm": {"overrides": ("model.fused_add_norm=false",)},
+            "_unfused_add_norm": {"overrides": ("model.fused_add_norm=off",)},
+            "_fused_add_norm": {"overrides": ("model.fused_add_norm=on",)},  # also without CUDA graphs
             # layer-norm backward: inductor's mix-order reduction off, or with this many rows per partial sum
             "_no_mix_order": {"inductor": (("triton.mix_order_reduction", False),)},
             **{f"_mix_split{n}": {"inductor": (("triton.mix_order_reduction_split_size", n),)} for n in (32, 64)},

@@ -32,6 +32,7 @@ def test_overrides_are_typed():
     ("train.weights=fp16", "train.weights='fp16' is not one of: auto, fp32, bf16"),
     ("optim.moments=fp8", "optim.moments='fp8' is not one of: fp32, bf16"),
     ("model.attention=flash", "model.attention='flash' is not one of: auto, efficient, cudnn, math, triton"),
+    ("model.fused_add_norm=yes", "model.fused_add_norm='yes' is not one of: auto, on, off"),
     ("optim.lr=nan", "not a valid float"),
     ("model.hidden=33", "divisible by model.heads"),
     ("noequals", "must look like section.key=value"),
@@ -84,3 +85,16 @@ def test_relative_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypa
     absolute_paths(cfg)
     assert cfg.data.path == str(tmp_path / "data" / "ml.txt")
     assert cfg.train.init_from == "models:/bert4rec-tiny/1"  # URIs are left alone
+
+
+@pytest.mark.parametrize("overrides, fused", [
+    ([], False),  # plain compile: each kernel call's host time would cost more than it saves
+    (["train.compile_mode=reduce-overhead"], True),  # CUDA graphs replay the kernels without host work
+    (["train.compile_mode=reduce-overhead", "train.compile=off"], False),
+    (["model.fused_add_norm=on"], True),
+    (["train.compile_mode=max-autotune", "model.fused_add_norm=off"], False),
+])
+def test_fused_add_norm_follows_cuda_graphs_unless_set(overrides, fused):
+    from tuner.model.build import model_config
+
+    assert model_config(load_config(overrides=overrides), 100).fused_add_norm is fused

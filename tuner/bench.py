@@ -111,6 +111,8 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     overrides = [f"model.size={spec.size}", f"model.max_len={spec.seq_len}", f"model.tied_head={spec.tied_head}"]
     if spec.hidden:
         overrides += [f"model.hidden={spec.hidden}", f"model.ffn={4 * spec.hidden}"]
+    # the step's compile settings, which the model's choices follow (model.fused_add_norm=auto)
+    overrides += [f"train.compile={'on' if spec.compile else 'off'}", f"train.compile_mode={spec.compile_mode}"]
     overrides += [f"ilora.enabled={spec.ilora}", *spec.overrides]
     cfg = load_config(overrides=overrides)
     torch.manual_seed(spec.seed if spec.model_seed is None else spec.model_seed)

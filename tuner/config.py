@@ -78,8 +78,12 @@ class ModelConfig:
     # lost nothing on ML-1M (README; benchmarks/results/ml1m_stream.json)
     residual: str = "bf16"
     # each residual add, its dropout and the LayerNorm after it as one Triton kernel each way
-    # (tuner/model/add_norm.py; where short_attention's kernels run), else inductor's code
-    fused_add_norm: bool = True
+    # (tuner/model/add_norm.py; where short_attention's kernels run), else inductor's code.
+    # auto = on under CUDA graphs (train.compile_mode reduce-overhead or max-autotune): there it
+    # cut the 430M step by 0.5 ms on an H100; without graphs each call's host time (Python and
+    # Triton's launcher, ~0.27 ms a forward and backward) made plain compile slower
+    # (benchmarks/results/gpu_throughput_add_norm_430M.json, gpu_throughput_host_130M.json)
+    fused_add_norm: str = "auto"
 
     def __post_init__(self) -> None:
         from tuner.model.bert4rec import ATTENTION_BACKENDS
@@ -87,6 +91,7 @@ class ModelConfig:
 
         _check_choice("model.attention", self.attention, list(ATTENTION_BACKENDS))
         _check_choice("model.residual", self.residual, ("fp32", "bf16"))
+        _check_choice("model.fused_add_norm", self.fused_add_norm, _COMPILE_CHOICES)
         _check_choice("model.size", self.size, list(SIZES))
         preset = SIZES[self.size]
         for name in ("hidden", "layers", "heads", "max_len"):

@@ -62,7 +62,7 @@ class Bert4RecConfig:
     fused_qkv: bool = True  # plain Q/K/V linears as one GEMM
     attention: str = "triton"  # a key of ATTENTION_BACKENDS
     residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
-    fused_add_norm: bool = True  # residual dropout + add + LayerNorm on add_norm's kernels where they run
+    fused_add_norm: bool = True  # residual dropout + add + LayerNorm on add_norm's kernels where they run (config: auto)
 
     @property
     def mask_token(self) -> int:

@@ -19,13 +19,21 @@ from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 _ARCH = ("hidden", "layers", "heads", "ffn", "max_len", "tied_head")
 
 
+def fused_add_norm(cfg: Config) -> bool:
+    """`model.fused_add_norm`: auto is on where the compiled step replays CUDA graphs."""
+    setting = cfg.model.fused_add_norm
+    if setting == "auto":
+        return cfg.train.compile != "off" and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+    return setting == "on"
+
+
 def model_config(cfg: Config, num_items: int) -> Bert4RecConfig:
     m = cfg.model
     return Bert4RecConfig(num_items=num_items, max_len=m.max_len, hidden=m.hidden, layers=m.layers,
                           heads=m.heads, ffn=m.ffn, dropout=m.dropout, attn_dropout=m.attn_dropout,
                           tied_head=m.tied_head, fused_qkv=m.fused_qkv,
                           attention=m.attention, residual=m.residual,
-                          fused_add_norm=m.fused_add_norm)
+                          fused_add_norm=fused_add_norm(cfg))
 
 
 def build_model(cfg: Config, num_items: int, pretrained: bool = True) -> Bert4Rec:
