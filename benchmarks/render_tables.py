@@ -45,6 +45,24 @@ def gpu_tables(*runs: str) -> str:
     return "\n\n".join(gpu_table(f"gpu_throughput_{run}.json", full=False) for run in runs)
 
 
+def add_norm_table(name: str = "add_norm_kernels.json") -> str:
+    """benchmarks/add_norm_kernels.py: inductor's code, add_norm's default settings and the
+    fastest setting timed, per shape."""
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}), bf16, dropout {data['dropout']}; `{data['command']}`"
+             f" (code {data.get('code_commit', '?')}).", "",
+             "| shape | code | forward us | forward + backward us |", "|---|---|---|---|"]
+    for size in dict.fromkeys(r["size"] for r in data["rows"]):
+        rows = [r for r in data["rows"] if r["size"] == size and "error" not in r]
+        best = min((r for r in rows if r["impl"] != "inductor"), key=lambda r: r["forward_backward_us"])
+        shown = [r for r in rows if r["impl"] in ("inductor", "kernels default")] + [best]
+        for r in shown:
+            label = r["impl"] if r is not best else f"fastest timed: {r['impl']}"
+            lines.append(f"| {size} ({r['rows']:,} x {r['hidden']:,}) | {label} | {r['forward_us']:.1f} | "
+                         f"{r['forward_backward_us']:.1f} |")
+    return "\n".join(lines)
+
+
 def large_catalog_table() -> str:
     data = json.loads((RESULTS / "large_catalog.json").read_text())
     ratios = {(r["loss"], r["items"]): r for r in data.get("summary", [])}
@@ -209,7 +227,10 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--ray-overhead-threads": lambda: epoch_cycle_table("ray_overhead_threads.json"),
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
           "--ray-overhead-direct": lambda: epoch_cycle_table("ray_overhead_direct.json"),
-          "--gpu": lambda: gpu_table() + "\n\n" + gpu_table("gpu_throughput_small.json"), "--large-catalog": large_catalog_table,
+          "--gpu": lambda: gpu_table() + "\n\n" + gpu_table("gpu_throughput_760f968_430M.json"),
+          "--gpu-40bbe38": lambda: gpu_table("gpu_throughput_40bbe38.json") + "\n\n" + gpu_table("gpu_throughput_small.json"),
+          "--gpu-add-norm": lambda: gpu_tables("add_norm_430M", "host_130M") + "\n\n" + add_norm_table(),
+          "--large-catalog": large_catalog_table,
           "--train-step": train_step_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
 
