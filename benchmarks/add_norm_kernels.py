@@ -4,7 +4,8 @@ compiled code against tuner.model.add_norm's kernels at several launch settings.
 Shapes: the 430M step's 6,400 rows x 1,024 and the 130M step's 12,800 x 384, bf16, dropout 0.1,
 the branch's bias added in the kernel (inductor: in its fused kernel), gradients on both outputs
 (the sum feeds the next residual, the norm the next branch). Each variant runs 20 times inside
-one CUDA graph, so the times are GPU time without launch overhead; the median of 30 replays.
+one CUDA graph (gpu_report.graph_ms), so the times are GPU time without launch overhead; the
+median of 30 replays.
 Writes benchmarks/results/add_norm_kernels.json (or --out).
 
     python benchmarks/add_norm_kernels.py
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tuner.model import add_norm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_report import graph_ms  # noqa: E402
 
 SHAPES = {"430M": (6400, 1024), "130M": (12800, 384)}
 P = 0.1
@@ -38,29 +41,6 @@ def reference(x, branch, branch_bias, weight, bias):
 def kernels(x, branch, branch_bias, weight, bias):
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
     return add_norm.dropout_add_norm(x, branch, branch_bias, weight, bias, seed, P, 1e-5)
-
-
-def graph_us(fn, reps: int = 20, replays: int = 30) -> float:
-    """Median GPU microseconds per call of `fn` (no arguments), from CUDA graph replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(times)
 
 
 def measure(impl, rows: int, hidden: int) -> dict:
@@ -78,7 +58,7 @@ def measure(impl, rows: int, hidden: int) -> dict:
     def step():
         torch.autograd.grad(impl(*inputs), inputs, (ds, dy))
 
-    return {"forward_us": graph_us(forward), "forward_backward_us": graph_us(step)}
+    return {"forward_us": 1e3 * graph_ms(forward, calls=20), "forward_backward_us": 1e3 * graph_ms(step, calls=20)}
 
 
 def main() -> None:

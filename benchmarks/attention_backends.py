@@ -32,7 +32,7 @@ from tuner.model.bert4rec import ATTENTION_BACKENDS  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_report import median_ms, start_report  # noqa: E402
+from gpu_report import graph_ms, start_report  # noqa: E402
 
 SHAPES = {"130M": 256, "430M": 128}  # size -> the seed's batch
 
@@ -90,22 +90,6 @@ def measure(size: str, length: int, dropout: float, device: torch.device) -> lis
             print(json.dumps(rows[-1]), flush=True)
             torch._dynamo.reset()
     return rows
-
-
-def graph_ms(fn, calls: int = 10) -> float:
-    """GPU milliseconds per fn() as the training step runs it: `calls` calls captured in one CUDA
-    graph and replayed, so host launch costs (which dominate one layer's attention) drop out."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return median_ms(graph.replay, repeats=30) / calls
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Shared by the GPU micro-benchmarks: the checks and header of a report, and CUDA-event timing."""
+"""Shared by the GPU micro-benchmarks: the checks and header of a report, CUDA-event timing and
+CUDA-graph timing."""
 
 from __future__ import annotations
 
@@ -35,3 +36,19 @@ def median_ms(fn, repeats: int, warmup: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn, calls: int = 10) -> float:
+    """GPU milliseconds per fn() as the training step runs it: `calls` calls captured in one CUDA
+    graph and replayed, so host launch costs (which dominate one layer's attention) drop out."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, repeats=30) / calls

@@ -10,13 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tuner.model import add_norm as an
+from tests.triton_helpers import compare_models, rel
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
-
-
-def rel(a, b, floor=1e-30):
-    """Largest difference over the reference's largest magnitude (at least `floor`)."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 
 def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, branch_bias=True, device="cpu"):
@@ -75,28 +70,7 @@ def model_case(device="cpu", backend="aot_eager"):
     items = torch.randint(1, 41, (4, 20))
     items[1, :7] = 0
     items = items.to(device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
-    out = {}
-    for name, compile_it in (("eager", False), ("compiled", True)):
-        fn = torch.compile(ours, backend=backend, fullgraph=True) if compile_it else ours
-        if compile_it:
-            with autocast:
-                fn(items)
-        with torch.profiler.profile() as prof:
-            with autocast:
-                h = fn(items)
-            g = torch.autograd.grad(h.float().square().sum(), list(ours.parameters()), allow_unused=True)
-        ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::")})
-        with autocast:
-            ref = theirs(items)
-        rg = torch.autograd.grad(ref.float().square().sum(), list(theirs.parameters()), allow_unused=True)
-        pairs = [(a, b) for a, b in zip(g, rg) if b is not None]
-        # floor: the key bias's true gradient is 0 (softmax ignores a shift), so its rounding has
-        # no scale of its own; measure it against the largest gradient's
-        floor = 1e-6 * max(float(b.abs().max()) for _, b in pairs)
-        out[name] = {"hidden": rel(h, ref), "grad": max(rel(a, b, floor=floor) for a, b in pairs if a is not None),
-                     "ops": ops,
-                     "grads": len(pairs), "missing": sum(a is None for a, b in pairs)}
+    out = compare_models(ours, theirs, items, device, backend)
     # training mode with dropout: the kernels draw a new mask per call (a new seed each time)
     ours.cfg.dropout = 0.3
     for block in ours.blocks:

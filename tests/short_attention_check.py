@@ -9,13 +9,8 @@ import sys
 import torch
 
 from tuner.model import short_attention as sa
+from tests.triton_helpers import compare_models, rel
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
-
-
-def rel(a, b, floor=1e-30):
-    """Largest difference over the reference's largest magnitude (at least `floor`)."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 
 def reference(qkv, keep, mask, heads, p):
@@ -63,10 +58,6 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     return r
 
 
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def model_case(device="cpu", backend="aot_eager", reference="math", ilora=False):
     """Bert4Rec with attention=triton against an SDPA kernel, weights shared, no dropout: the
     same hidden states and gradients, eagerly and under torch.compile (fullgraph: no breaks). On
@@ -91,26 +82,7 @@ def model_case(device="cpu", backend="aot_eager", reference="math", ilora=False)
     items[1, :7] = 0
     items[2, :19] = 0
     items = items.to(device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
-    out = {}
-    for name, compile_it in (("eager", False), ("compiled", True)):
-        fn = torch.compile(ours, backend=backend, fullgraph=True) if compile_it else ours
-        if compile_it:  # compiling runs the ops on fake tensors: keep that out of the profile
-            with autocast:
-                fn(items)
-        with torch.profiler.profile() as prof:
-            with autocast:
-                h = fn(items)
-            g = torch.autograd.grad(h.float().square().sum(), _trainable(ours), allow_unused=True)
-        ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::")})
-        with autocast:
-            ref = theirs(items)
-        rg = torch.autograd.grad(ref.float().square().sum(), _trainable(theirs), allow_unused=True)
-        pairs = [(a, b) for a, b in zip(g, rg) if b is not None]
-        # floor: the key bias's true gradient is 0 (softmax ignores a shift), so its rounding has no scale
-        out[name] = {"hidden": rel(h, ref), "grad": max(rel(a, b, floor=1e-6) for a, b in pairs), "ops": ops,
-                     "grads": len(pairs)}
-    return out
+    return compare_models(ours, theirs, items, device, backend)
 
 
 def export_case():
