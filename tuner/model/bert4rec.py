@@ -186,11 +186,11 @@ class Block(nn.Module):
         """`forward` on `add_norm`'s kernels: (x, normed) -> (the block's output, `next_norm` of
         it), where `normed` is `attn_norm(x)`. Each residual add, its dropout and the LayerNorm
         after it are one kernel each way."""
-        p = self.ffn.dropout.p if self.training else 0.0
+        rate = lambda dropout: dropout.p if self.training else 0.0  # noqa: E731 - each branch's own module's
         out, bias = self.attn.branch(normed, keep, gate)
-        x, normed = add_norm.add_norm(x, out, self.ffn_norm, p, bias)
+        x, normed = add_norm.add_norm(x, out, self.ffn_norm, rate(self.attn.resid_dropout), bias)
         out, bias = self.ffn.branch(normed, gate)
-        return add_norm.add_norm(x, out, next_norm, p, bias)
+        return add_norm.add_norm(x, out, next_norm, rate(self.ffn.dropout), bias)
 
 
 class Bert4Rec(nn.Module):
