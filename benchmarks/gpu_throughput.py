@@ -201,14 +201,10 @@ def write_profile(prof, stem: Path, head: str, steps: int, cuda: bool = True) ->
     """`stem`.txt (the kernel timeline, `profile_text`'s tables) and `stem`.json.gz (a Chrome
     trace); returns the text file's path."""
     import gzip
-    import os
 
-    raw = Path(f"{stem}.json")
-    prof.export_chrome_trace(str(raw))
-    trace = json.loads(raw.read_text())
-    with gzip.open(f"{stem}.json.gz", "wt") as packed:
-        json.dump(trace, packed)
-    os.unlink(raw)
+    prof.export_chrome_trace(f"{stem}.json.gz")  # the profiler gzips a path ending in .gz itself
+    with gzip.open(f"{stem}.json.gz", "rt") as packed:
+        trace = json.load(packed)
     text = Path(f"{stem}.txt")
     text.write_text(head + (kernel_timeline(trace, steps) if cuda else "") + profile_text(prof, steps, cuda))
     return text
