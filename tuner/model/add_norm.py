@@ -156,7 +156,7 @@ if triton is not None:
         tl.store(OUT + k * H + cols, total.to(OUT.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _mask_kernel(SEED, OUT, N, H, p, QUARTER: tl.constexpr):
+    def _mask_kernel(SEED, OUT, H, p, QUARTER: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
         cols = tl.arange(0, 4 * QUARTER)
         kept = _keep(tl.load(SEED), rows, p, QUARTER)
@@ -166,18 +166,21 @@ if triton is not None:
 # launch settings on a GPU (benchmarks/add_norm_kernels.py times the alternatives): rows per
 # program (forward), rows per iteration and rows per program (backward, whose programs each sum
 # their rows' weight gradients), warps
-# (results/add_norm_kernels.json, H100: the backward 58 against 67 us with STAGES=1 at the 430M
-# shape; 2 warps rather than 4 at the 130M shape's 384 columns, hence the cap below)
+# (H100, results/add_norm_kernels_first_sweep.json: forward + backward 57.8 us with STAGES=3 against
+# 66.8 with 1 at the 430M shape; 54.3 us with 2 warps against 84.1 with 4 at the 130M shape's 384
+# columns, hence the cap below; results/add_norm_kernels.json, with the branch bias: these
+# settings within 1 us of the fastest timed at both shapes)
 FORWARD = dict(BLOCK_R=4, num_warps=4)
 BACKWARD = dict(BLOCK_R=4, ROWS_PER_PROGRAM=32, num_warps=4, STAGES=3)
 # the partial sums' reduction: one program per SUM_COLUMNS columns, SUM_PARTS partials at a time
 SUM_COLUMNS, SUM_PARTS = 16, 64
 
 
-def _settings(hidden: int) -> tuple[dict, dict]:
-    """(forward, backward) launch settings; small ones under the interpreter, which runs every
-    lane in numpy. Warps scale down for narrow rows: at most one per 128 columns forward, one per
-    256 backward."""
+def launch_settings(hidden: int) -> tuple[dict, dict]:
+    """(forward, backward) launch settings for rows of `hidden` columns, as the kernels get them:
+    `FORWARD` and `BACKWARD` with warps scaled down for narrow rows (at most one per 128 columns
+    forward, one per 256 backward); small ones under the interpreter, which runs every lane in
+    numpy."""
     if short_attention.INTERPRETING:
         return dict(BLOCK_R=2, num_warps=1), dict(BLOCK_R=2, ROWS_PER_PROGRAM=4, num_warps=1, STAGES=1)
     width = 4 * _quarter(hidden)
@@ -200,7 +203,7 @@ def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optiona
     s = torch.empty(x2.shape, dtype=_stream_dtype(x, branch), device=x.device)
     y = torch.empty_like(s)
     if s.numel():
-        tile = _settings(hidden)[0]
+        tile = launch_settings(hidden)[0]
         _forward_kernel[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](
             x2, b2, branch_bias if branch_bias is not None else weight, weight, bias, seed, s, y, s.shape[0], hidden,
             eps, p, QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_BB=branch_bias is not None, **tile)
@@ -227,7 +230,7 @@ def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: tor
     dbranch = torch.empty(s2.shape, dtype=branch_dtype, device=s.device)
     kinds = 3 if has_branch_bias else 2
     sums = torch.empty(kinds, hidden, dtype=weight.dtype, device=s.device)
-    tile = dict(_settings(hidden)[1])
+    tile = dict(launch_settings(hidden)[1])
     per_program = tile.pop("ROWS_PER_PROGRAM")
     iters = max(1, per_program // tile["BLOCK_R"])
     programs = max(1, triton.cdiv(rows, iters * tile["BLOCK_R"]))
@@ -283,7 +286,7 @@ def add_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm, p:
 def keep_mask(seed: torch.Tensor, rows: int, hidden: int, p: float) -> torch.Tensor:
     """The kernels' dropout mask for `seed`: bool [rows, hidden], True where an element is kept."""
     out = torch.empty(rows, hidden, dtype=torch.int8, device=seed.device)
-    _mask_kernel[(rows,)](seed, out, rows, hidden, p, QUARTER=_quarter(hidden))
+    _mask_kernel[(rows,)](seed, out, hidden, p, QUARTER=_quarter(hidden))
     return out.bool()
 
 
