@@ -159,17 +159,19 @@ def test_the_tied_tables_gradient_sums_a_popular_items_rows_at_full_precision(dt
     assert table.grad.dtype == dtype and not table.grad[0].any()
 
 
-def test_auto_stores_bf16_weights_only_for_large_models_under_bf16_autocast_on_cuda():
+def test_auto_stores_bf16_weights_only_for_large_compiled_models_under_bf16_autocast_on_cuda():
     cfg, cuda, bf16 = load_config(), torch.device("cuda"), torch.bfloat16
     large = torch.nn.Linear(10_000, 10_000, device="meta")  # 100M weights, no memory
     small = torch.nn.Linear(1_000, 1_000)
     assert bf16_weights(cfg, bf16, cuda, large)
     assert not bf16_weights(cfg, bf16, cuda, small)  # the compiled update's host work would cost more
+    assert not bf16_weights(cfg, bf16, cuda, large, compiled=False)  # foreach passes: slower than the fused AdamW
     assert not bf16_weights(cfg, torch.float16, cuda, large)
     assert not bf16_weights(cfg, bf16, torch.device("cpu"), large)
     assert not bf16_weights(load_config(overrides=["optim.ema_decay=0.9"]), bf16, cuda, large)
     assert not bf16_weights(load_config(overrides=["train.weights=fp32"]), bf16, cuda, large)
     assert bf16_weights(load_config(overrides=["train.weights=bf16"]), bf16, torch.device("cpu"), small)
+    assert bf16_weights(load_config(overrides=["train.weights=bf16"]), bf16, cuda, large, compiled=False)
 
 
 def _moments_pair(moments_dtype):

@@ -173,7 +173,8 @@ class TrainConfig:
     amp: str = "auto"  # auto = bf16 on GPUs that have it, fp16 + GradScaler otherwise, off on CPU
     # how the trainable weights are stored: fp32, or bf16 with fp32 master copies and moments kept
     # by the optimizer (tuner.train.master_adamw; needs bf16 autocast, no optim.ema_decay); auto =
-    # bf16 under bf16 autocast on CUDA, without a weight average, from 100M trainable weights
+    # bf16 under bf16 autocast on CUDA with train.compile on, without a weight average, from 100M
+    # trainable weights
     weights: str = "auto"
     compile: str = "auto"  # auto = on for cuda
     compile_mode: str = "default"  # reduce-overhead = CUDA graphs (use with static_shapes)
