@@ -60,6 +60,9 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_fused_add_norm": {"overrides": ("model.fused_add_norm=on",)},  # also without CUDA graphs
             # layer-norm backward: inductor's mix-order reduction off, or with this many rows per partial sum
             "_no_mix_order": {"inductor": (("triton.mix_order_reduction", False),)},
+            # inductor's wrapper in C++ or Python (auto: C++ without CUDA graphs), train.cpp_wrapper
+            "_cpp_wrapper": {"overrides": ("train.cpp_wrapper=on",)},
+            "_python_wrapper": {"overrides": ("train.cpp_wrapper=off",)},
             **{f"_mix_split{n}": {"inductor": (("triton.mix_order_reduction_split_size", n),)} for n in (32, 64)},
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
                for name in ("auto", "cudnn", "efficient", "math", "triton")}}
@@ -281,7 +284,7 @@ def main() -> None:
                 r = {"step_ms": None, "samples_per_s": None, "peak_mem_mb": None, "mfu": None,
                      "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
             row = {"size": size, "variant": variant, "batch_size": batch, "step_ms": r["step_ms"],
-                   "window_ms": r.get("window_ms"),
+                   "window_ms": r.get("window_ms"), "warmup_s": r.get("warmup_s"),
                    "samples_per_s": r["samples_per_s"], "peak_mem_mb": r["peak_mem_mb"], "mfu": r.get("mfu"),
                    "peer_samples_per_s": peer_best and peer_best["samples_per_s"],
                    "peer_variant": peer_best and peer_best["variant"],

@@ -1,5 +1,6 @@
 """The optimizer step: clipping inside the fused AdamW is the same update as clip_grad_norm_."""
 
+import pytest
 import torch
 
 from tuner.config import load_config
@@ -9,7 +10,8 @@ from tuner.losses import MaskedItemObjective
 from tuner.model.bert4rec import Bert4Rec
 from tuner.model.build import model_config
 from tuner.train.optim import build_optimizer
-from tuner.train.step import TrainStep
+from tuner.errors import UserError
+from tuner.train.step import TrainStep, compile_options
 
 
 def _train(fused_clip: bool, grad_clip: float, steps: int = 4) -> dict[str, torch.Tensor]:
@@ -43,3 +45,56 @@ def test_fp16_loss_scaling_keeps_the_separate_clip():
     step = TrainStep(model, list(model.parameters()), optimizer, None, torch.float16, 1.0, torch.device("cpu"))
     assert step.scaler.is_enabled()  # fp16: the loss is scaled, so the clip is unscaled first
     assert step.fused_clip is False
+
+
+def test_cpp_wrapper_is_on_by_default_only_for_cuda_without_graphs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    train = load_config().train
+    assert compile_options(train, cuda) == {"cpp_wrapper": True}
+    assert compile_options(train, cpu) is None
+    for mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: no launches left to speed up
+        assert compile_options(load_config(overrides=[f"train.compile_mode={mode}"]).train, cuda) is None
+    assert compile_options(load_config(overrides=["train.compile_mode=max-autotune-no-cudagraphs"]).train, cuda)
+    assert compile_options(load_config(overrides=["train.cpp_wrapper=on"]).train, cpu) == {"cpp_wrapper": True}
+    assert compile_options(load_config(overrides=["train.cpp_wrapper=off"]).train, cuda) is None
+    with pytest.raises(UserError, match="train.cpp_wrapper='yes' is not one of: auto, on, off"):
+        load_config(overrides=["train.cpp_wrapper=yes"])
+
+
+def test_the_compiled_step_with_the_cpp_wrapper_trains_as_the_eager_step():
+    """torch.compile gets the option (its generated wrapper is C++; without it, Python) and the
+    step's arithmetic is unchanged: the same losses and weights as the eager step."""
+    def train(compile_mode, options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+        objective = _SquaredError(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        step = TrainStep(objective, list(model.parameters()), optimizer, None, None, 1.0, torch.device("cpu"),
+                         compile_mode, compile_options=options)
+        gen = torch.Generator().manual_seed(1)
+        losses = [float(step(_Batch(torch.randn(32, 8, generator=gen)))) for _ in range(3)]
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    from torch._inductor.utils import run_and_get_code
+
+    eager_losses, eager_weights = train(None, None)
+    for options, cpp in ((None, False), ({"cpp_wrapper": True}, True)):
+        (losses, weights), code = run_and_get_code(lambda: train("default", options))
+        assert code and all(("CppWrapperCodeCache" in source) == cpp for source in code)
+        assert losses == pytest.approx(eager_losses, rel=1e-5)
+        for got, want in zip(weights, eager_weights):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Batch:
+    def __init__(self, x):
+        self.items, self.positions, self.labels = x, None, x.sum(1, keepdim=True)
+
+
+class _SquaredError(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, items, positions, labels):
+        return (self.model(items) - labels).pow(2).mean()

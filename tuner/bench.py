@@ -27,7 +27,7 @@ from tuner.model.bert4rec import Bert4RecConfig, count_parameters
 from tuner.model.build import build_model
 from tuner.train.optim import training_optimizer
 from tuner.train.parallel import weights_digest
-from tuner.train.step import TrainStep
+from tuner.train.step import TrainStep, compile_options
 
 
 @dataclass
@@ -121,11 +121,12 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     dtype = None
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    optimizer = training_optimizer(model, cfg, dtype, device, spec.compile)
+    options = compile_options(cfg.train, device) if spec.compile else None
+    optimizer = training_optimizer(model, cfg, dtype, device, spec.compile, options)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),
-                     fused_clip=cfg.optim.fused_clip)
+                     fused_clip=cfg.optim.fused_clip, compile_options=options)
     total = max(spec.warmup, 1) + spec.steps
     data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
     t0 = time.perf_counter()
@@ -154,10 +155,13 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
     predicted = statistics.mean(int((b.labels >= 0).sum()) for b in batches)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     spec_warmup = max(spec.warmup, 1)
+    started = time.perf_counter()
     with torch._inductor.config.patch(dict(spec.inductor)):  # compilation and autotuning happen here
         first_loss = float(step(batches[0].to(device)))
         for batch in batches[1:spec_warmup]:
             step(batch.to(device))
+    sync()
+    warmup_s = time.perf_counter() - started
     # steps run back to back as in training (no sync inside a window, so the host's launch work
     # overlaps the GPU's); a window's wall time / its steps is one sample, the median is reported
     timed = batches[spec_warmup:]
@@ -182,6 +186,7 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
         "seq_len": spec.seq_len, "loss": spec.loss, "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
         "compile": spec.compile_mode if spec.compile else "off", "device": spec.device,
         "step_ms": step_s * 1e3, "window_ms": [t * 1e3 for t in times], "samples_per_s": spec.batch_size / step_s,
+        "warmup_s": warmup_s,  # the warm-up steps, compilation included
         "peak_mem_mb": peak_mb,
         "loss_first_step": first_loss, "total_params": total_params, "trainable_params": trainable,
         "predicted_positions": predicted, "model_tflop_per_step": flops / 1e12,

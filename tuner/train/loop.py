@@ -36,7 +36,7 @@ from tuner.train.optim import build_ema, build_scheduler, shorten_schedule, trai
 from tuner.train.parallel import WorkerContext, weights_digest
 from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
-from tuner.train.step import TrainStep
+from tuner.train.step import TrainStep, compile_options
 
 
 def resolve_precision(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -90,7 +90,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    optimizer = training_optimizer(model, cfg, dtype, device, use_compile)
+    options = compile_options(cfg.train, device) if use_compile else None
+    optimizer = training_optimizer(model, cfg, dtype, device, use_compile, options)
     batch_size = rank_batch_size(cfg.train, ctx.world_size)
     steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size, cfg.train.static_shapes)
     if steps_per_epoch == 0:
@@ -104,7 +105,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     params = [p for p in model.parameters() if p.requires_grad]  # iLoRA: the adapters only
     step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
                      cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap,
-                     fused_clip=cfg.optim.fused_clip)
+                     fused_clip=cfg.optim.fused_clip, compile_options=options)
     scaler = step.scaler
     ema = build_ema(model, cfg.optim.ema_decay)
     net = ema.module if ema is not None else model  # the weights that are validated, tested, served

@@ -19,16 +19,40 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tuner.config import TrainConfig
 from tuner.data.collate import TrainBatch
+
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that replay CUDA graphs
+
+
+def compile_options(train: TrainConfig, device: torch.device) -> Optional[dict]:
+    """Inductor options beyond `train.compile_mode`'s for the step and the optimizer's compiled
+    update: `{"cpp_wrapper": True}` where `train.cpp_wrapper` asks for it (auto: CUDA without
+    CUDA graphs, where the host's launches are what the step waits on), else None."""
+    setting = train.cpp_wrapper
+    if setting == "auto":
+        return {"cpp_wrapper": True} if device.type == "cuda" and train.compile_mode not in GRAPH_MODES else None
+    return {"cpp_wrapper": True} if setting == "on" else None
+
+
+def compile_module(module, mode: str, options: Optional[dict] = None, **kwargs):
+    """`torch.compile(module, mode=mode)`, with `options` added to the mode's inductor options
+    (torch.compile takes a mode or options, not both)."""
+    if not options:
+        return torch.compile(module, mode=None if mode == "default" else mode, **kwargs)
+    from torch._inductor import list_mode_options
+
+    return torch.compile(module, options={**list_mode_options(mode), **options}, **kwargs)
 
 
 class TrainStep:
     def __init__(self, objective: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                  scheduler, dtype: Optional[torch.dtype], grad_clip: float, device: torch.device,
-                 compile_mode: Optional[str] = None, wrap=lambda m: m, fused_clip: bool = True):
+                 compile_mode: Optional[str] = None, wrap=lambda m: m, fused_clip: bool = True,
+                 compile_options: Optional[dict] = None):
         self.module = wrap(objective)
         if compile_mode is not None:
-            self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode)
+            self.module = compile_module(self.module, compile_mode, compile_options)
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
