@@ -72,6 +72,9 @@ def suites(data: str) -> dict[str, list[dict]]:
             {"name": "130M_ray_train_no_ckpt", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=1000"]},
             {"name": "130M_ray_train_ckpt4", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=4"]},
             {"name": "130M_bare_again", "args": big},
+            # inductor's wrapper in Python (train.cpp_wrapper=off), as before the C++ wrapper was the default
+            {"name": "130M_bare_python_wrapper", "args": big + ["--set", "train.cpp_wrapper=off"]},
+            {"name": "130M_ray_train_python_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=off"]},
         ],
     }
 
