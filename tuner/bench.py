@@ -122,7 +122,7 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     options = compile_options(cfg.train, device) if spec.compile else None
-    optimizer = training_optimizer(model, cfg, dtype, device, spec.compile, options)
+    optimizer = training_optimizer(model, cfg, dtype, device, spec.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),

@@ -28,8 +28,7 @@ plus the 16 low bits of its fp32 pattern (int16): the fp32 master is exactly
 weight of memory and of writes each step (the weight is written anyway). Weights differ from
 round-to-nearest-even only where a master lies exactly halfway between two bf16 values.
 
-The update is written with foreach ops. With `compile=True` (CUDA; `compile_options`: inductor's,
-e.g. the C++ wrapper) torch.compile fuses them into a
+The update is written with foreach ops. With `compile=True` (CUDA) torch.compile fuses them into a
 few horizontal kernels, one pass over each tensor; the learning rate and step counts live in
 tensors, so a scheduler that changes the lr every step does not recompile. Gradient clipping uses
 the fused AdamW's hook: a `grad_scale` tensor the gradients are divided by.
@@ -126,14 +125,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, dtype: torch.dtype = torch.bfloat16, compile: bool = False,
-                 moments_dtype: torch.dtype = torch.float32, split_masters: bool = False,
-                 compile_options: Optional[dict] = None):
+                 moments_dtype: torch.dtype = torch.float32, split_masters: bool = False):
         self.dtype, self.moments_dtype = dtype, moments_dtype
         self.split_masters = split_masters and dtype == torch.bfloat16
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.grad_scale: Optional[torch.Tensor] = None  # set per step by the caller, as for the fused AdamW
-        self._update = (torch.compile(adamw_update, fullgraph=True, dynamic=False, options=compile_options)
-                        if compile else adamw_update)
+        self._update = torch.compile(adamw_update, fullgraph=True, dynamic=False) if compile else adamw_update
 
     def add_param_group(self, param_group: dict) -> None:
         """As `torch.optim.Optimizer`'s, and the group's weights get their fp32 state and turn bf16."""

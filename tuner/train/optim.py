@@ -46,16 +46,16 @@ def bf16_weights(cfg: Config, autocast_dtype: Optional[torch.dtype], device: tor
 
 
 def training_optimizer(model: nn.Module, cfg: Config, autocast_dtype: Optional[torch.dtype], device: torch.device,
-                       compile: bool = False, compile_options: Optional[dict] = None) -> torch.optim.Optimizer:
+                       compile: bool = False) -> torch.optim.Optimizer:
     """The optimizer of the training loop and of `tuner bench` (so both time the same update):
     `build_optimizer` with bf16 weights where `train.weights` picks them (`bf16_weights`; `compile`:
-    the step, and so the masters' update, is compiled, with inductor's `compile_options`)."""
+    the step, and so the masters' update, is compiled)."""
     return build_optimizer(model, cfg.optim, device, bf16_weights(cfg, autocast_dtype, device, model, compile),
-                           compile, compile_options)
+                           compile)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, bf16: bool = False,
-                    compile: bool = False, compile_options: Optional[dict] = None) -> torch.optim.Optimizer:
+                    compile: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable weights; with `bf16` a `MasterWeightAdamW`, which turns them into
     bf16 (call it before DDP or torch.compile see the model) and, with `compile`, compiles its update."""
     decay, no_decay, embeddings = [], [], []
@@ -75,7 +75,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, bf
     if bf16:
         return MasterWeightAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), compile=compile,
                                  moments_dtype=torch.bfloat16 if cfg.moments == "bf16" else torch.float32,
-                                 split_masters=cfg.masters == "split", compile_options=compile_options)
+                                 split_masters=cfg.masters == "split")
     if cfg.moments == "bf16":
         raise UserError("optim.moments=bf16 needs bf16 weights, and train.weights chose fp32 here "
                         "(auto: CUDA, bf16 autocast, no optim.ema_decay, 100M+ weights): set train.weights=bf16")

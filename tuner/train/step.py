@@ -26,23 +26,14 @@ GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that repl
 
 
 def compile_options(train: TrainConfig, device: torch.device) -> Optional[dict]:
-    """Inductor options beyond `train.compile_mode`'s for the step and the optimizer's compiled
-    update: `{"cpp_wrapper": True}` where `train.cpp_wrapper` asks for it (auto: CUDA without
-    CUDA graphs, where the host's launches are what the step waits on), else None."""
+    """Inductor settings for whatever the step compiles (the objective, and the masters' update
+    inside the optimizer step): `{"cpp_wrapper": True}` where `train.cpp_wrapper` asks for it
+    (auto: CUDA without CUDA graphs, where the host's launches are what the step waits on), else
+    None."""
     setting = train.cpp_wrapper
     if setting == "auto":
         return {"cpp_wrapper": True} if device.type == "cuda" and train.compile_mode not in GRAPH_MODES else None
     return {"cpp_wrapper": True} if setting == "on" else None
-
-
-def compile_module(module, mode: str, options: Optional[dict] = None, **kwargs):
-    """`torch.compile(module, mode=mode)`, with `options` added to the mode's inductor options
-    (torch.compile takes a mode or options, not both)."""
-    if not options:
-        return torch.compile(module, mode=None if mode == "default" else mode, **kwargs)
-    from torch._inductor import list_mode_options
-
-    return torch.compile(module, options={**list_mode_options(mode), **options}, **kwargs)
 
 
 class TrainStep:
@@ -52,7 +43,16 @@ class TrainStep:
                  compile_options: Optional[dict] = None):
         self.module = wrap(objective)
         if compile_mode is not None:
-            self.module = compile_module(self.module, compile_mode, compile_options)
+            self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode)
+        # every call runs under the inductor settings, so every compile gets them (the first steps,
+        # a recompile for a new shape, the optimizer's update). Passed as torch.compile's `options`
+        # instead, the C++ wrapper failed on an H100 (torch 2.11: "CudaKernelParamCache not
+        # populated" for a backward kernel). One patch object, reused: ~8 us a step on a 2-core CPU
+        self.inductor = contextlib.nullcontext()
+        if compile_mode is not None and compile_options:
+            import torch._inductor.config as inductor_config
+
+            self.inductor = inductor_config.patch(compile_options)
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -65,6 +65,10 @@ class TrainStep:
 
     def __call__(self, batch: TrainBatch) -> torch.Tensor:
         """Forward, backward, clip, update; returns the (detached) loss without syncing."""
+        with self.inductor:
+            return self._step(batch)
+
+    def _step(self, batch: TrainBatch) -> torch.Tensor:
         with self.autocast():
             loss = self.module(batch.items, batch.positions, batch.labels)
         self.scaler.scale(loss).backward()
