@@ -45,6 +45,29 @@ def gpu_tables(*runs: str) -> str:
     return "\n\n".join(gpu_table(f"gpu_throughput_{run}.json", full=False) for run in runs)
 
 
+def windows_table(*runs: str) -> str:
+    """gpu_throughput.py runs with each row's timing windows and warm-up (compile) seconds: for
+    rows whose step moves with the host, where the median alone hides the spread."""
+    out = []
+    for run in runs:
+        data = json.loads((RESULTS / f"gpu_throughput_{run}.json").read_text())
+        peers = ", ".join(f"{r['variant']} {r['step_ms']:.1f} ms" for r in data["peer_rows"] if r["step_ms"])
+        lines = [f"Device: {data['device']} (torch {data['torch']}); `{data['command']}` (code "
+                 f"{data.get('code_commit', '?')}); the seed's steps: {peers}.", "",
+                 "| size | variant | ms/step (median) | 5-step windows, ms | warm-up s | speed-up on the seed's best mode in the run |",
+                 "|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            if r["step_ms"] is None:
+                lines.append(f"| {r['size']} | {r['variant']} | failed: {r['error'][:80]} | | | |")
+                continue
+            windows = ", ".join(f"{w:.1f}" for w in r.get("window_ms") or [])
+            warm = f"{r['warmup_s']:.0f}" if r.get("warmup_s") is not None else "-"
+            lines.append(f"| {r['size']} | {r['variant']} | {r['step_ms']:.2f} | {windows} | {warm} | "
+                         f"{r['speedup_vs_peer']:.2f}x |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def add_norm_table(name: str = "add_norm_kernels.json") -> str:
     """benchmarks/add_norm_kernels.py: inductor's code, add_norm's default settings and the
     fastest setting timed, per shape."""
@@ -230,6 +253,9 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--gpu": lambda: gpu_table() + "\n\n" + gpu_table("gpu_throughput_760f968_430M.json"),
           "--gpu-40bbe38": lambda: gpu_table("gpu_throughput_40bbe38.json") + "\n\n" + gpu_table("gpu_throughput_small.json"),
           "--gpu-add-norm": lambda: gpu_tables("add_norm_430M", "host_130M") + "\n\n" + add_norm_table(),
+          "--gpu-cpp-wrapper": lambda: windows_table("cpp_wrapper_130M_8f4ad8c", "cpp_wrapper_430M_8f4ad8c") + "\n\n"
+          + epoch_cycle_table("ray_overhead_cpp_wrapper.json"),
+          "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
           "--train-step": train_step_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
