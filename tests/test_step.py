@@ -52,6 +52,7 @@ def test_cpp_wrapper_is_on_by_default_only_for_cuda_without_graphs():
     train = load_config().train
     assert compile_options(train, cuda) == {"cpp_wrapper": True}
     assert compile_options(train, cpu) is None
+    assert compile_options(train, cuda, world_size=4) is None  # DDP: not run across GPUs with it yet
     for mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: no launches left to speed up
         assert compile_options(load_config(overrides=[f"train.compile_mode={mode}"]).train, cuda) is None
     assert compile_options(load_config(overrides=["train.compile_mode=max-autotune-no-cudagraphs"]).train, cuda)

@@ -121,7 +121,9 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     dtype = None
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    options = compile_options(cfg.train, device) if spec.compile else None
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # multigpu.py's workers
+    world = torch.distributed.get_world_size() if distributed else 1
+    options = compile_options(cfg.train, device, world) if spec.compile else None
     optimizer = training_optimizer(model, cfg, dtype, device, spec.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,

@@ -183,7 +183,8 @@ class TrainConfig:
     # launches, and on an H100 plain compile took 8.9-9.7 ms per 130M step with it against
     # 10.2-15.0 without (alternating rows; benchmarks/results/gpu_throughput_cpp_wrapper_130M.json).
     # It costs compile time once per machine (130M: 107 s against 31, then cached). auto = on for
-    # CUDA without CUDA graphs (compile_mode default or max-autotune-no-cudagraphs)
+    # one CUDA worker without CUDA graphs (compile_mode default or max-autotune-no-cudagraphs);
+    # DDP trials keep the Python wrapper (the C++ one is not yet run across GPUs)
     cpp_wrapper: str = "auto"
     static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
     loss: str = "ce"  # ce | focal | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)

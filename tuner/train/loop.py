@@ -90,7 +90,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    options = compile_options(cfg.train, device) if use_compile else None
+    options = compile_options(cfg.train, device, ctx.world_size) if use_compile else None
     optimizer = training_optimizer(model, cfg, dtype, device, use_compile)
     batch_size = rank_batch_size(cfg.train, ctx.world_size)
     steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size, cfg.train.static_shapes)

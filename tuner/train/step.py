@@ -25,14 +25,16 @@ from tuner.data.collate import TrainBatch
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that replay CUDA graphs
 
 
-def compile_options(train: TrainConfig, device: torch.device) -> Optional[dict]:
+def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1) -> Optional[dict]:
     """Inductor settings for whatever the step compiles (the objective, and the masters' update
-    inside the optimizer step): `{"cpp_wrapper": True}` where `train.cpp_wrapper` asks for it
-    (auto: CUDA without CUDA graphs, where the host's launches are what the step waits on), else
-    None."""
+    inside the optimizer step): `{"cpp_wrapper": True}` where `train.cpp_wrapper` asks for it,
+    else None. auto: one CUDA worker without CUDA graphs, where the host's launches are what the
+    step waits on; DDP (`world_size` > 1) keeps the Python wrapper, as the C++ one has not been
+    run across GPUs."""
     setting = train.cpp_wrapper
     if setting == "auto":
-        return {"cpp_wrapper": True} if device.type == "cuda" and train.compile_mode not in GRAPH_MODES else None
+        single = device.type == "cuda" and world_size == 1
+        return {"cpp_wrapper": True} if single and train.compile_mode not in GRAPH_MODES else None
     return {"cpp_wrapper": True} if setting == "on" else None
 
 
