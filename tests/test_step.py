@@ -47,7 +47,7 @@ def test_fp16_loss_scaling_keeps_the_separate_clip():
     assert step.fused_clip is False
 
 
-def test_cpp_wrapper_is_on_by_default_only_for_cuda_without_graphs():
+def test_cpp_wrapper_is_on_by_default_only_for_one_cuda_worker_without_graphs():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     train = load_config().train
     assert compile_options(train, cuda) == {"cpp_wrapper": True}

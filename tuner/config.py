@@ -23,6 +23,7 @@ _AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 _COMPILE_CHOICES = ("auto", "on", "off")
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that replay CUDA graphs
 
 
 def _check(condition: bool, message: str) -> None:

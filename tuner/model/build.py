@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from tuner.config import Config
+from tuner.config import GRAPH_MODES, Config
 from tuner.errors import UserError
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
@@ -23,7 +23,7 @@ def fused_add_norm(cfg: Config) -> bool:
     """`model.fused_add_norm`: auto is on where the compiled step replays CUDA graphs."""
     setting = cfg.model.fused_add_norm
     if setting == "auto":
-        return cfg.train.compile != "off" and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+        return cfg.train.compile != "off" and cfg.train.compile_mode in GRAPH_MODES
     return setting == "on"
 
 

@@ -19,10 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tuner.config import TrainConfig
+from tuner.config import GRAPH_MODES, TrainConfig
 from tuner.data.collate import TrainBatch
-
-GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that replay CUDA graphs
 
 
 def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1) -> Optional[dict]:
