@@ -77,6 +77,11 @@ KERNEL_KINDS = (("NCCL collectives (DDP)", ("nccl",)),
                 ("fused elementwise (inductor)", ("triton_",)),
                 ("copies and fills", ("copy", "fill", "elementwise_kernel", "memset", "memcpy")))
 
+def seed_batch_size(size: str) -> int:
+    """The seed's batch size at `size`: 128 at 430M, 256 at the others."""
+    return 128 if size == "430M" else 256
+
+
 def variant_spec(variant: str, size: str, batch: int, steps: int, warmup: int) -> BenchSpec:
     base, extra = variant, {"overrides": ()}
     for suffix, kwargs in reversed(SUFFIXES.items()):
@@ -217,7 +222,7 @@ def profile(size: str, out_dir: Path, steps: int = 6, variant: str = "amp_compil
     """PyTorch profiler over training steps of `variant` (AMP+compile by default): where the GPU
     time goes, by kind of kernel, by operator, and by operator and input shape."""
     warmup = 8
-    batch = 128 if size == "430M" else 256
+    batch = seed_batch_size(size)
     spec = variant_spec(variant, size, batch, steps, warmup)
     device = torch.device("cuda")
     bench = prepare_bench(spec, device)
@@ -258,7 +263,7 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=2) + "\n")
 
     for size in args.sizes:
-        batch = 128 if size == "430M" else 256
+        batch = seed_batch_size(size)
         preset = SIZES[size]
         peer_best = None
         for variant in args.seed_variants:

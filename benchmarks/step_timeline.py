@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_throughput import variant_spec  # noqa: E402
+from gpu_throughput import seed_batch_size, variant_spec  # noqa: E402
 
 from tuner.bench import prepare_bench  # noqa: E402
 
@@ -53,7 +53,7 @@ def thread_ticks() -> dict[str, int]:
 def main() -> None:
     size, variant, steps, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     device = torch.device("cuda")
-    bench = prepare_bench(variant_spec(variant, size, 128 if size == "430M" else 256, steps, WARMUP), device)
+    bench = prepare_bench(variant_spec(variant, size, seed_batch_size(size), steps, WARMUP), device)
     host, cpu, gcs = [], [], []
     started = {}
 
