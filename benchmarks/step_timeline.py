@@ -76,7 +76,7 @@ def main() -> None:
     timed = batches[WARMUP:]
     events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
     mem0, ticks0 = torch.cuda.memory_stats(), thread_ticks()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time() * 1e3
     for i, batch in enumerate(timed):
         events[i].record()
         bench.step(batch)
@@ -91,7 +91,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "size": size, "variant": variant,
         "mode": mode, "wall_ms_per_step": wall / len(timed), "median_gpu": statistics.median(gpu),
         "gpu_ms": [round(x, 2) for x in gpu], "host_ms": [round(b - a, 2) for a, b in zip([0.0] + host, host)],
-        "cpu_ms": [round(b - a, 2) for a, b in zip(cpu, cpu[1:])],
+        "cpu_ms": [round(b - a, 2) for a, b in zip([cpu0] + cpu, cpu)],
         "threads_ticks": {k: v - ticks0.get(k, 0) for k, v in ticks1.items() if v > ticks0.get(k, 0)},
         "n": [int((b.labels >= 0).sum()) for b in timed], "gcs": gcs,
         "mem": {k: mem1.get(k, 0) - mem0.get(k, 0) for k in ALLOCATOR},
