@@ -36,6 +36,18 @@ def compile_options(train: TrainConfig, device: torch.device, world_size: int = 
     return {"cpp_wrapper": True} if setting == "on" else None
 
 
+def bind_backward_context(device: torch.device) -> None:
+    """Runs one CUDA kernel on autograd's backward thread for `device`, which binds the device's
+    context to that thread. Inductor's C++ wrapper launches kernels through the driver API, which
+    needs a current context. When the compiled backward comes from the on-disk cache (every
+    process after the first on a machine: the next trial, a resumed run), nothing has run on that
+    thread before it, and its first launch fails with "CUDA driver error: invalid device context"
+    (pytorch/pytorch#144609; seen on an H100 with torch 2.11)."""
+    if device.type == "cuda":
+        x = torch.ones(1, device=device, requires_grad=True)
+        (x * 2).sum().backward()
+
+
 class TrainStep:
     def __init__(self, objective: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                  scheduler, dtype: Optional[torch.dtype], grad_clip: float, device: torch.device,
@@ -53,6 +65,8 @@ class TrainStep:
             import torch._inductor.config as inductor_config
 
             self.inductor = inductor_config.patch(compile_options)
+            if compile_options.get("cpp_wrapper"):
+                bind_backward_context(device)
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
