@@ -10,7 +10,10 @@ back to back, and writes `$OUT/diag_SIZE_VARIANT_MODE.json` (OUT defaults to the
 - `threads_ticks`: CPU ticks (10 ms) each thread of the process used over the timed steps;
 - `gcs`: Python garbage collections (generation, ms, steps done when it ended), warm-up included;
 - `mem`: CUDA allocator counters over the timed steps (new cudaMalloc calls and the like);
-- `n`: predicted positions per batch.
+- `n`: predicted positions per batch;
+- `cpus`: the logical CPUs the process may run on, and the one each busy thread ran on last;
+- `cgroup_throttled_ms`: the time the container's CPU quota held the process back over the timed
+  steps (cgroup v2 `cpu.stat`; null where there is none).
 MODE freeze runs `gc.freeze()` after warm-up; disable also turns the collector off.
 """
 
@@ -50,6 +53,31 @@ def thread_ticks() -> dict[str, int]:
     return ticks
 
 
+def thread_cpus() -> dict[str, int]:
+    """The logical CPU each thread of this process last ran on, keyed "tid:name"."""
+    cpus = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        cpus[f"{tid}:{name}"] = int(stat[stat.rindex(")") + 2:].split()[36])
+    return cpus
+
+
+def throttled_ms() -> float | None:
+    """Milliseconds the cgroup's CPU quota has throttled this container (cgroup v2), or None."""
+    try:
+        for line in Path("/sys/fs/cgroup/cpu.stat").read_text().splitlines():
+            key, value = line.split()
+            if key == "throttled_usec":
+                return int(value) / 1e3
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def main() -> None:
     size, variant, steps, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     device = torch.device("cuda")
@@ -75,7 +103,7 @@ def main() -> None:
         gc.disable()
     timed = batches[WARMUP:]
     events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
-    mem0, ticks0 = torch.cuda.memory_stats(), thread_ticks()
+    mem0, ticks0, throttled0 = torch.cuda.memory_stats(), thread_ticks(), throttled_ms()
     t0, cpu0 = time.perf_counter(), time.thread_time() * 1e3
     for i, batch in enumerate(timed):
         events[i].record()
@@ -85,19 +113,23 @@ def main() -> None:
     events[-1].record()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) * 1e3
-    mem1, ticks1 = torch.cuda.memory_stats(), thread_ticks()
+    mem1, ticks1, throttled1 = torch.cuda.memory_stats(), thread_ticks(), throttled_ms()
+    busy = {k: v - ticks0.get(k, 0) for k, v in ticks1.items() if v > ticks0.get(k, 0)}
+    last_cpu = thread_cpus()
     gpu = [events[i].elapsed_time(events[i + 1]) for i in range(len(timed))]
     result = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "size": size, "variant": variant,
         "mode": mode, "wall_ms_per_step": wall / len(timed), "median_gpu": statistics.median(gpu),
         "gpu_ms": [round(x, 2) for x in gpu], "host_ms": [round(b - a, 2) for a, b in zip([0.0] + host, host)],
         "cpu_ms": [round(b - a, 2) for a, b in zip([cpu0] + cpu, cpu)],
-        "threads_ticks": {k: v - ticks0.get(k, 0) for k, v in ticks1.items() if v > ticks0.get(k, 0)},
+        "threads_ticks": busy,
+        "cpus": {"allowed": sorted(os.sched_getaffinity(0)), "last": {k: last_cpu.get(k) for k in busy}},
+        "cgroup_throttled_ms": None if throttled0 is None else throttled1 - throttled0,
         "n": [int((b.labels >= 0).sum()) for b in timed], "gcs": gcs,
         "mem": {k: mem1.get(k, 0) - mem0.get(k, 0) for k in ALLOCATOR},
     }
     print(json.dumps({k: result[k] for k in ("size", "variant", "mode", "wall_ms_per_step", "median_gpu",
-                                             "threads_ticks", "mem")}))
+                                             "threads_ticks", "cpus", "cgroup_throttled_ms", "mem")}))
     out = Path(os.environ.get("OUT", "."))
     (out / f"diag_{size}_{variant}_{mode}.json").write_text(json.dumps(result) + "\n")
 
