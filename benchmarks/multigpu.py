@@ -60,7 +60,9 @@ def worker(config: dict) -> None:
     def wrap(module):
         if world == 1 and not config["ddp_single"]:
             return module
-        return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, **bucket)
+        # as tuner.train.driver: the only buffers are the dropout rates, equal on every rank
+        return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
+                                       **bucket)
 
     if config["profile"]:
         profile_step(spec, device, wrap, rank, world, Path(config["profile"]), config["benchmarks"])

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tuner.model import add_norm, short_attention
+from tuner.model.rate_dropout import RateDropout
 
 # model.attention -> the SDPA kernels it allows on a GPU, best first (None: PyTorch's own choice,
 # cuDNN on an H100). The math kernel backs up a fused one for inputs it does not take. "triton" is
@@ -112,7 +113,7 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.backend = ATTENTION_BACKENDS[cfg.attention]
         self.short_kernel = cfg.attention == "triton"
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = RateDropout(cfg.dropout)
 
     def _qkv(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The Q, K and V projections of x: one [B, L, 3H] tensor with them side by side when they
@@ -159,7 +160,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(cfg.hidden, cfg.ffn)
         self.down_proj = nn.Linear(cfg.ffn, cfg.hidden)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = RateDropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         return self.dropout(_proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate))
@@ -201,7 +202,7 @@ class Bert4Rec(nn.Module):
         self.item_emb = nn.Embedding(vocab, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
-        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.emb_dropout = RateDropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.final_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
         # the paper's output transform: GELU(h W + b), normalised

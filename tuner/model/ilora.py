@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuner.model.rate_dropout import RateDropout
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
 
@@ -53,7 +55,7 @@ class MoELoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))  # zero: starts as the base model
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(spec.dropout)
+        self.dropout = RateDropout(spec.dropout)  # tuned per trial: a graph input, not a constant
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, in], gate [B, K] (None: the frozen base alone)."""

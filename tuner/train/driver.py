@@ -45,7 +45,10 @@ def ray_context(cfg: Config) -> WorkerContext:
 
         if world_size == 1:
             return module
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # the model's only buffers are its dropout rates (RateDropout), the same on every rank by
+        # config: nothing to broadcast before each forward
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
     return WorkerContext(device=device, rank=rank, world_size=world_size, resume_dir=resume_dir,
                          resume_fallbacks=fallbacks,

@@ -1,0 +1,69 @@
+"""RateDropout: nn.Dropout's numbers in eager mode, and one compiled graph for every rate, so
+trials that differ in dropout find each other's compile in inductor's cache."""
+
+import pytest
+import torch
+from torch import nn
+
+from tuner.config import load_config
+from tuner.data.collate import train_batches
+from tuner.data.synthetic import generate
+from tuner.losses import MaskedItemObjective
+from tuner.model.bert4rec import Bert4Rec
+from tuner.model.build import model_config
+from tuner.model.rate_dropout import RateDropout
+
+
+def test_eager_rate_dropout_is_nn_dropout():
+    x = torch.randn(64, 32)
+    for p in (0.0, 0.1, 0.5):
+        ours, theirs = RateDropout(p), nn.Dropout(p)
+        torch.manual_seed(3)
+        got = ours(x)
+        torch.manual_seed(3)
+        torch.testing.assert_close(got, theirs(x), rtol=0, atol=0)
+        assert torch.equal(ours.eval()(x), x)
+    assert "rate" not in RateDropout(0.1).state_dict()  # checkpoints are unchanged
+    with pytest.raises(ValueError, match="dropout rate"):
+        RateDropout(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_rate_dropout_drops_at_the_rate_and_rescales_once(dtype):
+    """Under compile: about p of the elements are zeroed; the rest are x / (1 - p), computed in
+    fp32 and rounded once to x's dtype."""
+    drop = RateDropout(0.3)
+    x = (torch.rand(256, 1024) + 0.5).to(dtype)
+    y = torch.compile(drop)(x)
+    zeros = (y == 0).float().mean().item()
+    assert zeros == pytest.approx(0.3, abs=0.01)
+    kept = y != 0
+    scale = 1.0 / (1.0 - torch.tensor(0.3))  # fp32, as the kernel computes it
+    torch.testing.assert_close(y[kept], (x.float() * scale).to(dtype)[kept], rtol=0, atol=0)
+
+
+def _compile_and_step(dropout: float) -> None:
+    torch.manual_seed(0)
+    cfg = load_config(overrides=["model.size=tiny", "model.max_len=16", f"model.dropout={dropout}"])
+    data = generate(64, 40, seed=0)
+    model = Bert4Rec(model_config(cfg, data.num_items))
+    objective = torch.compile(MaskedItemObjective(model))
+    batch = next(iter(train_batches(data.sequences, data.num_items, 16, 16, 0.3, 0.1, seed=0, epoch=0)))
+    objective(batch.items, batch.positions, batch.labels).backward()
+
+
+def test_trials_with_another_dropout_share_the_compiled_graph(tmp_path, monkeypatch):
+    """The second trial of a search (another model.dropout) loads the first one's compiled
+    forward and backward from the on-disk cache instead of compiling them again; with
+    nn.Dropout the rate was a constant of the graph and every new rate missed."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    _compile_and_step(0.1)
+    torch._dynamo.reset()
+    counters.clear()
+    _compile_and_step(0.35)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    torch._dynamo.reset()

@@ -1,0 +1,44 @@
+"""Dropout whose rate reaches a compiled graph as an input, not as a constant.
+
+`nn.Dropout(p)` under `torch.compile` bakes p into the graph, so two trials of a search that
+differ in `model.dropout` compile two different graphs: the second finds nothing in inductor's
+on-disk cache and compiles from scratch (on the 2-core CPU, tiny size: 45 s against 18 s for a
+trial that differed only in learning rate or weight decay; `benchmarks/compile_start.py`,
+`benchmarks/results/compile_start_trials_cpu.json`). `RateDropout` keeps the rate in a tensor
+buffer as well, and the compiled path reads that, so every rate shares one graph and one cache
+entry. Eager runs call `F.dropout` with the float, as `nn.Dropout` does: the same numbers for the
+same random state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RateDropout(nn.Module):
+    """`nn.Dropout(p)` with the rate also in the non-persistent buffer `rate` (checkpoints do not
+    change). `p` stays a float for whoever needs one (add_norm's kernels, which take it as a
+    kernel argument)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.register_buffer("rate", torch.tensor(self.p, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if torch.compiler.is_compiling():
+            # one fused pass under inductor, as its lowering of F.dropout: keep where a uniform
+            # draw reaches the rate, scale the kept by 1 / (1 - rate) in fp32 (a bf16 scale would
+            # be off by up to 0.4%), round once
+            keep = torch.rand_like(x, dtype=torch.float32) >= self.rate
+            return (x.float() * (keep / (1.0 - self.rate))).to(x.dtype)
+        return F.dropout(x, self.p, True)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
