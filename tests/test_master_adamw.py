@@ -123,7 +123,8 @@ def test_the_compiled_update_is_the_eager_one(split):
     steps = [torch.tensor(3.0) for _ in shapes]
     grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
     copies = [[t.clone() for t in group] for group in (weights, *state.values(), steps)]
-    args = ([torch.tensor(1e-2)] * 2 + [torch.tensor(2e-2)], [0.05, 0.05, 0.0], torch.tensor(2.0), 0.9, 0.999, 1e-8)
+    decays = [torch.tensor(0.05)] * 2 + [torch.tensor(0.0)]
+    args = ([torch.tensor(1e-2)] * 2 + [torch.tensor(2e-2)], decays, torch.tensor(2.0), 0.9, 0.999, 1e-8)
     before = [join_master(w, low) for w, low in zip(weights, state["master"])] if split else None
     adamw_update(weights, grads, *state.values(), steps, *args)
     torch.compile(adamw_update, fullgraph=True, dynamic=False)(copies[0], grads, *copies[1:], *args)
@@ -205,7 +206,7 @@ def test_a_bf16_second_moment_keeps_growing_with_stochastic_rounding_and_stalls_
     nearest = torch.zeros(shape, dtype=torch.bfloat16)
     torch.manual_seed(0)
     for _ in range(steps):
-        adamw_update(weight, grad, *[[t] for t in state], count, [torch.tensor(1e-3)], [0.0], None, 0.9, 0.999, 1e-8)
+        adamw_update(weight, grad, *[[t] for t in state], count, [torch.tensor(1e-3)], [torch.tensor(0.0)], None, 0.9, 0.999, 1e-8)
         nearest = (nearest.float() * 0.999 + 0.001).to(torch.bfloat16)  # the same moment, rounded to nearest
     exact = 1 - 0.999 ** steps
     assert abs(state[2].float().mean().item() - exact) < 0.01 * exact
@@ -251,7 +252,7 @@ def test_the_compiled_update_with_bf16_moments_matches_eager_up_to_the_rounding(
     grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
     steps = [torch.tensor(3.0) for _ in shapes]
     copies = [[t.clone() for t in group] for group in (weights, masters, *moments, steps)]
-    args = ([torch.tensor(1e-2)] * 2, [0.05, 0.0], None, 0.9, 0.999, 1e-8)
+    args = ([torch.tensor(1e-2)] * 2, [torch.tensor(0.05), torch.tensor(0.0)], None, 0.9, 0.999, 1e-8)
     adamw_update(weights, grads, masters, *moments, steps, *args)
     torch.compile(adamw_update, fullgraph=True, dynamic=False)(copies[0], grads, *copies[1:], *args)
     for a, b in zip(masters, copies[1]):  # the masters use the fp32 moments before their rounding
@@ -270,3 +271,36 @@ def test_bf16_moments_need_bf16_weights():
         build_optimizer(model, load_config(overrides=["optim.moments=bf16"]).optim, torch.device("cpu"))
     optimizer = build_optimizer(model, load_config(overrides=["optim.moments=bf16"]).optim, torch.device("cpu"), bf16=True)
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in optimizer.state.values())
+
+
+def test_optimizers_with_another_weight_decay_share_the_compiled_update(tmp_path, monkeypatch):
+    """A trial with another optim.weight_decay loads the compiled update from inductor's cache:
+    the decay reaches it as a tensor (a float was a constant of the graph, and every new decay
+    compiled it again). It still decays by the group's value, and follows a changed one."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+    def step(decay: float, change_to: float | None = None):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(8, 4)
+        opt = MasterWeightAdamW(layer.parameters(), lr=0.0, weight_decay=decay, compile=True)
+        if change_to is not None:
+            opt.param_groups[0]["weight_decay"] = change_to
+            decay = change_to
+        before = [opt.master(w).clone() for w in layer.parameters()]
+        for w in layer.parameters():
+            w.grad = torch.zeros_like(w)
+        opt.param_groups[0]["lr"] = 0.1
+        opt.step()
+        for b, w in zip(before, layer.parameters()):  # zero gradients: the step is the decay alone
+            torch.testing.assert_close(opt.master(w), b * (1 - 0.1 * decay))
+
+    torch._dynamo.reset()
+    step(0.01)
+    torch._dynamo.reset()
+    counters.clear()
+    step(0.2)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    step(0.01, change_to=0.3)
+    torch._dynamo.reset()

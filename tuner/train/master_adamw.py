@@ -72,11 +72,11 @@ def join_master(weight: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
 
 def adamw_update(weights: list[torch.Tensor], grads: list[torch.Tensor], masters: list[torch.Tensor],
                  exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
-                 lrs: list[torch.Tensor], weight_decays: list[float], grad_scale: Optional[torch.Tensor],
+                 lrs: list[torch.Tensor], weight_decays: list[torch.Tensor], grad_scale: Optional[torch.Tensor],
                  beta1: float, beta2: float, eps: float) -> None:
     """One AdamW step on the fp32 `masters` from `grads` (any float dtype, divided by
     `grad_scale` if given), then `weights` <- masters (cast to the weights' dtype). In place.
-    Per tensor: its step count, learning rate (a 0-d tensor) and weight decay. The moments are
+    Per tensor: its step count, learning rate and weight decay (0-d tensors). The moments are
     all fp32 or all bf16 (computed in fp32, stored with `round_to_bf16`). int16 `masters` are the
     low halves of split masters (`split_master`): joined with the weights, updated, split again."""
     split = masters[0].dtype == torch.int16
@@ -137,6 +137,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["lr_tensor"] = None  # device copy of group["lr"], made on the first step
+        # (weight decay, its device copy): a tensor, so the compiled update does not bake the decay
+        # in and trials that differ in optim.weight_decay share one compiled graph
+        group["decay_tensor"] = None
         for weight in group["params"]:
             state = self.state[weight]
             master = weight.detach().to(torch.float32, copy=True)
@@ -179,8 +182,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             if lr is None:
                 lr = group["lr_tensor"] = torch.zeros((), dtype=torch.float32, device=live[0].device)
             lr.fill_(group["lr"])  # a kernel argument, not a host-to-device copy: no sync
-            calls.setdefault((*group["betas"], group["eps"]), []).extend(
-                (w, lr, group["weight_decay"]) for w in live)
+            if group["decay_tensor"] is None or group["decay_tensor"][0] != group["weight_decay"]:
+                group["decay_tensor"] = (group["weight_decay"], torch.full(
+                    (), group["weight_decay"], dtype=torch.float32, device=live[0].device))
+            decay = group["decay_tensor"][1]
+            calls.setdefault((*group["betas"], group["eps"]), []).extend((w, lr, decay) for w in live)
         for (beta1, beta2, eps), entries in calls.items():
             states = [self.state[w] for w, _, _ in entries]
             self._update([w for w, _, _ in entries], [w.grad for w, _, _ in entries],
@@ -195,7 +201,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         masters are split in memory, so checkpoints read the same either way."""
         saved = super().state_dict()
         for group in saved["param_groups"]:
-            group.pop("lr_tensor", None)  # a per-device cache, rebuilt on the next step
+            group.pop("lr_tensor", None)  # per-device caches, rebuilt on the next step
+            group.pop("decay_tensor", None)
         if self.split_masters:
             weights = [w for group in self.param_groups for w in group["params"]]
             ids = [i for group in saved["param_groups"] for i in group["params"]]
@@ -221,4 +228,4 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             for key in _MOMENTS:
                 state[key] = saved[index][key].to(device=weight.device, dtype=self.moments_dtype)
         for group in self.param_groups:
-            group["lr_tensor"] = None
+            group["lr_tensor"] = group["decay_tensor"] = None
