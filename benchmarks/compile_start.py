@@ -11,8 +11,16 @@ after the other on one fresh cache directory (TORCHINDUCTOR_CACHE_DIR) and recor
 - `start_s`: from the process's launch to the end of its first two training steps (imports, model,
   compile or cache load, two steps);
 - `first_steps_s`: the two steps alone (where the compile or the cache load happens);
-- `step_ms`: the median of the next --steps steps, and whether the losses match the first process's.
-The first process of each wrapper starts cold; the rest find the cache warm.
+- `step_ms`: the median of the next --steps steps, and whether the first steps' losses match those of
+  the first process with the same overrides.
+The first process of each wrapper starts cold; the rest find the cache warm. `--trials` gives each
+process its own config overrides, as the trials of a search differ (process n takes the n-th,
+cycling): whether the cache still covers a trial whose dropout, learning rate or weight decay is
+new.
+
+    python benchmarks/compile_start.py --device cpu --processes 4 \
+        --trials "model.dropout=0.1 optim.lr=1e-3 optim.weight_decay=0.01" \
+                 "model.dropout=0.2 optim.lr=2e-3 optim.weight_decay=0.05"
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--wrappers", nargs="+", default=["off", "on"], choices=("off", "on"))
+    parser.add_argument("--trials", nargs="+", default=[""],
+                        help="config overrides per process, space-separated in one argument (cycling)")
     parser.add_argument("--out", default=str(HERE / "results" / "compile_start.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
@@ -84,13 +94,14 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for wrapper in args.wrappers:
-        spec = {"size": args.size, "num_items": args.num_items, "batch_size": args.batch_size, "seq_len": 50,
-                "steps": args.steps, "warmup": 1, "amp": args.device == "cuda", "compile": True,
-                "device": args.device, "overrides": [f"train.cpp_wrapper={wrapper}"]}
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            first_losses = None
+            first_losses = {}  # per trial: the first process's losses
             for n in range(args.processes):
+                trial = args.trials[n % len(args.trials)]
+                spec = {"size": args.size, "num_items": args.num_items, "batch_size": args.batch_size, "seq_len": 50,
+                        "steps": args.steps, "warmup": 1, "amp": args.device == "cuda", "compile": True,
+                        "device": args.device, "overrides": [f"train.cpp_wrapper={wrapper}", *trial.split()]}
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec),
                        "--launched", repr(time.time())]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -98,10 +109,12 @@ def main() -> None:
                     row = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
                 else:
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    first_losses = first_losses or row["losses"]
-                    row["same_losses_as_first"] = row.pop("losses") == first_losses
+                    losses = row.pop("losses")
+                    # against the first process with the same overrides (None for that one)
+                    row["same_losses_as_first"] = first_losses[trial] == losses if trial in first_losses else None
+                    first_losses.setdefault(trial, losses)
                 row = {"wrapper": "cpp" if wrapper == "on" else "python", "process": n + 1,
-                       "cache": "cold" if n == 0 else "warm", **row}
+                       "cache": "cold" if n == 0 else "warm", "trial": trial, **row}
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 out.write_text(json.dumps(report, indent=1) + "\n")

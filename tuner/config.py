@@ -183,7 +183,10 @@ class TrainConfig:
     # their kernels from C++ instead of Python. Without CUDA graphs the step waits on the host's
     # launches, and on an H100 plain compile took 8.9-9.7 ms per 130M step with it against
     # 10.2-15.0 without (alternating rows; benchmarks/results/gpu_throughput_cpp_wrapper_130M.json).
-    # It costs compile time once per machine (130M: 107 s against 31, then cached). auto = on for
+    # It costs compile time once per machine (130M: 107 s against 31), then each new process loads
+    # it from inductor's cache; trials that differ only in dropout, learning rate or weight decay
+    # share that entry (tuner.model.rate_dropout, MasterWeightAdamW's decay tensor; under CUDA
+    # graphs add_norm's kernels still take the dropout rate as a constant). auto = on for
     # one CUDA worker without CUDA graphs (compile_mode default or max-autotune-no-cudagraphs);
     # DDP trials keep the Python wrapper (the C++ one is not yet run across GPUs)
     cpp_wrapper: str = "auto"

@@ -8,6 +8,10 @@ trial that differed only in learning rate or weight decay; `benchmarks/compile_s
 buffer as well, and the compiled path reads that, so every rate shares one graph and one cache
 entry. Eager runs call `F.dropout` with the float, as `nn.Dropout` does: the same numbers for the
 same random state.
+
+Not covered: under CUDA graphs, `add_norm`'s kernels (on by default there) take `model.dropout`
+as a float, and the attention kernels always take `model.attn_dropout` as one (it is not in the
+size search spaces). Trials that differ in those rates there still compile a graph each.
 """
 
 from __future__ import annotations
