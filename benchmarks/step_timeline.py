@@ -39,31 +39,27 @@ ALLOCATOR = ("num_alloc_retries", "num_device_alloc", "num_device_free", "segmen
              "segment.all.freed")
 
 
-def thread_ticks() -> dict[str, int]:
-    """user + system ticks per thread of this process, keyed "tid:name"."""
-    ticks = {}
+def thread_stats() -> dict[str, list[str]]:
+    """Each thread's /proc stat fields after its name (field 3 onwards), keyed "tid:name"."""
+    stats = {}
     for tid in os.listdir("/proc/self/task"):
         try:
             stat = Path(f"/proc/self/task/{tid}/stat").read_text()
             name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        ticks[f"{tid}:{name}"] = int(fields[11]) + int(fields[12])
-    return ticks
+        stats[f"{tid}:{name}"] = stat[stat.rindex(")") + 2:].split()
+    return stats
+
+
+def thread_ticks() -> dict[str, int]:
+    """user + system ticks per thread of this process, keyed "tid:name"."""
+    return {key: int(fields[11]) + int(fields[12]) for key, fields in thread_stats().items()}
 
 
 def thread_cpus() -> dict[str, int]:
     """The logical CPU each thread of this process last ran on, keyed "tid:name"."""
-    cpus = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-        except OSError:
-            continue
-        cpus[f"{tid}:{name}"] = int(stat[stat.rindex(")") + 2:].split()[36])
-    return cpus
+    return {key: int(fields[36]) for key, fields in thread_stats().items()}
 
 
 def throttled_ms() -> float | None:
