@@ -60,7 +60,7 @@ def worker(config: dict) -> None:
     def wrap(module):
         if world == 1 and not config["ddp_single"]:
             return module
-        # as tuner.train.driver: the only buffers are the dropout rates, equal on every rank
+        # as tuner.train.driver: the buffers (dropout rates, item log-frequencies) are equal on every rank
         return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
                                        **bucket)
 
