@@ -40,7 +40,8 @@ def reference(x, branch, branch_bias, weight, bias):
 
 def kernels(x, branch, branch_bias, weight, bias):
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
-    return add_norm.dropout_add_norm(x, branch, branch_bias, weight, bias, seed, P, 1e-5)
+    rate = torch.full((), P, dtype=torch.float32, device=x.device)
+    return add_norm.dropout_add_norm(x, branch, branch_bias, weight, bias, seed, rate, True, 1e-5)
 
 
 def measure(impl, rows: int, hidden: int) -> dict:

@@ -23,7 +23,8 @@ def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, branch_
     bias = (0.1 * torch.randn(hidden, generator=g)).to(device, dtype).requires_grad_()
     bb = (0.3 * torch.randn(hidden, generator=g)).to(device, dtype).requires_grad_() if branch_bias else None
     seed_t = torch.tensor([77 + seed], dtype=torch.int32, device=device)
-    s, y = an.dropout_add_norm(x, branch, bb, weight, bias, seed_t, p, 1e-5)
+    rate = torch.tensor(p, dtype=torch.float32, device=device)
+    s, y = an.dropout_add_norm(x, branch, bb, weight, bias, seed_t, rate, p > 0, 1e-5)
     dy = torch.randn(y.shape, generator=g).to(device, y.dtype)
     ds = torch.randn(s.shape, generator=g).to(device, s.dtype)
     outputs, grads_in = ((s, y), (ds, dy)) if grad_s else ((y,), (dy,))
@@ -45,7 +46,7 @@ def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, branch_
         r["kept_fraction"] = float(keep.float().mean())
         r["mask_repeats"] = bool(torch.equal(keep, an.keep_mask(seed_t, rows, hidden, p)))
         r["mask_differs_by_seed"] = not torch.equal(keep, an.keep_mask(seed_t + 1, rows, hidden, p))
-        again = an.dropout_add_norm(x, branch, bb, weight, bias, seed_t, p, 1e-5)[0]
+        again = an.dropout_add_norm(x, branch, bb, weight, bias, seed_t, rate, p > 0, 1e-5)[0]
         r["forward_repeats"] = bool(torch.equal(s, again))
         # the dropped elements are the mask's: s - x is zero exactly there
         r["dropped_where_masked"] = bool(((s.float() - x.float()).abs() < 1e-6).eq(~keep).float().mean() > 0.99)
@@ -83,6 +84,30 @@ def model_case(device="cpu", backend="aot_eager"):
     return out
 
 
+def cache_case():
+    """Two trials' models on the kernels, dropout 0.1 and 0.3, each compiled by inductor for a
+    training forward and backward on one fresh cache directory: the inductor cache hits and misses
+    of the second (the kernels read the rate from a tensor, so the graph is the same)."""
+    import os
+    import tempfile
+
+    from torch._dynamo.utils import counters
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
+    items = torch.randint(1, 41, (4, 20))
+    stats = {}
+    for p in (0.1, 0.3):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = Bert4Rec(Bert4RecConfig(num_items=40, max_len=20, hidden=32, layers=2, heads=2, ffn=64, dropout=p,
+                                        attn_dropout=0.0, attention="math", fused_add_norm=True)).train()
+        torch.compile(model)(items).sum().backward()
+        stats[p] = (counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+    return {"on_kernels": an.usable(model.item_emb(items)), "second_hits": stats[0.3][0],
+            "second_misses": stats[0.3][1]}
+
+
 def main():
     if sys.argv[1:] == ["--cuda"]:  # on a GPU, compiled by Triton: the 430M and 130M shapes
         print(json.dumps({"bf16_430M": case(6400, 1024, torch.bfloat16, 0.1, device="cuda"),
@@ -98,6 +123,7 @@ def main():
         "mixed_no_grad_s": case(19, 40, torch.float32, 0.2, seed=3, branch_dtype=torch.float16, grad_s=False),
         "no_branch_bias": case(21, 32, torch.float32, 0.2, seed=4, branch_bias=False),
         "model": model_case(),
+        "cache": cache_case(),
     }
     print(json.dumps(result))
 

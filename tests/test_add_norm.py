@@ -55,3 +55,10 @@ def test_model_on_the_kernels_matches_pytorch_ops(result, mode):
 
 def test_model_dropout_draws_a_new_mask_each_call_and_eval_is_deterministic(result):
     assert result["model"]["dropout_changes_outputs"] and result["model"]["eval_repeats"]
+
+
+def test_trials_with_another_dropout_share_the_compiled_graph_on_the_kernels(result):
+    """The kernels read the dropout rate from a tensor: a second model with another rate compiles
+    its forward and backward from the first one's cache entries (a float rate missed)."""
+    assert result["cache"]["on_kernels"]
+    assert result["cache"]["second_hits"] >= 2 and result["cache"]["second_misses"] == 0, result["cache"]

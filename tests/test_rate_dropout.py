@@ -24,6 +24,9 @@ def test_eager_rate_dropout_is_nn_dropout():
         torch.testing.assert_close(got, theirs(x), rtol=0, atol=0)
         assert torch.equal(ours.eval()(x), x)
     assert "rate" not in RateDropout(0.1).state_dict()  # checkpoints are unchanged
+    drop = RateDropout(0.1)
+    drop.p = 0.4  # as code that sets nn.Dropout.p: the compiled path's buffer follows
+    assert drop.rate.item() == pytest.approx(0.4) and drop.p == 0.4
     with pytest.raises(ValueError, match="dropout rate"):
         RateDropout(1.0)
 

@@ -185,8 +185,7 @@ class TrainConfig:
     # 10.2-15.0 without (alternating rows; benchmarks/results/gpu_throughput_cpp_wrapper_130M.json).
     # It costs compile time once per machine (130M: 107 s against 31), then each new process loads
     # it from inductor's cache; trials that differ only in dropout, learning rate or weight decay
-    # share that entry (tuner.model.rate_dropout, MasterWeightAdamW's decay tensor; under CUDA
-    # graphs add_norm's kernels still take the dropout rate as a constant). auto = on for
+    # share that entry (tuner.model.rate_dropout, MasterWeightAdamW's decay tensor). auto = on for
     # one CUDA worker without CUDA graphs (compile_mode default or max-autotune-no-cudagraphs);
     # DDP trials keep the Python wrapper (the C++ one is not yet run across GPUs)
     cpp_wrapper: str = "auto"

@@ -15,11 +15,12 @@ the three into one kernel per place, 16 per 430M step each way, but two things c
   contributions to all three gradients in registers; one small kernel adds the programs' partials
   (deterministically: no atomics) and writes them in the weights' dtype.
 
-`dropout_add_norm(x, branch, branch_bias, weight, bias, seed, p, eps)` returns `(s, y)`: s = x +
+`dropout_add_norm(x, branch, branch_bias, weight, bias, seed, rate, dropout, eps)` returns `(s, y)`: s = x +
 dropout_p(branch + branch_bias), rounded to the stream's dtype (the next residual), and y =
 LayerNorm(s) in the same dtype; mean and variance in fp32, from the rounded s, as `nn.LayerNorm`
 on s would. The backward recomputes them and the dropout mask from s and the seed, so nothing but
-s is kept. `torch.library` custom ops with their own autograd: `torch.compile` sees one opaque
+s is kept. The kernels read p from the 0-d tensor `rate`, so trials of a search that differ in
+dropout share one compiled graph (`tuner.model.rate_dropout`). `torch.library` custom ops with their own autograd: `torch.compile` sees one opaque
 call each way. Each call costs host time (Python, Triton's launcher), so the model uses them only
 where CUDA graphs replay the step (`model.fused_add_norm=auto`): there the 430M step took 14.3
 against 14.8 ms on an H100; under plain compile the 130M step took 15.3 against 10.9 ms
@@ -81,7 +82,7 @@ if triton is not None:
         return centred, 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / H + eps)
 
     @triton.jit
-    def _forward_kernel(X, BR, BB, W, B, SEED, S, Y, N, H, eps, p, QUARTER: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _forward_kernel(X, BR, BB, W, B, SEED, RATE, S, Y, N, H, eps, QUARTER: tl.constexpr, BLOCK_R: tl.constexpr,
                         DROPOUT: tl.constexpr, HAS_BB: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, 4 * QUARTER)
@@ -92,6 +93,7 @@ if triton is not None:
         if HAS_BB:  # the branch's own bias (its last linear's), added here instead of in the GEMM
             branch += tl.load(BB + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
         if DROPOUT:
+            p = tl.load(RATE)
             branch = tl.where(_keep(tl.load(SEED), rows, p, QUARTER), branch / (1.0 - p), 0.0)
         s = (x + branch).to(S.dtype.element_ty)
         tl.store(S + offsets, s, mask=inside)
@@ -102,7 +104,7 @@ if triton is not None:
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _backward_kernel(S, W, SEED, DY, DS, DX, DBR, PARTS, N, H, iters, eps, p, QUARTER: tl.constexpr,
+    def _backward_kernel(S, W, SEED, RATE, DY, DS, DX, DBR, PARTS, N, H, iters, eps, QUARTER: tl.constexpr,
                          BLOCK_R: tl.constexpr, STAGES: tl.constexpr, DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
                          HAS_BB: tl.constexpr):
         pid = tl.program_id(0)
@@ -112,6 +114,7 @@ if triton is not None:
         db = tl.zeros([4 * QUARTER], tl.float32)
         dbb = tl.zeros([4 * QUARTER], tl.float32)
         seed = tl.load(SEED)
+        p = tl.load(RATE)
         for i in tl.range(0, iters, num_stages=STAGES):  # STAGES > 1: the next rows' loads overlap this one's math
             rows = (pid * iters + i).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
             inside = (rows < N)[:, None] & (cols < H)[None, :]
@@ -156,10 +159,10 @@ if triton is not None:
         tl.store(OUT + k * H + cols, total.to(OUT.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _mask_kernel(SEED, OUT, H, p, QUARTER: tl.constexpr):
+    def _mask_kernel(SEED, RATE, OUT, H, QUARTER: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
         cols = tl.arange(0, 4 * QUARTER)
-        kept = _keep(tl.load(SEED), rows, p, QUARTER)
+        kept = _keep(tl.load(SEED), rows, tl.load(RATE), QUARTER)
         tl.store(OUT + rows[:, None] * H + cols[None, :], kept.to(tl.int8), mask=(cols < H)[None, :])
 
 
@@ -194,10 +197,13 @@ def _stream_dtype(x: torch.Tensor, branch: torch.Tensor) -> torch.dtype:
 
 @torch.library.custom_op("tuner::dropout_add_norm", mutates_args=())
 def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optional[torch.Tensor], weight: torch.Tensor,
-                     bias: torch.Tensor, seed: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     bias: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, dropout: bool,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): s = x + dropout_p(branch + branch_bias) (mask from `seed`, an int32 tensor of one
     element; `branch_bias` [H] or None) in the wider of x's and branch's dtypes, y =
-    layer_norm(s, weight, bias, eps) in the same dtype. x, branch: [..., H]."""
+    layer_norm(s, weight, bias, eps) in the same dtype. x, branch: [..., H]. The rate p is the
+    fp32 0-d tensor `rate`, read by the kernels, so a compiled graph does not depend on its value
+    (`tuner.model.rate_dropout`); `dropout` says whether p > 0."""
     hidden = x.shape[-1]
     x2, b2 = x.reshape(-1, hidden).contiguous(), branch.reshape(-1, hidden).contiguous()
     s = torch.empty(x2.shape, dtype=_stream_dtype(x, branch), device=x.device)
@@ -205,20 +211,21 @@ def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optiona
     if s.numel():
         tile = launch_settings(hidden)[0]
         _forward_kernel[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](
-            x2, b2, branch_bias if branch_bias is not None else weight, weight, bias, seed, s, y, s.shape[0], hidden,
-            eps, p, QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_BB=branch_bias is not None, **tile)
+            x2, b2, branch_bias if branch_bias is not None else weight, weight, bias, seed, rate, s, y, s.shape[0],
+            hidden, eps, QUARTER=_quarter(hidden), DROPOUT=dropout, HAS_BB=branch_bias is not None, **tile)
     return s.view(x.shape), y.view(x.shape)
 
 
 @dropout_add_norm.register_fake
-def _dropout_add_norm_fake(x, branch, branch_bias, weight, bias, seed, p, eps):
+def _dropout_add_norm_fake(x, branch, branch_bias, weight, bias, seed, rate, dropout, eps):
     s = x.new_empty(x.shape, dtype=_stream_dtype(x, branch))
     return s, torch.empty_like(s)
 
 
 @torch.library.custom_op("tuner::dropout_add_norm_backward", mutates_args=())
 def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
-                              seed: torch.Tensor, p: float, eps: float, has_grad_s: bool, has_branch_bias: bool,
+                              seed: torch.Tensor, rate: torch.Tensor, dropout: bool, eps: float, has_grad_s: bool,
+                              has_branch_bias: bool,
                               x_dtype: torch.dtype, branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d x, d branch, sums) from d y and d s (ignored where `has_grad_s` is False); sums [K, H]
     in the weight's dtype: d weight, d bias and, with `has_branch_bias`, d branch_bias."""
@@ -236,8 +243,8 @@ def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: tor
     programs = max(1, triton.cdiv(rows, iters * tile["BLOCK_R"]))
     parts = torch.empty(kinds, programs, hidden, dtype=torch.float32, device=s.device)
     if rows:
-        _backward_kernel[(programs,)](s2, weight, seed, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps, p,
-                                      QUARTER=_quarter(hidden), DROPOUT=p > 0, HAS_DS=has_grad_s,
+        _backward_kernel[(programs,)](s2, weight, seed, rate, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps,
+                                      QUARTER=_quarter(hidden), DROPOUT=dropout, HAS_DS=has_grad_s,
                                       HAS_BB=has_branch_bias, **tile)
     else:
         parts.zero_()
@@ -247,46 +254,52 @@ def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: tor
 
 
 @dropout_add_norm_backward.register_fake
-def _dropout_add_norm_backward_fake(grad_y, grad_s, s, weight, seed, p, eps, has_grad_s, has_branch_bias, x_dtype,
-                                    branch_dtype):
+def _dropout_add_norm_backward_fake(grad_y, grad_s, s, weight, seed, rate, dropout, eps, has_grad_s, has_branch_bias,
+                                    x_dtype, branch_dtype):
     kinds = 3 if has_branch_bias else 2
     return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape, dtype=branch_dtype),
             weight.new_empty(kinds, s.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, branch, branch_bias, weight, bias, seed, p, eps = inputs
-    ctx.save_for_backward(output[0], weight, seed)
-    ctx.p, ctx.eps = p, eps
+    x, branch, branch_bias, weight, bias, seed, rate, dropout, eps = inputs
+    ctx.save_for_backward(output[0], weight, seed, rate)
+    ctx.dropout, ctx.eps = dropout, eps
     ctx.dtypes = (x.dtype, branch.dtype, bias.dtype, None if branch_bias is None else branch_bias.dtype)
 
 
 def _backward(ctx, grad_s, grad_y):
-    s, weight, seed = ctx.saved_tensors
+    s, weight, seed, rate = ctx.saved_tensors
     x_dtype, branch_dtype, bias_dtype, branch_bias_dtype = ctx.dtypes
     has_grad_s, has_bb = grad_s is not None, branch_bias_dtype is not None
     grad_y = grad_y if grad_y is not None else torch.zeros_like(s)
-    dx, dbranch, sums = dropout_add_norm_backward(grad_y, grad_s if has_grad_s else grad_y, s, weight, seed, ctx.p,
-                                                  ctx.eps, has_grad_s, has_bb, x_dtype, branch_dtype)
+    dx, dbranch, sums = dropout_add_norm_backward(grad_y, grad_s if has_grad_s else grad_y, s, weight, seed, rate,
+                                                  ctx.dropout, ctx.eps, has_grad_s, has_bb, x_dtype, branch_dtype)
     dbb = sums[2].to(branch_bias_dtype) if has_bb else None
-    return dx, dbranch, dbb, sums[0], sums[1].to(bias_dtype), None, None, None
+    return dx, dbranch, dbb, sums[0], sums[1].to(bias_dtype), None, None, None, None
 
 
 dropout_add_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def add_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm, p: float,
-             branch_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             branch_bias: Optional[torch.Tensor] = None, rate: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + dropout_p(branch + branch_bias), norm of that) on the kernels; the caller checked
-    `usable(x)`. Under autocast the branch is already in autocast's dtype (a linear's output)."""
+    `usable(x)`. Under autocast the branch is already in autocast's dtype (a linear's output).
+    `rate`: p as an fp32 0-d tensor on x's device (a `RateDropout`'s buffer, so a compiled graph
+    does not depend on p); made from p where not given."""
     seed = short_attention.new_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int32, device=x.device)
-    return dropout_add_norm(x, branch, branch_bias, norm.weight, norm.bias, seed, p, norm.eps)
+    if rate is None:
+        rate = torch.full((), p, dtype=torch.float32, device=x.device)
+    return dropout_add_norm(x, branch, branch_bias, norm.weight, norm.bias, seed, rate, p > 0, norm.eps)
 
 
 def keep_mask(seed: torch.Tensor, rows: int, hidden: int, p: float) -> torch.Tensor:
     """The kernels' dropout mask for `seed`: bool [rows, hidden], True where an element is kept."""
     out = torch.empty(rows, hidden, dtype=torch.int8, device=seed.device)
-    _mask_kernel[(rows,)](seed, out, hidden, p, QUARTER=_quarter(hidden))
+    rate = torch.full((), p, dtype=torch.float32, device=seed.device)
+    _mask_kernel[(rows,)](seed, rate, out, hidden, QUARTER=_quarter(hidden))
     return out.bool()
 
 

@@ -187,11 +187,13 @@ class Block(nn.Module):
         """`forward` on `add_norm`'s kernels: (x, normed) -> (the block's output, `next_norm` of
         it), where `normed` is `attn_norm(x)`. Each residual add, its dropout and the LayerNorm
         after it are one kernel each way."""
-        rate = lambda dropout: dropout.p if self.training else 0.0  # noqa: E731 - each branch's own module's
+        def dropout(module: RateDropout) -> dict:  # each branch's own module's rate, float and tensor
+            return {"p": module.p, "rate": module.rate} if self.training else {"p": 0.0}
+
         out, bias = self.attn.branch(normed, keep, gate)
-        x, normed = add_norm.add_norm(x, out, self.ffn_norm, rate(self.attn.resid_dropout), bias)
+        x, normed = add_norm.add_norm(x, out, self.ffn_norm, branch_bias=bias, **dropout(self.attn.resid_dropout))
         out, bias = self.ffn.branch(normed, gate)
-        return add_norm.add_norm(x, out, next_norm, rate(self.ffn.dropout), bias)
+        return add_norm.add_norm(x, out, next_norm, branch_bias=bias, **dropout(self.ffn.dropout))
 
 
 class Bert4Rec(nn.Module):

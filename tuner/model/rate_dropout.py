@@ -9,9 +9,9 @@ buffer as well, and the compiled path reads that, so every rate shares one graph
 entry. Eager runs call `F.dropout` with the float, as `nn.Dropout` does: the same numbers for the
 same random state.
 
-Not covered: under CUDA graphs, `add_norm`'s kernels (on by default there) take `model.dropout`
-as a float, and the attention kernels always take `model.attn_dropout` as one (it is not in the
-size search spaces). Trials that differ in those rates there still compile a graph each.
+`add_norm`'s kernels (on by default under CUDA graphs) read the same buffer. Not covered: the
+attention kernels take `model.attn_dropout` as a float (it is not in the size search spaces), so
+trials that differ in it still compile a graph each.
 """
 
 from __future__ import annotations
@@ -28,10 +28,21 @@ class RateDropout(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
-        self.p = float(p)
-        self.register_buffer("rate", torch.tensor(self.p, dtype=torch.float32), persistent=False)
+        self.register_buffer("rate", torch.tensor(0.0, dtype=torch.float32), persistent=False)
+        self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        """Sets the float and the buffer together (code that sets `nn.Dropout.p` keeps working)."""
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {value}")
+        self._p = float(value)
+        with torch.no_grad():
+            self.rate.fill_(self._p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
