@@ -15,16 +15,18 @@ the three into one kernel per place, 16 per 430M step each way, but two things c
   contributions to all three gradients in registers; one small kernel adds the programs' partials
   (deterministically: no atomics) and writes them in the weights' dtype.
 
-`dropout_add_norm(x, branch, branch_bias, weight, bias, seed, rate, dropout, eps)` returns `(s, y)`: s = x +
-dropout_p(branch + branch_bias), rounded to the stream's dtype (the next residual), and y =
-LayerNorm(s) in the same dtype; mean and variance in fp32, from the rounded s, as `nn.LayerNorm`
-on s would. The backward recomputes them and the dropout mask from s and the seed, so nothing but
-s is kept. The kernels read p from the 0-d tensor `rate`, so trials of a search that differ in
-dropout share one compiled graph (`tuner.model.rate_dropout`). `torch.library` custom ops with their own autograd: `torch.compile` sees one opaque
-call each way. Each call costs host time (Python, Triton's launcher), so the model uses them only
-where CUDA graphs replay the step (`model.fused_add_norm=auto`): there the 430M step took 14.3
-against 14.8 ms on an H100; under plain compile the 130M step took 15.3 against 10.9 ms
-(benchmarks/results/gpu_throughput_add_norm_430M.json, gpu_throughput_host_130M.json).
+`dropout_add_norm(x, branch, branch_bias, weight, bias, seed, rate, dropout, eps)` returns
+`(s, y)`: s = x + dropout_p(branch + branch_bias), rounded to the stream's dtype (the next
+residual), and y = LayerNorm(s) in the same dtype; mean and variance in fp32, from the rounded s,
+as `nn.LayerNorm` on s would. The backward recomputes them and the dropout mask from s and the
+seed, so nothing but s is kept. The kernels read p from the 0-d tensor `rate`, so trials of a
+search that differ in dropout share one compiled graph (`tuner.model.rate_dropout`).
+`torch.library` custom ops with their own autograd: `torch.compile` sees one opaque call each
+way. Each call costs host time (Python, Triton's launcher), so the model uses them only where CUDA
+graphs replay the step (`model.fused_add_norm=auto`): there the 430M step took 14.3 against 14.8
+ms on an H100; under plain compile the 130M step took 15.3 against 10.9 ms
+(benchmarks/results/gpu_throughput_add_norm_430M.json, gpu_throughput_host_130M.json; measured
+when the kernels took p as a float argument).
 `reference` is the same computation in PyTorch for a given mask (`keep_mask` gives the kernels'
 mask), which the tests compare against under Triton's interpreter.
 """

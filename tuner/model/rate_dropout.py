@@ -23,8 +23,8 @@ from torch import nn
 
 class RateDropout(nn.Module):
     """`nn.Dropout(p)` with the rate also in the non-persistent buffer `rate` (checkpoints do not
-    change). `p` stays a float for whoever needs one (add_norm's kernels, which take it as a
-    kernel argument)."""
+    change). `p` stays a float: eager runs use it, and whether p > 0 picks the code path (add_norm's
+    kernels read the buffer, as the compiled path here does)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -50,7 +50,7 @@ class RateDropout(nn.Module):
         if torch.compiler.is_compiling():
             # one fused pass under inductor, as its lowering of F.dropout: keep where a uniform
             # draw reaches the rate, scale the kept by 1 / (1 - rate) in fp32 (a bf16 scale would
-            # be off by up to 0.4%), round once
+            # be off by up to 0.2%), round once
             keep = torch.rand_like(x, dtype=torch.float32) >= self.rate
             return (x.float() * (keep / (1.0 - self.rate))).to(x.dtype)
         return F.dropout(x, self.p, True)
