@@ -12,7 +12,9 @@ after the other on one fresh cache directory (TORCHINDUCTOR_CACHE_DIR) and recor
   compile or cache load, two steps);
 - `first_steps_s`: the two steps alone (where the compile or the cache load happens);
 - `step_ms`: the median of the next --steps steps, and whether the first steps' losses match those of
-  the first process with the same overrides.
+  the first process with the same overrides (`losses`: the two);
+- `caches`: the process's hits and misses in inductor's FX graph cache and AOTAutograd's cache, and
+  `phases_s`: its longest compile phases (dynamo's timers), which say where a slow start went.
 The first process of each wrapper starts cold; the rest find the cache warm. `--trials` gives each
 process its own config overrides, as the trials of a search differ (process n takes the n-th,
 cycling): whether the cache still covers a trial whose dropout, learning rate or weight decay is
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -62,7 +65,73 @@ def child(spec_json: str, launched: float) -> None:
         sync()
         times.append((time.perf_counter() - t) * 1e3)
     print(json.dumps({"start_s": start, "first_steps_s": first, "step_ms": statistics.median(times),
-                      "losses": losses}))
+                      "losses": losses, "caches": cache_counts(), "phases_s": compile_phases()}))
+
+
+def cache_counts() -> dict:
+    """Inductor's FX graph cache and AOTAutograd's cache: hits, misses and bypasses in this process."""
+    from torch._dynamo.utils import counters
+
+    wanted = {"inductor": "fxgraph_cache_", "aot_autograd": "autograd_cache_"}
+    return {key: n for group, prefix in wanted.items() for key, n in counters[group].items() if key.startswith(prefix)}
+
+
+def compile_phases(top: int = 10) -> dict:
+    """The compile's longest phases in this process (dynamo's timers, seconds; they nest)."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    phases = sorted(zip(names, map(float, values)), key=lambda kv: -kv[1])[:top]
+    return {name: round(value, 2) for name, value in phases}
+
+
+def summarize(files: list[str], step_files: list[str]) -> dict:
+    """Medians over the rows of earlier runs' files, per wrapper and cache state: seconds to the end
+    of the first two steps, of them in loading compiled code (`PyCodeCache.load_by_key_path`), and
+    the steady step. With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
+    `amp_compile_python_wrapper` rows of one size): the steps after which a trial on a warm cache
+    makes up the C++ wrapper's longer start, from the median steps of those rows."""
+    rows = [row for f in files for row in json.loads(Path(f).read_text())["rows"] if "error" not in row]
+    table = {}
+    for wrapper in ("python", "cpp"):
+        for cache in ("cold", "warm"):
+            got = [r for r in rows if r["wrapper"] == wrapper and r["cache"] == cache]
+            if got:
+                # None where the phase was not among a row's longest (the Python wrapper's ~1 s)
+                loads = [r["phases_s"]["PyCodeCache.load_by_key_path"] for r in got
+                         if "PyCodeCache.load_by_key_path" in r.get("phases_s", {})]
+                table[f"{wrapper}_{cache}"] = {
+                    "n": len(got), "start_s": statistics.median(r["start_s"] for r in got),
+                    "first_steps_s": statistics.median(r["first_steps_s"] for r in got),
+                    "load_by_key_path_s": statistics.median(loads) if loads else None,
+                    "step_ms": statistics.median(r["step_ms"] for r in got)}
+    summary = {"files": files, "medians": table, "loss_rel_diff": repeat_differences(files)}
+    if step_files and "cpp_warm" in table and "python_warm" in table:
+        steps = [r for f in step_files for r in json.loads(Path(f).read_text())["rows"]]
+        cpp = statistics.median(r["step_ms"] for r in steps if r["variant"] == "amp_compile")
+        python = statistics.median(r["step_ms"] for r in steps if r["variant"] == "amp_compile_python_wrapper")
+        extra_s = table["cpp_warm"]["start_s"] - table["python_warm"]["start_s"]
+        summary["break_even"] = {"step_files": step_files, "cpp_step_ms": cpp, "python_step_ms": python,
+                                 "warm_start_extra_s": extra_s,
+                                 "steps": extra_s / ((python - cpp) / 1e3) if python > cpp else None}
+    return summary
+
+
+def repeat_differences(files: list[str]) -> dict:
+    """Per step: the largest relative difference between the losses of a process and those of the
+    first process of its file with the same wrapper and trial (rows that record `losses`)."""
+    worst: dict = {}
+    for f in files:
+        first: dict = {}
+        for row in json.loads(Path(f).read_text())["rows"]:
+            if "losses" not in row:
+                continue
+            key = (row["wrapper"], row["trial"])
+            if key in first:
+                for i, (a, b) in enumerate(zip(row["losses"], first[key])):
+                    worst[f"step_{i + 1}"] = max(worst.get(f"step_{i + 1}", 0.0), abs(a - b) / abs(b))
+            first.setdefault(key, row["losses"])
+    return worst
 
 
 def main() -> None:
@@ -77,15 +146,24 @@ def main() -> None:
     parser.add_argument("--trials", nargs="+", default=[""],
                         help="config overrides per process, space-separated in one argument (cycling)")
     parser.add_argument("--out", default=str(HERE / "results" / "compile_start.json"))
+    parser.add_argument("--summarize", nargs="+", metavar="FILE", help="medians over earlier runs' files; runs nothing")
+    parser.add_argument("--step-files", nargs="*", default=[], metavar="FILE",
+                        help="with --summarize: gpu_throughput.py files for the break-even number of steps")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.launched)
         return
+    if args.summarize:
+        missing = [f for f in args.summarize + args.step_files if not Path(f).is_file()]
+        if missing:
+            sys.exit(f"compile_start.py: no such file: {missing[0]}")
+        print(json.dumps(summarize(args.summarize, args.step_files), indent=1))
+        return
     if args.processes < 1:
         sys.exit("compile_start.py: --processes must be at least 1")
-    report = {"command": "python benchmarks/compile_start.py " + " ".join(sys.argv[1:]), "device": args.device,
+    report = {"command": "python benchmarks/compile_start.py " + shlex.join(sys.argv[1:]), "device": args.device,
               "size": args.size, "num_items": args.num_items, "batch_size": args.batch_size, "rows": []}
     if args.device == "cuda":
         import torch
@@ -112,6 +190,10 @@ def main() -> None:
                     losses = row.pop("losses")
                     # against the first process with the same overrides (None for that one)
                     row["same_losses_as_first"] = first_losses[trial] == losses if trial in first_losses else None
+                    # GPUs' reductions need not repeat bit for bit: how far from the first process
+                    row["loss_rel_diff"] = (max(abs(a - b) / abs(b) for a, b in zip(losses, first_losses[trial]))
+                                            if trial in first_losses else None)
+                    row["losses"] = losses
                     first_losses.setdefault(trial, losses)
                 row = {"wrapper": "cpp" if wrapper == "on" else "python", "process": n + 1,
                        "cache": "cold" if n == 0 else "warm", "trial": trial, **row}

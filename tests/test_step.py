@@ -11,7 +11,7 @@ from tuner.model.bert4rec import Bert4Rec
 from tuner.model.build import model_config
 from tuner.train.optim import build_optimizer
 from tuner.errors import UserError
-from tuner.train.step import TrainStep, compile_options
+from tuner.train.step import CPP_WRAPPER_MIN_STEPS, TrainStep, compile_options
 
 
 def _train(fused_clip: bool, grad_clip: float, steps: int = 4) -> dict[str, torch.Tensor]:
@@ -60,6 +60,19 @@ def test_cpp_wrapper_is_on_by_default_only_for_one_cuda_worker_without_graphs():
     assert compile_options(load_config(overrides=["train.cpp_wrapper=off"]).train, cuda) is None
     with pytest.raises(UserError, match="train.cpp_wrapper='yes' is not one of: auto, on, off"):
         load_config(overrides=["train.cpp_wrapper=yes"])
+
+
+def test_cpp_wrapper_auto_is_off_for_trials_too_short_to_repay_its_start():
+    """Its start costs every new process ~33 s more than the Python wrapper's on an H100 (130M),
+    which its faster steps repay only after ~20,000 steps: short trials keep the Python wrapper,
+    unless the user asks for the C++ one."""
+    cuda = torch.device("cuda")
+    train = load_config().train
+    assert compile_options(train, cuda, total_steps=CPP_WRAPPER_MIN_STEPS - 1) is None
+    assert compile_options(train, cuda, total_steps=CPP_WRAPPER_MIN_STEPS) == {"cpp_wrapper": True}
+    assert compile_options(train, cuda, total_steps=None) == {"cpp_wrapper": True}  # `tuner bench`: steady step
+    forced = load_config(overrides=["train.cpp_wrapper=on"]).train
+    assert compile_options(forced, cuda, total_steps=100) == {"cpp_wrapper": True}
 
 
 def test_the_compiled_step_with_the_cpp_wrapper_trains_as_the_eager_step():

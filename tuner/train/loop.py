@@ -90,7 +90,6 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     dtype = resolve_precision(cfg.train.amp, device)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    options = compile_options(cfg.train, device, ctx.world_size) if use_compile else None
     optimizer = training_optimizer(model, cfg, dtype, device, use_compile)
     batch_size = rank_batch_size(cfg.train, ctx.world_size)
     steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size, cfg.train.static_shapes)
@@ -102,6 +101,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    options = compile_options(cfg.train, device, ctx.world_size, total_steps) if use_compile else None
     params = [p for p in model.parameters() if p.requires_grad]  # iLoRA: the adapters only
     step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
                      cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap,

@@ -23,16 +23,28 @@ from tuner.config import GRAPH_MODES, TrainConfig
 from tuner.data.collate import TrainBatch
 
 
-def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1) -> Optional[dict]:
+# `train.cpp_wrapper=auto` turns the C++ wrapper on for a trial of at least this many optimizer
+# steps. Each new process pays a longer start with it even when inductor's cache holds the step:
+# on an H100 at 130M, 58.1 s against 25.6 s to the end of the first two steps (medians of 5 and 7
+# processes), 37.0 s of it loading the cached C++ module; its steps were 8.22 ms against 9.87 ms.
+# So it pays back after ~19,700 steps (`benchmarks/compile_start.py --summarize`; the files are in
+# benchmarks/results/compile_start_cuda/). The first trial on a machine, which compiles, pays ~73 s more.
+CPP_WRAPPER_MIN_STEPS = 20_000
+
+
+def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1,
+                    total_steps: Optional[int] = None) -> Optional[dict]:
     """Inductor settings for whatever the step compiles (the objective, and the masters' update
     inside the optimizer step): `{"cpp_wrapper": True}` where `train.cpp_wrapper` asks for it,
     else None. auto: one CUDA worker without CUDA graphs, where the host's launches are what the
-    step waits on; DDP (`world_size` > 1) keeps the Python wrapper, as the C++ one has not been
-    run across GPUs."""
+    step waits on, and a trial of at least CPP_WRAPPER_MIN_STEPS optimizer steps (`total_steps`:
+    the trial's plan; None = long, as for `tuner bench`'s steady step); DDP (`world_size` > 1)
+    keeps the Python wrapper, as the C++ one has not been run across GPUs."""
     setting = train.cpp_wrapper
     if setting == "auto":
         single = device.type == "cuda" and world_size == 1
-        return {"cpp_wrapper": True} if single and train.compile_mode not in GRAPH_MODES else None
+        long = total_steps is None or total_steps >= CPP_WRAPPER_MIN_STEPS
+        return {"cpp_wrapper": True} if single and long and train.compile_mode not in GRAPH_MODES else None
     return {"cpp_wrapper": True} if setting == "on" else None
 
 
