@@ -13,8 +13,9 @@ after the other on one fresh cache directory (TORCHINDUCTOR_CACHE_DIR) and recor
 - `first_steps_s`: the two steps alone (where the compile or the cache load happens);
 - `step_ms`: the median of the next --steps steps, and whether the first steps' losses match those of
   the first process with the same overrides (`losses`: the two);
-- `caches`: the process's hits and misses in inductor's FX graph cache and AOTAutograd's cache, and
-  `phases_s`: its longest compile phases (dynamo's timers), which say where a slow start went.
+- `caches`: the process's hits and misses in inductor's FX graph cache and AOTAutograd's cache
+  (`cache_bypass_reasons`: why AOTAutograd's did not cache a graph), and `phases_s`: its longest
+  compile phases (dynamo's timers), which say where a slow start went.
 The first process of each wrapper starts cold; the rest find the cache warm. `--trials` gives each
 process its own config overrides, as the trials of a search differ (process n takes the n-th,
 cycling): whether the cache still covers a trial whose dropout, learning rate or weight decay is
@@ -50,6 +51,7 @@ def child(spec_json: str, launched: float) -> None:
 
     spec = BenchSpec(**json.loads(spec_json))
     device = torch.device(spec.device)
+    bypasses = watch_bypasses()
     bench = prepare_bench(spec, device)
     batches = [b.to(device) for b in bench.batches]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -65,7 +67,29 @@ def child(spec_json: str, launched: float) -> None:
         sync()
         times.append((time.perf_counter() - t) * 1e3)
     print(json.dumps({"start_s": start, "first_steps_s": first, "step_ms": statistics.median(times),
-                      "losses": losses, "caches": cache_counts(), "phases_s": compile_phases()}))
+                      "losses": losses, "caches": cache_counts(), "phases_s": compile_phases(),
+                      "cache_bypass_reasons": sorted(set(bypasses))}))
+
+
+def watch_bypasses() -> list[str]:
+    """A list that fills with the first line of each reason AOTAutograd's cache gives (in its log)
+    for not caching a graph."""
+    import logging
+
+    from torch._functorch._aot_autograd import autograd_cache
+
+    reasons: list[str] = []
+
+    class Reasons(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("Bypassing autograd cache due to: "):
+                reasons.append(message.split(": ", 1)[1].splitlines()[0].strip())
+
+    autograd_cache.log.addHandler(Reasons())
+    autograd_cache.log.setLevel(logging.INFO)
+    autograd_cache.log.propagate = False  # the reasons go to the row, not to stderr
+    return reasons
 
 
 def cache_counts() -> dict:
