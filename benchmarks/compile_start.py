@@ -12,7 +12,7 @@ after the other on one fresh cache directory (TORCHINDUCTOR_CACHE_DIR) and recor
   compile or cache load, two steps);
 - `first_steps_s`: the two steps alone (where the compile or the cache load happens);
 - `step_ms`: the median of the next --steps steps, and whether the first steps' losses match those of
-  the first process with the same overrides (`losses`: the two);
+  the first process with the same overrides (`losses`: the two; `loss_rel_diff`: how far apart);
 - `caches`: the process's hits and misses in inductor's FX graph cache and AOTAutograd's cache
   (`cache_bypass_reasons`: why AOTAutograd's did not cache a graph), and `phases_s`: its longest
   compile phases (dynamo's timers), which say where a slow start went.
@@ -24,6 +24,14 @@ new.
     python benchmarks/compile_start.py --device cpu --processes 4 \
         --trials "model.dropout=0.1 optim.lr=1e-3 optim.weight_decay=0.01" \
                  "model.dropout=0.2 optim.lr=2e-3 optim.weight_decay=0.05"
+
+`--summarize FILE...` runs nothing: it prints the medians over earlier runs' files, and with
+`--step-files` (gpu_throughput.py files with alternating `amp_compile` and
+`amp_compile_python_wrapper` rows) after how many steps the C++ wrapper's faster steps make up its
+longer start on a warm cache, the bar of `train.cpp_wrapper=auto`:
+
+    python benchmarks/compile_start.py --summarize benchmarks/results/compile_start_cuda/compile_start_130M_{cpp,cpp_counters,python,python_counters,python_same_run}.json \
+        --step-files benchmarks/results/gpu_throughput_cpp_wrapper_130M_8f4ad8c.json
 """
 
 from __future__ import annotations
@@ -115,7 +123,7 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
     the steady step. With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
     `amp_compile_python_wrapper` rows of one size): the steps after which a trial on a warm cache
     makes up the C++ wrapper's longer start, from the median steps of those rows."""
-    rows = [row for f in files for row in json.loads(Path(f).read_text())["rows"] if "error" not in row]
+    rows = [row for f in files for row in _rows(f) if "error" not in row]
     table = {}
     for wrapper in ("python", "cpp"):
         for cache in ("cold", "warm"):
@@ -130,15 +138,31 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
                     "load_by_key_path_s": statistics.median(loads) if loads else None,
                     "step_ms": statistics.median(r["step_ms"] for r in got)}
     summary = {"files": files, "medians": table, "loss_rel_diff": repeat_differences(files)}
-    if step_files and "cpp_warm" in table and "python_warm" in table:
-        steps = [r for f in step_files for r in json.loads(Path(f).read_text())["rows"]]
-        cpp = statistics.median(r["step_ms"] for r in steps if r["variant"] == "amp_compile")
-        python = statistics.median(r["step_ms"] for r in steps if r["variant"] == "amp_compile_python_wrapper")
+    if step_files and not ("cpp_warm" in table and "python_warm" in table):
+        raise ValueError("the break-even needs warm processes of both wrappers in the files")
+    if step_files:
+        steps = [r for f in step_files for r in _rows(f)]
+        cpp = [r["step_ms"] for r in steps if r.get("variant") == "amp_compile"]
+        python = [r["step_ms"] for r in steps if r.get("variant") == "amp_compile_python_wrapper"]
+        if not cpp or not python:
+            raise ValueError("the --step-files have no amp_compile and amp_compile_python_wrapper rows to compare")
+        cpp, python = statistics.median(cpp), statistics.median(python)
         extra_s = table["cpp_warm"]["start_s"] - table["python_warm"]["start_s"]
         summary["break_even"] = {"step_files": step_files, "cpp_step_ms": cpp, "python_step_ms": python,
                                  "warm_start_extra_s": extra_s,
                                  "steps": extra_s / ((python - cpp) / 1e3) if python > cpp else None}
     return summary
+
+
+def _rows(path: str) -> list[dict]:
+    """The rows of a result file; ValueError if it is not one."""
+    try:
+        rows = json.loads(Path(path).read_text()).get("rows")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is not a result file ({type(e).__name__})") from e
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} is not a result file (no rows)")
+    return rows
 
 
 def repeat_differences(files: list[str]) -> dict:
@@ -147,7 +171,7 @@ def repeat_differences(files: list[str]) -> dict:
     worst: dict = {}
     for f in files:
         first: dict = {}
-        for row in json.loads(Path(f).read_text())["rows"]:
+        for row in _rows(f):
             if "losses" not in row:
                 continue
             key = (row["wrapper"], row["trial"])
@@ -183,7 +207,10 @@ def main() -> None:
         missing = [f for f in args.summarize + args.step_files if not Path(f).is_file()]
         if missing:
             sys.exit(f"compile_start.py: no such file: {missing[0]}")
-        print(json.dumps(summarize(args.summarize, args.step_files), indent=1))
+        try:
+            print(json.dumps(summarize(args.summarize, args.step_files), indent=1))
+        except (ValueError, KeyError) as e:
+            sys.exit(f"compile_start.py: {e if isinstance(e, ValueError) else f'a row lacks {e}'}")
         return
     if args.processes < 1:
         sys.exit("compile_start.py: --processes must be at least 1")

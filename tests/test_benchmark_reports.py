@@ -122,3 +122,12 @@ def test_start_summary_splits_cold_and_warm_processes_and_compares_repeats(tmp_p
     assert summary["medians"]["cpp_cold"]["start_s"] == 130
     assert summary["break_even"]["steps"] == pytest.approx((50 - 25) / 2e-3)
     assert summary["loss_rel_diff"] == {"step_1": 0.0, "step_2": pytest.approx(0.1)}  # trial b has no repeat
+
+
+def test_start_summary_of_a_file_that_is_not_a_result_file_is_one_line(tmp_path):
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"device": "H100"}')
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/compile_start.py"), "--summarize", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"compile_start.py: {bad} is not a result file (no rows)"
