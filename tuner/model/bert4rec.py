@@ -187,13 +187,11 @@ class Block(nn.Module):
         """`forward` on `add_norm`'s kernels: (x, normed) -> (the block's output, `next_norm` of
         it), where `normed` is `attn_norm(x)`. Each residual add, its dropout and the LayerNorm
         after it are one kernel each way."""
-        def dropout(module: RateDropout) -> dict:  # each branch's own module's rate, float and tensor
-            return {"p": module.p, "rate": module.rate} if self.training else {"p": 0.0}
-
+        resid, ffn = self.attn.resid_dropout, self.ffn.dropout  # each branch's own rate
         out, bias = self.attn.branch(normed, keep, gate)
-        x, normed = add_norm.add_norm(x, out, self.ffn_norm, branch_bias=bias, **dropout(self.attn.resid_dropout))
+        x, normed = add_norm.add_norm(x, out, self.ffn_norm, resid.p if self.training else 0.0, resid.rate, bias)
         out, bias = self.ffn.branch(normed, gate)
-        return add_norm.add_norm(x, out, next_norm, branch_bias=bias, **dropout(self.ffn.dropout))
+        return add_norm.add_norm(x, out, next_norm, ffn.p if self.training else 0.0, ffn.rate, bias)
 
 
 class Bert4Rec(nn.Module):
