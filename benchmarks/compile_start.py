@@ -138,9 +138,9 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
                     "load_by_key_path_s": statistics.median(loads) if loads else None,
                     "step_ms": statistics.median(r["step_ms"] for r in got)}
     summary = {"files": files, "medians": table, "loss_rel_diff": repeat_differences(files)}
-    if step_files and not ("cpp_warm" in table and "python_warm" in table):
-        raise ValueError("the break-even needs warm processes of both wrappers in the files")
     if step_files:
+        if not ("cpp_warm" in table and "python_warm" in table):
+            raise ValueError("the break-even needs warm processes of both wrappers in the files")
         steps = [r for f in step_files for r in _rows(f)]
         cpp = [r["step_ms"] for r in steps if r.get("variant") == "amp_compile"]
         python = [r["step_ms"] for r in steps if r.get("variant") == "amp_compile_python_wrapper"]
@@ -176,10 +176,15 @@ def repeat_differences(files: list[str]) -> dict:
                 continue
             key = (row["wrapper"], row["trial"])
             if key in first:
-                for i, (a, b) in enumerate(zip(row["losses"], first[key])):
-                    worst[f"step_{i + 1}"] = max(worst.get(f"step_{i + 1}", 0.0), abs(a - b) / abs(b))
+                for i, diff in enumerate(rel_diffs(row["losses"], first[key])):
+                    worst[f"step_{i + 1}"] = max(worst.get(f"step_{i + 1}", 0.0), diff)
             first.setdefault(key, row["losses"])
     return worst
+
+
+def rel_diffs(losses: list[float], first: list[float]) -> list[float]:
+    """Per step: |loss - first| / |first|."""
+    return [abs(a - b) / abs(b) for a, b in zip(losses, first)]
 
 
 def main() -> None:
@@ -238,14 +243,12 @@ def main() -> None:
                     row = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
                 else:
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    losses = row.pop("losses")
-                    # against the first process with the same overrides (None for that one)
-                    row["same_losses_as_first"] = first_losses[trial] == losses if trial in first_losses else None
-                    # GPUs' reductions need not repeat bit for bit: how far from the first process
-                    row["loss_rel_diff"] = (max(abs(a - b) / abs(b) for a, b in zip(losses, first_losses[trial]))
-                                            if trial in first_losses else None)
-                    row["losses"] = losses
-                    first_losses.setdefault(trial, losses)
+                    # against the first process with the same overrides (None for that one); GPUs'
+                    # reductions need not repeat bit for bit, so also how far apart
+                    first = first_losses.get(trial)
+                    row["same_losses_as_first"] = None if first is None else first == row["losses"]
+                    row["loss_rel_diff"] = None if first is None else max(rel_diffs(row["losses"], first))
+                    first_losses.setdefault(trial, row["losses"])
                 row = {"wrapper": "cpp" if wrapper == "on" else "python", "process": n + 1,
                        "cache": "cold" if n == 0 else "warm", "trial": trial, **row}
                 report["rows"].append(row)
