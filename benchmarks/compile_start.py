@@ -120,11 +120,11 @@ def compile_phases(top: int = 10) -> dict:
 def summarize(files: list[str], step_files: list[str]) -> dict:
     """Medians over the rows of earlier runs' files, per wrapper and cache state: seconds to the end
     of the first two steps, of them in loading compiled code (`PyCodeCache.load_by_key_path`), and
-    the steady step. With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
+    the steady step; `details`: what the rows that record their compile say (`phase_details`). With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
     `amp_compile_python_wrapper` rows of one size): the steps after which a trial on a warm cache
     makes up the C++ wrapper's longer start, from the median steps of those rows."""
     rows = [row for f in files for row in _rows(f) if "error" not in row]
-    table = {}
+    table, details = {}, {}
     for wrapper in ("python", "cpp"):
         for cache in ("cold", "warm"):
             got = [r for r in rows if r["wrapper"] == wrapper and r["cache"] == cache]
@@ -137,7 +137,8 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
                     "first_steps_s": statistics.median(r["first_steps_s"] for r in got),
                     "load_by_key_path_s": statistics.median(loads) if loads else None,
                     "step_ms": statistics.median(r["step_ms"] for r in got)}
-    summary = {"files": files, "medians": table, "loss_rel_diff": repeat_differences(files)}
+                details[f"{wrapper}_{cache}"] = phase_details(got, len(loads))
+    summary = {"files": files, "medians": table, "details": details, "loss_rel_diff": repeat_differences(files)}
     if step_files:
         if not ("cpp_warm" in table and "python_warm" in table):
             raise ValueError("the break-even needs warm processes of both wrappers in the files")
@@ -152,6 +153,21 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
                                  "warm_start_extra_s": extra_s,
                                  "steps": extra_s / ((python - cpp) / 1e3) if python > cpp else None}
     return summary
+
+
+def phase_details(rows: list[dict], load_rows: int) -> dict:
+    """What the rows that record their compile (`phases_s`, `caches`) say beyond the medians: how
+    many there are, the range of their shortest listed phase (a phase not listed took less), of
+    tracing the joint graph, and the FX graph cache's misses in all of them."""
+    phased = [r["phases_s"] for r in rows if "phases_s" in r]
+    traces = [ph["aot_trace_joint_graph"] for ph in phased if "aot_trace_joint_graph" in ph]
+    counted = [r["caches"] for r in rows if "caches" in r]
+    span = lambda values: [min(values), max(values)] if values else None  # noqa: E731
+    return {"rows_with_phases": len(phased), "rows_with_load_phase": load_rows,
+            "shortest_listed_phase_s": span([min(ph.values()) for ph in phased]),
+            "trace_joint_graph_s": span(traces), "rows_with_caches": len(counted),
+            "fxgraph_cache_misses": sum(c.get("fxgraph_cache_miss", 0) for c in counted),
+            "fxgraph_cache_hits": sum(c.get("fxgraph_cache_hit", 0) for c in counted)}
 
 
 def _rows(path: str) -> list[dict]:

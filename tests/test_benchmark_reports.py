@@ -95,7 +95,7 @@ def test_the_cpp_wrapper_bar_is_the_break_even_of_the_committed_gpu_runs():
     committed = json.loads((ROOT / "benchmarks/results/compile_start_cuda/summary.json").read_text())
     again = compile_start.summarize([str(ROOT / f) for f in committed["files"]],
                                     [str(ROOT / f) for f in committed["break_even"]["step_files"]])
-    assert again["medians"] == committed["medians"]
+    assert again["medians"] == committed["medians"] and again["details"] == committed["details"]
     steps = again["break_even"]["steps"]
     assert steps == pytest.approx(committed["break_even"]["steps"])
     assert 0.9 * steps <= CPP_WRAPPER_MIN_STEPS <= 1.25 * steps
@@ -122,6 +122,8 @@ def test_start_summary_splits_cold_and_warm_processes_and_compares_repeats(tmp_p
     assert summary["medians"]["cpp_cold"]["start_s"] == 130
     assert summary["break_even"]["steps"] == pytest.approx((50 - 25) / 2e-3)
     assert summary["loss_rel_diff"] == {"step_1": 0.0, "step_2": pytest.approx(0.1)}  # trial b has no repeat
+    assert summary["details"]["python_warm"]["shortest_listed_phase_s"] == [10, 15]  # each row's one phase: start / 2
+    assert summary["details"]["python_warm"]["rows_with_caches"] == 0
 
 
 def test_start_summary_of_a_file_that_is_not_a_result_file_is_one_line(tmp_path):
