@@ -51,8 +51,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def child(spec_json: str, launched: float) -> None:
-    """One process: prepare the `tuner bench` step, time the first two steps and the next ones."""
+def child(spec_json: str, launched: float, profile: str | None = None) -> None:
+    """One process: prepare the `tuner bench` step, time the first two steps and the next ones.
+    With `profile` (a file name), cProfile runs from the model's preparation to the end of the first
+    two steps and its summary goes to that file."""
     import torch
 
     from tuner.bench import BenchSpec, prepare_bench
@@ -60,6 +62,12 @@ def child(spec_json: str, launched: float) -> None:
     spec = BenchSpec(**json.loads(spec_json))
     device = torch.device(spec.device)
     bypasses = watch_bypasses()
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     bench = prepare_bench(spec, device)
     batches = [b.to(device) for b in bench.batches]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -68,6 +76,9 @@ def child(spec_json: str, launched: float) -> None:
     sync()
     first = time.perf_counter() - t0
     start = time.time() - launched
+    if profiler is not None:
+        profiler.disable()
+        write_profile(profiler, Path(profile))
     times = []
     for b in batches[2:]:
         t = time.perf_counter()
@@ -77,6 +88,23 @@ def child(spec_json: str, launched: float) -> None:
     print(json.dumps({"start_s": start, "first_steps_s": first, "step_ms": statistics.median(times),
                       "losses": losses, "caches": cache_counts(), "phases_s": compile_phases(),
                       "cache_bypass_reasons": sorted(set(bypasses))}))
+
+
+def write_profile(profiler, path: Path, top: int = 120) -> None:
+    """The profile's functions by cumulative time, then by own time; what loading a compiled module
+    calls; and who called subprocesses, file locks and waits (where a cached compile may still wait on
+    a compiler)."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top // 2)
+    stats.sort_stats("cumulative").print_callees(r"\(load_by_key_path\)|\(load_pybinding\)|\(load_async\)|\(load_fn\)")
+    stats.print_callers(r"subprocess.py:\d+\(run\)|subprocess.py:\d+\(communicate\)|_filelock|\(wait\)|\(result\)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
 
 
 def watch_bypasses() -> list[str]:
@@ -218,11 +246,15 @@ def main() -> None:
     parser.add_argument("--summarize", nargs="+", metavar="FILE", help="medians over earlier runs' files; runs nothing")
     parser.add_argument("--step-files", nargs="*", default=[], metavar="FILE",
                         help="with --summarize: gpu_throughput.py files for the break-even number of steps")
+    parser.add_argument("--profile-dir", metavar="DIR",
+                        help="run each process's preparation and first two steps under cProfile and write its "
+                             "summary to DIR/<wrapper>_<process>.txt (its start_s then includes cProfile's overhead)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--child-profile", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.launched)
+        child(args.child, args.launched, args.child_profile)
         return
     if args.summarize:
         missing = [f for f in args.summarize + args.step_files if not Path(f).is_file()]
@@ -252,8 +284,11 @@ def main() -> None:
                 spec = {"size": args.size, "num_items": args.num_items, "batch_size": args.batch_size, "seq_len": 50,
                         "steps": args.steps, "warmup": 1, "amp": args.device == "cuda", "compile": True,
                         "device": args.device, "overrides": [f"train.cpp_wrapper={wrapper}", *trial.split()]}
+                name = "cpp" if wrapper == "on" else "python"
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec),
                        "--launched", repr(time.time())]
+                if args.profile_dir:
+                    cmd += ["--child-profile", str(Path(args.profile_dir).resolve() / f"{name}_{n + 1}.txt")]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     row = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -265,8 +300,8 @@ def main() -> None:
                     row["same_losses_as_first"] = None if first is None else first == row["losses"]
                     row["loss_rel_diff"] = None if first is None else max(rel_diffs(row["losses"], first))
                     first_losses.setdefault(trial, row["losses"])
-                row = {"wrapper": "cpp" if wrapper == "on" else "python", "process": n + 1,
-                       "cache": "cold" if n == 0 else "warm", "trial": trial, **row}
+                row = {"wrapper": name, "process": n + 1, "cache": "cold" if n == 0 else "warm", "trial": trial,
+                       **({"profiled": True} if args.profile_dir else {}), **row}
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 out.write_text(json.dumps(report, indent=1) + "\n")

@@ -75,6 +75,9 @@ def suites(data: str) -> dict[str, list[dict]]:
             # inductor's wrapper in Python (train.cpp_wrapper=off), as before the C++ wrapper was the default
             {"name": "130M_bare_python_wrapper", "args": big + ["--set", "train.cpp_wrapper=off"]},
             {"name": "130M_ray_train_python_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=off"]},
+            # the C++ wrapper forced (auto leaves it off for trials this short since session 17)
+            {"name": "130M_bare_cpp_wrapper", "args": big + ["--set", "train.cpp_wrapper=on"]},
+            {"name": "130M_ray_train_cpp_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=on"]},
         ],
     }
 
@@ -134,7 +137,8 @@ def main() -> None:
     parser.add_argument("--data", default=ml1m_default())
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--skip", type=int, default=3, help="leading epochs left out (compile, warm-up)")
-    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--only", nargs="*",
+                        help="variant names to run, in this order; a name given twice runs twice (default: all)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--logs", help="folder for the runs' output (default: beside --out)")
     args = parser.parse_args()
@@ -148,15 +152,19 @@ def main() -> None:
     result = {"device": device, "torch": torch.__version__, "suite": args.suite, "epochs": args.epochs,
               "skip": args.skip, "command": "python benchmarks/epoch_cycle.py " + " ".join(sys.argv[1:]),
               "rows": []}
-    for variant in suites(args.data)[args.suite]:
-        if args.only and variant["name"] not in args.only:
-            continue
+    variants = suites(args.data)[args.suite]
+    by_name = {v["name"]: v for v in variants}
+    unknown = [name for name in args.only or [] if name not in by_name]
+    if unknown:
+        sys.exit(f"epoch_cycle.py: no variant {unknown[0]!r} in suite {args.suite} (it has {', '.join(by_name)})")
+    for variant in [by_name[name] for name in args.only] if args.only else variants:
         n = variant.get("copies", 1)
+        tag = f"{len(result['rows']) + 1:02d}_{variant['name']}"  # a variant may run twice: its logs are kept apart
         copies: list[dict] = [{}] * n
         t0 = time.time()
 
         def go(i: int, v=variant) -> None:
-            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{v['name']}_{i}.log", v.get("env"))
+            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"))
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         for t in threads:
@@ -168,7 +176,7 @@ def main() -> None:
         result["rows"].append(row)
         for i, c in enumerate(row["copies"]):
             if c["rc"] != 0 or c["cycle_s"] is None:  # say why, here: logs may not travel back
-                log = (logs / f"{out.stem}_{variant['name']}_{i}.log").read_text().splitlines()
+                log = (logs / f"{out.stem}_{tag}_{i}.log").read_text().splitlines()
                 row.setdefault("errors", []).append(log[-3:])
                 print("\n".join(log[-15:]), file=sys.stderr)
         print(json.dumps({k: row[k] for k in ("name", "cycle_s", "cycle_mean_s", "epoch_s", "eval_s", "epochs_per_s_total",
