@@ -151,7 +151,8 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
     the steady step; `details`: what the rows that record their compile say (`phase_details`). With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
     `amp_compile_python_wrapper` rows of one size): the steps after which a trial on a warm cache
     makes up the C++ wrapper's longer start, from the median steps of those rows."""
-    rows = [row for f in files for row in _rows(f) if "error" not in row]
+    # rows run under cProfile (--profile-dir) are left out: their start includes the profiler's overhead
+    rows = [row for f in files for row in _rows(f) if "error" not in row and not row.get("profiled")]
     table, details = {}, {}
     for wrapper in ("python", "cpp"):
         for cache in ("cold", "warm"):

@@ -11,13 +11,20 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def gpu_table(name: str = "gpu_throughput.json", full: bool = True) -> str:
-    """The gpu_throughput.py table of one results file; `full`: with the seed's rows and evaluation."""
-    data = json.loads((RESULTS / name).read_text())
+def gpu_table(*names: str, full: bool = True) -> str:
+    """The gpu_throughput.py table of one results file, or of several files of one run (one process
+    per size, each with its own matmul rate and command); `full`: with the seed's rows and evaluation."""
+    parts = [json.loads((RESULTS / name).read_text()) for name in names or ("gpu_throughput.json",)]
+    data = {**parts[0], **{key: [r for part in parts for r in part[key]] for key in ("rows", "peer_rows", "eval")}}
     code = f" (code {data['code_commit']})" if data.get("code_commit") else ""
+    if len(parts) == 1:
+        run = f"measured bf16 matmul rate {data['matmul_bf16_tflops']:.0f} TFLOP/s; `{data['command']}`{code}."
+    else:
+        rates = ", ".join(f"{part['rows'][0]['size']} {part['matmul_bf16_tflops']:.0f}" for part in parts)
+        commands = "; ".join(f"`{part['command']}`" for part in parts)
+        run = f"one process per size, bf16 matmul rate measured in each (TFLOP/s): {rates}; {commands}{code}."
     lines = [f"Device: {data['device']} (torch {data['torch']}), catalog {data['num_items']:,}, sequence "
-             f"{data['seq_len']}; measured bf16 matmul rate {data['matmul_bf16_tflops']:.0f} TFLOP/s; "
-             f"`{data['command']}`{code}.", "",
+             f"{data['seq_len']}; {run}", "",
              "| size | batch | variant | ms/step | samples/s | peak GB | MFU | seed peer (best mode) samples/s | "
              "seed peak GB | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -255,6 +262,7 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--gpu-add-norm": lambda: gpu_tables("add_norm_430M", "host_130M") + "\n\n" + add_norm_table(),
           "--gpu-cpp-wrapper": lambda: windows_table("cpp_wrapper_130M_8f4ad8c", "cpp_wrapper_430M_8f4ad8c") + "\n\n"
           + epoch_cycle_table("ray_overhead_cpp_wrapper.json"),
+          "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
           "--train-step": train_step_table, "--ilora": ilora_table,

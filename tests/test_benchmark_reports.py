@@ -113,13 +113,16 @@ def test_start_summary_splits_cold_and_warm_processes_and_compares_repeats(tmp_p
     runs = tmp_path / "runs.json"
     runs.write_text(json.dumps({"rows": [row("python", 1, 60, 10.0, [5.0, 4.0]), row("python", 2, 20, 10.0, [5.0, 4.4]),
                                          row("python", 3, 30, 10.0, [6.0, 6.0], trial="b"),
-                                         row("cpp", 1, 130, 8.0, [5.0, 4.0]), row("cpp", 2, 50, 8.0, [5.0, 4.0])]}))
+                                         row("cpp", 1, 130, 8.0, [5.0, 4.0]), row("cpp", 2, 50, 8.0, [5.0, 4.0]),
+                                         # under cProfile (--profile-dir): slower by the profiler, so left out
+                                         {**row("cpp", 3, 90, 8.0, [5.0, 4.0]), "profiled": True}]}))
     steps = tmp_path / "steps.json"
     steps.write_text(json.dumps({"rows": [{"variant": "amp_compile", "step_ms": 8.0},
                                           {"variant": "amp_compile_python_wrapper", "step_ms": 10.0}]}))
     summary = compile_start.summarize([str(runs)], [str(steps)])
     assert summary["medians"]["python_warm"]["start_s"] == 25  # processes 2 and 3; process 1 is cold
     assert summary["medians"]["cpp_cold"]["start_s"] == 130
+    assert summary["medians"]["cpp_warm"]["n"] == 1 and summary["medians"]["cpp_warm"]["start_s"] == 50
     assert summary["break_even"]["steps"] == pytest.approx((50 - 25) / 2e-3)
     assert summary["loss_rel_diff"] == {"step_1": 0.0, "step_2": pytest.approx(0.1)}  # trial b has no repeat
     assert summary["details"]["python_warm"]["shortest_listed_phase_s"] == [10, 15]  # each row's one phase: start / 2
