@@ -167,3 +167,32 @@ class _SquaredError(torch.nn.Module):
 
     def forward(self, items, positions, labels):
         return (self.model(items) - labels).pow(2).mean()
+
+
+def test_the_loop_decides_the_cpp_wrapper_on_the_trials_planned_steps(monkeypatch):
+    """train_worker hands compile_options the trial's plan, which `train.cpp_wrapper=auto` decides
+    on: epochs x batches per epoch, or train.max_steps where that is sooner. (The compile itself is
+    not run: the recorder stops the trial there.)"""
+    from tuner.train import loop
+    from tuner.train.parallel import local_context
+    from tuner.train.reporting import ConsoleReporter
+
+    class Planned(Exception):
+        pass
+
+    plans = []
+
+    def record(train, device, world_size=1, total_steps=None):
+        plans.append(total_steps)
+        raise Planned
+
+    monkeypatch.setattr(loop, "compile_options", record)
+    # 600 users, each with a training sequence, in batches of 32: 19 a epoch (the last one short)
+    base = ["model.max_len=16", "data.synthetic_users=600", "data.synthetic_items=120", "train.compile=on",
+            "train.batch_size=32"]
+    for extra in (["train.max_epochs=3"], ["train.max_epochs=3", "train.max_steps=40"],
+                  ["train.max_epochs=3", "train.static_shapes=true"]):
+        cfg = load_config(overrides=base + extra)
+        with pytest.raises(Planned):
+            loop.train_worker(cfg, local_context(cfg.train), ConsoleReporter(enabled=False))
+    assert plans == [3 * 19, 40, 3 * 18]  # static shapes drop the short batch
