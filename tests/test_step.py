@@ -1,5 +1,12 @@
 """The optimizer step: clipping inside the fused AdamW is the same update as clip_grad_norm_."""
 
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +18,9 @@ from tuner.model.bert4rec import Bert4Rec
 from tuner.model.build import model_config
 from tuner.train.optim import build_optimizer
 from tuner.errors import UserError
-from tuner.train.step import CPP_WRAPPER_MIN_STEPS, TrainStep, compile_options
+from tuner.train.step import CPP_WRAPPER_MIN_STEPS, CUDA_CPP_WRAPPER, TrainStep, compile_options
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(fused_clip: bool, grad_clip: float, steps: int = 4) -> dict[str, torch.Tensor]:
@@ -50,7 +59,7 @@ def test_fp16_loss_scaling_keeps_the_separate_clip():
 def test_cpp_wrapper_is_on_by_default_only_for_one_cuda_worker_without_graphs():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     train = load_config().train
-    assert compile_options(train, cuda) == {"cpp_wrapper": True}
+    assert compile_options(train, cuda) == CUDA_CPP_WRAPPER and CUDA_CPP_WRAPPER["cpp_wrapper"] is True
     assert compile_options(train, cpu) is None
     assert compile_options(train, cuda, world_size=4) is None  # DDP: not run across GPUs with it yet
     for mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: no launches left to speed up
@@ -69,10 +78,10 @@ def test_cpp_wrapper_auto_is_off_for_trials_too_short_to_repay_its_start():
     cuda = torch.device("cuda")
     train = load_config().train
     assert compile_options(train, cuda, total_steps=CPP_WRAPPER_MIN_STEPS - 1) is None
-    assert compile_options(train, cuda, total_steps=CPP_WRAPPER_MIN_STEPS) == {"cpp_wrapper": True}
-    assert compile_options(train, cuda, total_steps=None) == {"cpp_wrapper": True}  # `tuner bench`: steady step
+    assert compile_options(train, cuda, total_steps=CPP_WRAPPER_MIN_STEPS) == CUDA_CPP_WRAPPER
+    assert compile_options(train, cuda, total_steps=None) == CUDA_CPP_WRAPPER  # `tuner bench`: steady step
     forced = load_config(overrides=["train.cpp_wrapper=on"]).train
-    assert compile_options(forced, cuda, total_steps=100) == {"cpp_wrapper": True}
+    assert compile_options(forced, cuda, total_steps=100) == CUDA_CPP_WRAPPER
 
 
 def test_the_compiled_step_with_the_cpp_wrapper_trains_as_the_eager_step():
@@ -92,7 +101,8 @@ def test_the_compiled_step_with_the_cpp_wrapper_trains_as_the_eager_step():
     from torch._inductor.utils import run_and_get_code
 
     eager_losses, eager_weights = train(None, None)
-    for options, cpp in ((None, False), ({"cpp_wrapper": True}, True)):
+    # the GPU's settings (no CPU-ISA checks) too: here they build the CPU kernels without vector code
+    for options, cpp in ((None, False), ({"cpp_wrapper": True}, True), (CUDA_CPP_WRAPPER, True)):
         (losses, weights), code = run_and_get_code(lambda: train("default", options))
         assert code and all(("CppWrapperCodeCache" in source) == cpp for source in code)
         assert losses == pytest.approx(eager_losses, rel=1e-5)
@@ -107,7 +117,7 @@ _CACHED_STEP = """
 import sys
 import torch
 import tuner.train.step as step_module
-from tuner.train.step import TrainStep
+from tuner.train.step import CUDA_CPP_WRAPPER, TrainStep
 
 if sys.argv[1] == "nobind":
     step_module.bind_backward_context = lambda device: None
@@ -129,7 +139,7 @@ class Batch:
 
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 step = TrainStep(Objective(model), list(model.parameters()), optimizer, None, torch.bfloat16, 1.0, cuda,
-                 "default", compile_options={"cpp_wrapper": True})
+                 "default", compile_options=CUDA_CPP_WRAPPER)
 batch = Batch(torch.randn(32, 64, device=cuda, generator=torch.Generator(cuda).manual_seed(1)))
 losses = [float(step(batch)) for _ in range(3)]
 torch.cuda.synchronize()
@@ -141,10 +151,6 @@ print(losses[-1], torch._dynamo.utils.counters["aot_autograd"]["autograd_cache_h
 def test_a_second_process_trains_from_the_cached_cpp_wrapper_step(tmp_path):
     """The next trial on a machine loads the compiled step from inductor's cache. Its C++-wrapper
     backward must run: without a CUDA context bound to autograd's thread it fails (#144609)."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     runs = [subprocess.run([sys.executable, "-c", _CACHED_STEP, "bind"], env=env, capture_output=True, text=True)
             for _ in range(2)]
@@ -196,3 +202,40 @@ def test_the_loop_decides_the_cpp_wrapper_on_the_trials_planned_steps(monkeypatc
         with pytest.raises(Planned):
             loop.train_worker(cfg, local_context(cfg.train), ConsoleReporter(enabled=False))
     assert plans == [3 * 19, 40, 3 * 18]  # static shapes drop the short batch
+
+
+# compiles one function with the C++ wrapper in a process of its own (the ISA checks' answers are
+# cached per process) and prints which CPU vector ISAs inductor checked; argv: "gpu" for the GPU's
+# settings (CUDA_CPP_WRAPPER), else the C++ wrapper alone
+_ISA_CHECKS = """
+import json, sys
+import torch
+import torch._inductor.config as inductor_config
+import torch._inductor.cpu_vec_isa as isa
+from tuner.train.step import CUDA_CPP_WRAPPER
+
+checks = []
+build = isa.VecISA.check_build
+isa.VecISA.check_build = lambda self, code: checks.append(str(self)) or build(self, code)
+options = CUDA_CPP_WRAPPER if sys.argv[1] == "gpu" else {"cpp_wrapper": True}
+with inductor_config.patch(options):
+    torch.compile(lambda x: (x.sin() * 2).sum())(torch.randn(64))
+print(json.dumps(checks))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or " avx2 " not in open("/proc/cpuinfo").read(),
+                    reason="the control needs a CPU that lists a vector ISA")
+def test_the_gpu_cpp_wrapper_skips_the_cpu_isa_checks_each_process_pays(tmp_path):
+    """With the C++ wrapper, inductor checks each vector ISA the CPU lists before it builds a module,
+    by a probe per ISA (in torch 2.11 each loads in a new Python process that imports torch), and
+    every new process checks again. The GPU's settings skip the checks; the control does them."""
+    def checked(kind):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / kind), "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-c", _ISA_CHECKS, kind], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert "avx2" in checked("cpu")
+    assert checked("gpu") == []

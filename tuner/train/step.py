@@ -29,23 +29,36 @@ from tuner.data.collate import TrainBatch
 # processes), 37.0 s of it loading the cached C++ module; its steps were 8.22 ms against 9.87 ms.
 # So it pays back after ~19,700 steps (`benchmarks/compile_start.py --summarize`; the files are in
 # benchmarks/results/compile_start_cuda/). The first trial on a machine, which compiles, pays ~73 s more.
+# Those starts were measured before CUDA_CPP_WRAPPER skipped the CPU-ISA checks (below), which every
+# process paid: the bar is to be measured again.
 CPP_WRAPPER_MIN_STEPS = 20_000
+
+# The C++ wrapper's settings on a GPU. torch 2.11's inductor picks a CPU vector ISA for every C++
+# module it builds, the GPU wrapper's glue too, and checks each ISA the CPU lists by building a probe
+# and loading it in a new Python process that imports torch; a process caches the answers only for
+# itself, so every trial pays them again. In a cold 130M process on an H200 the checks took 16.5 s
+# (`cpu_vec_isa.check_build`, cumulative; results/compile_start_cuda/h200/profile_130M_cpp_cold.txt).
+# The glue has no vector code (torch 2.13 no longer checks for it): `vec_isa_ok=False` skips the
+# checks and builds it without vector flags.
+CUDA_CPP_WRAPPER = {"cpp_wrapper": True, "cpp.vec_isa_ok": False}
 
 
 def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1,
                     total_steps: Optional[int] = None) -> Optional[dict]:
     """Inductor settings for whatever the step compiles (the objective, and the masters' update
-    inside the optimizer step): `{"cpp_wrapper": True}` where `train.cpp_wrapper` asks for it,
-    else None. auto: one CUDA worker without CUDA graphs, where the host's launches are what the
-    step waits on, and a trial of at least CPP_WRAPPER_MIN_STEPS optimizer steps (`total_steps`:
+    inside the optimizer step): the C++ wrapper (`CUDA_CPP_WRAPPER` on a GPU) where
+    `train.cpp_wrapper` asks for it, else None. auto: one CUDA worker without CUDA graphs, where
+    the host's launches are what the step waits on, and a trial of at least
+    CPP_WRAPPER_MIN_STEPS optimizer steps (`total_steps`:
     the trial's plan; None = long, as for `tuner bench`'s steady step); DDP (`world_size` > 1)
     keeps the Python wrapper, as the C++ one has not been run across GPUs."""
     setting = train.cpp_wrapper
+    wrapper = dict(CUDA_CPP_WRAPPER) if device.type == "cuda" else {"cpp_wrapper": True}
     if setting == "auto":
         single = device.type == "cuda" and world_size == 1
         long = total_steps is None or total_steps >= CPP_WRAPPER_MIN_STEPS
-        return {"cpp_wrapper": True} if single and long and train.compile_mode not in GRAPH_MODES else None
-    return {"cpp_wrapper": True} if setting == "on" else None
+        return wrapper if single and long and train.compile_mode not in GRAPH_MODES else None
+    return wrapper if setting == "on" else None
 
 
 def bind_backward_context(device: torch.device) -> None:
