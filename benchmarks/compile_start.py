@@ -1,4 +1,4 @@
-"""What each new process pays before it trains: compile with an empty cache, then from the cache.
+r"""What each new process pays before it trains: compile with an empty cache, then from the cache.
 
     python benchmarks/compile_start.py --device cpu --size tiny --processes 3 --out OUT/compile_start_cpu.json
     python benchmarks/compile_start.py --device cuda --size 130M --num-items 159750 --processes 3
@@ -24,6 +24,13 @@ new.
     python benchmarks/compile_start.py --device cpu --processes 4 \
         --trials "model.dropout=0.1 optim.lr=1e-3 optim.weight_decay=0.01" \
                  "model.dropout=0.2 optim.lr=2e-3 optim.weight_decay=0.05"
+
+`--profile-dir DIR` runs each process's preparation and first two steps under cProfile (the rows keep
+its 40 longest calls; they do not count in `--summarize`). `--isa-checks` gives the C++ wrapper on a
+GPU back inductor's CPU-ISA checks, which every process paid before 3bd5dc7 (rows `cpp_isa_checks`):
+
+    python benchmarks/compile_start.py --device cuda --size 130M --num-items 159750 --batch-size 256 \
+        --wrappers on --isa-checks --processes 3
 
 `--summarize FILE...` runs nothing: it prints the medians over earlier runs' files, and with
 `--step-files` (gpu_throughput.py files with alternating `amp_compile` and
@@ -51,13 +58,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def child(spec_json: str, launched: float, profile: str | None = None) -> None:
+def child(spec_json: str, launched: float, profile: str | None = None, isa_checks: bool = False) -> None:
     """One process: prepare the `tuner bench` step, time the first two steps and the next ones.
     With `profile` (a file name), cProfile runs from the model's preparation to the end of the first
-    two steps and its summary goes to that file."""
+    two steps; its summary goes to that file and its longest calls into the row (`profile_top`).
+    `isa_checks`: the C++ wrapper on a GPU as before 3bd5dc7, with inductor's CPU-ISA checks."""
     import torch
 
+    import tuner.train.step as step_module
     from tuner.bench import BenchSpec, prepare_bench
+
+    if isa_checks:
+        step_module.CUDA_CPP_WRAPPER = {"cpp_wrapper": True}
 
     spec = BenchSpec(**json.loads(spec_json))
     device = torch.device(spec.device)
@@ -76,9 +88,10 @@ def child(spec_json: str, launched: float, profile: str | None = None) -> None:
     sync()
     first = time.perf_counter() - t0
     start = time.time() - launched
+    top = []
     if profiler is not None:
         profiler.disable()
-        write_profile(profiler, Path(profile))
+        top = write_profile(profiler, Path(profile))
     times = []
     for b in batches[2:]:
         t = time.perf_counter()
@@ -87,24 +100,28 @@ def child(spec_json: str, launched: float, profile: str | None = None) -> None:
         times.append((time.perf_counter() - t) * 1e3)
     print(json.dumps({"start_s": start, "first_steps_s": first, "step_ms": statistics.median(times),
                       "losses": losses, "caches": cache_counts(), "phases_s": compile_phases(),
-                      "cache_bypass_reasons": sorted(set(bypasses))}))
+                      "cache_bypass_reasons": sorted(set(bypasses)), **({"profile_top": top} if top else {})}))
 
 
-def write_profile(profiler, path: Path, top: int = 120) -> None:
+def write_profile(profiler, path: Path, top: int = 120) -> list[str]:
     """The profile's functions by cumulative time, then by own time; what loading a compiled module
     calls; and who called subprocesses, file locks and waits (where a cached compile may still wait on
-    a compiler)."""
+    a compiler). Returns the 40 calls of most cumulative time as "seconds calls function" lines, for
+    the row: a result file comes back from a GPU machine where a folder of profiles may not."""
     import io
     import pstats
 
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)
+    calls = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:40]  # (file, line, name) -> (cc, nc, tt, ct, ...)
+    lines = [f"{ct:8.2f} s {nc:6d} {Path(file).name}:{line}({name})" for (file, line, name), (_, nc, _, ct, _) in calls]
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top // 2)
     stats.sort_stats("cumulative").print_callees(r"\(load_by_key_path\)|\(load_pybinding\)|\(load_async\)|\(load_fn\)")
     stats.print_callers(r"subprocess.py:\d+\(run\)|subprocess.py:\d+\(communicate\)|_filelock|\(wait\)|\(result\)")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.getvalue())
+    return lines
 
 
 def watch_bypasses() -> list[str]:
@@ -154,7 +171,7 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
     # rows run under cProfile (--profile-dir) are left out: their start includes the profiler's overhead
     rows = [row for f in files for row in _rows(f) if "error" not in row and not row.get("profiled")]
     table, details = {}, {}
-    for wrapper in ("python", "cpp"):
+    for wrapper in ("python", "cpp", "cpp_isa_checks"):
         for cache in ("cold", "warm"):
             got = [r for r in rows if r["wrapper"] == wrapper and r["cache"] == cache]
             if got:
@@ -250,12 +267,16 @@ def main() -> None:
     parser.add_argument("--profile-dir", metavar="DIR",
                         help="run each process's preparation and first two steps under cProfile and write its "
                              "summary to DIR/<wrapper>_<process>.txt (its start_s then includes cProfile's overhead)")
+    parser.add_argument("--isa-checks", action="store_true",
+                        help="the C++ wrapper on a GPU with inductor's CPU-ISA checks, as before 3bd5dc7 "
+                             "(rows: wrapper cpp_isa_checks), to measure what skipping them saves")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child-profile", help=argparse.SUPPRESS)
+    parser.add_argument("--child-isa-checks", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.launched, args.child_profile)
+        child(args.child, args.launched, args.child_profile, args.child_isa_checks)
         return
     if args.summarize:
         missing = [f for f in args.summarize + args.step_files if not Path(f).is_file()]
@@ -268,6 +289,8 @@ def main() -> None:
         return
     if args.processes < 1:
         sys.exit("compile_start.py: --processes must be at least 1")
+    if args.isa_checks and args.device != "cuda":
+        sys.exit("compile_start.py: --isa-checks is about the C++ wrapper on a GPU (--device cuda)")
     report = {"command": "python benchmarks/compile_start.py " + shlex.join(sys.argv[1:]), "device": args.device,
               "size": args.size, "num_items": args.num_items, "batch_size": args.batch_size, "rows": []}
     if args.device == "cuda":
@@ -285,9 +308,11 @@ def main() -> None:
                 spec = {"size": args.size, "num_items": args.num_items, "batch_size": args.batch_size, "seq_len": 50,
                         "steps": args.steps, "warmup": 1, "amp": args.device == "cuda", "compile": True,
                         "device": args.device, "overrides": [f"train.cpp_wrapper={wrapper}", *trial.split()]}
-                name = "cpp" if wrapper == "on" else "python"
+                name = "python" if wrapper == "off" else "cpp_isa_checks" if args.isa_checks else "cpp"
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec),
                        "--launched", repr(time.time())]
+                if args.isa_checks:
+                    cmd.append("--child-isa-checks")
                 if args.profile_dir:
                     cmd += ["--child-profile", str(Path(args.profile_dir).resolve() / f"{name}_{n + 1}.txt")]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

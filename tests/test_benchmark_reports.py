@@ -115,7 +115,9 @@ def test_start_summary_splits_cold_and_warm_processes_and_compares_repeats(tmp_p
                                          row("python", 3, 30, 10.0, [6.0, 6.0], trial="b"),
                                          row("cpp", 1, 130, 8.0, [5.0, 4.0]), row("cpp", 2, 50, 8.0, [5.0, 4.0]),
                                          # under cProfile (--profile-dir): slower by the profiler, so left out
-                                         {**row("cpp", 3, 90, 8.0, [5.0, 4.0]), "profiled": True}]}))
+                                         {**row("cpp", 3, 90, 8.0, [5.0, 4.0]), "profiled": True},
+                                         # --isa-checks: the C++ wrapper as before 3bd5dc7, apart
+                                         row("cpp_isa_checks", 2, 70, 8.0, [5.0, 4.0])]}))
     steps = tmp_path / "steps.json"
     steps.write_text(json.dumps({"rows": [{"variant": "amp_compile", "step_ms": 8.0},
                                           {"variant": "amp_compile_python_wrapper", "step_ms": 10.0}]}))
@@ -123,6 +125,7 @@ def test_start_summary_splits_cold_and_warm_processes_and_compares_repeats(tmp_p
     assert summary["medians"]["python_warm"]["start_s"] == 25  # processes 2 and 3; process 1 is cold
     assert summary["medians"]["cpp_cold"]["start_s"] == 130
     assert summary["medians"]["cpp_warm"]["n"] == 1 and summary["medians"]["cpp_warm"]["start_s"] == 50
+    assert summary["medians"]["cpp_isa_checks_warm"]["start_s"] == 70
     assert summary["break_even"]["steps"] == pytest.approx((50 - 25) / 2e-3)
     assert summary["loss_rel_diff"] == {"step_1": 0.0, "step_2": pytest.approx(0.1)}  # trial b has no repeat
     assert summary["details"]["python_warm"]["shortest_listed_phase_s"] == [10, 15]  # each row's one phase: start / 2
