@@ -48,10 +48,10 @@ def compile_options(train: TrainConfig, device: torch.device, world_size: int = 
     """Inductor settings for whatever the step compiles (the objective, and the masters' update
     inside the optimizer step): the C++ wrapper (`CUDA_CPP_WRAPPER` on a GPU) where
     `train.cpp_wrapper` asks for it, else None. auto: one CUDA worker without CUDA graphs, where
-    the host's launches are what the step waits on, and a trial of at least
-    CPP_WRAPPER_MIN_STEPS optimizer steps (`total_steps`:
-    the trial's plan; None = long, as for `tuner bench`'s steady step); DDP (`world_size` > 1)
-    keeps the Python wrapper, as the C++ one has not been run across GPUs."""
+    the host's launches are what the step waits on, and a trial of at least CPP_WRAPPER_MIN_STEPS
+    optimizer steps (`total_steps`: the trial's plan; None = long, as for `tuner bench`'s steady
+    step); DDP (`world_size` > 1) keeps the Python wrapper, as the C++ one has not been run across
+    GPUs."""
     setting = train.cpp_wrapper
     wrapper = dict(CUDA_CPP_WRAPPER) if device.type == "cuda" else {"cpp_wrapper": True}
     if setting == "auto":
