@@ -103,6 +103,8 @@ def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None
             lines.append({"epoch": int(match.group(1)), "t": float(match.group(2)), **values})
     proc.wait()
     log.write_text("".join(out))
+    if "--workers" in args:  # the run's checkpoints: not needed once it ended, and large beside the logs
+        shutil.rmtree(storage, ignore_errors=True)
     final = {}
     for raw in reversed(out):
         if raw.startswith("{"):
