@@ -85,8 +85,10 @@ def suites(data: str) -> dict[str, list[dict]]:
 def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None = None) -> dict:
     """One `tuner train` process (with `env` added to its environment); per-epoch lines with their times."""
     cmd = [sys.executable, "-m", "tuner", "train", "--max-epochs", str(epochs), *args]
-    if "--workers" in args:  # a fresh Ray Train run (the same storage and name would resume);
-        storage = Path(str(log.with_suffix("")) + "_ray")  # no --json: it silences the worker's lines
+    # Ray Train: a fresh run's storage (the same storage and name would resume); no --json, which
+    # silences the worker's lines
+    storage = Path(str(log.with_suffix("")) + "_ray") if "--workers" in args else None
+    if storage:
         shutil.rmtree(storage, ignore_errors=True)
         cmd += ["--storage", str(storage)]
     else:
@@ -103,7 +105,7 @@ def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None
             lines.append({"epoch": int(match.group(1)), "t": float(match.group(2)), **values})
     proc.wait()
     log.write_text("".join(out))
-    if "--workers" in args:  # the run's checkpoints: not needed once it ended, and large beside the logs
+    if storage:  # the run's checkpoints: not needed once it ended, and large beside the logs
         shutil.rmtree(storage, ignore_errors=True)
     final = {}
     for raw in reversed(out):
