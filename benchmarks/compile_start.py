@@ -165,7 +165,8 @@ def compile_phases(top: int = 10) -> dict:
 def summarize(files: list[str], step_files: list[str]) -> dict:
     """Medians over the rows of earlier runs' files, per wrapper and cache state: seconds to the end
     of the first two steps, of them in loading compiled code (`PyCodeCache.load_by_key_path`), and
-    the steady step; `details`: what the rows that record their compile say (`phase_details`). With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
+    the steady step; `details`: what the rows that record their compile say (`phase_details`).
+    With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
     `amp_compile_python_wrapper` rows of one size): the steps after which a trial on a warm cache
     makes up the C++ wrapper's longer start, from the median steps of those rows."""
     # rows run under cProfile (--profile-dir) are left out: their start includes the profiler's overhead

@@ -228,8 +228,9 @@ print(json.dumps(checks))
                     reason="the control needs a CPU that lists a vector ISA")
 def test_the_gpu_cpp_wrapper_skips_the_cpu_isa_checks_each_process_pays(tmp_path):
     """With the C++ wrapper, inductor checks each vector ISA the CPU lists before it builds a module,
-    by a probe per ISA (in torch 2.11 each loads in a new Python process that imports torch), and
-    every new process checks again. The GPU's settings skip the checks; the control does them."""
+    by a probe per ISA (each loaded in a new Python process, which imports torch in the 2.11-era
+    source), and every new process checks again. The GPU's settings skip the checks; the control
+    does them."""
     def checked(kind):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / kind), "PYTHONPATH": str(ROOT)}
         proc = subprocess.run([sys.executable, "-c", _ISA_CHECKS, kind], capture_output=True, text=True, env=env,
