@@ -168,7 +168,8 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
     the steady step; `details`: what the rows that record their compile say (`phase_details`).
     With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
     `amp_compile_python_wrapper` rows of one size): the steps after which a trial on a warm cache
-    makes up the C++ wrapper's longer start, from the median steps of those rows."""
+    makes up the C++ wrapper's longer start, from the median steps of those rows (0 if its start is
+    no longer)."""
     # rows run under cProfile (--profile-dir) are left out: their start includes the profiler's overhead
     rows = [row for f in files for row in _rows(f) if "error" not in row and not row.get("profiled")]
     table, details = {}, {}
@@ -196,9 +197,10 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
             raise ValueError("the --step-files have no amp_compile and amp_compile_python_wrapper rows to compare")
         cpp, python = statistics.median(cpp), statistics.median(python)
         extra_s = table["cpp_warm"]["start_s"] - table["python_warm"]["start_s"]
+        # 0 where the C++ wrapper's warm start is no longer: it is ahead from the first step
         summary["break_even"] = {"step_files": step_files, "cpp_step_ms": cpp, "python_step_ms": python,
                                  "warm_start_extra_s": extra_s,
-                                 "steps": extra_s / ((python - cpp) / 1e3) if python > cpp else None}
+                                 "steps": max(extra_s, 0.0) / ((python - cpp) / 1e3) if python > cpp else None}
     return summary
 
 

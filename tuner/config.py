@@ -183,13 +183,13 @@ class TrainConfig:
     # their kernels from C++ instead of Python. Without CUDA graphs the step waits on the host's
     # launches, and on an H100 plain compile took 8.9-9.7 ms per 130M step with it against
     # 10.2-15.0 without (alternating rows; benchmarks/results/gpu_throughput_cpp_wrapper_130M.json).
-    # It costs start-up in every process, even where inductor's cache holds the step (trials that
-    # differ only in dropout, learning rate or weight decay share it: tuner.model.rate_dropout,
-    # MasterWeightAdamW's decay tensor). auto = on for one CUDA worker without CUDA graphs
-    # (compile_mode default or max-autotune-no-cudagraphs) whose trial plans at least
-    # tuner.train.step.CPP_WRAPPER_MIN_STEPS (20,000) optimizer steps (max_epochs x steps per
-    # epoch, or max_steps), where its faster steps repay that start (the figures are there); DDP
-    # trials keep the Python wrapper (the C++ one is not yet run across GPUs)
+    # A trial that finds the step in inductor's cache (trials that differ only in dropout, learning
+    # rate or weight decay share it: tuner.model.rate_dropout, MasterWeightAdamW's decay tensor)
+    # starts no later with it; a machine's first trial, which compiles, pays ~31 s more once.
+    # auto = on for one CUDA worker without CUDA graphs (compile_mode default or
+    # max-autotune-no-cudagraphs) whose trial plans at least tuner.train.step.CPP_WRAPPER_MIN_STEPS
+    # optimizer steps (max_epochs x steps per epoch, or max_steps): 0 since the warm start is level
+    # (the figures are there); DDP trials keep the Python wrapper (the C++ one is not yet run across GPUs)
     cpp_wrapper: str = "auto"
     static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
     loss: str = "ce"  # ce | focal | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)

@@ -24,14 +24,15 @@ from tuner.data.collate import TrainBatch
 
 
 # `train.cpp_wrapper=auto` turns the C++ wrapper on for a trial of at least this many optimizer
-# steps. Each new process pays a longer start with it even when inductor's cache holds the step:
-# on an H100 at 130M, 58.1 s against 25.6 s to the end of the first two steps (medians of 5 and 7
-# processes), 37.0 s of it loading the cached C++ module; its steps were 8.22 ms against 9.87 ms.
-# So it pays back after ~19,700 steps (`benchmarks/compile_start.py --summarize`; the files are in
-# benchmarks/results/compile_start_cuda/). The first trial on a machine, which compiles, pays ~73 s more.
-# Those starts were measured before CUDA_CPP_WRAPPER skipped the CPU-ISA checks (below), which every
-# process paid: the bar is to be measured again.
-CPP_WRAPPER_MIN_STEPS = 20_000
+# steps: the break-even of its faster steps against any longer start on a warm cache (every trial
+# after a machine's first). Before CUDA_CPP_WRAPPER skipped the CPU-ISA checks (below) a warm C++
+# process took 58.1 s to the end of its first two steps against 25.6 s with the Python wrapper
+# (H100, 130M), which set the bar at 20,000 steps. Without them, on an H200 in one run: 21.5 and
+# 27.9 s against 32.6 and 25.1 s (with the checks given back: 66.0 and 61.5 s), so the C++ wrapper
+# is ahead from the first step and the bar is 0 (`benchmarks/compile_start.py --summarize`;
+# benchmarks/results/compile_start_cuda/summary.json). A machine's first trial, which compiles,
+# still pays ~31 s more with it (84.2 against 53.3 s), once.
+CPP_WRAPPER_MIN_STEPS = 0
 
 # The C++ wrapper's settings on a GPU. torch 2.11's inductor picks a CPU vector ISA for every C++
 # module it builds, the GPU wrapper's glue too, and checks each ISA the CPU lists by building a probe
