@@ -78,13 +78,21 @@ def suites(data: str) -> dict[str, list[dict]]:
             # the C++ wrapper forced (auto leaves it off for trials this short since session 17)
             {"name": "130M_bare_cpp_wrapper", "args": big + ["--set", "train.cpp_wrapper=on"]},
             {"name": "130M_ray_train_cpp_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=on"]},
+            # Ray starts its workers at nice 15 (raylet's worker_niceness; RAY_worker_niceness sets it, read
+            # when `tuner train` starts its local Ray): the Ray worker at nice 0, and the bare loop at 15
+            {"name": "130M_ray_train_cpp_wrapper_nice0", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=on"],
+             "env": {"RAY_worker_niceness": "0"}},
+            {"name": "130M_bare_cpp_wrapper_nice15", "args": big + ["--set", "train.cpp_wrapper=on"],
+             "prefix": ["nice", "-n", "15"]},
         ],
     }
 
 
-def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None = None) -> dict:
-    """One `tuner train` process (with `env` added to its environment); per-epoch lines with their times."""
-    cmd = [sys.executable, "-m", "tuner", "train", "--max-epochs", str(epochs), *args]
+def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None = None,
+             prefix: list[str] | None = None) -> dict:
+    """One `tuner train` process (with `env` added to its environment, launched through `prefix`,
+    e.g. `nice -n 15`); per-epoch lines with their times."""
+    cmd = [*(prefix or []), sys.executable, "-m", "tuner", "train", "--max-epochs", str(epochs), *args]
     # Ray Train: a fresh run's storage (the same storage and name would resume); no --json, which
     # silences the worker's lines
     storage = Path(str(log.with_suffix("")) + "_ray") if "--workers" in args else None
@@ -168,7 +176,7 @@ def main() -> None:
         t0 = time.time()
 
         def go(i: int, v=variant) -> None:
-            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"))
+            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"), v.get("prefix"))
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         for t in threads:
@@ -176,6 +184,7 @@ def main() -> None:
         for t in threads:
             t.join()
         row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]), "env": variant.get("env", {}),
+               **({"prefix": " ".join(variant["prefix"])} if "prefix" in variant else {}),
                "wall_s": time.time() - t0, **summarize(copies, args.skip)}
         result["rows"].append(row)
         for i, c in enumerate(row["copies"]):

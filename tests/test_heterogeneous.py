@@ -43,8 +43,8 @@ def simulated_cluster():
 
 def trials(uri, experiment):
     _, _, children = mlflow_runs(uri, experiment)
-    return [(c.data.tags.get("tuner.accelerator_type"), c.data.tags.get("tuner.precision"), c.data.params)
-            for c in children]
+    return [(c.data.tags.get("tuner.accelerator_type"), c.data.tags.get("tuner.precision"), c.data.params,
+             c.data.tags.get("tuner.worker_niceness")) for c in children]
 
 
 @pytest.mark.slow
@@ -70,8 +70,10 @@ def test_trials_run_where_the_plan_says(simulated_cluster, tmp_path, size, node_
     assert summary["num_trials"] == 2 and summary["trials_error"] == 0
     ran = trials(uri, f"sim-{size}")
     assert len(ran) == 2
-    for node_kind, run_dtype, params in ran:
+    for node_kind, run_dtype, params, niceness in ran:
         assert node_kind == kind and run_dtype == run_precision
+        # the cluster's raylets start workers at nice 15; the trial's Train worker asks for 0
+        assert niceness == "0"
         assert params["train.amp"] == precision and int(params["train.batch_size"]) == selected["batch_size"]
         assert params["resources.accelerator_type"] == kind
         assert float(params["resources.gpus_per_worker"]) * int(params["resources.workers"]) == \

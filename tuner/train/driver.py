@@ -134,7 +134,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
         dtype = resolve_precision(cfg.train.amp, ctx.device)
         tags = {"tuner.accelerator_type": node_accelerator_type() or "none",
-                "tuner.precision": str(dtype).replace("torch.", "") if dtype else "fp32"}
+                "tuner.precision": str(dtype).replace("torch.", "") if dtype else "fp32",
+                "tuner.worker_niceness": str(os.nice(0))}
         reporters.append(MlflowReporter(**mlflow_args, tags=tags))
     # Ray last: once an epoch's checkpoint is reported the epoch never reruns, so MLflow must
     # already have it; an epoch rerun after a crash before the report is logged to MLflow once
@@ -173,6 +174,15 @@ def scaling_config(cfg: Config):
 # process that calls `fit()` to its controller; a value the user set is kept.
 POLL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
+# Ray starts its workers at nice 15 (the raylet's `worker_niceness`), below the node's own processes.
+# A step that is not one CUDA graph waits on its host thread, and on an H200 at 130M the nice-15
+# worker paid for it: a Ray Train epoch cycle took 2.25 s at nice 15 against 1.92 and 2.00 s at nice 0,
+# and the bare loop 1.77 s at nice 15 against 1.44 s at 0, one run
+# (benchmarks/results/ray_overhead_h200/niceness.json). The raylet reads this variable from a
+# worker's runtime env, so Train workers get it on any cluster, however its nodes were started;
+# a value set in the environment of the process that calls `fit()` is kept.
+NICENESS_ENV, WORKER_NICENESS = "RAY_worker_niceness", "0"
+
 
 def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optional[dict] = None,
                   callbacks: Optional[list] = None):
@@ -188,7 +198,8 @@ def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optiona
     run_config = RunConfig(name=name, storage_path=storage_path,
                            failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
-                           callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING"))
+                           callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING"),
+                           worker_runtime_env={"env_vars": {NICENESS_ENV: os.environ.get(NICENESS_ENV, WORKER_NICENESS)}})
     return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config, torch_config=torch_config,
                         scaling_config=scaling_config(cfg), run_config=run_config)
 
