@@ -184,6 +184,22 @@ def epoch_cycle_table(name: str = "epoch_ml1m.json") -> str:
     return "\n".join(lines)
 
 
+def compile_start_table(*names: str) -> str:
+    """`benchmarks/compile_start.py` result files, one line per process, in the order run."""
+    out = []
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        lines = [f"Device: {data['device']}; `{data['command']}` (code {data.get('code_commit', '?')}).", "",
+                 "| wrapper | process | cache | to the end of step 2 (s) | the two steps (s) | of them loading the "
+                 "compiled module (s) | step, next steps (ms) |", "|---|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            load = r.get("phases_s", {}).get("PyCodeCache.load_by_key_path")
+            lines.append(f"| {r['wrapper']} | {r['process']} | {r['cache']} | {r['start_s']:.1f} | "
+                         f"{r['first_steps_s']:.1f} | {'-' if load is None else f'{load:.1f}'} | {r['step_ms']:.2f} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def variants_table(name: str = "seed_options.json") -> str:
     """A `benchmarks/ml1m_variants.py` results file (seed options, losses, refit)."""
     data = json.loads((RESULTS / name).read_text())
@@ -262,6 +278,10 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--gpu-add-norm": lambda: gpu_tables("add_norm_430M", "host_130M") + "\n\n" + add_norm_table(),
           "--gpu-cpp-wrapper": lambda: windows_table("cpp_wrapper_130M_8f4ad8c", "cpp_wrapper_430M_8f4ad8c") + "\n\n"
           + epoch_cycle_table("ray_overhead_cpp_wrapper.json"),
+          "--start-h200": lambda: compile_start_table("compile_start_cuda/h200/compile_start_130M.json",
+                                                      "compile_start_cuda/h200/compile_start_130M_isa_checks.json"),
+          "--ray-overhead-h200": lambda: epoch_cycle_table("ray_overhead_h200/alone.json") + "\n\n"
+          + epoch_cycle_table("ray_overhead_h200/niceness.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
