@@ -207,6 +207,57 @@ def test_the_loop_decides_the_cpp_wrapper_on_the_trials_planned_steps(monkeypatc
 # compiles one function with the C++ wrapper in a process of its own (the ISA checks' answers are
 # cached per process) and prints which CPU vector ISAs inductor checked; argv: "gpu" for the GPU's
 # settings (CUDA_CPP_WRAPPER), else the C++ wrapper alone
+_TIED_STEP = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+import tuner.train.step as step_module
+from tuner.data.collate import TrainBatch
+from tuner.losses import TiedItemTable
+
+if sys.argv[1] == "bypass":  # as before AOT_CACHE_SETTINGS
+    step_module.AOT_CACHE_SETTINGS = {}
+
+
+class Tied(torch.nn.Module):  # the objective's shape: rows in, the whole table out as the head
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(50, 16, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, items, positions, labels):
+        rows, head = TiedItemTable.apply(self.table, items, 8, torch.float32)
+        return F.cross_entropy(rows.mean(1) @ head[:50].t(), labels)
+
+
+model = Tied()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+step = step_module.TrainStep(model, list(model.parameters()), optimizer, None, None, 1.0, torch.device("cpu"),
+                             compile_mode="default")
+batch = TrainBatch(torch.arange(1, 25).view(4, 6), torch.zeros(4, dtype=torch.long), torch.tensor([3, 7, 11, 19]), 4)
+losses = [step(batch).item() for _ in range(2)]
+print(json.dumps({"losses": losses, "aot": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))
+"""
+
+
+def test_a_new_process_finds_the_step_with_the_tied_table_in_aotautograds_cache(tmp_path):
+    """The objective's custom autograd.Function (TiedItemTable) made AOTAutograd's cache pass over
+    the step, so every new process (every trial) traced the joint graph again. A second process on
+    the same cache now hits it, and trains as the first; the control still bypasses it."""
+    def run(kind, cache):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache), "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-c", _TIED_STEP, kind], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first, second = run("cache", "a"), run("cache", "a")
+    assert first["aot"].get("autograd_cache_saved", 0) >= 1 and "autograd_cache_bypass" not in first["aot"]
+    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"]
+    assert second["losses"] == first["losses"]
+    assert run("bypass", "b")["aot"].get("autograd_cache_bypass", 0) >= 1
+
+
 _ISA_CHECKS = """
 import json, sys
 import torch

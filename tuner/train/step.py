@@ -43,6 +43,14 @@ CPP_WRAPPER_MIN_STEPS = 0
 # checks and builds it without vector flags.
 CUDA_CPP_WRAPPER = {"cpp_wrapper": True, "cpp.vec_isa_ok": False}
 
+# AOTAutograd's on-disk cache passes over any graph with a custom autograd.Function in it unless
+# told otherwise: the objective has one (tuner.losses.TiedItemTable), so every new process traced
+# the step's joint graph again (2.5-3.6 s per warm 130M process on an H200,
+# results/compile_start_cuda/summary.json, `details`). Dynamo traces the Function's forward and
+# backward into the graph that keys the cache, so a changed Function misses it (PyTorch's own
+# test_custom_autograd_function_miss); this lets the cache hold it.
+AOT_CACHE_SETTINGS = {"autograd_cache_allow_custom_autograd_functions": True}
+
 
 def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1,
                     total_steps: Optional[int] = None) -> Optional[dict]:
@@ -86,7 +94,11 @@ class TrainStep:
         # a recompile for a new shape, the optimizer's update). Passed as torch.compile's `options`
         # instead, the C++ wrapper failed on an H100 (torch 2.11: "CudaKernelParamCache not
         # populated" for a backward kernel). One patch object, reused: ~8 us a step on a 2-core CPU
-        self.inductor = contextlib.nullcontext()
+        self.inductor = self.aot_cache = contextlib.nullcontext()
+        if compile_mode is not None:
+            import torch._functorch.config as functorch_config
+
+            self.aot_cache = functorch_config.patch(AOT_CACHE_SETTINGS)
         if compile_mode is not None and compile_options:
             import torch._inductor.config as inductor_config
 
@@ -105,7 +117,7 @@ class TrainStep:
 
     def __call__(self, batch: TrainBatch) -> torch.Tensor:
         """Forward, backward, clip, update; returns the (detached) loss without syncing."""
-        with self.inductor:
+        with self.aot_cache, self.inductor:
             return self._step(batch)
 
     def _step(self, batch: TrainBatch) -> torch.Tensor:
