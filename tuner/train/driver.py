@@ -176,7 +176,7 @@ POLL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 # Ray starts its workers at nice 15 (the raylet's `worker_niceness`), below the node's own processes.
 # A step that is not one CUDA graph waits on its host thread, and on an H200 at 130M the nice-15
-# worker paid for it: a Ray Train epoch cycle took 2.25 s at nice 15 against 1.92 and 2.00 s at nice 0,
+# worker paid for it: a Ray Train epoch cycle took 2.24 s at nice 15 against 1.91 and 2.00 s at nice 0,
 # and the bare loop 1.77 s at nice 15 against 1.44 s at 0, one run
 # (benchmarks/results/ray_overhead_h200/niceness.json). The raylet reads this variable from a
 # worker's runtime env, so Train workers get it on any cluster, however its nodes were started;
