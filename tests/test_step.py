@@ -207,6 +207,15 @@ def test_the_loop_decides_the_cpp_wrapper_on_the_trials_planned_steps(monkeypatc
 # compiles one function with the C++ wrapper in a process of its own (the ISA checks' answers are
 # cached per process) and prints which CPU vector ISAs inductor checked; argv: "gpu" for the GPU's
 # settings (CUDA_CPP_WRAPPER), else the C++ wrapper alone
+def _fresh_process(script: str, arg: str, cache_dir) -> object:
+    """Runs `script` with `arg` in a new Python process on inductor cache `cache_dir`; the JSON
+    of its last output line."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _TIED_STEP = """
 import json, sys
 import torch
@@ -244,18 +253,11 @@ def test_a_new_process_finds_the_step_with_the_tied_table_in_aotautograds_cache(
     """The objective's custom autograd.Function (TiedItemTable) made AOTAutograd's cache pass over
     the step, so every new process (every trial) traced the joint graph again. A second process on
     the same cache now hits it, and trains as the first; the control still bypasses it."""
-    def run(kind, cache):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache), "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, "-c", _TIED_STEP, kind], capture_output=True, text=True, env=env,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    first, second = run("cache", "a"), run("cache", "a")
+    first, second = (_fresh_process(_TIED_STEP, "cache", tmp_path / "a") for _ in range(2))
     assert first["aot"].get("autograd_cache_saved", 0) >= 1 and "autograd_cache_bypass" not in first["aot"]
     assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"]
     assert second["losses"] == first["losses"]
-    assert run("bypass", "b")["aot"].get("autograd_cache_bypass", 0) >= 1
+    assert _fresh_process(_TIED_STEP, "bypass", tmp_path / "b")["aot"].get("autograd_cache_bypass", 0) >= 1
 
 
 _ISA_CHECKS = """
@@ -282,12 +284,5 @@ def test_the_gpu_cpp_wrapper_skips_the_cpu_isa_checks_each_process_pays(tmp_path
     by a probe per ISA (each loaded in a new Python process, which imports torch in the 2.11-era
     source), and every new process checks again. The GPU's settings skip the checks; the control
     does them."""
-    def checked(kind):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / kind), "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, "-c", _ISA_CHECKS, kind], capture_output=True, text=True, env=env,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    assert "avx2" in checked("cpu")
-    assert checked("gpu") == []
+    assert "avx2" in _fresh_process(_ISA_CHECKS, "cpu", tmp_path / "cpu")
+    assert _fresh_process(_ISA_CHECKS, "gpu", tmp_path / "gpu") == []
