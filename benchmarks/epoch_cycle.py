@@ -75,7 +75,7 @@ def suites(data: str) -> dict[str, list[dict]]:
             # inductor's wrapper in Python (train.cpp_wrapper=off), as before the C++ wrapper was the default
             {"name": "130M_bare_python_wrapper", "args": big + ["--set", "train.cpp_wrapper=off"]},
             {"name": "130M_ray_train_python_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=off"]},
-            # the C++ wrapper forced (auto leaves it off for trials this short since session 17)
+            # the C++ wrapper forced (auto left it off for trials this short in sessions 17-18; since 19 it is on)
             {"name": "130M_bare_cpp_wrapper", "args": big + ["--set", "train.cpp_wrapper=on"]},
             {"name": "130M_ray_train_cpp_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=on"]},
             # Ray starts its workers at nice 15 (raylet's worker_niceness; RAY_worker_niceness sets it, read

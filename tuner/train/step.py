@@ -97,14 +97,13 @@ class TrainStep:
         self.inductor = self.aot_cache = contextlib.nullcontext()
         if compile_mode is not None:
             import torch._functorch.config as functorch_config
-
-            self.aot_cache = functorch_config.patch(AOT_CACHE_SETTINGS)
-        if compile_mode is not None and compile_options:
             import torch._inductor.config as inductor_config
 
-            self.inductor = inductor_config.patch(compile_options)
-            if compile_options.get("cpp_wrapper"):
-                bind_backward_context(device)
+            self.aot_cache = functorch_config.patch(AOT_CACHE_SETTINGS)
+            if compile_options:
+                self.inductor = inductor_config.patch(compile_options)
+                if compile_options.get("cpp_wrapper"):
+                    bind_backward_context(device)
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
