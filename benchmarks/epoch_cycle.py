@@ -33,12 +33,18 @@ import time
 from pathlib import Path
 
 from paths import ROOT, ml1m_default
+from run_in import CONTAINERS
 
 # the console line, a Ray worker's too: "epoch   3  at 12.41s  train_loss ..." (seconds since the loop began:
 # Ray forwards worker output in batches, so arrival times would not do)
 LINE = re.compile(r"(?:^|\s)epoch\s+(\d+)\s+at ([\d.]+)s\s+(train_loss .*)")
 
 GRAPHS = ["--set", "train.static_shapes=true", "--set", "train.compile_mode=reduce-overhead"]
+
+
+def container(name: str) -> list[str]:
+    """The `runner` that puts a variant in run_in.py's container `name`."""
+    return [str(ROOT / "benchmarks" / "run_in.py"), name, "--"]
 
 
 def suites(data: str) -> dict[str, list[dict]]:
@@ -57,6 +63,7 @@ def suites(data: str) -> dict[str, list[dict]]:
         "smoke": [  # the CPU check of this script
             {"name": "tiny_bare", "args": ["--device", "cpu"]},
             {"name": "tiny_ray_train", "args": ["--device", "cpu", "--workers", "1"]},
+            *({"name": f"tiny_{c}", "args": ["--device", "cpu"], "runner": container(c)} for c in CONTAINERS),
         ],
         "ray_overhead": [
             {"name": "130M_bare", "args": big},
@@ -84,15 +91,23 @@ def suites(data: str) -> dict[str, list[dict]]:
              "env": {"RAY_worker_niceness": "0"}},
             {"name": "130M_bare_cpp_wrapper_nice15", "args": big + ["--set", "train.cpp_wrapper=on"],
              "prefix": ["nice", "-n", "15"]},
+            # what of a Train worker slows the host-bound step (session 20): the bare loop on a second
+            # thread, in a Ray task's main thread, on a second thread of a Ray task (run_in.py); Train
+            # with the controller's default 2 s poll (the epoch's report then waits for a poll, so
+            # compare the training part)
+            *({"name": f"130M_{c}", "args": big, "runner": container(c)} for c in CONTAINERS),
+            {"name": "130M_ray_train_poll2s", "args": big + ["--workers", "1"],
+             "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}},
         ],
     }
 
 
 def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None = None,
-             prefix: list[str] | None = None) -> dict:
+             prefix: list[str] | None = None, runner: list[str] | None = None) -> dict:
     """One `tuner train` process (with `env` added to its environment, launched through `prefix`,
-    e.g. `nice -n 15`); per-epoch lines with their times."""
-    cmd = [*(prefix or []), sys.executable, "-m", "tuner", "train", "--max-epochs", str(epochs), *args]
+    e.g. `nice -n 15`, and run by `runner` in place of `-m tuner`: run_in.py's containers);
+    per-epoch lines with their times."""
+    cmd = [*(prefix or []), sys.executable, *(runner or ["-m", "tuner"]), "train", "--max-epochs", str(epochs), *args]
     # Ray Train: a fresh run's storage (the same storage and name would resume); no --json, which
     # silences the worker's lines
     storage = Path(str(log.with_suffix("")) + "_ray") if "--workers" in args else None
@@ -176,7 +191,8 @@ def main() -> None:
         t0 = time.time()
 
         def go(i: int, v=variant) -> None:
-            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"), v.get("prefix"))
+            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"), v.get("prefix"),
+                                 v.get("runner"))
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         for t in threads:
@@ -185,6 +201,7 @@ def main() -> None:
             t.join()
         row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]), "env": variant.get("env", {}),
                **({"prefix": " ".join(variant["prefix"])} if "prefix" in variant else {}),
+               **({"runner": " ".join(variant["runner"])} if "runner" in variant else {}),
                "wall_s": time.time() - t0, **summarize(copies, args.skip)}
         result["rows"].append(row)
         for i, c in enumerate(row["copies"]):
