@@ -45,7 +45,8 @@ def attention(q, k, v, keep, backend, dropout: float):
 
 
 def short_kernel(qkv, keep, heads: int, dropout: float):
-    return short_attention.short_attention(qkv, keep, short_attention.new_seed(qkv.device), heads, dropout)
+    rate = torch.full((), dropout, dtype=torch.float32, device=qkv.device)
+    return short_attention.short_attention(qkv, keep, short_attention.new_seed(qkv.device), rate, heads, dropout > 0)
 
 
 def measure(size: str, length: int, dropout: float, device: torch.device) -> list[dict]:

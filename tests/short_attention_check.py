@@ -37,7 +37,8 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     lengths[-1] = length
     keep = (torch.arange(length)[None, :] >= (length - lengths)[:, None]).to(device)
     seed_t = torch.tensor([1234 + seed], dtype=torch.int32, device=device)
-    out = sa.short_attention(qkv, keep, seed_t, heads, p)
+    rate = torch.tensor(p, dtype=torch.float32, device=device)
+    out = sa.short_attention(qkv, keep, seed_t, rate, heads, p > 0)
     grad = torch.randn(out.shape, generator=g).to(device, dtype)
     (dqkv,) = torch.autograd.grad(out, qkv, grad)
     mask = sa.dropout_keep_mask(seed_t, batch, heads, length, p) if p > 0 else None
@@ -53,7 +54,7 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
         other = sa.dropout_keep_mask(seed_t + 1, batch, heads, length, p)
         r["mask_repeats"] = bool(torch.equal(mask, again))
         r["mask_differs_by_seed"] = not torch.equal(mask, other)
-        again_out = sa.short_attention(qkv, keep, seed_t, heads, p)
+        again_out = sa.short_attention(qkv, keep, seed_t, rate, heads, p > 0)
         r["forward_repeats"] = bool(torch.equal(out, again_out))
     return r
 
@@ -106,6 +107,40 @@ def export_case():
             "scores": rel(program.module()(items), hidden[:, -1] @ weight.t() + bias)}
 
 
+def cache_case():
+    """Two trials that differ only in `model.attn_dropout`, each compiled by inductor in a fresh
+    dynamo state on one on-disk cache: the second loads the first one's forward and backward
+    (the kernels read the rate from a buffer, so it is no constant of the graph). Returns the
+    second trial's cache counters and the `tuner::` ops its compiled step ran."""
+    import os
+    import tempfile
+
+    from torch._dynamo.utils import counters
+
+    from tuner.config import load_config
+    from tuner.data.collate import train_batches
+    from tuner.data.synthetic import generate
+    from tuner.losses import MaskedItemObjective
+    from tuner.model.build import model_config
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    data = generate(64, 40, seed=0)
+    batch = next(iter(train_batches(data.sequences, data.num_items, 8, 16, 0.3, 0.1, seed=0, epoch=0)))
+    ops = []
+    for rate in (0.1, 0.3):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        cfg = load_config(overrides=["model.size=tiny", "model.max_len=16", "model.attention=triton",
+                                     f"model.attn_dropout={rate}"])
+        objective = torch.compile(MaskedItemObjective(Bert4Rec(model_config(cfg, data.num_items))))
+        with torch.profiler.profile() as prof:
+            objective(batch.items, batch.positions, batch.labels).backward()
+        ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::short")})
+    return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],
+            "ops": ops}
+
+
 def main():
     if sys.argv[1:] == ["--cuda"]:  # on a GPU, compiled by Triton: the seed's shapes in bf16 and fp16
         print(json.dumps({"bf16_430M": case(128, 50, 16, 64, torch.bfloat16, 0.1, device="cuda"),
@@ -120,6 +155,7 @@ def main():
         "model": model_case(),
         "model_ilora": model_case(ilora=True),
         "export": export_case(),
+        "cache": cache_case(),
     }
     print(json.dumps(result))
 

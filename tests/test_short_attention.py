@@ -56,3 +56,13 @@ def test_export_uses_sdpa_so_the_graph_runs_without_this_package(result):
     assert r["eager_ops"] == ["tuner::dropout_add_norm", "tuner::short_attention"]
     assert r["exported_custom_ops"] == [] and r["exported_sdpa"]
     assert r["scores"] < 1e-5
+
+
+def test_trials_with_another_attention_dropout_share_the_compiled_graph(result):
+    """The second trial of a search over `model.attn_dropout` loads the first one's compiled forward
+    and backward from inductor's cache (the rate was a float argument of the kernels, a constant
+    of the graph, until session 20: every new rate compiled from scratch), and its step runs the
+    kernels with dropout."""
+    r = result["cache"]
+    assert r["hits"] >= 2 and r["misses"] == 0, r
+    assert r["ops"] == ["tuner::short_attention", "tuner::short_attention_backward"], r

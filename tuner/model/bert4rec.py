@@ -110,7 +110,10 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.v_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.o_proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.attn_dropout = cfg.attn_dropout
+        # the attention weights' dropout: applied inside the attention kernel (Triton's or SDPA's), so
+        # this module only holds the rate: its buffer for the Triton kernels (one compiled graph for
+        # every rate), its float for SDPA (which takes dropout_p as a constant of the graph)
+        self.attn_dropout = RateDropout(cfg.attn_dropout)
         self.backend = ATTENTION_BACKENDS[cfg.attention]
         self.short_kernel = cfg.attention == "triton"
         self.resid_dropout = RateDropout(cfg.dropout)
@@ -140,12 +143,13 @@ class SelfAttention(nn.Module):
         """The heads' outputs side by side, before the output projection."""
         batch, length, hidden = x.shape
         qkv = self._qkv(x, gate)
-        dropout = self.attn_dropout if self.training else 0.0
+        dropout = self.attn_dropout.p if self.training else 0.0
         fused = isinstance(qkv, torch.Tensor)
         if self.short_kernel and short_attention.usable(qkv if fused else qkv[0], hidden // self.heads):
             packed = qkv if fused else torch.cat(qkv, dim=-1)
             seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
-            return short_attention.short_attention(packed, keep.view(batch, length), seed, self.heads, dropout)
+            return short_attention.short_attention(packed, keep.view(batch, length), seed, self.attn_dropout.rate,
+                                                   self.heads, dropout > 0)
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
         q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if fused else qkv))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)

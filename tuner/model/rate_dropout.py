@@ -9,9 +9,10 @@ buffer as well, and the compiled path reads that, so every rate shares one graph
 entry. Eager runs call `F.dropout` with the float, as `nn.Dropout` does: the same numbers for the
 same random state.
 
-`add_norm`'s kernels (on by default under CUDA graphs) read the same buffer. Not covered: the
-attention kernels take `model.attn_dropout` as a float (it is not in the size search spaces), so
-trials that differ in it still compile a graph each.
+`add_norm`'s kernels (on by default under CUDA graphs) read the same buffer, and the attention
+kernels (`tuner.model.short_attention`) read the buffer of the `RateDropout` that holds
+`model.attn_dropout`. Where attention falls back to SDPA (CPUs, V100s), `dropout_p` is a float
+argument, so there trials that differ in `model.attn_dropout` still compile a graph each.
 """
 
 from __future__ import annotations

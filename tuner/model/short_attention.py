@@ -16,8 +16,11 @@ The general kernels (PyTorch's memory-efficient and cuDNN attention) tile for lo
 at length 50 they pad to 64-wide tiles, keep a log-sum-exp for the backward and need the Q, K
 and V gradients concatenated afterwards.
 
-`short_attention(qkv, keep, seed, heads, dropout_p)` is a `torch.library` custom op with its own
-autograd formula, so `torch.compile` (CUDA graphs included) treats it as one opaque call.
+`short_attention(qkv, keep, seed, rate, heads, dropout)` is a `torch.library` custom op with its own
+autograd formula, so `torch.compile` (CUDA graphs included) treats it as one opaque call. The
+kernels read the dropout rate from `rate`, a 0-d tensor (the model's `RateDropout` buffer), so
+trials of a search that differ in `model.attn_dropout` share one compiled graph; only whether
+there is dropout at all is a constant of the graph.
 `usable(...)` says whether the kernel takes a shape: a CUDA GPU of sm80 or newer (or Triton's
 interpreter), fp16/bf16 (any float under the interpreter), a power-of-two head size of 16 to 128 and at most
 `MAX_LENGTH` positions; the model falls back to `F.scaled_dot_product_attention` otherwise.
@@ -120,22 +123,24 @@ if triton is not None:
         return q, k, v, e / tl.where(total == 0.0, 1.0, total)[:, None]
 
     @triton.jit
-    def _attention_forward_kernel(QKV, KEEP, SEED, OUT, L, heads, stride_b, stride_l, stride_keep, stride_ob, stride_ol,
-                        scale, p, H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
+    def _attention_forward_kernel(QKV, KEEP, SEED, RATE, OUT, L, heads, stride_b, stride_l, stride_keep, stride_ob,
+                                  stride_ol, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                                  DROPOUT: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // heads, bh % heads
         rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, D)
         q, k, v, probs = _softmax(QKV, KEEP, b, h, rows, dims, L, stride_b, stride_l, stride_keep, scale, H, D)
         if DROPOUT:
+            p = tl.load(RATE)
             probs = tl.where(_keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L), probs / (1.0 - p), 0.0)
         out = tl.dot(probs.to(v.dtype), v)
         ptrs = OUT + b * stride_ob + h * D + rows[:, None] * stride_ol + dims[None, :]
         tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(rows < L)[:, None])
 
     @triton.jit
-    def _attention_backward_kernel(QKV, KEEP, SEED, GRAD, DQKV, L, heads, stride_b, stride_l, stride_keep, stride_gb,
-                         stride_gl, stride_db, stride_dl, scale, p,
-                         H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
+    def _attention_backward_kernel(QKV, KEEP, SEED, RATE, GRAD, DQKV, L, heads, stride_b, stride_l, stride_keep,
+                                   stride_gb, stride_gl, stride_db, stride_dl, scale,
+                                   H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // heads, bh % heads
         rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, D)
@@ -146,6 +151,7 @@ if triton is not None:
         # out = dropped @ v, dropped = probs * mask / (1 - p)
         dropped_grad = tl.dot(grad, tl.trans(v))
         if DROPOUT:
+            p = tl.load(RATE)
             kept = _keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L)
             dropped = tl.where(kept, probs / (1.0 - p), 0.0)
             probs_grad = tl.where(kept, dropped_grad / (1.0 - p), 0.0)
@@ -165,15 +171,15 @@ if triton is not None:
         tl.store(ptrs + 2 * H, dv.to(out_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _attention_mask_kernel(SEED, OUT, L, p, BLOCK_L: tl.constexpr):
+    def _attention_mask_kernel(SEED, RATE, OUT, L, BLOCK_L: tl.constexpr):
         bh = tl.program_id(0)
         rows = tl.arange(0, BLOCK_L)
-        kept = _keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L)
+        kept = _keep_bits(tl.load(SEED), bh, rows, tl.load(RATE), BLOCK_L)
         ok = (rows < L)[:, None] & (rows < L)[None, :]
         tl.store(OUT + bh * L * L + rows[:, None] * L + rows[None, :], kept.to(tl.int8), mask=ok)
 
 
-def _launch_args(qkv: torch.Tensor, keep: torch.Tensor, heads: int, dropout_p: float) -> tuple:
+def _launch_args(qkv: torch.Tensor, keep: torch.Tensor, heads: int, dropout: bool) -> tuple:
     batch, length, width = qkv.shape
     hidden = width // 3
     head_dim = hidden // heads
@@ -181,56 +187,58 @@ def _launch_args(qkv: torch.Tensor, keep: torch.Tensor, heads: int, dropout_p: f
     # 4 warps at 64 positions: the fastest of 2, 4 and 8 for both kernels on an H100 (Triton's
     # autotuner picked it at the 130M and 430M shapes); not autotuned per process, which cost
     # each training process's first epoch seconds of benchmarking and a 256 MB scratch buffer
-    meta = dict(H=hidden, D=head_dim, BLOCK_L=block, DROPOUT=dropout_p > 0, num_warps=4 if block <= 64 else 8)
+    meta = dict(H=hidden, D=head_dim, BLOCK_L=block, DROPOUT=dropout, num_warps=4 if block <= 64 else 8)
     return (batch * heads,), length, keep.view(torch.int8), 1.0 / math.sqrt(head_dim), meta
 
 
 @torch.library.custom_op("tuner::short_attention", mutates_args=())
-def short_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, heads: int,
-                    dropout_p: float) -> torch.Tensor:
+def short_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, heads: int,
+                    dropout: bool) -> torch.Tensor:
     """Attention of qkv [B, L, 3H] (Q, K, V side by side) over keys where keep [B, L] (bool) is
-    True, with dropout p on the weights drawn from `seed` (an int32 tensor of one element)
-    -> [B, L, H]."""
-    grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
+    True -> [B, L, H]. With `dropout`, the weights are dropped at the rate in `rate` (an fp32 0-d
+    tensor, read by the kernels: a compiled graph does not depend on its value) with a mask drawn
+    from `seed` (an int32 tensor of one element)."""
+    grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout)
     out = qkv.new_empty(qkv.shape[0], length, meta["H"])
     if out.numel():
-        _attention_forward_kernel[grid](qkv, keep8, seed, out, length, heads, qkv.stride(0), qkv.stride(1), keep8.stride(0),
-                              out.stride(0), out.stride(1), scale, dropout_p, **meta)
+        _attention_forward_kernel[grid](qkv, keep8, seed, rate, out, length, heads, qkv.stride(0), qkv.stride(1),
+                                        keep8.stride(0), out.stride(0), out.stride(1), scale, **meta)
     return out
 
 
 @short_attention.register_fake
-def _short_attention_fake(qkv, keep, seed, heads, dropout_p):
+def _short_attention_fake(qkv, keep, seed, rate, heads, dropout):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
 
 
 @torch.library.custom_op("tuner::short_attention_backward", mutates_args=())
 def short_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor,
-                             heads: int, dropout_p: float) -> torch.Tensor:
+                             rate: torch.Tensor, heads: int, dropout: bool) -> torch.Tensor:
     """d loss / d qkv [B, L, 3H] from d loss / d out [B, L, H]."""
-    grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout_p)
+    grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
-        _attention_backward_kernel[grid](qkv, keep8, seed, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
-                               keep8.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1),
-                               scale, dropout_p, **meta)
+        _attention_backward_kernel[grid](qkv, keep8, seed, rate, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
+                                         keep8.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0),
+                                         dqkv.stride(1), scale, **meta)
     return dqkv
 
 
 @short_attention_backward.register_fake
-def _short_attention_backward_fake(grad, qkv, keep, seed, heads, dropout_p):
+def _short_attention_backward_fake(grad, qkv, keep, seed, rate, heads, dropout):
     return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, keep, seed, heads, dropout_p = inputs
-    ctx.save_for_backward(qkv, keep, seed)
-    ctx.heads, ctx.dropout_p = heads, dropout_p
+    qkv, keep, seed, rate, heads, dropout = inputs
+    ctx.save_for_backward(qkv, keep, seed, rate)
+    ctx.heads, ctx.dropout = heads, dropout
 
 
 def _backward(ctx, grad):
-    qkv, keep, seed = ctx.saved_tensors
-    return short_attention_backward(grad.contiguous(), qkv, keep, seed, ctx.heads, ctx.dropout_p), None, None, None, None
+    qkv, keep, seed, rate = ctx.saved_tensors
+    return (short_attention_backward(grad.contiguous(), qkv, keep, seed, rate, ctx.heads, ctx.dropout),
+            None, None, None, None, None)
 
 
 short_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -243,7 +251,9 @@ def new_seed(device: torch.device) -> torch.Tensor:
 
 
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p: float) -> torch.Tensor:
-    """The kernels' dropout mask for `seed`: bool [B, heads, L, L], True where a weight is kept."""
+    """The kernels' dropout mask for `seed` at rate `dropout_p`: bool [B, heads, L, L], True where a
+    weight is kept."""
     out = torch.empty(batch * heads, length, length, dtype=torch.int8, device=seed.device)
-    _attention_mask_kernel[(batch * heads,)](seed, out, length, dropout_p, BLOCK_L=_block(length))
+    rate = torch.full((), dropout_p, dtype=torch.float32, device=seed.device)
+    _attention_mask_kernel[(batch * heads,)](seed, rate, out, length, BLOCK_L=_block(length))
     return out.view(batch, heads, length, length).bool()
