@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -207,10 +208,10 @@ def test_the_loop_decides_the_cpp_wrapper_on_the_trials_planned_steps(monkeypatc
 # compiles one function with the C++ wrapper in a process of its own (the ISA checks' answers are
 # cached per process) and prints which CPU vector ISAs inductor checked; argv: "gpu" for the GPU's
 # settings (CUDA_CPP_WRAPPER), else the C++ wrapper alone
-def _fresh_process(script: str, arg: str, cache_dir) -> object:
-    """Runs `script` with `arg` in a new Python process on inductor cache `cache_dir`; the JSON
-    of its last output line."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
+def _fresh_process(script: str, arg: str, cache_dir, env: Optional[dict] = None) -> object:
+    """Runs `script` with `arg` in a new Python process on inductor cache `cache_dir` (with `env`
+    added to its environment); the JSON of its last output line."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -227,6 +228,8 @@ from tuner.losses import TiedItemTable
 
 if sys.argv[1] == "bypass":  # as before AOT_CACHE_SETTINGS
     step_module.AOT_CACHE_SETTINGS = {}
+if sys.argv[1] == "threads_in_key":  # as before SHARED_CACHE_SETTINGS
+    step_module.SHARED_CACHE_SETTINGS = {}
 
 
 class Tied(torch.nn.Module):  # the objective's shape: rows in, the whole table out as the head
@@ -245,7 +248,8 @@ step = step_module.TrainStep(model, list(model.parameters()), optimizer, None, N
                              compile_mode="default")
 batch = TrainBatch(torch.arange(1, 25).view(4, 6), torch.zeros(4, dtype=torch.long), torch.tensor([3, 7, 11, 19]), 4)
 losses = [step(batch).item() for _ in range(2)]
-print(json.dumps({"losses": losses, "aot": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))
+print(json.dumps({"losses": losses, "aot": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
+                  "fx": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}}))
 """
 
 
@@ -258,6 +262,21 @@ def test_a_new_process_finds_the_step_with_the_tied_table_in_aotautograds_cache(
     assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"]
     assert second["losses"] == first["losses"]
     assert _fresh_process(_TIED_STEP, "bypass", tmp_path / "b")["aot"].get("autograd_cache_bypass", 0) >= 1
+
+
+def test_a_process_with_another_thread_count_finds_the_compiled_step(tmp_path):
+    """A Ray worker runs with OMP_NUM_THREADS = its CPUs (1 by default), a bare process with the
+    machine's: the worker loads the step a bare process compiled, and the other way round. The
+    control, with inductor's thread count in the cache key as before, compiles again."""
+    two, one = {"OMP_NUM_THREADS": "2"}, {"OMP_NUM_THREADS": "1"}
+    first = _fresh_process(_TIED_STEP, "cache", tmp_path / "a", two)
+    second = _fresh_process(_TIED_STEP, "cache", tmp_path / "a", one)
+    assert first["fx"].get("fxgraph_cache_miss", 0) >= 1  # it compiled (forward, backward, update)
+    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"], second
+    assert second["losses"] == first["losses"]
+    _fresh_process(_TIED_STEP, "threads_in_key", tmp_path / "b", two)
+    control = _fresh_process(_TIED_STEP, "threads_in_key", tmp_path / "b", one)
+    assert control["aot"].get("autograd_cache_miss", 0) >= 1, control
 
 
 _ISA_CHECKS = """

@@ -51,6 +51,15 @@ CUDA_CPP_WRAPPER = {"cpp_wrapper": True, "cpp.vec_isa_ok": False}
 # test_custom_autograd_function_miss); this lets the cache hold it.
 AOT_CACHE_SETTINGS = {"autograd_cache_allow_custom_autograd_functions": True}
 
+# Inductor specialises a graph's CPU C++ kernels on torch's thread count and keys its FX graph cache
+# on that count. A Ray worker runs with OMP_NUM_THREADS = its CPUs (1 by default) and a bare process
+# with all of the machine's, so the first Ray Train trial on a machine compiled the whole step again
+# after `tuner train` or `tuner bench` had cached it (H200, 130M: a first epoch of 103 s against
+# 7-9 s warm, benchmarks/results/ray_overhead_h200/pairs.json; on a CPU the two processes' cache
+# details differ only in `cpp_runtime_thread_count`). With threads read at run time the key leaves
+# the count out, so processes with any thread count share the compiled step.
+SHARED_CACHE_SETTINGS = {"cpp.dynamic_threads": True}
+
 
 def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1,
                     total_steps: Optional[int] = None) -> Optional[dict]:
@@ -100,10 +109,9 @@ class TrainStep:
             import torch._inductor.config as inductor_config
 
             self.aot_cache = functorch_config.patch(AOT_CACHE_SETTINGS)
-            if compile_options:
-                self.inductor = inductor_config.patch(compile_options)
-                if compile_options.get("cpp_wrapper"):
-                    bind_backward_context(device)
+            self.inductor = inductor_config.patch({**SHARED_CACHE_SETTINGS, **(compile_options or {})})
+            if compile_options and compile_options.get("cpp_wrapper"):
+                bind_backward_context(device)
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.dtype, self.grad_clip, self.device = dtype, grad_clip, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
