@@ -189,13 +189,16 @@ def compile_start_table(*names: str) -> str:
     out = []
     for name in names:
         data = json.loads((RESULTS / name).read_text())
+        trials = any(r.get("trial") for r in data["rows"])  # a column of the trials' overrides where they differ
         lines = [f"Device: {data['device']}; `{data['command']}` (code {data.get('code_commit', '?')}).", "",
-                 "| wrapper | process | cache | to the end of step 2 (s) | the two steps (s) | of them loading the "
-                 "compiled module (s) | step, next steps (ms) |", "|---|---|---|---|---|---|---|"]
+                 "| wrapper | process | " + ("trial | " if trials else "") + "cache | to the end of step 2 (s) | "
+                 "the two steps (s) | of them loading the compiled module (s) | step, next steps (ms) |",
+                 "|---|---|---|---|---|---|---|" + ("---|" if trials else "")]
         for r in data["rows"]:
             load = r.get("phases_s", {}).get("PyCodeCache.load_by_key_path")
-            lines.append(f"| {r['wrapper']} | {r['process']} | {r['cache']} | {r['start_s']:.1f} | "
-                         f"{r['first_steps_s']:.1f} | {'-' if load is None else f'{load:.1f}'} | {r['step_ms']:.2f} |")
+            lines.append(f"| {r['wrapper']} | {r['process']} | " + (f"{r['trial']} | " if trials else "")
+                         + f"{r['cache']} | {r['start_s']:.1f} | {r['first_steps_s']:.1f} | "
+                         f"{'-' if load is None else f'{load:.1f}'} | {r['step_ms']:.2f} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
@@ -282,6 +285,11 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
                                                       "compile_start_cuda/h200/compile_start_130M_isa_checks.json"),
           "--ray-overhead-h200": lambda: epoch_cycle_table("ray_overhead_h200/alone.json") + "\n\n"
           + epoch_cycle_table("ray_overhead_h200/niceness.json"),
+          "--start-h200-attn-dropout": lambda: compile_start_table(
+              "compile_start_cuda/h200/compile_start_130M_attn_dropout.json",
+              "compile_start_cuda/h200/compile_start_130M_attn_dropout_aot_bypass.json"),
+          "--ray-overhead-h200-containers": lambda: epoch_cycle_table("ray_overhead_h200/containers.json") + "\n\n"
+          + epoch_cycle_table("ray_overhead_h200/pairs.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
