@@ -147,7 +147,11 @@ def summarize(copies: list[dict], skip: int) -> dict:
     for c in copies:
         rows = list({e["epoch"]: e for e in c["epochs"] if e["epoch"] > skip}.values())  # Ray may echo a line
         gaps = [b["t"] - a["t"] for a, b in zip(rows, rows[1:])]
-        per.append({"cycle_s": med(gaps), "cycle_mean_s": sum(gaps) / len(gaps) if gaps else None, "epoch_s": med([e.get("epoch_s") for e in rows if "epoch_s" in e]),
+        # every epoch's training time too (the first: compile or cache load), so a row's spread is in the file
+        first = next((e for e in c["epochs"] if e["epoch"] == 1), None)
+        per.append({"first_epoch_s": first.get("epoch_s") if first else None,
+                    "epochs_s": [e["epoch_s"] for e in rows if "epoch_s" in e],
+                    "cycle_s": med(gaps), "cycle_mean_s": sum(gaps) / len(gaps) if gaps else None, "epoch_s": med([e.get("epoch_s") for e in rows if "epoch_s" in e]),
                     "eval_s": med([e.get("eval_s") for e in rows if "eval_s" in e]),
                     "samples_per_s": med([e.get("samples_per_s") for e in rows if "samples_per_s" in e]),
                     "rc": c["rc"], "final": c["final"]})
