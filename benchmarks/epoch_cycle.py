@@ -149,9 +149,9 @@ def summarize(copies: list[dict], skip: int) -> dict:
         gaps = [b["t"] - a["t"] for a, b in zip(rows, rows[1:])]
         # every epoch's training time too (the first: compile or cache load), so a row's spread is in the file
         first = next((e for e in c["epochs"] if e["epoch"] == 1), None)
-        per.append({"first_epoch_s": first.get("epoch_s") if first else None,
-                    "epochs_s": [e["epoch_s"] for e in rows if "epoch_s" in e],
-                    "cycle_s": med(gaps), "cycle_mean_s": sum(gaps) / len(gaps) if gaps else None, "epoch_s": med([e.get("epoch_s") for e in rows if "epoch_s" in e]),
+        epochs_s = [e["epoch_s"] for e in rows if "epoch_s" in e]
+        per.append({"first_epoch_s": first.get("epoch_s") if first else None, "epochs_s": epochs_s,
+                    "cycle_s": med(gaps), "cycle_mean_s": sum(gaps) / len(gaps) if gaps else None, "epoch_s": med(epochs_s),
                     "eval_s": med([e.get("eval_s") for e in rows if "eval_s" in e]),
                     "samples_per_s": med([e.get("samples_per_s") for e in rows if "samples_per_s" in e]),
                     "rc": c["rc"], "final": c["final"]})
