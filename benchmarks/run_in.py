@@ -43,9 +43,11 @@ def run_tuner(argv: list[str], on_thread: bool) -> int:
 def in_ray_task(argv: list[str], on_thread: bool) -> int:
     import ray
 
+    from tuner.train.driver import NICENESS_ENV, WORKER_NICENESS  # what Train workers are given
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
+             runtime_env={"env_vars": {NICENESS_ENV: WORKER_NICENESS}})
     try:
         gpus = 1 if ray.cluster_resources().get("GPU") else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus)(run_tuner)
