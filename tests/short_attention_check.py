@@ -111,31 +111,24 @@ def cache_case():
     """Two trials that differ only in `model.attn_dropout`, each compiled by inductor in a fresh
     dynamo state on one on-disk cache: the second loads the first one's forward and backward
     (the kernels read the rate from a buffer, so it is no constant of the graph). Returns the
-    second trial's cache counters and the `tuner::` ops its compiled step ran."""
+    second trial's cache counters and the `tuner::` ops that its second step ran (after the
+    compile, whose tracing calls the ops too)."""
     import os
     import tempfile
 
     from torch._dynamo.utils import counters
 
-    from tuner.config import load_config
-    from tuner.data.collate import train_batches
-    from tuner.data.synthetic import generate
-    from tuner.losses import MaskedItemObjective
-    from tuner.model.build import model_config
+    from tests.test_rate_dropout import compiled_step
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
-    data = generate(64, 40, seed=0)
-    batch = next(iter(train_batches(data.sequences, data.num_items, 8, 16, 0.3, 0.1, seed=0, epoch=0)))
     ops = []
     for rate in (0.1, 0.3):
         torch._dynamo.reset()
         counters.clear()
-        torch.manual_seed(0)
-        cfg = load_config(overrides=["model.size=tiny", "model.max_len=16", "model.attention=triton",
-                                     f"model.attn_dropout={rate}"])
-        objective = torch.compile(MaskedItemObjective(Bert4Rec(model_config(cfg, data.num_items))))
+        step = compiled_step("model.attention=triton", f"model.attn_dropout={rate}")
+        step()  # compiles, or loads the compiled graphs
         with torch.profiler.profile() as prof:
-            objective(batch.items, batch.positions, batch.labels).backward()
+            step()
         ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::short")})
     return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],
             "ops": ops}

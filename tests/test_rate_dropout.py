@@ -45,14 +45,17 @@ def test_compiled_rate_dropout_drops_at_the_rate_and_rescales_once(dtype):
     torch.testing.assert_close(y[kept], (x.float() * scale).to(dtype)[kept], rtol=0, atol=0)
 
 
-def _compile_and_step(dropout: float) -> None:
+def compiled_step(*overrides: str):
+    """A tiny model's objective under torch.compile, with config `overrides`, and one batch: a
+    function that runs forward and backward on the batch (its first call compiles, or loads from
+    the cache). tests/short_attention_check.py's attention-dropout cache check uses it too."""
     torch.manual_seed(0)
-    cfg = load_config(overrides=["model.size=tiny", "model.max_len=16", f"model.dropout={dropout}"])
+    cfg = load_config(overrides=["model.size=tiny", "model.max_len=16", *overrides])
     data = generate(64, 40, seed=0)
     model = Bert4Rec(model_config(cfg, data.num_items))
     objective = torch.compile(MaskedItemObjective(model))
     batch = next(iter(train_batches(data.sequences, data.num_items, 16, 16, 0.3, 0.1, seed=0, epoch=0)))
-    objective(batch.items, batch.positions, batch.labels).backward()
+    return lambda: objective(batch.items, batch.positions, batch.labels).backward()
 
 
 def test_trials_with_another_dropout_share_the_compiled_graph(tmp_path, monkeypatch):
@@ -63,10 +66,10 @@ def test_trials_with_another_dropout_share_the_compiled_graph(tmp_path, monkeypa
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
-    _compile_and_step(0.1)
+    compiled_step("model.dropout=0.1")()
     torch._dynamo.reset()
     counters.clear()
-    _compile_and_step(0.35)
+    compiled_step("model.dropout=0.35")()
     assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     torch._dynamo.reset()
