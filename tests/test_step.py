@@ -266,8 +266,8 @@ def test_a_new_process_finds_the_step_with_the_tied_table_in_aotautograds_cache(
 
 def test_a_process_with_another_thread_count_finds_the_compiled_step(tmp_path):
     """A Ray worker runs with OMP_NUM_THREADS = its CPUs (1 by default), a bare process with the
-    machine's: the worker loads the step a bare process compiled, and the other way round. The
-    control, with inductor's thread count in the cache key as before, compiles again."""
+    machine's: a 1-thread process loads the step a 2-thread process compiled. The control, with
+    inductor's thread count in the cache key as before, compiles again."""
     two, one = {"OMP_NUM_THREADS": "2"}, {"OMP_NUM_THREADS": "1"}
     first = _fresh_process(_TIED_STEP, "cache", tmp_path / "a", two)
     second = _fresh_process(_TIED_STEP, "cache", tmp_path / "a", one)

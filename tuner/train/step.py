@@ -54,9 +54,9 @@ AOT_CACHE_SETTINGS = {"autograd_cache_allow_custom_autograd_functions": True}
 # Inductor specialises a graph's CPU C++ kernels on torch's thread count and keys its FX graph cache
 # on that count. A Ray worker runs with OMP_NUM_THREADS = its CPUs (1 by default) and a bare process
 # with all of the machine's, so the first Ray Train trial on a machine compiled the whole step again
-# after `tuner train` or `tuner bench` had cached it (H200, 130M: a first epoch of 103 s against
-# 7-9 s warm, benchmarks/results/ray_overhead_h200/pairs.json; on a CPU the two processes' cache
-# details differ only in `cpp_runtime_thread_count`). With threads read at run time the key leaves
+# after `tuner train` or `tuner bench` had cached it (H200, 130M, one run: a first epoch of 103.4 s
+# against 8.9 and 7.3 s warm, benchmarks/results/ray_overhead_h200/logs/pairs_0*.log; on a CPU the
+# two processes' cache details differ only in `cpp_runtime_thread_count`). With threads read at run time the key leaves
 # the count out, so processes with any thread count share the compiled step.
 SHARED_CACHE_SETTINGS = {"cpp.dynamic_threads": True}
 
