@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -184,6 +185,36 @@ def epoch_cycle_table(name: str = "epoch_ml1m.json") -> str:
     return "\n".join(lines)
 
 
+def pairs_table(*names: str) -> str:
+    """Bare and Ray Train rows of one machine, in the order run across `names` (epoch_cycle.py files
+    of consecutive calls): each Train row's median training time against the mean of the bare rows
+    run just before and after it, so a drift of the machine between rows counts on both sides."""
+    rows, heads = [], []
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        heads.append(f"`{data['command']}` (code {data.get('code_commit', '?')})")
+        rows += [(Path(name).stem, r) for r in data["rows"]]
+    lines = [f"Device: {data['device']}; medians over epochs {data['skip'] + 1}-{data['epochs']}; "
+             + "; then ".join(heads) + ".", "",
+             "| # | file | variant | first epoch s | training s | epochs min-max s | epoch cycle s | Train / bare around it |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for i, (file, r) in enumerate(rows):
+        copy = r["copies"][0]
+        ratio = ""
+        if "ray_train" in r["name"]:
+            around = [rows[j][1]["epoch_s"] for j in (i - 1, i + 1)
+                      if 0 <= j < len(rows) and "ray_train" not in rows[j][1]["name"]]
+            if around:
+                ratios.append(r["epoch_s"] / (sum(around) / len(around)))
+                ratio = f"{ratios[-1]:.3f}"
+        lines.append(f"| {i + 1} | {file} | {r['name']} | {copy['first_epoch_s']:.1f} | {r['epoch_s']:.2f} | "
+                     f"{min(copy['epochs_s']):.2f}-{max(copy['epochs_s']):.2f} | {r['cycle_s']:.2f} | {ratio} |")
+    lines += ["", f"Train / bare: median {statistics.median(ratios):.3f} over {len(ratios)} Train rows "
+              f"(from {min(ratios):.3f} to {max(ratios):.3f})."]
+    return "\n".join(lines)
+
+
 def compile_start_table(*names: str) -> str:
     """`benchmarks/compile_start.py` result files, one line per process, in the order run."""
     out = []
@@ -290,6 +321,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
               "compile_start_cuda/h200/compile_start_130M_attn_dropout_aot_bypass.json"),
           "--ray-overhead-h200-containers": lambda: epoch_cycle_table("ray_overhead_h200/containers.json") + "\n\n"
           + epoch_cycle_table("ray_overhead_h200/pairs.json"),
+          "--ray-overhead-h200-pairs": lambda: pairs_table("ray_overhead_h200/pairs16.json",
+                                                           "ray_overhead_h200/pairs16b.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
