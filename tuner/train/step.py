@@ -52,12 +52,15 @@ CUDA_CPP_WRAPPER = {"cpp_wrapper": True, "cpp.vec_isa_ok": False}
 AOT_CACHE_SETTINGS = {"autograd_cache_allow_custom_autograd_functions": True}
 
 # Inductor specialises a graph's CPU C++ kernels on torch's thread count and keys its FX graph cache
-# on that count. A Ray worker runs with OMP_NUM_THREADS = its CPUs (1 by default) and a bare process
-# with all of the machine's, so the first Ray Train trial on a machine compiled the whole step again
-# after `tuner train` or `tuner bench` had cached it (H200, 130M, one run: a first epoch of 103.4 s
-# against 8.9 and 7.3 s warm, benchmarks/results/ray_overhead_h200/logs/pairs_0*.log; on a CPU the
-# two processes' cache details differ only in `cpp_runtime_thread_count`). With threads read at run time the key leaves
-# the count out, so processes with any thread count share the compiled step.
+# on that count (torch 2.13). A Ray worker runs with OMP_NUM_THREADS = its CPUs (1 by default) and a
+# bare process with all of the machine's, so a Ray Train trial compiled the whole step again after
+# `tuner train` or `tuner bench` had cached it: on a CPU the two processes' keys differ only in
+# `cpp_runtime_thread_count` (benchmarks/results/cache_keys/cpu/). With threads read at run time the
+# key leaves the count out, and the worker loads every graph (tests/test_cache_keys.py).
+# On an H200 (torch 2.11) the worker still compiles again, for another reason: a bare process with
+# OMP_NUM_THREADS=1 loads every graph there, and the worker's keys differ from the bare process's in
+# every input of fully static shape, with the same printed metadata
+# (benchmarks/results/cache_keys/h200/cache_keys.json).
 SHARED_CACHE_SETTINGS = {"cpp.dynamic_threads": True}
 
 
