@@ -180,12 +180,16 @@ def compare(bare: list[dict], train: list[dict], results: dict[str, str], explai
 def inputs_by_shape(parts: dict, differ: set) -> dict[str, int]:
     """The example inputs whose shape and strides are all numbers (`static`: parameters, buffers, a
     first graph's batch) and the rest (`symbolic`: a dynamic dimension, or a size itself), each with
-    how many of them differ."""
+    how many of them differ and how many carry a memory format (torch gives none where a dimension
+    is symbolic)."""
     names = [n for n in parts if n.startswith("example_inputs")]
     static = {n for n in names if parts[n].get("text", "").startswith("TensorMetadata(")
               and not SYMBOL.search(parts[n]["text"].split("device=")[0])}
+    formatted = {n for n in names if "memory_format=torch." in parts[n].get("text", "")}
     return {"static": len(static), "static_differ": len(static & differ),
-            "symbolic": len(names) - len(static), "symbolic_differ": len(differ & (set(names) - static))}
+            "static_with_a_memory_format": len(static & formatted),
+            "symbolic": len(names) - len(static), "symbolic_differ": len(differ & (set(names) - static)),
+            "symbolic_with_a_memory_format": len(formatted - static)}
 
 
 def tally(results: dict[str, str]) -> dict[str, int]:

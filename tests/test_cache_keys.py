@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "cache_keys.py"
 STATIC = ("TensorMetadata(dtype=torch.float32, shape=torch.Size([32]), stride=(1,), "
-          "device=device(type='cuda', index=0), requires_grad=True)")
+          "device=device(type='cuda', index=0), memory_format=torch.contiguous_format, requires_grad=True)")
 SYMBOLIC = ("TensorMetadata(dtype=torch.float32, shape=torch.Size([s65, 32]), stride=(32, 1), "
-            "device=device(type='cuda', index=0), requires_grad=False)")
+            "device=device(type='cuda', index=0), memory_format=None, requires_grad=False)")
 
 
 def _key_log(key: str, static_hash: str, static_bytes: bytes, result: str, prefix: str = "") -> str:
@@ -50,7 +50,8 @@ def test_a_part_with_the_same_text_but_other_bytes_is_shown_byte_by_byte(tmp_pat
     (row,) = report["rows"]
     assert (row["kind"], row["frame"], row["worker_result"], row["same_key"]) == ("aot", "0/0", "miss", False)
     assert row["differing"] == ["example_inputs[0]"] and row["differing_with_the_same_text"] == 1
-    assert row["example_inputs"] == {"static": 1, "static_differ": 1, "symbolic": 1, "symbolic_differ": 0}
+    assert row["example_inputs"] == {"static": 1, "static_differ": 1, "static_with_a_memory_format": 1,
+                                     "symbolic": 1, "symbolic_differ": 0, "symbolic_with_a_memory_format": 0}
     diff = row["explained"][0]["pickle_diff"]
     assert any(line.startswith("-") and "BININT1" in line and "32" in line for line in diff)
     assert any(line.startswith("+") and "UNICODE" in line and "'32'" in line for line in diff)

@@ -218,13 +218,20 @@ def _fresh_process(script: str, arg: str, cache_dir, env: Optional[dict] = None)
 
 
 _TIED_STEP = """
-import json, sys
+import copyreg, json, sys, types
+if "imported_first" in sys.argv[1]:  # a module that imported torch before torch's own modules (a Ray worker's)
+    sys.modules["imported_first"] = types.ModuleType("imported_first")
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 import tuner.train.step as step_module
 from tuner.data.collate import TrainBatch
 from tuner.losses import TiedItemTable
+
+if "imported_first" in sys.argv[1]:
+    sys.modules["imported_first"].torch = torch
+if sys.argv[1].endswith("format_by_name"):  # as before step.py's memory-format reduction
+    copyreg.dispatch_table.pop(torch.memory_format)
 
 if sys.argv[1] == "bypass":  # as before AOT_CACHE_SETTINGS
     step_module.AOT_CACHE_SETTINGS = {}
@@ -276,6 +283,21 @@ def test_a_process_with_another_thread_count_finds_the_compiled_step(tmp_path):
     assert second["losses"] == first["losses"]
     _fresh_process(_TIED_STEP, "threads_in_key", tmp_path / "b", two)
     control = _fresh_process(_TIED_STEP, "threads_in_key", tmp_path / "b", one)
+    assert control["aot"].get("autograd_cache_miss", 0) >= 1, control
+
+
+def test_a_process_that_imported_its_modules_in_another_order_finds_the_compiled_step(tmp_path):
+    """A memory format pickles as a bare name that pickle resolves through the first module in
+    sys.modules holding `torch`, and the caches hash every static input's memory format: a process
+    where another module imported torch first (a Ray worker) now loads the step a plain process
+    compiled. The control, with the memory format pickled by name as before, compiles again."""
+    first = _fresh_process(_TIED_STEP, "cache", tmp_path / "a")
+    second = _fresh_process(_TIED_STEP, "imported_first", tmp_path / "a")
+    assert first["fx"].get("fxgraph_cache_miss", 0) >= 1
+    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"], second
+    assert second["losses"] == first["losses"]
+    _fresh_process(_TIED_STEP, "format_by_name", tmp_path / "b")
+    control = _fresh_process(_TIED_STEP, "imported_first_format_by_name", tmp_path / "b")
     assert control["aot"].get("autograd_cache_miss", 0) >= 1, control
 
 

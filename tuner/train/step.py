@@ -14,6 +14,7 @@ the norm of its bf16 gradients is summed in fp32.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 from typing import Optional
 
 import torch
@@ -57,11 +58,28 @@ AOT_CACHE_SETTINGS = {"autograd_cache_allow_custom_autograd_functions": True}
 # `tuner train` or `tuner bench` had cached it: on a CPU the two processes' keys differ only in
 # `cpp_runtime_thread_count` (benchmarks/results/cache_keys/cpu/). With threads read at run time the
 # key leaves the count out, and the worker loads every graph (tests/test_cache_keys.py).
-# On an H200 (torch 2.11) the worker still compiles again, for another reason: a bare process with
-# OMP_NUM_THREADS=1 loads every graph there, and the worker's keys differ from the bare process's in
-# every input of fully static shape, with the same printed metadata
-# (benchmarks/results/cache_keys/h200/cache_keys.json).
+# On an H200 (torch 2.11) the worker still compiled again, for another reason (a bare process with
+# OMP_NUM_THREADS=1 loaded every graph there): the memory formats' pickling, below.
 SHARED_CACHE_SETTINGS = {"cpp.dynamic_threads": True}
+
+
+def memory_format_named(name: str) -> torch.memory_format:
+    """The memory format `name` names ("torch.contiguous_format"): how one is rebuilt from a pickle."""
+    return getattr(torch, name.rpartition(".")[2])
+
+
+# A torch.memory_format pickles as its bare name, "torch.contiguous_format", which pickle resolves
+# by scanning sys.modules, in the order the process imported them, for the first module that holds
+# a `torch` attribute. So the bytes name whichever such module the process happened to import first
+# (`torch._utils` in a bare `tuner train`). Inductor's FX graph cache and AOTAutograd's cache hash
+# every static input's metadata, its memory format included, through pickle, so two processes that
+# imported their modules in another order miss each other's compiled graphs. On an H200 (torch
+# 2.11) a Ray Train worker's keys differed from the bare process's in exactly the inputs that carry
+# a memory format, with the same printed metadata (benchmarks/results/cache_keys/h200/). Pickled by
+# this function instead, the bytes are the same in every process; torch does the same for
+# torch.layout (torch.serialization._get_layout). A pickle that holds a memory format then needs
+# this package to load; every process that compiles the step imports it anyway.
+copyreg.pickle(torch.memory_format, lambda fmt: (memory_format_named, (str(fmt),)))
 
 
 def compile_options(train: TrainConfig, device: torch.device, world_size: int = 1,
