@@ -133,28 +133,32 @@ def parse(path: Path) -> tuple[list[dict], dict[str, str]]:
 
 
 def disassembly(hexdata: str | None) -> list[str]:
+    """pickletools' listing of a logged pickle, without the byte offsets (they shift between runs)."""
     if not hexdata or hexdata in ("long", "error"):
         return [hexdata or "no bytes"]
     text = io.StringIO()
     pickletools.dis(bytes.fromhex(hexdata), out=text, annotate=0)
-    return [re.sub(r"^\s*\d+:\s*", "", line) for line in text.getvalue().splitlines()]  # offsets move
+    return [re.sub(r"^\s*\d+:\s*", "", line) for line in text.getvalue().splitlines()]
+
+
+def places(keys: list[dict]) -> dict[tuple, dict]:
+    """(kind, frame, n) -> the n-th key of that kind computed in that compile frame, in order."""
+    count: dict[tuple, int] = {}
+    placed = {}
+    for key in keys:
+        kind_frame = (key["kind"], key["frame"])
+        placed[(*kind_frame, count.get(kind_frame, 0))] = key
+        count[kind_frame] = count.get(kind_frame, 0) + 1
+    return placed
 
 
 def compare(bare: list[dict], train: list[dict], results: dict[str, str], explain: int) -> list[dict]:
     """Each of the worker's keys against the bare run's key of the same kind, frame and order (a hit
     in AOTAutograd's cache skips the FX keys, so the lists need not line up)."""
-    seen: dict[tuple, int] = {}
-    by_place = {}
-    for key in bare:
-        place = (key["kind"], key["frame"], seen.setdefault((key["kind"], key["frame"]), 0))
-        seen[place[:2]] += 1
-        by_place[place] = key
-    seen.clear()
+    bare_keys = places(bare)
     rows = []
-    for b in train:
-        place = (b["kind"], b["frame"], seen.setdefault((b["kind"], b["frame"]), 0))
-        seen[place[:2]] += 1
-        a = by_place.get(place)
+    for place, b in places(train).items():
+        a = bare_keys.get(place)
         row = {"kind": b["kind"], "frame": b["frame"], "worker_result": results.get(b["key"])}
         if a is None:
             rows.append({**row, "bare_key": None})
@@ -193,6 +197,7 @@ def inputs_by_shape(parts: dict, differ: set) -> dict[str, int]:
 
 
 def tally(results: dict[str, str]) -> dict[str, int]:
+    """How many keys hit, missed or bypassed the cache."""
     return {outcome: sum(r == outcome for r in results.values()) for outcome in ("hit", "miss", "bypass")}
 
 
