@@ -15,6 +15,10 @@ Suites:
     python benchmarks/epoch_cycle.py --suite ml1m --out OUT/epoch_ml1m.json
     python benchmarks/epoch_cycle.py --suite ray_overhead --out OUT/ray_overhead.json
 
+Each row also keeps `gpu`: the GPU's median SM clock, power, peak temperature and utilisation
+while it trained (`nvidia-smi` once a second, samples at >= 50% utilisation; null without a GPU),
+so a row that trained slower shows whether the GPU itself ran slower.
+
 Results are written after every variant, so a time limit keeps what finished.
 """
 
@@ -139,6 +143,46 @@ def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None
             ("wall_s", "samples_per_s", "test_ndcg_10", "val_ndcg_10", "peak_mem_mb")}}
 
 
+GPU_QUERY = "clocks.sm,power.draw,temperature.gpu,utilization.gpu"
+
+
+class GpuSampler:
+    """`nvidia-smi` sampling the GPU's SM clock, power, temperature and utilisation once a second while
+    a row runs, so a row that trained slower can be told apart by the GPU's own state (a lower clock:
+    power or heat) from a slower host. `summary()` keeps the samples at >= 50% utilisation (training,
+    not start-up or compile); None where there is no nvidia-smi."""
+
+    def __init__(self):
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits",
+                                          "-i", "0", "-lms", "1000"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+
+    def summary(self) -> dict | None:
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        return gpu_summary(self.proc.communicate()[0])
+
+
+def gpu_summary(text: str) -> dict | None:
+    """Medians of `nvidia-smi` CSV samples (GPU_QUERY's fields) taken at >= 50% utilisation."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append([float(v) for v in line.split(",")])
+        except ValueError:  # "[N/A]", a cut-off last line
+            continue
+    busy = [r for r in rows if len(r) == 4 and r[3] >= 50]
+    if not busy:
+        return None
+    return {"busy_samples": len(busy), "sm_clock_mhz": statistics.median(r[0] for r in busy),
+            "min_sm_clock_mhz": min(r[0] for r in busy), "power_w": statistics.median(r[1] for r in busy),
+            "max_temperature_c": max(r[2] for r in busy), "utilization_pct": statistics.median(r[3] for r in busy)}
+
+
 def summarize(copies: list[dict], skip: int) -> dict:
     def med(values):
         return statistics.median(values) if values else None
@@ -199,14 +243,16 @@ def main() -> None:
                                  v.get("runner"))
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+        sampler = GpuSampler()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        gpu = sampler.summary()
         row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]), "env": variant.get("env", {}),
                **({"prefix": " ".join(variant["prefix"])} if "prefix" in variant else {}),
                **({"runner": " ".join(variant["runner"])} if "runner" in variant else {}),
-               "wall_s": time.time() - t0, **summarize(copies, args.skip)}
+               "wall_s": time.time() - t0, **summarize(copies, args.skip), "gpu": gpu}
         result["rows"].append(row)
         for i, c in enumerate(row["copies"]):
             if c["rc"] != 0 or c["cycle_s"] is None:  # say why, here: logs may not travel back

@@ -194,10 +194,12 @@ def pairs_table(*names: str) -> str:
         data = json.loads((RESULTS / name).read_text())
         heads.append(f"`{data['command']}` (code {data.get('code_commit', '?')})")
         rows += [(Path(name).stem, r) for r in data["rows"]]
+    clocks = any(r.get("gpu") for _, r in rows)  # epoch_cycle.py samples the GPU since session 21's runs
     lines = [f"Device: {data['device']}; medians over epochs {data['skip'] + 1}-{data['epochs']}; "
              + "; then ".join(heads) + ".", "",
-             "| # | file | variant | first epoch s | training s | epochs min-max s | epoch cycle s | Train / bare around it |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| # | file | variant | first epoch s | training s | epochs min-max s | epoch cycle s | Train / bare around it |"
+             + (" SM clock MHz, busy |" if clocks else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if clocks else "")]
     ratios = []
     for i, (file, r) in enumerate(rows):
         copy = r["copies"][0]
@@ -208,8 +210,10 @@ def pairs_table(*names: str) -> str:
             if around:
                 ratios.append(r["epoch_s"] / (sum(around) / len(around)))
                 ratio = f"{ratios[-1]:.3f}"
+        clock = f" {r['gpu']['sm_clock_mhz']:.0f} |" if r.get("gpu") else " - |"
         lines.append(f"| {i + 1} | {file} | {r['name']} | {copy['first_epoch_s']:.1f} | {r['epoch_s']:.2f} | "
-                     f"{min(copy['epochs_s']):.2f}-{max(copy['epochs_s']):.2f} | {r['cycle_s']:.2f} | {ratio} |")
+                     f"{min(copy['epochs_s']):.2f}-{max(copy['epochs_s']):.2f} | {r['cycle_s']:.2f} | {ratio} |"
+                     + (clock if clocks else ""))
     lines += ["", f"Train / bare: median {statistics.median(ratios):.3f} over {len(ratios)} Train rows "
               f"(from {min(ratios):.3f} to {max(ratios):.3f})."]
     return "\n".join(lines)

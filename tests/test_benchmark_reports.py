@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,35 @@ def test_start_summary_of_a_file_that_is_not_a_result_file_is_one_line(tmp_path)
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"compile_start.py: {bad} is not a result file (no rows)"
+
+
+def test_gpu_samples_are_summarized_over_the_busy_ones_only():
+    """epoch_cycle.py's nvidia-smi samples: start-up and compile (low utilisation), unreadable and
+    cut-off lines are left out of a row's GPU summary."""
+    import epoch_cycle
+
+    text = "\n".join(["1980, 120.5, 35, 0", "1980, 130.0, 36, 12",  # idle, compiling
+                      "1755, 610.2, 61, 97", "1830, 640.0, 63, 99", "1900, 590.0, 62, 88",
+                      "[N/A], [N/A], 60, 95", "1700, 55"])
+    summary = epoch_cycle.gpu_summary(text)
+    assert summary == {"busy_samples": 3, "sm_clock_mhz": 1830.0, "min_sm_clock_mhz": 1755.0, "power_w": 610.2,
+                       "max_temperature_c": 63.0, "utilization_pct": 97.0}
+    assert epoch_cycle.gpu_summary("1980, 120.5, 35, 0\n") is None
+
+
+def test_the_gpu_sampler_keeps_what_nvidia_smi_printed_until_the_row_ended(tmp_path, monkeypatch):
+    import epoch_cycle
+
+    fake = tmp_path / "nvidia-smi"  # prints two samples, then keeps sampling (sleeps) until stopped
+    fake.write_text("#!/bin/sh\necho '1830, 640.0, 63, 99'\necho '1755, 610.0, 61, 97'\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    sampler = epoch_cycle.GpuSampler()
+    time.sleep(1.0)
+    assert sampler.summary()["busy_samples"] == 2
+    assert sampler.proc.poll() is not None  # stopped with the row
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert epoch_cycle.GpuSampler().summary() is None  # no nvidia-smi: no GPU figures, no error
 
 
 def test_every_readme_table_renders_from_the_committed_result_files():
