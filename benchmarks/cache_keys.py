@@ -207,15 +207,18 @@ def log_file(folder: Path, label: str) -> Path | None:
 
 
 def report(folder: Path, explain: int, command: str, extra: dict) -> dict:
-    """The comparison of folder's bare.log and train.log, and every log's hits and misses."""
-    bare, _ = parse(log_file(folder, "bare"))
-    train, results = parse(log_file(folder, "train"))
+    """The comparison of folder's bare.log and train.log, and every log's hits and misses (each log
+    parsed once: the GPU's run to MBs)."""
+    logs: dict[str, Path] = {}
+    for log in sorted([*folder.glob("*.log"), *folder.glob("*.log.gz")]):
+        logs.setdefault(log.name.split(".")[0], log)  # <label>.log sorts before <label>.log.gz, as log_file prefers
+    parsed = {label: parse(log) for label, log in logs.items()}
+    (bare, _), (train, results) = parsed["bare"], parsed["train"]
     rows = compare(bare, train, results, explain)
     return {
         "command": command,
         **extra,
-        "runs": {log.name.split(".")[0]: {"keys": len(keys), **tally(res)}
-                 for log in sorted([*folder.glob("*.log"), *folder.glob("*.log.gz")]) for keys, res in [parse(log)]},
+        "runs": {label: {"keys": len(keys), **tally(res)} for label, (keys, res) in parsed.items()},
         "keys_that_differ": sum(bool(r.get("differing")) for r in rows),
         "rows": rows,
     }
