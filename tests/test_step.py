@@ -271,16 +271,21 @@ def test_a_new_process_finds_the_step_with_the_tied_table_in_aotautograds_cache(
     assert _fresh_process(_TIED_STEP, "bypass", tmp_path / "b")["aot"].get("autograd_cache_bypass", 0) >= 1
 
 
+def _second_loads_the_first(cache, first: tuple, second: tuple) -> None:
+    """Two `_TIED_STEP` processes, (arg, env) each, one after the other on inductor cache `cache`:
+    the first compiles the step, the second loads it from AOTAutograd's cache and trains alike."""
+    first, second = (_fresh_process(_TIED_STEP, arg, cache, env) for arg, env in (first, second))
+    assert first["fx"].get("fxgraph_cache_miss", 0) >= 1  # it compiled (forward, backward, update)
+    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"], second
+    assert second["losses"] == first["losses"]
+
+
 def test_a_process_with_another_thread_count_finds_the_compiled_step(tmp_path):
     """A Ray worker runs with OMP_NUM_THREADS = its CPUs (1 by default), a bare process with the
     machine's: a 1-thread process loads the step a 2-thread process compiled. The control, with
     inductor's thread count in the cache key as before, compiles again."""
     two, one = {"OMP_NUM_THREADS": "2"}, {"OMP_NUM_THREADS": "1"}
-    first = _fresh_process(_TIED_STEP, "cache", tmp_path / "a", two)
-    second = _fresh_process(_TIED_STEP, "cache", tmp_path / "a", one)
-    assert first["fx"].get("fxgraph_cache_miss", 0) >= 1  # it compiled (forward, backward, update)
-    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"], second
-    assert second["losses"] == first["losses"]
+    _second_loads_the_first(tmp_path / "a", ("cache", two), ("cache", one))
     _fresh_process(_TIED_STEP, "threads_in_key", tmp_path / "b", two)
     control = _fresh_process(_TIED_STEP, "threads_in_key", tmp_path / "b", one)
     assert control["aot"].get("autograd_cache_miss", 0) >= 1, control
@@ -291,11 +296,7 @@ def test_a_process_that_imported_its_modules_in_another_order_finds_the_compiled
     sys.modules holding `torch`, and the caches hash every static input's memory format: a process
     where another module imported torch first (a Ray worker) now loads the step a plain process
     compiled. The control, with the memory format pickled by name as before, compiles again."""
-    first = _fresh_process(_TIED_STEP, "cache", tmp_path / "a")
-    second = _fresh_process(_TIED_STEP, "imported_first", tmp_path / "a")
-    assert first["fx"].get("fxgraph_cache_miss", 0) >= 1
-    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"], second
-    assert second["losses"] == first["losses"]
+    _second_loads_the_first(tmp_path / "a", ("cache", None), ("imported_first", None))
     _fresh_process(_TIED_STEP, "format_by_name", tmp_path / "b")
     control = _fresh_process(_TIED_STEP, "imported_first_format_by_name", tmp_path / "b")
     assert control["aot"].get("autograd_cache_miss", 0) >= 1, control
