@@ -16,6 +16,9 @@
 - `weights` (issue 5): bf16 weights with fp32 masters in the optimizer (`train.weights=bf16`)
   against fp32 weights, and bf16 moments (`optim.moments=bf16`) on top, two seeds each (a GPU:
   bf16 autocast);
+- `add_norm` (issue 5): `tuner/model/add_norm.py`'s kernels (each residual add, its dropout and
+  the next LayerNorm in one Triton kernel each way; on by default under CUDA graphs, as the
+  ML-1M settings use) against inductor's code for the same ops, two seeds each (a GPU);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -99,6 +102,10 @@ GROUPS = {
         **{f"ce_kernel{seed}": ["train.weights=bf16", *extra] for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
         **{f"bf16_residual{seed}": ["train.weights=bf16", "model.residual=bf16", *extra]
            for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+    },
+    "add_norm": {  # the residual add, dropout and LayerNorm as one Triton kernel each way, against inductor's code
+        **{f"{name}{seed}": [f"model.fused_add_norm={value}", *extra]
+           for seed, extra in (("", []), ("_seed1", ["train.seed=1"])) for name, value in (("kernels", "on"), ("inductor", "off"))},
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],

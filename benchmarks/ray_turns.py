@@ -7,24 +7,29 @@ Issue 5 asks the 130M configuration through `TorchTrainer` (one worker) to stay 
 bare loop. Rows run one after the other (`epoch_cycle.py`) drift on a shared machine by more than
 that: on an H200, bare rows of one configuration trained an epoch in 1.67 to 2.33 s (session 21).
 Here a bare `tuner train` and a `tuner train --workers 1` run at the same time and take turns,
-one epoch each: each waits for a token before its epoch and hands it over once the epoch is
-trained, validated, checkpointed and reported. So epoch e of one and epoch e of the other run
-seconds apart on the same machine, and each epoch's ratio sees the same drift.
+`--epochs-per-turn` epochs each (2 by default): each waits for a token before its turn and hands
+it over once its last epoch is trained, validated, checkpointed and reported. So the two runs'
+epochs alternate seconds apart on one machine, and each ratio sees the same drift.
 
 A `sitecustomize` hook, installed only for these two runs (Ray's worker processes inherit it),
 wraps `tuner.train.loop.train_worker`: the Train worker waits for its first turn before it builds
 its model (so it starts after the bare run compiled, and on one fresh inductor cache
 (TORCHINDUCTOR_CACHE_DIR) its first epoch says whether it loaded the bare run's compiled step);
-after every epoch's report a process passes the token, except after its last, which keeps it
-through the final test. A Train epoch's turn also waits for its checkpoint's write, which in a
-real run overlaps the next epoch: turn times count it in full, so the Train/bare ratio of turn
-times is an upper bound; the ratio of training times (`epoch_s`) counts no write at all.
+after a turn's last report a process passes the token, except after its last epoch, whose turn
+runs through the final test. In a real Train run every epoch trains while Ray's upload thread
+writes the previous epoch's checkpoint. Within a turn it does here too; at a turn's end the
+worker waits for the write before handing over, so that no write runs in the bare run's turn.
+So with two epochs a turn, the first of each Train turn trains with no write beside it and the
+second with one (`write_during`), and both are set against the bare epochs around them.
 
-Writes `--out`: the command, device, each process's epochs (`epoch_s` and the turn's start and
-end), the Train/bare ratio of each epoch after `--skip` (training, and the whole turn) against the
-mean of the bare epochs just before and after it, their medians, and whether any two turns
-overlapped (they must not). Default `tuner train` arguments: the 130M row of `epoch_cycle.py`'s
-`ray_overhead` suite; `--graphs` adds CUDA graphs.
+Writes `--out`: the command, device, each process's epochs (`epoch_s`, start and end, whether a
+write ran beside it) and turns; the Train/bare ratios after `--skip`, each Train epoch or turn
+against the mean of the bare ones just before and after it in time: `training` (epoch_s; split
+into `training_while_writing` and `training_not_writing`), `turn` (train, validate, report) and
+`turn_with_write` (and the wait for the turn's last checkpoint, which a real run overlaps with
+training: an upper bound); and whether any two turns overlapped (they must not). The bare run
+writes no checkpoints (`tuner train` without `train.checkpoint_dir`). Default `tuner train`
+arguments: the 130M row of `epoch_cycle.py`'s `ray_overhead` suite; `--graphs` adds CUDA graphs.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import importlib.abc, importlib.machinery, json, os, sys, time
 
 DIR, NAME, OTHER = os.environ["TURNS_DIR"], os.environ["TURNS_NAME"], os.environ["TURNS_OTHER"]
 TOKEN, WAIT_S = os.path.join(DIR, "token"), float(os.environ.get("TURNS_WAIT_S", "1800"))
+PER = int(os.environ.get("TURNS_EPOCHS", "1"))  # epochs a turn
 
 
 def _holder():
@@ -78,27 +84,37 @@ def _wait():
 
 
 def _record(**row):
-    with open(os.path.join(DIR, f"turns.{NAME}.jsonl"), "a") as f:
+    with open(os.path.join(DIR, f"epochs.{NAME}.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 class _Turns:
-    """The loop's reporter, passing the token after each epoch's report."""
+    """The loop's reporter, passing the token after every PER-th epoch's report. Records each epoch:
+    its start and end (its report returned); whether the previous epoch's checkpoint was being
+    written (by Ray's upload thread) as it began; at a turn's end, how long it then waited for its
+    own checkpoint's write."""
 
     def __init__(self, inner, last_epoch, start):
         self.inner, self.last_epoch, self.start = inner, last_epoch, start
+        self.writing = False
 
     def log(self, epoch, metrics, checkpoint=None):
         self.inner.log(epoch, metrics, checkpoint)
-        while checkpoint is not None and checkpoint._release is not None:  # Ray's upload thread writes it
-            time.sleep(0.002)
         end = time.time()
-        _record(epoch=epoch, start=self.start, end=end, epoch_s=metrics.get("epoch_s"))
+        row = dict(epoch=epoch, start=self.start, end=end, epoch_s=metrics.get("epoch_s"), write_during=self.writing)
         if epoch >= self.last_epoch:  # the final test runs in this turn too
+            _record(**row, handed=False)
             return
+        if epoch % PER:
+            _record(**row, handed=False)
+            self.start, self.writing = time.time(), checkpoint is not None
+            return
+        while checkpoint is not None and checkpoint._release is not None:  # written before the turn ends
+            time.sleep(0.002)
+        _record(**row, handed=True, write_wait_s=time.time() - end)
         _give(OTHER)
         _wait()
-        self.start = time.time()
+        self.start, self.writing = time.time(), False
 
     def final(self, metrics):
         self.inner.final(metrics)
@@ -138,27 +154,47 @@ sys.meta_path.insert(0, _Finder())
 '''
 
 
-def read_turns(path: Path) -> list[dict]:
-    """One process's turns ({epoch, start, end, epoch_s}), in order."""
+def read_epochs(path: Path) -> list[dict]:
+    """One process's epochs ({epoch, start, end, epoch_s, write_during, handed, write_wait_s}), in order."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def turns_of(epochs: list[dict]) -> list[dict]:
+    """The epochs grouped into turns (a turn ends where the token was handed on, or at the last epoch):
+    {epoch (the first), start, end, turn_s (to the last report), turn_with_write_s (and the wait for
+    the last epoch's checkpoint)}."""
+    turns, current = [], []
+    for row in epochs:
+        current.append(row)
+        if row.get("handed") or row is epochs[-1]:
+            turn_s = current[-1]["end"] - current[0]["start"]
+            turns.append({"epoch": current[0]["epoch"], "epochs": len(current), "start": current[0]["start"],
+                          "end": current[-1]["end"], "turn_s": turn_s,
+                          "turn_with_write_s": turn_s + current[-1].get("write_wait_s", 0.0)})
+            current = []
+    return turns
+
+
 def overlaps(a: list[dict], b: list[dict]) -> int:
-    """How many pairs of turns, one from each list, ran at the same time."""
+    """How many pairs of spans ({start, end}), one from each list, ran at the same time."""
     return sum(x["start"] < y["end"] and y["start"] < x["end"] for x in a for y in b)
 
 
 def ratios(bare: list[dict], train: list[dict], skip: int, key: str) -> list[dict]:
-    """Each Train epoch after `skip` against the mean of the bare epochs just before and after it in
-    time (bare epoch e runs before Train epoch e, bare epoch e + 1 after it), by `key` (`epoch_s`
-    or `turn_s`)."""
-    by_epoch = {t["epoch"]: t for t in bare}
+    """Each Train epoch (or turn) after `skip` by `key` against the mean of the bare ones that ran just
+    before and just after it in time (bare epochs up to `skip` left out)."""
+    bare = [b for b in bare if b["epoch"] > skip and b.get(key) is not None]
     rows = []
     for t in train:
-        around = [by_epoch[e][key] for e in (t["epoch"], t["epoch"] + 1) if e in by_epoch]
-        if t["epoch"] > skip and around and t.get(key):
-            rows.append({"epoch": t["epoch"], "train": t[key], "bare_around": sum(around) / len(around),
-                         "ratio": t[key] / (sum(around) / len(around))})
+        if t["epoch"] <= skip or t.get(key) is None:
+            continue
+        before = max((b for b in bare if b["end"] <= t["start"]), key=lambda b: b["end"], default=None)
+        after = min((b for b in bare if b["start"] >= t["end"]), key=lambda b: b["start"], default=None)
+        around = [b[key] for b in (before, after) if b is not None]
+        if around:
+            mean = sum(around) / len(around)
+            rows.append({"epoch": t["epoch"], "train": t[key], "bare_around": mean, "ratio": t[key] / mean,
+                         **({"write_during": t["write_during"]} if "write_during" in t else {})})
     return rows
 
 
@@ -176,6 +212,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the result file (JSON); the runs' logs go beside it")
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--skip", type=int, default=3, help="leading epochs left out (compile, warm-up)")
+    parser.add_argument("--epochs-per-turn", type=int, default=2,
+                        help="epochs each process trains before it hands the token on (2: the second of each turn "
+                             "trains while the first one's checkpoint is written, as in a real run)")
     parser.add_argument("--graphs", action="store_true", help="CUDA graphs (train.compile_mode=reduce-overhead)")
     parser.add_argument("args", nargs=argparse.REMAINDER,
                         help="-- then `tuner train` arguments (default: epoch_cycle.py's 130M row)")
@@ -184,6 +223,8 @@ def main() -> None:
     if {"--workers", "--storage", "--run-name", "--max-epochs"} & set(args):
         sys.exit("ray_turns.py: give the bare run's `tuner train` arguments, without --workers, --storage, "
                  "--run-name or --max-epochs (--epochs sets it)")
+    if opts.epochs_per_turn < 1:
+        sys.exit(f"ray_turns.py: --epochs-per-turn must be at least 1, not {opts.epochs_per_turn}")
     if opts.epochs <= opts.skip:
         sys.exit(f"ray_turns.py: --epochs {opts.epochs} leaves nothing after --skip {opts.skip}")
     if not args:
@@ -195,14 +236,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "command": "python benchmarks/ray_turns.py " + " ".join(sys.argv[1:]),
-              "epochs": opts.epochs, "skip": opts.skip, "args": " ".join(args)}
+              "epochs": opts.epochs, "epochs_per_turn": opts.epochs_per_turn, "skip": opts.skip, "args": " ".join(args)}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         turns, hook = Path(tmp, "turns"), Path(tmp, "hook")
         turns.mkdir()
         hook.mkdir()
         (hook / "sitecustomize.py").write_text(HOOK)
-        base = {"TURNS_DIR": str(turns), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, "inductor")),
+        base = {"TURNS_DIR": str(turns), "TURNS_EPOCHS": str(opts.epochs_per_turn), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, "inductor")),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), str(ROOT), os.environ.get("PYTHONPATH")]))}
         plans = {"bare": (args, {**base, "TURNS_NAME": "bare", "TURNS_OTHER": "train"}),
                  "train": ([*args, "--workers", "1"], {**base, "TURNS_NAME": "train", "TURNS_OTHER": "bare"})}
@@ -221,22 +262,27 @@ def main() -> None:
         for t in threads:
             t.join()
         result["wall_s"], result["gpu"] = time.time() - t0, sampler.summary()
-        per = {name: read_turns(turns / f"turns.{name}.jsonl") for name in plans}
-    for name, rows in per.items():
-        for row in rows:
-            row["turn_s"] = row["end"] - row["start"]
-        first = next((r for r in rows if r["epoch"] == 1), {})
+        epochs = {name: read_epochs(turns / f"epochs.{name}.jsonl") for name in plans}
+    turns_by = {name: turns_of(rows) for name, rows in epochs.items()}
+    for name in plans:
+        first = next((r for r in epochs[name] if r["epoch"] == 1), {})
         result[name] = {"rc": runs[name]["rc"], "first_epoch_s": first.get("epoch_s"), "final": runs[name]["final"],
-                        "turns": rows}
-    result["overlapping_turns"] = overlaps(per["bare"], per["train"])
-    for key in ("epoch_s", "turn_s"):
-        rows = ratios(per["bare"], per["train"], opts.skip, key)
-        result[f"train_over_bare_{key}"] = {**summary(rows), "epochs": rows}
+                        "epochs": epochs[name], "turns": turns_by[name]}
+    result["overlapping_turns"] = overlaps(turns_by["bare"], turns_by["train"])
+    training = ratios(epochs["bare"], epochs["train"], opts.skip, "epoch_s")
+    result["train_over_bare"] = {
+        "training": {**summary(training), "epochs": training},
+        # Train epochs that ran while the previous epoch's checkpoint was written (as every epoch of a
+        # real run does), and those that did not (the first of each turn: that write was waited for)
+        "training_while_writing": summary([r for r in training if r.get("write_during")]),
+        "training_not_writing": summary([r for r in training if not r.get("write_during")]),
+        "turn": summary(ratios(turns_by["bare"], turns_by["train"], opts.skip, "turn_s")),
+        "turn_with_write": summary(ratios(turns_by["bare"], turns_by["train"], opts.skip, "turn_with_write_s")),
+    }
     out.write_text(json.dumps(result, indent=1) + "\n")
-    training, turn = result["train_over_bare_epoch_s"], result["train_over_bare_turn_s"]
     print(json.dumps({"exit": {n: runs[n]["rc"] for n in runs}, "first_epoch_s": {n: result[n]["first_epoch_s"] for n in runs},
-                      "overlapping_turns": result["overlapping_turns"], "training_ratio": training.get("median"),
-                      "turn_ratio": turn.get("median"), "n": training["n"]}))
+                      "overlapping_turns": result["overlapping_turns"],
+                      **{k: (v["median"] if v["n"] else None, v["n"]) for k, v in result["train_over_bare"].items()}}))
     if any(runs[n]["rc"] for n in runs):
         sys.exit(f"ray_turns.py: a run failed; its log is beside {out}")
 

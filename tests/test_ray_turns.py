@@ -17,19 +17,29 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import ray_turns  # noqa: E402
 
 
-def _turn(epoch: int, start: float, end: float, epoch_s: float) -> dict:
-    return {"epoch": epoch, "start": start, "end": end, "epoch_s": epoch_s, "turn_s": end - start}
+def _epoch(epoch: int, start: float, end: float, epoch_s: float, handed: bool = True, write_during: bool = False,
+           write_wait_s: float = 0.0) -> dict:
+    return {"epoch": epoch, "start": start, "end": end, "epoch_s": epoch_s, "handed": handed,
+            "write_during": write_during, "write_wait_s": write_wait_s}
 
 
-def test_each_train_epoch_is_set_against_the_bare_epochs_on_either_side_of_it():
-    bare = [_turn(1, 0, 10, 9), _turn(2, 12, 14, 1.8), _turn(3, 16, 18, 2.2)]
-    train = [_turn(1, 10, 12, 1.5), _turn(2, 14, 16, 2.2), _turn(3, 18, 21, 2.7)]
+def test_each_train_epoch_is_set_against_the_bare_epochs_just_before_and_after_it_in_time():
+    bare = [_epoch(1, 0, 10, 9), _epoch(2, 12, 14, 1.8), _epoch(3, 16, 18, 2.2)]
+    train = [_epoch(1, 10, 12, 1.5), _epoch(2, 14, 16, 2.2, write_during=True), _epoch(3, 18, 21, 2.7)]
     rows = ray_turns.ratios(bare, train, skip=1, key="epoch_s")
-    # epoch 2 runs between bare epochs 2 and 3 (mean 2.0); epoch 3 after bare 3 only (the last)
-    assert [(r["epoch"], r["bare_around"], round(r["ratio"], 3)) for r in rows] == [(2, 2.0, 1.1), (3, 2.2, 1.227)]
+    # epoch 2 ran between bare epochs 2 and 3 (mean 2.0); epoch 3 after bare 3 only (the last)
+    assert [(r["epoch"], r["bare_around"], round(r["ratio"], 3), r["write_during"]) for r in rows] == [
+        (2, 2.0, 1.1, True), (3, 2.2, 1.227, False)]
     assert ray_turns.summary(rows)["median"] == pytest.approx((1.1 + 2.7 / 2.2) / 2)
     assert ray_turns.overlaps(bare, train) == 0
-    assert ray_turns.overlaps(bare, [_turn(2, 13, 15, 2)]) == 1
+    assert ray_turns.overlaps(bare, [_epoch(2, 13, 15, 2)]) == 1
+
+
+def test_a_turn_runs_to_the_epoch_that_handed_the_token_on_and_may_add_its_checkpoint_write():
+    epochs = [_epoch(1, 0, 5, 4, handed=False), _epoch(2, 5, 7, 1.9, write_wait_s=0.5),
+              _epoch(3, 9, 11, 1.8, handed=False), _epoch(4, 11, 13, 1.9, handed=False)]  # 4: the last
+    assert [(t["epoch"], t["epochs"], t["turn_s"], t["turn_with_write_s"]) for t in ray_turns.turns_of(epochs)] == [
+        (1, 2, 7, 7.5), (3, 2, 4, 4)]
 
 
 def test_arguments_that_would_change_the_pairing_are_one_line_errors(tmp_path):
@@ -50,15 +60,19 @@ def test_the_bare_loop_and_a_ray_train_worker_train_in_turns(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert (result["bare"]["rc"], result["train"]["rc"]) == (0, 0)
-    turns = sorted([("bare", t) for t in result["bare"]["turns"]] + [("train", t) for t in result["train"]["turns"]],
-                   key=lambda named: named[1]["start"])
-    # one epoch each in turn, the bare run first, and never two at once
-    assert [(name, t["epoch"]) for name, t in turns] == [(n, e) for e in range(1, 5) for n in ("bare", "train")]
-    assert all(a["end"] <= b["start"] for (_, a), (_, b) in zip(turns, turns[1:]))
+    epochs = sorted([("bare", e) for e in result["bare"]["epochs"]] + [("train", e) for e in result["train"]["epochs"]],
+                    key=lambda named: named[1]["start"])
+    # two epochs each in turn, the bare run first, and never two at once
+    assert [(name, e["epoch"]) for name, e in epochs] == [
+        ("bare", 1), ("bare", 2), ("train", 1), ("train", 2), ("bare", 3), ("bare", 4), ("train", 3), ("train", 4)]
+    assert all(a["end"] <= b["start"] for (_, a), (_, b) in zip(epochs, epochs[1:]))
     assert result["overlapping_turns"] == 0
-    for key in ("epoch_s", "turn_s"):
-        ratio = result[f"train_over_bare_{key}"]
-        assert ratio["n"] == 3 and [r["epoch"] for r in ratio["epochs"]] == [2, 3, 4]
-        assert 0.2 < ratio["median"] < 5  # the same model, data and device: of one order
+    # the second epoch of a Train turn trains while the first one's checkpoint is written
+    assert [e["write_during"] for e in result["train"]["epochs"]] == [False, True, False, True]
+    assert not any(e["write_during"] for e in result["bare"]["epochs"])  # no checkpoints without --checkpoint-dir
+    ratio = result["train_over_bare"]
+    assert ratio["training"]["n"] == 3 and [r["epoch"] for r in ratio["training"]["epochs"]] == [2, 3, 4]
+    assert (ratio["training_while_writing"]["n"], ratio["training_not_writing"]["n"], ratio["turn"]["n"]) == (2, 1, 1)
+    assert 0.2 < ratio["training"]["median"] < 5  # the same model, data and device: of one order
     assert result["bare"]["first_epoch_s"] > 0 and result["train"]["first_epoch_s"] > 0
     assert result["bare"]["final"]["test_ndcg_10"] > 0  # the bare run's --json line, read after its last turn
