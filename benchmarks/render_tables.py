@@ -219,6 +219,42 @@ def pairs_table(*names: str) -> str:
     return "\n".join(lines)
 
 
+def turns_table(*names: str) -> str:
+    """`benchmarks/ray_turns.py` files, one line each: the Ray Train worker's epochs and turns against
+    the bare run's around them in time (median, quartiles and count of the ratios). Also reads the
+    script's first version (one epoch a turn, whose turn times include the checkpoint's write) and a
+    file that kept only the script's closing line (`stdout`: medians and counts)."""
+    def cell(ratio) -> str:
+        if ratio is None:
+            return "-"
+        if isinstance(ratio, list):  # the closing line's [median, n]
+            return f"{ratio[0]:.3f} (n {ratio[1]})"
+        return f"{ratio['median']:.3f} ({ratio['q1']:.3f}-{ratio['q3']:.3f}, n {ratio['n']})" if ratio["n"] else "-"
+
+    keys = ("training", "training_not_writing", "training_while_writing", "turn", "turn_with_write")
+    lines = ["| file | device | CUDA graphs | epochs a turn | first epoch s, bare / Train | "
+             "Train / bare: training | training, no write beside it | training beside a checkpoint write | "
+             "turn (train, validate, report) | turn and its last checkpoint's write |", "|---|" * 1 + "---|" * 9]
+    heads = []
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        heads.append(f"{Path(name).stem}: `{data['command']}` (code {data.get('code_commit', '?')})")
+        if "stdout" in data:
+            ratios, first = data["stdout"], data["stdout"]["first_epoch_s"]
+        elif "train_over_bare" in data:
+            ratios, first = data["train_over_bare"], {n: data[n]["first_epoch_s"] for n in ("bare", "train")}
+        else:  # the first version: each turn one epoch, its end after the checkpoint's write
+            ratios = {"training": data["train_over_bare_epoch_s"], "training_not_writing": data["train_over_bare_epoch_s"],
+                      "turn_with_write": data["train_over_bare_turn_s"]}
+            first = {n: data[n]["first_epoch_s"] for n in ("bare", "train")}
+        graphs = "yes" if "reduce-overhead" in data.get("args", data["command"]) or "--graphs" in data["command"] else "no"
+        lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {data.get('epochs_per_turn', 1)} | "
+                     f"{first['bare']:.1f} / {first['train']:.1f} | " + " | ".join(cell(ratios.get(k)) for k in keys) + " |")
+    return "\n".join(["Each Train epoch (or turn) against the mean of the bare ones just before and after it in time; "
+                      "median (quartiles, count) over the epochs after the first three. " + "; ".join(heads) + ".", "",
+                      *lines])
+
+
 def compile_start_table(*names: str) -> str:
     """`benchmarks/compile_start.py` result files, one line per process, in the order run."""
     out = []
@@ -327,6 +363,9 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           + epoch_cycle_table("ray_overhead_h200/pairs.json"),
           "--ray-overhead-h200-pairs": lambda: pairs_table("ray_overhead_h200/pairs16.json",
                                                            "ray_overhead_h200/pairs16b.json"),
+          "--ray-turns-h200": lambda: turns_table("ray_turns_h200/turns130_call1.json", "ray_turns_h200/turns130_k2_stdout.json",
+                                                  "ray_turns_h200/turns130_graphs_k2.json"),
+          "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
