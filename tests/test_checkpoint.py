@@ -31,7 +31,9 @@ def test_a_snapshot_holds_its_epochs_state_while_training_goes_on(tmp_path):
                                  "progress": {"epoch": 1}})
     for _ in range(3):  # the next epoch trains while the write has not happened yet
         train_step(model, optimizer)
+    assert snapshot.write_s is None
     snapshot.write(tmp_path)
+    assert snapshot.write_s > 0  # what train.checkpoint_share weighs the next checkpoint by
     state = load_checkpoint(tmp_path)
     assert state["progress"] == {"epoch": 1}
     for key, value in expected.items():

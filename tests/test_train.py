@@ -1,12 +1,14 @@
 """The per-worker loop on its own: it learns, it resumes exactly, it refuses foreign checkpoints."""
 
+import time
+
 import pytest
 import torch
 
 from tuner.config import load_config
 from tuner.errors import UserError
-from tuner.train.checkpoint import load_checkpoint
-from tuner.train.loop import train_worker
+from tuner.train.checkpoint import load_checkpoint, save_checkpoint
+from tuner.train.loop import checkpoint_spaced, train_worker
 from tuner.train.parallel import WorkerContext, local_context
 from tuner.train.reporting import ConsoleReporter
 
@@ -159,8 +161,6 @@ def test_refit_trains_on_the_validation_targets_for_exactly_max_epochs():
 
 
 def test_time_budget_ends_training_in_time_and_still_tests_the_best_weights():
-    import time
-
     cfg = load_config(overrides=FAST + ["train.max_epochs=10000", "train.time_budget_s=6"])
     recorder = Recorder()
     t0 = time.perf_counter()
@@ -199,6 +199,46 @@ def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path):
     recorder = Recorder()  # as under Ray Train: checkpoints travel to the reporter
     train_worker(cfg, WorkerContext(device=torch.device("cpu"), reports_checkpoints=True), recorder)
     assert [c for _, _, c in recorder.epochs] == [None, None, 3, 4]
+
+
+class WritingRecorder(Recorder):
+    """Writes each checkpoint it is handed into `directory`, as Ray's upload thread does (here inline)."""
+
+    def __init__(self, directory):
+        super().__init__()
+        self.directory = directory
+
+    def log(self, epoch, metrics, checkpoint=None):
+        if checkpoint is not None:
+            checkpoint.write(self.directory)
+        super().log(epoch, metrics, None)
+
+
+def test_a_write_that_takes_more_than_its_share_of_the_time_puts_the_next_checkpoints_off(tmp_path, monkeypatch):
+    import tuner.train.checkpoint
+    import tuner.train.loop
+
+    written = []
+
+    def slow_disk(directory, state):  # a disk that takes a second a checkpoint
+        time.sleep(1.0)
+        written.append(state["progress"]["epoch"])
+        return save_checkpoint(directory, state)
+
+    monkeypatch.setattr(tuner.train.loop, "save_checkpoint", slow_disk)  # one process: the loop writes
+    monkeypatch.setattr(tuner.train.checkpoint, "save_checkpoint", slow_disk)  # Ray Train: Snapshot.write
+    for ray in (False, True):
+        for share, expected in ((0.0, [1, 2, 3, 4]), (0.01, [1, 4])):  # 0.01: 100 s after a 1 s write; the last always
+            written.clear()
+            folder = tmp_path / f"{ray}_{share}"
+            cfg = load_config(overrides=FAST + ["train.max_epochs=4", "train.patience=0",
+                                                f"train.checkpoint_share={share}"]
+                              + ([] if ray else [f"train.checkpoint_dir={folder}"]))
+            ctx = WorkerContext(device=torch.device("cpu"), reports_checkpoints=True) if ray else local_context(cfg.train)
+            train_worker(cfg, ctx, WritingRecorder(folder) if ray else Recorder())
+            assert written == expected, (ray, share)
+    assert checkpoint_spaced(0.0, 1.0, 50.0) and checkpoint_spaced(0.1, None, 50.0) and checkpoint_spaced(0.1, 1.0, None)
+    assert not checkpoint_spaced(0.1, 9.9, 1.0) and checkpoint_spaced(0.1, 10.0, 1.0)
 
 
 def test_a_profiled_epoch_says_how_busy_the_device_was_and_what_ran(tmp_path):

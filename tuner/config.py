@@ -214,6 +214,13 @@ class TrainConfig:
     shared_negatives: bool = True  # sampled_ce: one negative set per batch, else per position
     checkpoint_dir: Optional[str] = None  # resume from here if a checkpoint exists
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always gets one)
+    # the largest share of the time that writing checkpoints may take: a checkpoint due by
+    # checkpoint_every is put off until the time since the last one is at least the last write's
+    # duration / this share (0 = off). Under Ray Train each write runs beside the next epoch's
+    # training and slows it: on an H200, 130M epochs (a 1.1 GB state) beside a write took 1.079x
+    # (1.052x with CUDA graphs) the bare loop's time, against 1.031x (1.014x) without one
+    # (benchmarks/ray_turns.py, benchmarks/results/ray_turns_h200/)
+    checkpoint_share: float = 0.0
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
     time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
     # under a time budget (this one or tune's), end the cosine learning-rate decay at the last
@@ -258,6 +265,7 @@ class TrainConfig:
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
         _check(self.time_budget_s >= 0, "train.time_budget_s must be >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")
+        _check(0.0 <= self.checkpoint_share < 1.0, f"train.checkpoint_share={self.checkpoint_share} must be in [0, 1)")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -65,13 +66,16 @@ class Snapshot:
     def __init__(self, state: dict[str, Any], release: Callable[[], None] = lambda: None):
         self.state = state
         self._release: Optional[Callable[[], None]] = release
+        self.write_s: Optional[float] = None  # how long `write` took, once it ended
 
     def write(self, directory: str | Path) -> Path:
         """`save_checkpoint` of the copy; the buffers are free for the next snapshot afterwards,
         whether the write succeeded or not."""
+        t0 = time.perf_counter()
         try:
             return save_checkpoint(directory, self.state)
         finally:
+            self.write_s = time.perf_counter() - t0
             self.release()
 
     def release(self) -> None:

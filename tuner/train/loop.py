@@ -30,7 +30,7 @@ from tuner.losses import MaskedItemObjective, loss_config
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
 from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
-from tuner.train.checkpoint import Snapshots, has_checkpoint, load_resume_state, save_checkpoint
+from tuner.train.checkpoint import Snapshot, Snapshots, has_checkpoint, load_resume_state, save_checkpoint
 from tuner.train.master_adamw import MasterWeightAdamW
 from tuner.train.optim import build_ema, build_scheduler, shorten_schedule, training_optimizer
 from tuner.train.parallel import WorkerContext, weights_digest
@@ -149,6 +149,9 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     if cfg.train.profile_epoch and ctx.is_main:
         check_writable(cfg.train.profile_out)
     snapshots = Snapshots(pin_memory=device.type == "cuda")
+    last_checkpoint: Optional[float] = None  # when the last checkpoint was taken (perf_counter)
+    written: Optional[Snapshot] = None  # Ray Train's last snapshot, whose write Ray times
+    write_s: Optional[float] = None  # how long the last timed checkpoint write took
     samples_per_s: list[float] = []
     cycles: list[float] = []  # seconds per epoch this run: train, validate, checkpoint
     out_of_time = False
@@ -211,9 +214,13 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         stop = ((cfg.train.patience and not refit and progress.bad_epochs >= cfg.train.patience)
                 or progress.epoch >= cfg.train.max_epochs or out_of_time
                 or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
-        due = stop or progress.epoch % cfg.train.checkpoint_every == 0
+        if written is not None and written.write_s is not None:
+            write_s = written.write_s
+        due = stop or (progress.epoch % cfg.train.checkpoint_every == 0 and checkpoint_spaced(
+            cfg.train.checkpoint_share, time.perf_counter() - last_checkpoint if last_checkpoint is not None else None, write_s))
         checkpoint = None
         if due and ctx.is_main and (ctx.checkpoint_root or ctx.reports_checkpoints):
+            last_checkpoint = time.perf_counter()
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -228,8 +235,9 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             }
             if ctx.checkpoint_root:  # one process: written here and now
                 save_checkpoint(ctx.checkpoint_root, state)
+                write_s = time.perf_counter() - last_checkpoint
             else:  # Ray Train: a copy, written by Ray's upload thread while the next epoch trains
-                checkpoint = snapshots.take(state, as_is=("best_model",))  # replaced, never updated
+                checkpoint = written = snapshots.take(state, as_is=("best_model",))  # replaced, never updated
         if not refit:
             metrics["best_val_ndcg_10"] = progress.best_metric
         if cfg.train.release_memory:  # the seed's between-epoch clean-up, behind a flag
@@ -277,6 +285,13 @@ def rank_batch_size(cfg: TrainConfig, world_size: int) -> int:
     """Each rank's batch: train.batch_size, or its share of it with train.batch_scope=global (the
     config check makes it divide evenly)."""
     return cfg.batch_size // world_size if cfg.batch_scope == "global" else cfg.batch_size
+
+
+def checkpoint_spaced(share: float, since_s: Optional[float], write_s: Optional[float]) -> bool:
+    """Whether a checkpoint may be taken `since_s` seconds after the last one began, when the last
+    write took `write_s` (train.checkpoint_share): always with `share` 0, or before a first
+    checkpoint or a timed write; else once the writes would take at most `share` of the time."""
+    return not share or since_s is None or write_s is None or write_s <= share * since_s
 
 
 def epochs_that_fit(cycles: list[float], left_s: float) -> Optional[int]:
