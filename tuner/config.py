@@ -217,7 +217,7 @@ class TrainConfig:
     # the largest share of the time that writing checkpoints may take: a checkpoint due by
     # checkpoint_every is put off until the time since the last one is at least the last write's
     # duration / this share (0 = off). Under Ray Train each write runs beside the next epoch's
-    # training and slows it: on an H200, 130M epochs (a 1.1 GB state) beside a write took 1.079x
+    # training and slows it: on an H200, 130M epochs beside a write took 1.079x
     # (1.052x with CUDA graphs) the bare loop's time, against 1.031x (1.014x) without one
     # (benchmarks/ray_turns.py, benchmarks/results/ray_turns_h200/)
     checkpoint_share: float = 0.0
