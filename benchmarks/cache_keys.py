@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from import_hook import on_import
+
 ROOT = Path(__file__).resolve().parents[1]
 
 LOGS = "+torch._inductor.codecache,+torch._functorch._aot_autograd.autograd_cache"
@@ -63,24 +65,7 @@ def _patch(codecache):
 
     codecache.FxGraphCachePickler.debug_lines = with_bytes
 
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "torch._inductor.codecache":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _Finder())
-'''
+''' + on_import('torch._inductor.codecache')
 
 # one log line: "<level+time> <pid> <file>:<line>] [0/1] <message>", a Ray worker's with a "(RayTrainWorker ...)" prefix
 FRAME = re.compile(r"\] \[(\d+/\d+)\] (.*)$")

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from epoch_cycle import GRAPHS, GpuSampler, run_copy, suites
+from import_hook import on_import
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,24 +135,7 @@ def _patch(loop):
 
     loop.train_worker = in_turns
 
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "tuner.train.loop":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _Finder())
-'''
+''' + on_import('tuner.train.loop')
 
 
 def read_epochs(path: Path) -> list[dict]:
