@@ -149,22 +149,29 @@ GPU_QUERY = "clocks.sm,power.draw,temperature.gpu,utilization.gpu"
 class GpuSampler:
     """`nvidia-smi` sampling the GPU's SM clock, power, temperature and utilisation once a second while
     a row runs, so a row that trained slower can be told apart by the GPU's own state (a lower clock:
-    power or heat) from a slower host. `summary()` keeps the samples at >= 50% utilisation (training,
-    not start-up or compile); None where there is no nvidia-smi."""
+    power or heat) from a slower host. A thread reads the samples as they come (a pipe left unread
+    would fill and stop them); `summary()` keeps those at >= 50% utilisation (training, not start-up
+    or compile); None where there is no nvidia-smi. GPU 0 only: the rows train on one GPU."""
 
     def __init__(self):
+        self.lines: list[str] = []
         try:
             self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits",
                                           "-i", "0", "-lms", "1000"], stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, text=True)
         except OSError:
             self.proc = None
+            return
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
 
     def summary(self) -> dict | None:
         if self.proc is None:
             return None
         self.proc.terminate()
-        return gpu_summary(self.proc.communicate()[0])
+        self.proc.wait()
+        self.reader.join(timeout=5)
+        return gpu_summary("".join(self.lines))
 
 
 def gpu_summary(text: str) -> dict | None:

@@ -179,6 +179,21 @@ def test_the_gpu_sampler_keeps_what_nvidia_smi_printed_until_the_row_ended(tmp_p
     assert epoch_cycle.GpuSampler().summary() is None  # no nvidia-smi: no GPU figures, no error
 
 
+def test_the_gpu_sampler_keeps_every_sample_of_a_long_row(tmp_path, monkeypatch):
+    """A row's samples are read as they come: more than a pipe holds (64 KiB: about 3,000 samples,
+    under an hour at one a second) must not stop nvidia-smi or be lost."""
+    import epoch_cycle
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\ni=0\nwhile [ $i -lt 5000 ]; do echo '1830, 640.0, 63, 99'; i=$((i+1)); done\n"
+                    "exec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    sampler = epoch_cycle.GpuSampler()
+    time.sleep(2.0)
+    assert sampler.summary()["busy_samples"] == 5000
+
+
 def test_every_readme_table_renders_from_the_committed_result_files():
     """Each `render_tables.py` option rebuilds its README table from files in benchmarks/results:
     a renamed or moved result file shows here, not as a traceback for a reader."""
