@@ -28,7 +28,9 @@ against the mean of the bare ones just before and after it in time: `training` (
 into `training_while_writing` and `training_not_writing`), `turn` (train, validate, report) and
 `turn_with_write` (and the wait for the turn's last checkpoint, which a real run overlaps with
 training: an upper bound); and whether any two turns overlapped (they must not). The bare run
-writes no checkpoints (`tuner train` without `train.checkpoint_dir`). Default `tuner train`
+writes no checkpoints (`tuner train` without `train.checkpoint_dir`) unless `--bare-checkpoints`
+(then it writes each in its loop, as one process does, within its turn); `--train-set` gives the Train run
+settings of its own (`train.checkpoint_share`, `train.checkpoint_every`). Default `tuner train`
 arguments: the 130M row of `epoch_cycle.py`'s `ray_overhead` suite; `--graphs` adds CUDA graphs.
 """
 
@@ -200,6 +202,10 @@ def main() -> None:
                         help="epochs each process trains before it hands the token on (2: the second of each turn "
                              "trains while the first one's checkpoint is written, as in a real run)")
     parser.add_argument("--graphs", action="store_true", help="CUDA graphs (train.compile_mode=reduce-overhead)")
+    parser.add_argument("--bare-checkpoints", action="store_true",
+                        help="the bare run writes its checkpoints too (--checkpoint-dir: in its loop, so within its turn)")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the Ray Train run only (e.g. train.checkpoint_share=0.05)")
     parser.add_argument("args", nargs=argparse.REMAINDER,
                         help="-- then `tuner train` arguments (default: epoch_cycle.py's 130M row)")
     opts = parser.parse_args()
@@ -220,7 +226,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "command": "python benchmarks/ray_turns.py " + " ".join(sys.argv[1:]),
-              "epochs": opts.epochs, "epochs_per_turn": opts.epochs_per_turn, "skip": opts.skip, "args": " ".join(args)}
+              "epochs": opts.epochs, "epochs_per_turn": opts.epochs_per_turn, "skip": opts.skip,
+              "bare_checkpoints": opts.bare_checkpoints, "train_set": opts.train_set, "args": " ".join(args)}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         turns, hook = Path(tmp, "turns"), Path(tmp, "hook")
@@ -229,8 +236,11 @@ def main() -> None:
         (hook / "sitecustomize.py").write_text(HOOK)
         base = {"TURNS_DIR": str(turns), "TURNS_EPOCHS": str(opts.epochs_per_turn), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, "inductor")),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), str(ROOT), os.environ.get("PYTHONPATH")]))}
-        plans = {"bare": (args, {**base, "TURNS_NAME": "bare", "TURNS_OTHER": "train"}),
-                 "train": ([*args, "--workers", "1"], {**base, "TURNS_NAME": "train", "TURNS_OTHER": "bare"})}
+        bare_checkpoints = Path(tmp, "bare_checkpoints")
+        plans = {"bare": ([*args, *(["--checkpoint-dir", str(bare_checkpoints)] if opts.bare_checkpoints else [])],
+                          {**base, "TURNS_NAME": "bare", "TURNS_OTHER": "train"}),
+                 "train": ([*args, *(x for pair in opts.train_set for x in ("--set", pair)), "--workers", "1"],
+                           {**base, "TURNS_NAME": "train", "TURNS_OTHER": "bare"})}
 
         def go(name: str) -> None:
             run_args, env = plans[name]
@@ -247,6 +257,14 @@ def main() -> None:
             t.join()
         result["wall_s"], result["gpu"] = time.time() - t0, sampler.summary()
         epochs = {name: read_epochs(turns / f"epochs.{name}.jsonl") for name in plans}
+        if opts.bare_checkpoints:  # the epoch of the bare run's last checkpoint (its last epoch, if it wrote them)
+            from tuner.errors import UserError
+            from tuner.train.checkpoint import load_checkpoint
+
+            try:
+                result["bare_checkpoint_epoch"] = load_checkpoint(bare_checkpoints)["progress"]["epoch"]
+            except UserError:
+                result["bare_checkpoint_epoch"] = None
     turns_by = {name: turns_of(rows) for name, rows in epochs.items()}
     for name in plans:
         first = next((r for r in epochs[name] if r["epoch"] == 1), {})

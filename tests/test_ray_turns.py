@@ -76,3 +76,17 @@ def test_the_bare_loop_and_a_ray_train_worker_train_in_turns(tmp_path):
     assert 0.2 < ratio["training"]["median"] < 5  # the same model, data and device: of one order
     assert result["bare"]["first_epoch_s"] > 0 and result["train"]["first_epoch_s"] > 0
     assert result["bare"]["final"]["test_ndcg_10"] > 0  # the bare run's --json line, read after its last turn
+
+
+@pytest.mark.slow
+def test_the_bare_run_may_checkpoint_too_and_the_train_run_take_its_own_settings(tmp_path):
+    out = tmp_path / "turns.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "4", "--skip", "1",
+                           "--bare-checkpoints", "--train-set", "train.checkpoint_every=2", "--",
+                           "--size", "tiny", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["bare_checkpoint_epoch"] == 4  # the bare run wrote its checkpoints, the last at epoch 4
+    # a checkpoint every second epoch, each waited for at its turn's end: no epoch trains beside a write
+    assert [e["write_during"] for e in result["train"]["epochs"]] == [False, False, False, False]
+    assert result["overlapping_turns"] == 0 and result["train_set"] == ["train.checkpoint_every=2"]
