@@ -8,7 +8,7 @@ import torch
 from tuner.config import load_config
 from tuner.errors import UserError
 from tuner.train.checkpoint import load_checkpoint, save_checkpoint
-from tuner.train.loop import checkpoint_spaced, train_worker
+from tuner.train.loop import checkpoint_spaced, resumed_best, train_worker
 from tuner.train.parallel import WorkerContext, local_context
 from tuner.train.reporting import ConsoleReporter
 
@@ -71,6 +71,26 @@ def test_interrupted_run_resumes_exactly(tmp_path, extra):
     for name, tensor in state_a["model"].items():
         torch.testing.assert_close(tensor, state_b["model"][name], rtol=1e-5, atol=1e-6)
     assert final_a["test_ndcg_10"] == pytest.approx(final_b["test_ndcg_10"], rel=1e-6)
+
+
+def test_an_epoch_that_sets_the_best_writes_the_weights_once_and_a_resume_reads_them_back(tmp_path):
+    from tuner.model.build import build_model
+
+    for extra, aliased in (([], True), (["optim.ema_decay=0.9"], False)):  # the average's best is not the model
+        folder = tmp_path / str(aliased)
+        cfg = load_config(overrides=FAST + ["train.max_epochs=1", f"train.checkpoint_dir={folder}"] + extra)
+        train_worker(cfg, local_context(cfg.train), Recorder())
+        state = load_checkpoint(folder)
+        assert state["progress"]["best_epoch"] == state["progress"]["epoch"] == 1  # the first epoch sets the best
+        assert (state["best_model"] is None) == aliased
+    model = build_model(cfg, state["num_items"], pretrained=False)
+    state = load_checkpoint(tmp_path / "True")
+    model.load_state_dict(state["model"])
+    best = resumed_best(state, model, refit=False)
+    assert best.keys() == state["model"].keys() and all(torch.equal(best[k], v) for k, v in state["model"].items())
+    assert resumed_best(state, model, refit=True) is None  # a refit selects nothing
+    copy = {k: v + 1 for k, v in state["model"].items()}
+    assert resumed_best({**state, "best_model": copy}, model, refit=False) is copy
 
 
 def test_random_windows_reach_the_training_batches():

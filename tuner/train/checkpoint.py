@@ -2,7 +2,8 @@
 
 A checkpoint holds everything a resumed run needs to continue exactly: model, optimizer,
 scheduler and GradScaler states, RNG states, epoch, step, early-stopping state, the best model's
-weights so far, and the config it was trained with. It is written to a temporary file and
+weights so far (None in an epoch that set the best without a weight average: they are the model's
+own, written once), and the config it was trained with. It is written to a temporary file and
 renamed, so an interrupted write leaves the previous checkpoint intact; it loads with
 `weights_only=True`, so a checkpoint file can never execute code.
 

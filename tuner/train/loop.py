@@ -120,7 +120,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = _Progress(**state["progress"])
-        best_state = state["best_model"]
+        best_state = resumed_best(state, model, refit)
         if ema is not None and state.get("ema") is not None:  # else the average starts here
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
@@ -226,8 +226,12 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "progress": vars(progress).copy(),
                 # served from the checkpoint's best weights; a refit serves its final weights, which
-                # with the average on are the average's (copied here, only when a checkpoint is due)
-                "best_model": _cpu_copy(net) if refit and ema is not None else best_state,
+                # with the average on are the average's (copied here, only when a checkpoint is due).
+                # In an epoch that set a new best without the average they are the model's own
+                # weights: None writes them once (a smaller write), and readers take "model"
+                "best_model": (_cpu_copy(net) if refit and ema is not None
+                               else None if not refit and ema is None and progress.best_epoch == progress.epoch
+                               else best_state),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "config": cfg.to_dict(), "num_items": dataset.num_items,
@@ -274,6 +278,16 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         final["ranks_agree"] = float(agree)
     reporter.final(final)
     return final
+
+
+def resumed_best(state: dict, model: torch.nn.Module, refit: bool) -> Optional[dict[str, torch.Tensor]]:
+    """The best weights so far of a checkpoint whose weights `model` now holds: its `best_model`,
+    or, where that is None in an epoch that set the best (written once, as the model's own), a
+    copy of the model's; None for a refit, which selects nothing."""
+    best = state["best_model"]
+    if best is None and not refit and state["progress"]["best_epoch"] == state["progress"]["epoch"] > 0:
+        return _cpu_copy(model)
+    return best
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
