@@ -265,7 +265,8 @@ class TrainConfig:
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
         _check(self.time_budget_s >= 0, "train.time_budget_s must be >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")
-        _check(0.0 <= self.checkpoint_share < 1.0, f"train.checkpoint_share={self.checkpoint_share} must be in [0, 1)")
+        _check(0.0 <= self.checkpoint_share < 1.0,
+               f"train.checkpoint_share={self.checkpoint_share} must be in [0, 1)")
 
 
 @dataclass

@@ -216,8 +216,9 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
         if written is not None and written.write_s is not None:
             write_s = written.write_s
-        due = stop or (progress.epoch % cfg.train.checkpoint_every == 0 and checkpoint_spaced(
-            cfg.train.checkpoint_share, time.perf_counter() - last_checkpoint if last_checkpoint is not None else None, write_s))
+        since_s = time.perf_counter() - last_checkpoint if last_checkpoint is not None else None
+        due = stop or (progress.epoch % cfg.train.checkpoint_every == 0
+                       and checkpoint_spaced(cfg.train.checkpoint_share, since_s, write_s))
         checkpoint = None
         if due and ctx.is_main and (ctx.checkpoint_root or ctx.reports_checkpoints):
             last_checkpoint = time.perf_counter()
