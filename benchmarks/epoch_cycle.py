@@ -107,14 +107,16 @@ def suites(data: str) -> dict[str, list[dict]]:
 
 
 def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None = None,
-             prefix: list[str] | None = None, runner: list[str] | None = None) -> dict:
+             prefix: list[str] | None = None, runner: list[str] | None = None,
+             storage_root: Path | None = None) -> dict:
     """One `tuner train` process (with `env` added to its environment, launched through `prefix`,
     e.g. `nice -n 15`, and run by `runner` in place of `-m tuner`: run_in.py's containers);
-    per-epoch lines with their times."""
+    per-epoch lines with their times. A Ray Train run's storage goes in `storage_root` (default:
+    beside the log), and is removed once the run ends."""
     cmd = [*(prefix or []), sys.executable, *(runner or ["-m", "tuner"]), "train", "--max-epochs", str(epochs), *args]
     # Ray Train: a fresh run's storage (the same storage and name would resume); no --json, which
     # silences the worker's lines
-    storage = Path(str(log.with_suffix("")) + "_ray") if "--workers" in args else None
+    storage = (Path(storage_root or log.parent) / f"{log.stem}_ray") if "--workers" in args else None
     if storage:
         shutil.rmtree(storage, ignore_errors=True)
         cmd += ["--storage", str(storage)]
