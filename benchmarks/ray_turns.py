@@ -114,7 +114,7 @@ class _Turns:
             return
         while checkpoint is not None and checkpoint._release is not None:  # written before the turn ends
             time.sleep(0.002)
-        _record(**row, handed=True, write_wait_s=time.time() - end)
+        _record(**row, handed=True, write_wait_s=time.time() - end, write_s=getattr(checkpoint, "write_s", None))
         _give(OTHER)
         _wait()
         self.start, self.writing = time.time(), False
@@ -141,7 +141,8 @@ def _patch(loop):
 
 
 def read_epochs(path: Path) -> list[dict]:
-    """One process's epochs ({epoch, start, end, epoch_s, write_during, handed, write_wait_s}), in order."""
+    """One process's epochs ({epoch, start, end, epoch_s, write_during, handed, and at a turn's end
+    write_wait_s and write_s: the wait for its checkpoint's write and the write's own duration}), in order."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
@@ -245,7 +246,8 @@ def main() -> None:
         def go(name: str) -> None:
             run_args, env = plans[name]
             try:
-                runs[name] = run_copy(run_args, opts.epochs, out.parent / f"{out.stem}_{name}.log", env)
+                # the Train run's checkpoints in the temporary folder: a run cut short leaves none beside --out
+                runs[name] = run_copy(run_args, opts.epochs, out.parent / f"{out.stem}_{name}.log", env, storage_root=Path(tmp))
             finally:  # a process that ended before its loop did (a failed start) never waits the other out
                 (turns / f"done.{name}").touch()
 

@@ -70,6 +70,8 @@ def test_the_bare_loop_and_a_ray_train_worker_train_in_turns(tmp_path):
     # the second epoch of a Train turn trains while the first one's checkpoint is written
     assert [e["write_during"] for e in result["train"]["epochs"]] == [False, True, False, True]
     assert not any(e["write_during"] for e in result["bare"]["epochs"])  # no checkpoints without --checkpoint-dir
+    handed = [e for e in result["train"]["epochs"] if e["handed"]]  # epoch 2 (4 is the last: its turn runs on)
+    assert [e["epoch"] for e in handed] == [2] and handed[0]["write_s"] > 0  # the write it waited for, timed by tuner
     ratio = result["train_over_bare"]
     assert ratio["training"]["n"] == 3 and [r["epoch"] for r in ratio["training"]["epochs"]] == [2, 3, 4]
     assert (ratio["training_while_writing"]["n"], ratio["training_not_writing"]["n"], ratio["turn"]["n"]) == (2, 1, 1)
