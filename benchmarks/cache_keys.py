@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from import_hook import on_import
+from import_hook import installed, on_import
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,12 +235,10 @@ def main() -> None:
                      "without --workers, --storage or --run-name")
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            hook, cache = Path(tmp, "hook"), Path(tmp, "inductor")
-            hook.mkdir()
-            (hook / "sitecustomize.py").write_text(HOOK)
+            cache = Path(tmp, "inductor")
             env = {**os.environ, "TORCH_LOGS": LOGS, "TORCHINDUCTOR_CACHE_DIR": str(cache),
                    "CACHE_KEYS_MAX_BYTES": str(opts.max_bytes),
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), str(ROOT), os.environ.get("PYTHONPATH")]))}
+                   "PYTHONPATH": installed(Path(tmp, "hook"), HOOK)}
             # a fresh Ray Train storage: an existing run of the same name would resume, not compile
             worker = [*args, "--workers", "1", "--storage", str(Path(tmp, "ray")), "--run-name", "cache-keys"]
             extra["exit_codes"] = {"bare": run("bare", args, out, env, tmp), "train": run("train", worker, out, env, tmp)}

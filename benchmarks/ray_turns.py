@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -47,9 +46,7 @@ import time
 from pathlib import Path
 
 from epoch_cycle import GRAPHS, GpuSampler, run_copy, suites
-from import_hook import on_import
-
-ROOT = Path(__file__).resolve().parents[1]
+from import_hook import installed, on_import
 
 # imported at every interpreter start of the two runs; wraps train_worker when tuner.train.loop loads
 HOOK = r'''
@@ -231,12 +228,10 @@ def main() -> None:
               "bare_checkpoints": opts.bare_checkpoints, "train_set": opts.train_set, "args": " ".join(args)}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        turns, hook = Path(tmp, "turns"), Path(tmp, "hook")
+        turns = Path(tmp, "turns")
         turns.mkdir()
-        hook.mkdir()
-        (hook / "sitecustomize.py").write_text(HOOK)
         base = {"TURNS_DIR": str(turns), "TURNS_EPOCHS": str(opts.epochs_per_turn), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, "inductor")),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), str(ROOT), os.environ.get("PYTHONPATH")]))}
+                "PYTHONPATH": installed(Path(tmp, "hook"), HOOK)}
         bare_checkpoints = Path(tmp, "bare_checkpoints")
         plans = {"bare": ([*args, *(["--checkpoint-dir", str(bare_checkpoints)] if opts.bare_checkpoints else [])],
                           {**base, "TURNS_NAME": "bare", "TURNS_OTHER": "train"}),
