@@ -73,14 +73,13 @@ def _give(to):
 
 
 def _wait():
-    """Until the token is ours or the other process ended (its `done` file); True if we waited it out."""
+    """Until the token is ours, the other process ended (its `done` file) or WAIT_S passed."""
     t0 = time.time()
     while _holder() != NAME and not os.path.exists(os.path.join(DIR, f"done.{OTHER}")):
         if time.time() - t0 > WAIT_S:
             print(f"turns: {NAME} waited {WAIT_S:.0f} s for its turn; going on without it", file=sys.stderr)
-            return False
+            return
         time.sleep(0.002)
-    return True
 
 
 def _record(**row):
