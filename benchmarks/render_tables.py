@@ -234,11 +234,12 @@ def turns_table(*names: str) -> str:
     keys = ("training", "training_not_writing", "training_while_writing", "turn", "turn_with_write")
     lines = ["| file | device | CUDA graphs | epochs a turn | first epoch s, bare / Train | "
              "Train / bare: training | training, no write beside it | training beside a checkpoint write | "
-             "turn (train, validate, report) | turn and its last checkpoint's write |", "|---|" * 1 + "---|" * 9]
+             "turn (train, validate, report) | turn and its last checkpoint's write |", "|---" * 10 + "|"]
     heads = []
     for name in names:
         data = json.loads((RESULTS / name).read_text())
-        heads.append(f"{Path(name).stem}: `{data['command']}` (code {data.get('code_commit', '?')})")
+        heads.append(f"{Path(name).stem}: `{data['command']}` (code {data.get('code_commit', '?')}; "
+                     f"epochs after the first {data['skip']})")
         if "stdout" in data:
             ratios, first = data["stdout"], data["stdout"]["first_epoch_s"]
         elif "train_over_bare" in data:
@@ -251,7 +252,7 @@ def turns_table(*names: str) -> str:
         lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {data.get('epochs_per_turn', 1)} | "
                      f"{first['bare']:.1f} / {first['train']:.1f} | " + " | ".join(cell(ratios.get(k)) for k in keys) + " |")
     return "\n".join(["Each Train epoch (or turn) against the mean of the bare ones just before and after it in time; "
-                      "median (quartiles, count) over the epochs after the first three. " + "; ".join(heads) + ".", "",
+                      "median (quartiles, count) over each file's epochs after its first few. " + "; ".join(heads) + ".", "",
                       *lines])
 
 
