@@ -52,13 +52,19 @@ def test_arguments_that_would_change_the_pairing_are_one_line_errors(tmp_path):
     assert not (tmp_path / "t.json").exists()
 
 
+def _turns_on_the_cpu(tmp_path, *options: str) -> dict:
+    """ray_turns.py with `options` over 4 epochs of the tiny model on the CPU (the first skipped): its result."""
+    out = tmp_path / "turns.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "4", "--skip", "1", *options,
+                           "--", "--size", "tiny", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_the_bare_loop_and_a_ray_train_worker_train_in_turns(tmp_path):
-    out = tmp_path / "turns.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "4", "--skip", "1", "--",
-                           "--size", "tiny", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+    result = _turns_on_the_cpu(tmp_path)
     assert (result["bare"]["rc"], result["train"]["rc"]) == (0, 0)
     epochs = sorted([("bare", e) for e in result["bare"]["epochs"]] + [("train", e) for e in result["train"]["epochs"]],
                     key=lambda named: named[1]["start"])
@@ -82,12 +88,7 @@ def test_the_bare_loop_and_a_ray_train_worker_train_in_turns(tmp_path):
 
 @pytest.mark.slow
 def test_the_bare_run_may_checkpoint_too_and_the_train_run_take_its_own_settings(tmp_path):
-    out = tmp_path / "turns.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "4", "--skip", "1",
-                           "--bare-checkpoints", "--train-set", "train.checkpoint_every=2", "--",
-                           "--size", "tiny", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+    result = _turns_on_the_cpu(tmp_path, "--bare-checkpoints", "--train-set", "train.checkpoint_every=2")
     assert result["bare_checkpoint_epoch"] == 4  # the bare run wrote its checkpoints, the last at epoch 4
     # a checkpoint every second epoch, each waited for at its turn's end: no epoch trains beside a write
     assert [e["write_during"] for e in result["train"]["epochs"]] == [False, False, False, False]
