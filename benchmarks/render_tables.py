@@ -232,9 +232,9 @@ def turns_table(*names: str) -> str:
         return f"{ratio['median']:.3f} ({ratio['q1']:.3f}-{ratio['q3']:.3f}, n {ratio['n']})" if ratio["n"] else "-"
 
     keys = ("training", "training_not_writing", "training_while_writing", "turn", "turn_with_write")
-    lines = ["| file | device | CUDA graphs | epochs a turn | first epoch s, bare / Train | "
+    lines = ["| file | device | CUDA graphs | Train run's own settings | epochs a turn | first epoch s, bare / Train | "
              "Train / bare: training | training, no write beside it | training beside a checkpoint write | "
-             "turn (train, validate, report) | turn and its last checkpoint's write |", "|---" * 10 + "|"]
+             "turn (train, validate, report) | turn and its last checkpoint's write |", "|---" * 11 + "|"]
     heads = []
     for name in names:
         data = json.loads((RESULTS / name).read_text())
@@ -249,7 +249,9 @@ def turns_table(*names: str) -> str:
                       "turn_with_write": data["train_over_bare_turn_s"]}
             first = {n: data[n]["first_epoch_s"] for n in ("bare", "train")}
         graphs = "yes" if "reduce-overhead" in data.get("args", data["command"]) or "--graphs" in data["command"] else "no"
-        lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {data.get('epochs_per_turn', 1)} | "
+        words = data["command"].split()
+        own = ", ".join(f"`{words[i + 1]}`" for i, w in enumerate(words[:-1]) if w == "--train-set") or "-"
+        lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {own} | {data.get('epochs_per_turn', 1)} | "
                      f"{first['bare']:.1f} / {first['train']:.1f} | " + " | ".join(cell(ratios.get(k)) for k in keys) + " |")
     return "\n".join(["Each Train epoch (or turn) against the mean of the bare ones just before and after it in time; "
                       "median (quartiles, count) over each file's epochs after its first few. " + "; ".join(heads) + ".", "",
@@ -365,7 +367,9 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--ray-overhead-h200-pairs": lambda: pairs_table("ray_overhead_h200/pairs16.json",
                                                            "ray_overhead_h200/pairs16b.json"),
           "--ray-turns-h200": lambda: turns_table("ray_turns_h200/turns130_call1.json", "ray_turns_h200/turns130_k2_stdout.json",
-                                                  "ray_turns_h200/turns130_graphs_k2.json"),
+                                                  "ray_turns_h200/turns130_graphs_k2.json",
+                                                  "ray_turns_h200/turns130_share05.json",
+                                                  "ray_turns_h200/turns130_graphs_share05.json"),
           "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),

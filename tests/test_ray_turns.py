@@ -53,10 +53,11 @@ def test_arguments_that_would_change_the_pairing_are_one_line_errors(tmp_path):
 
 
 def _turns_on_the_cpu(tmp_path, *options: str) -> dict:
-    """ray_turns.py with `options` over 4 epochs of the tiny model on the CPU (the first skipped): its result."""
+    """ray_turns.py with `options` over 4 epochs of the tiny model on the CPU (the first skipped): its result.
+    Every due checkpoint is written (train.checkpoint_share=0), so which epochs train beside one is fixed."""
     out = tmp_path / "turns.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "4", "--skip", "1", *options,
-                           "--", "--size", "tiny", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT,
+                           "--", "--size", "tiny", "--device", "cpu", "--set", "train.checkpoint_share=0"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())

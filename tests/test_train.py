@@ -51,7 +51,8 @@ def test_tiny_beats_popularity_twice_over():
                                    ["train.amp=bf16", "train.weights=bf16"]],
                          ids=["weights", "weight_average_random_windows", "bf16_weights_fp32_masters"])
 def test_interrupted_run_resumes_exactly(tmp_path, extra):
-    over = FAST + ["train.max_epochs=4", "train.patience=0"] + extra
+    # a checkpoint every epoch (train.checkpoint_share=0): the crash after epoch 2 resumes from 2
+    over = FAST + ["train.max_epochs=4", "train.patience=0", "train.checkpoint_share=0"] + extra
     straight = load_config(overrides=over + [f"train.checkpoint_dir={tmp_path / 'a'}"])
     expected = Recorder()
     final_a = train_worker(straight, local_context(straight.train), expected)
@@ -137,7 +138,7 @@ def test_foreign_checkpoint_file_is_refused(tmp_path):
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
-    over = FAST + ["train.max_epochs=3", "train.patience=0", f"train.checkpoint_dir={tmp_path}"]
+    over = FAST + ["train.max_epochs=3", "train.patience=0", "train.checkpoint_share=0", f"train.checkpoint_dir={tmp_path}"]
     cfg = load_config(overrides=over)
     crashed = Recorder(crash_after=2)
     with pytest.raises(RuntimeError):
@@ -215,7 +216,8 @@ def test_epochs_that_fit_ignores_the_compile_epoch():
 
 
 def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path):
-    cfg = load_config(overrides=FAST + ["train.max_epochs=4", "train.patience=0", "train.checkpoint_every=3"])
+    cfg = load_config(overrides=FAST + ["train.max_epochs=4", "train.patience=0", "train.checkpoint_every=3",
+                                        "train.checkpoint_share=0"])
     recorder = Recorder()  # as under Ray Train: checkpoints travel to the reporter
     train_worker(cfg, WorkerContext(device=torch.device("cpu"), reports_checkpoints=True), recorder)
     assert [c for _, _, c in recorder.epochs] == [None, None, 3, 4]

@@ -216,11 +216,13 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always gets one)
     # the largest share of the time that writing checkpoints may take: a checkpoint due by
     # checkpoint_every is put off until the time since the last one is at least the last write's
-    # duration / this share (0 = off). Under Ray Train each write runs beside the next epoch's
-    # training and slows it: on an H200, 130M epochs beside a write took 1.079x
-    # (1.052x with CUDA graphs) the bare loop's time, against 1.031x (1.014x) without one
-    # (benchmarks/ray_turns.py, benchmarks/results/ray_turns_h200/)
-    checkpoint_share: float = 0.0
+    # duration / this share (0 = every due checkpoint). Under Ray Train each write runs beside the
+    # next epoch's training and slows it: on an H200 a 130M Train run's two-epoch turns took 1.342x
+    # (1.625x with CUDA graphs) the bare loop's with a write every epoch, and 0.993x (1.011x) at
+    # 0.05 (benchmarks/ray_turns.py, benchmarks/results/ray_turns_h200/). A run that stops itself
+    # (max_epochs, patience, a time budget) always writes its last epoch; a resume after a crash
+    # loses at most about write time / share of training
+    checkpoint_share: float = 0.05
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
     time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
     # under a time budget (this one or tune's), end the cosine learning-rate decay at the last
