@@ -73,3 +73,41 @@ def test_trials_with_another_dropout_share_the_compiled_graph(tmp_path, monkeypa
     assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     torch._dynamo.reset()
+
+
+def test_dropout_attention_is_sdpa_math_without_dropout_and_drops_at_the_rate():
+    """`dropout_attention` at rate 0 gives SDPA's output under a key-padding mask; at rate 0.3
+    about 30% of the attention weights are dropped and the kept are scaled by 1 / 0.7 (with v the
+    identity, the output is the dropped weights themselves)."""
+    import torch.nn.functional as F
+
+    from tuner.model.rate_dropout import dropout_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 12, 8, generator=gen) for _ in range(3))
+    keep = (torch.arange(12)[None, :] >= torch.tensor([0, 3, 7, 11])[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(dropout_attention(q, k, v, keep, torch.tensor(0.0)), expected)
+
+    q, k = torch.zeros(64, 2, 12, 8), torch.zeros(64, 2, 12, 8)  # uniform weights over the real keys
+    full = torch.ones(64, 1, 1, 12, dtype=torch.bool)
+    weights = dropout_attention(q, k, torch.eye(12).expand(64, 2, 12, 12), full, torch.tensor(0.3))
+    assert (weights == 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
+    torch.testing.assert_close(weights[weights != 0], torch.full_like(weights[weights != 0], 1 / 12 / 0.7))
+
+
+def test_trials_with_another_attention_dropout_share_the_compiled_graph_on_the_cpu(tmp_path, monkeypatch):
+    """On a CPU, attention falls back to SDPA, whose dropout_p was a constant of the graph: a
+    trial with another model.attn_dropout compiled from scratch. Compiled training runs
+    `dropout_attention` with the rate as an input now, so the second trial hits the cache."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    compiled_step("model.attn_dropout=0.1")()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_step("model.attn_dropout=0.25")()
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    torch._dynamo.reset()

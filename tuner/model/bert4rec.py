@@ -19,6 +19,9 @@ Design choices, with reasons:
   go to `F.scaled_dot_product_attention` with a padding mask and dropout, on the
   memory-efficient kernel: at BERT4Rec's short sequences it beats PyTorch's own choice (cuDNN on
   an H100) by 3% of the whole 130M and 430M step, and it runs on every GPU of the cluster.
+  Compiled training on CPUs (whose SDPA with dropout is its math kernel anyway) runs that math
+  written out with the rate as a graph input (`rate_dropout.dropout_attention`), so trials that
+  differ in `attn_dropout` share one compiled graph there.
 - `residual="bf16"` (the service's default, `model.residual`) keeps the residual stream in bf16
   under bf16 autocast (`LayerNorm` returns its input's dtype instead of autocast's fp32); fp32 is
   what autocast does.
@@ -39,7 +42,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tuner.model import add_norm, short_attention
-from tuner.model.rate_dropout import RateDropout
+from tuner.model.rate_dropout import RateDropout, dropout_attention
 
 # model.attention -> the SDPA kernels it allows on a GPU, best first (None: PyTorch's own choice,
 # cuDNN on an H100). The math kernel backs up a fused one for inputs it does not take. "triton" is
@@ -111,11 +114,13 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.o_proj = nn.Linear(cfg.hidden, cfg.hidden)
         # the attention weights' dropout: applied inside the attention kernel (Triton's or SDPA's), so
-        # this module only holds the rate: its buffer for the Triton kernels (one compiled graph for
-        # every rate), its float for SDPA (which takes dropout_p as a constant of the graph)
+        # this module only holds the rate: its buffer for the Triton kernels and compiled math
+        # attention (one compiled graph for every rate), its float for SDPA (dropout_p is a
+        # constant of the graph)
         self.attn_dropout = RateDropout(cfg.attn_dropout)
         self.backend = ATTENTION_BACKENDS[cfg.attention]
         self.short_kernel = cfg.attention == "triton"
+        self.math_only = cfg.attention == "math"
         self.resid_dropout = RateDropout(cfg.dropout)
 
     def _qkv(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -154,8 +159,12 @@ class SelfAttention(nn.Module):
         q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if fused else qkv))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)
         pin = self.backend is not None and q.is_cuda  # CPUs have the math kernel (and their own flash) only
-        with sdpa_kernel(self.backend) if pin else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+        if dropout > 0 and (not q.is_cuda or self.math_only) and torch.compiler.is_compiling():
+            # SDPA's math kernel with the rate as an input: one compiled graph for every rate
+            y = dropout_attention(q, k, v, keep, self.attn_dropout.rate)
+        else:
+            with sdpa_kernel(self.backend) if pin else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
         return y.transpose(1, 2).reshape(batch, length, hidden)
 
 

@@ -11,11 +11,17 @@ same random state.
 
 `add_norm`'s kernels (on by default under CUDA graphs) read the same buffer, and the attention
 kernels (`tuner.model.short_attention`) read the buffer of the `RateDropout` that holds
-`model.attn_dropout`. Where attention falls back to SDPA (CPUs, V100s), `dropout_p` is a float
-argument, so there trials that differ in `model.attn_dropout` still compile a graph each.
+`model.attn_dropout`. Where attention falls back to SDPA, `dropout_p` is a float argument, a
+constant of the graph. On CPUs (and GPUs pinned to `model.attention=math`) SDPA with dropout is
+its math kernel, so compiled training there runs `dropout_attention`, that kernel written out
+with the rate from the buffer: trials that differ in `model.attn_dropout` share one graph. GPUs
+whose attention falls back to SDPA's fused kernels (V100s, sequences over 128) keep them, and
+compile a graph per attention-dropout rate.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -58,3 +64,19 @@ class RateDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      rate: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with dropout on its weights at `rate` (an fp32 0-d tensor): SDPA's math
+    kernel (`_scaled_dot_product_attention_math`: q and k each scaled by the fourth root of the
+    head size, the boolean key mask, softmax, dropout, product with v) with the rate as a tensor,
+    so the compiled graph takes it as an input. q, k, v: [B, heads, L, head]; keep: [B, 1, 1, L],
+    True where the key is a real item. A row with no real key (none in training: every sequence
+    has an item) averages its padding instead of SDPA's zeros."""
+    scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+    weights = (q * scale) @ (k * scale).transpose(-2, -1)
+    weights = weights.masked_fill(~keep, torch.finfo(weights.dtype).min).softmax(dim=-1)
+    kept = torch.rand_like(weights, dtype=torch.float32) >= rate  # RateDropout's draw and scale
+    weights = (weights.float() * (kept / (1.0 - rate))).to(v.dtype)
+    return weights @ v
