@@ -232,9 +232,10 @@ def turns_table(*names: str) -> str:
         return f"{ratio['median']:.3f} ({ratio['q1']:.3f}-{ratio['q3']:.3f}, n {ratio['n']})" if ratio["n"] else "-"
 
     keys = ("training", "training_not_writing", "training_while_writing", "turn", "turn_with_write")
-    lines = ["| file | device | CUDA graphs | Train run's own settings | epochs a turn | first epoch s, bare / Train | "
-             "Train / bare: training | training, no write beside it | training beside a checkpoint write | "
-             "turn (train, validate, report) | turn and its last checkpoint's write |", "|---" * 11 + "|"]
+    lines = ["| file | device | CUDA graphs | Train run's own settings | bare run writes checkpoints | epochs a turn | "
+             "first epoch s, bare / Train | Train / bare: training | training, no write beside it | "
+             "training beside a checkpoint write | turn (train, validate, report) | turn and its last checkpoint's write |",
+             "|---" * 12 + "|"]
     heads = []
     for name in names:
         data = json.loads((RESULTS / name).read_text())
@@ -251,7 +252,8 @@ def turns_table(*names: str) -> str:
         graphs = "yes" if "reduce-overhead" in data.get("args", data["command"]) or "--graphs" in data["command"] else "no"
         words = data["command"].split()
         own = ", ".join(f"`{words[i + 1]}`" for i, w in enumerate(words[:-1]) if w == "--train-set") or "-"
-        lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {own} | {data.get('epochs_per_turn', 1)} | "
+        bare_writes = "yes" if data.get("bare_checkpoints") else "no"
+        lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {own} | {bare_writes} | {data.get('epochs_per_turn', 1)} | "
                      f"{first['bare']:.1f} / {first['train']:.1f} | " + " | ".join(cell(ratios.get(k)) for k in keys) + " |")
     return "\n".join(["Each Train epoch (or turn) against the mean of the bare ones just before and after it in time; "
                       "median (quartiles, count) over each file's epochs after its first few. " + "; ".join(heads) + ".", "",
@@ -357,6 +359,7 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           + epoch_cycle_table("ray_overhead_cpp_wrapper.json"),
           "--start-h200": lambda: compile_start_table("compile_start_cuda/h200/compile_start_130M.json",
                                                       "compile_start_cuda/h200/compile_start_130M_isa_checks.json"),
+          "--start-h200-430M": lambda: compile_start_table("compile_start_cuda/h200/compile_start_430M.json"),
           "--ray-overhead-h200": lambda: epoch_cycle_table("ray_overhead_h200/alone.json") + "\n\n"
           + epoch_cycle_table("ray_overhead_h200/niceness.json"),
           "--start-h200-attn-dropout": lambda: compile_start_table(
@@ -369,7 +372,9 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           "--ray-turns-h200": lambda: turns_table("ray_turns_h200/turns130_call1.json", "ray_turns_h200/turns130_k2_stdout.json",
                                                   "ray_turns_h200/turns130_graphs_k2.json",
                                                   "ray_turns_h200/turns130_share05.json",
-                                                  "ray_turns_h200/turns130_graphs_share05.json"),
+                                                  "ray_turns_h200/turns130_graphs_share05.json",
+                                                  "ray_turns_h200/turns130_both_ckpt.json",
+                                                  "ray_turns_h200/turns130_graphs_both_ckpt.json"),
           "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
