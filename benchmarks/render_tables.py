@@ -359,6 +359,8 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
           + epoch_cycle_table("ray_overhead_cpp_wrapper.json"),
           "--start-h200": lambda: compile_start_table("compile_start_cuda/h200/compile_start_130M.json",
                                                       "compile_start_cuda/h200/compile_start_130M_isa_checks.json"),
+          "--start-cpu-attn-dropout": lambda: compile_start_table("compile_start_attn_dropout_cpu.json",
+                                                                  "compile_start_attn_dropout_shared_cpu.json"),
           "--start-h200-430M": lambda: compile_start_table("compile_start_cuda/h200/compile_start_430M.json"),
           "--ray-overhead-h200": lambda: epoch_cycle_table("ray_overhead_h200/alone.json") + "\n\n"
           + epoch_cycle_table("ray_overhead_h200/niceness.json"),
