@@ -108,7 +108,7 @@ class _Turns:
             _record(**row, handed=False)
             self.start, self.writing = time.time(), checkpoint is not None
             return
-        while checkpoint is not None and checkpoint._release is not None:  # written before the turn ends
+        while checkpoint is not None and not checkpoint.released:  # written before the turn ends
             time.sleep(0.002)
         _record(**row, handed=True, write_wait_s=time.time() - end, write_s=getattr(checkpoint, "write_s", None))
         _give(OTHER)

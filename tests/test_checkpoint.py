@@ -31,9 +31,10 @@ def test_a_snapshot_holds_its_epochs_state_while_training_goes_on(tmp_path):
                                  "progress": {"epoch": 1}})
     for _ in range(3):  # the next epoch trains while the write has not happened yet
         train_step(model, optimizer)
-    assert snapshot.write_s is None
+    assert snapshot.write_s is None and not snapshot.released
     snapshot.write(tmp_path)
     assert snapshot.write_s > 0  # what train.checkpoint_share weighs the next checkpoint by
+    assert snapshot.released  # the buffers are free for the next snapshot
     state = load_checkpoint(tmp_path)
     assert state["progress"] == {"epoch": 1}
     for key, value in expected.items():

@@ -79,6 +79,11 @@ class Snapshot:
             self.write_s = time.perf_counter() - t0
             self.release()
 
+    @property
+    def released(self) -> bool:
+        """Whether the buffers are free again: the write ended (or the snapshot was let go)."""
+        return self._release is None
+
     def release(self) -> None:
         if self._release is not None:
             self._release, release = None, self._release
