@@ -378,6 +378,7 @@ TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("
                                                   "ray_turns_h200/turns130_both_ckpt.json",
                                                   "ray_turns_h200/turns130_graphs_both_ckpt.json"),
           "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
+          "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
