@@ -85,9 +85,11 @@ def test_dropout_attention_is_sdpa_math_without_dropout_and_drops_at_the_rate():
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 2, 12, 8, generator=gen) for _ in range(3))
-    keep = (torch.arange(12)[None, :] >= torch.tensor([0, 3, 7, 11])[:, None])[:, None, None, :]
+    # left padding of 0, 3, 7 and all 12 positions (a sequence without an item: zeros, as SDPA's)
+    keep = (torch.arange(12)[None, :] >= torch.tensor([0, 3, 7, 12])[:, None])[:, None, None, :]
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     torch.testing.assert_close(dropout_attention(q, k, v, keep, torch.tensor(0.0)), expected)
+    assert not expected[3].any()
 
     q, k = torch.zeros(64, 2, 12, 8), torch.zeros(64, 2, 12, 8)  # uniform weights over the real keys
     full = torch.ones(64, 1, 1, 12, dtype=torch.bool)

@@ -57,8 +57,8 @@ def _turns_on_the_cpu(tmp_path, *options: str) -> dict:
     Every due checkpoint is written (train.checkpoint_share=0), so which epochs train beside one is fixed."""
     out = tmp_path / "turns.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "4", "--skip", "1", *options,
-                           "--", "--size", "tiny", "--device", "cpu", "--set", "train.checkpoint_share=0"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+                           "--", "--size", "tiny", "--device", "cpu", "--set", "train.checkpoint_share=0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
 

@@ -138,7 +138,8 @@ def test_foreign_checkpoint_file_is_refused(tmp_path):
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
-    over = FAST + ["train.max_epochs=3", "train.patience=0", "train.checkpoint_share=0", f"train.checkpoint_dir={tmp_path}"]
+    over = FAST + ["train.max_epochs=3", "train.patience=0", "train.checkpoint_share=0",
+                   f"train.checkpoint_dir={tmp_path}"]
     cfg = load_config(overrides=over)
     crashed = Recorder(crash_after=2)
     with pytest.raises(RuntimeError):

@@ -72,11 +72,11 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     kernel (`_scaled_dot_product_attention_math`: q and k each scaled by the fourth root of the
     head size, the boolean key mask, softmax, dropout, product with v) with the rate as a tensor,
     so the compiled graph takes it as an input. q, k, v: [B, heads, L, head]; keep: [B, 1, 1, L],
-    True where the key is a real item. A row with no real key (none in training: every sequence
-    has an item) averages its padding instead of SDPA's zeros."""
+    True where the key is a real item. A sequence with no real key gets zeros, as from SDPA."""
     scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
     weights = (q * scale) @ (k * scale).transpose(-2, -1)
-    weights = weights.masked_fill(~keep, torch.finfo(weights.dtype).min).softmax(dim=-1)
+    # a finite fill keeps an all-padding row finite; the product with keep then zeroes it
+    weights = weights.masked_fill(~keep, torch.finfo(weights.dtype).min).softmax(dim=-1) * keep
     kept = torch.rand_like(weights, dtype=torch.float32) >= rate  # RateDropout's draw and scale
     weights = (weights.float() * (kept / (1.0 - rate))).to(v.dtype)
     return weights @ v
