@@ -58,18 +58,21 @@ def compiled_step(*overrides: str):
     return lambda: objective(batch.items, batch.positions, batch.labels).backward()
 
 
-def test_trials_with_another_dropout_share_the_compiled_graph(tmp_path, monkeypatch):
-    """The second trial of a search (another model.dropout) loads the first one's compiled
-    forward and backward from the on-disk cache instead of compiling them again; with
-    nn.Dropout the rate was a constant of the graph and every new rate missed."""
+@pytest.mark.parametrize("setting, first, second", [("model.dropout", 0.1, 0.35), ("model.attn_dropout", 0.1, 0.25)])
+def test_trials_with_another_dropout_share_the_compiled_graph(tmp_path, monkeypatch, setting, first, second):
+    """The second trial of a search (another dropout rate) loads the first one's compiled forward
+    and backward from the on-disk cache instead of compiling them again. With nn.Dropout the rate
+    was a constant of the graph and every new rate missed; so did the attention dropout on a CPU,
+    where attention falls back to SDPA (its dropout_p a float) until `dropout_attention` took the
+    rate as an input."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
-    compiled_step("model.dropout=0.1")()
+    compiled_step(f"{setting}={first}")()
     torch._dynamo.reset()
     counters.clear()
-    compiled_step("model.dropout=0.35")()
+    compiled_step(f"{setting}={second}")()
     assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     torch._dynamo.reset()
@@ -96,20 +99,3 @@ def test_dropout_attention_is_sdpa_math_without_dropout_and_drops_at_the_rate():
     weights = dropout_attention(q, k, torch.eye(12).expand(64, 2, 12, 12), full, torch.tensor(0.3))
     assert (weights == 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
     torch.testing.assert_close(weights[weights != 0], torch.full_like(weights[weights != 0], 1 / 12 / 0.7))
-
-
-def test_trials_with_another_attention_dropout_share_the_compiled_graph_on_the_cpu(tmp_path, monkeypatch):
-    """On a CPU, attention falls back to SDPA, whose dropout_p was a constant of the graph: a
-    trial with another model.attn_dropout compiled from scratch. Compiled training runs
-    `dropout_attention` with the rate as an input now, so the second trial hits the cache."""
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    torch._dynamo.reset()
-    compiled_step("model.attn_dropout=0.1")()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled_step("model.attn_dropout=0.25")()
-    assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
-    assert counters["inductor"]["fxgraph_cache_miss"] == 0
-    torch._dynamo.reset()
