@@ -250,8 +250,7 @@ def turns_table(*names: str) -> str:
                       "turn_with_write": data["train_over_bare_turn_s"]}
             first = {n: data[n]["first_epoch_s"] for n in ("bare", "train")}
         graphs = "yes" if "reduce-overhead" in data.get("args", data["command"]) or "--graphs" in data["command"] else "no"
-        words = data["command"].split()
-        own = ", ".join(f"`{words[i + 1]}`" for i, w in enumerate(words[:-1]) if w == "--train-set") or "-"
+        own = ", ".join(f"`{setting}`" for setting in data.get("train_set", [])) or "-"  # ray_turns.py --train-set
         bare_writes = "yes" if data.get("bare_checkpoints") else "no"
         lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {own} | {bare_writes} | {data.get('epochs_per_turn', 1)} | "
                      f"{first['bare']:.1f} / {first['train']:.1f} | " + " | ".join(cell(ratios.get(k)) for k in keys) + " |")
