@@ -10,7 +10,9 @@ replays them, because one layer's attention takes less GPU time than the host ne
 
     python benchmarks/attention_backends.py --out benchmarks/results/attention_backends.json
 
-The `triton` rows are tuner.model.short_attention's kernel (one program per sequence and head).
+The `triton` rows are the model's Triton kernels: tuner.model.short_attention's (one program per
+sequence and head) up to 128 positions, tuner.model.tiled_attention's beyond (`--length 200
+--sizes ml1m`: benchmarks/ml1m.yaml's shape).
 `model.attention` pins the winner in training; benchmarks/gpu_throughput.py's `_attn_<name>`
 variants measure it in the whole step.
 """
@@ -34,7 +36,9 @@ from tuner.model.sizes import SIZES  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_report import graph_ms, start_report  # noqa: E402
 
-SHAPES = {"130M": 256, "430M": 128}  # size -> the seed's batch
+SHAPES = {"130M": 256, "430M": 128, "ml1m": 128}  # size -> the seed's batch (ml1m: benchmarks/ml1m.yaml's)
+# benchmarks/ml1m.yaml's model (the paper's size at hidden 256, heads 4): run it with --length 200
+PRESETS = {**SIZES, "ml1m": dict(hidden=256, layers=2, heads=4, max_len=200)}
 
 
 def attention(q, k, v, keep, backend, dropout: float):
@@ -45,12 +49,13 @@ def attention(q, k, v, keep, backend, dropout: float):
 
 
 def short_kernel(qkv, keep, heads: int, dropout: float):
+    """The model's Triton attention: short_attention's kernels, tiled_attention's over 128 positions."""
     rate = torch.full((), dropout, dtype=torch.float32, device=qkv.device)
-    return short_attention.short_attention(qkv, keep, short_attention.new_seed(qkv.device), rate, heads, dropout > 0)
+    return short_attention.attend(qkv, keep, short_attention.new_seed(qkv.device), rate, heads, dropout > 0)
 
 
 def measure(size: str, length: int, dropout: float, device: torch.device) -> list[dict]:
-    preset, batch = SIZES[size], SHAPES[size]
+    preset, batch = PRESETS[size], SHAPES[size]
     heads, head_dim = preset["heads"], preset["hidden"] // preset["heads"]
     gen = torch.Generator().manual_seed(0)
     shape = (batch, heads, length, head_dim)

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from tuner.model import short_attention as sa
+from tuner.model import tiled_attention
 from tests.triton_helpers import compare_models, rel
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
@@ -27,6 +28,8 @@ def reference(qkv, keep, mask, heads, p):
 
 
 def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
+    """The model's entry (`attend`: the one-program kernels up to 128 positions, the tiled ones
+    beyond) against float64 attention with the kernels' own dropout mask."""
     g = torch.Generator().manual_seed(seed)
     width = 3 * heads * head_dim
     # a strided view, as the fused projection's output is when the model pads it: the kernels
@@ -38,10 +41,11 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     keep = (torch.arange(length)[None, :] >= (length - lengths)[:, None]).to(device)
     seed_t = torch.tensor([1234 + seed], dtype=torch.int32, device=device)
     rate = torch.tensor(p, dtype=torch.float32, device=device)
-    out = sa.short_attention(qkv, keep, seed_t, rate, heads, p > 0)
+    out = sa.attend(qkv, keep, seed_t, rate, heads, p > 0)
     grad = torch.randn(out.shape, generator=g).to(device, dtype)
     (dqkv,) = torch.autograd.grad(out, qkv, grad)
-    mask = sa.dropout_keep_mask(seed_t, batch, heads, length, p) if p > 0 else None
+    keep_mask = sa.dropout_keep_mask if length <= sa.SHORT_LENGTH else tiled_attention.keep_mask
+    mask = keep_mask(seed_t, batch, heads, length, p) if p > 0 else None
     ref_in = qkv.detach().double().requires_grad_()
     ref = reference(ref_in, keep, mask, heads, p)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, grad.double())
@@ -50,21 +54,22 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     if mask is not None:
         real = keep[:, None, :, None] & keep[:, None, None, :]
         r["kept_fraction"] = float(mask[real.expand_as(mask)].float().mean())
-        again = sa.dropout_keep_mask(seed_t, batch, heads, length, p)
-        other = sa.dropout_keep_mask(seed_t + 1, batch, heads, length, p)
+        again = keep_mask(seed_t, batch, heads, length, p)
+        other = keep_mask(seed_t + 1, batch, heads, length, p)
         r["mask_repeats"] = bool(torch.equal(mask, again))
         r["mask_differs_by_seed"] = not torch.equal(mask, other)
-        again_out = sa.short_attention(qkv, keep, seed_t, rate, heads, p > 0)
+        again_out = sa.attend(qkv, keep, seed_t, rate, heads, p > 0)
         r["forward_repeats"] = bool(torch.equal(out, again_out))
     return r
 
 
-def model_case(device="cpu", backend="aot_eager", reference="math", ilora=False):
+def model_case(device="cpu", backend="aot_eager", reference="math", ilora=False, length=20):
     """Bert4Rec with attention=triton against an SDPA kernel, weights shared, no dropout: the
     same hidden states and gradients, eagerly and under torch.compile (fullgraph: no breaks). On
     a GPU both run under bf16 autocast. `ilora`: with iLoRA experts on the projections, which
-    run one by one (the kernel gets their outputs concatenated)."""
-    cfg = dict(num_items=40, max_len=20, hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, attn_dropout=0.0,
+    run one by one (the kernel gets their outputs concatenated). `length` over 128: the tiled
+    kernels."""
+    cfg = dict(num_items=40, max_len=length, hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, attn_dropout=0.0,
                fused_add_norm=False)  # add_norm has its own check
     torch.manual_seed(0)
     ours = Bert4Rec(Bert4RecConfig(**cfg, attention="triton")).to(device)
@@ -79,9 +84,9 @@ def model_case(device="cpu", backend="aot_eager", reference="math", ilora=False)
             if "lora_B" in name:  # zero at the start: give the experts a say in the outputs
                 torch.nn.init.normal_(param, std=0.5)
     theirs.load_state_dict(ours.state_dict())
-    items = torch.randint(1, 41, (4, 20))
+    items = torch.randint(1, 41, (4, length))
     items[1, :7] = 0
-    items[2, :19] = 0
+    items[2, :length - 1] = 0
     items = items.to(device)
     return compare_models(ours, theirs, items, device, backend)
 
@@ -107,7 +112,7 @@ def export_case():
             "scores": rel(program.module()(items), hidden[:, -1] @ weight.t() + bias)}
 
 
-def cache_case():
+def cache_case(length=16):
     """Two trials that differ only in `model.attn_dropout`, each compiled by inductor in a fresh
     dynamo state on one on-disk cache: the second loads the first one's forward and backward
     (the kernels read the rate from a buffer, so it is no constant of the graph). Returns the
@@ -125,11 +130,11 @@ def cache_case():
     for rate in (0.1, 0.3):
         torch._dynamo.reset()
         counters.clear()
-        step = compiled_step("model.attention=triton", f"model.attn_dropout={rate}")
+        step = compiled_step("model.attention=triton", f"model.attn_dropout={rate}", length=length)
         step()  # compiles, or loads the compiled graphs
         with torch.profiler.profile() as prof:
             step()
-        ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::short")})
+        ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::") and "attention" in e.name})
     return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],
             "ops": ops}
 
@@ -138,7 +143,10 @@ def main():
     if sys.argv[1:] == ["--cuda"]:  # on a GPU, compiled by Triton: the seed's shapes in bf16 and fp16
         print(json.dumps({"bf16_430M": case(128, 50, 16, 64, torch.bfloat16, 0.1, device="cuda"),
                           "fp16_130M": case(256, 50, 6, 64, torch.float16, 0.1, seed=1, device="cuda"),
-                          "model": model_case("cuda", "inductor", "efficient")}))
+                          "model": model_case("cuda", "inductor", "efficient"),
+                          # benchmarks/ml1m.yaml's shape: the tiled kernels
+                          "bf16_ml1m_tiled": case(128, 200, 4, 64, torch.bfloat16, 0.1, seed=2, device="cuda"),
+                          "model_tiled": model_case("cuda", "inductor", "efficient", length=200)}))
         return
     result = {
         "fp32": case(3, 50, 2, 16, torch.float32, 0.0),
@@ -149,6 +157,12 @@ def main():
         "model_ilora": model_case(ilora=True),
         "export": export_case(),
         "cache": cache_case(),
+        # over 128 positions: the tiled kernels
+        "tiled_fp32": case(3, 150, 2, 16, torch.float32, 0.0),
+        "tiled_fp32_dropout": case(3, 200, 2, 16, torch.float32, 0.25, seed=1),
+        "tiled_fp16_dropout": case(2, 131, 2, 32, torch.float16, 0.1, seed=2),
+        "tiled_model": model_case(length=140),
+        "tiled_cache": cache_case(length=140),
     }
     print(json.dumps(result))
 

@@ -45,16 +45,17 @@ def test_compiled_rate_dropout_drops_at_the_rate_and_rescales_once(dtype):
     torch.testing.assert_close(y[kept], (x.float() * scale).to(dtype)[kept], rtol=0, atol=0)
 
 
-def compiled_step(*overrides: str):
-    """A tiny model's objective under torch.compile, with config `overrides`, and one batch: a
-    function that runs forward and backward on the batch (its first call compiles, or loads from
-    the cache). tests/short_attention_check.py's attention-dropout cache check uses it too."""
+def compiled_step(*overrides: str, length: int = 16):
+    """A tiny model's objective under torch.compile, with config `overrides`, and one batch of
+    `length` positions: a function that runs forward and backward on the batch (its first call
+    compiles, or loads from the cache). tests/short_attention_check.py's attention-dropout cache
+    check uses it too."""
     torch.manual_seed(0)
-    cfg = load_config(overrides=["model.size=tiny", "model.max_len=16", *overrides])
+    cfg = load_config(overrides=["model.size=tiny", f"model.max_len={length}", *overrides])
     data = generate(64, 40, seed=0)
     model = Bert4Rec(model_config(cfg, data.num_items))
     objective = torch.compile(MaskedItemObjective(model))
-    batch = next(iter(train_batches(data.sequences, data.num_items, 16, 16, 0.3, 0.1, seed=0, epoch=0)))
+    batch = next(iter(train_batches(data.sequences, data.num_items, 16, length, 0.3, 0.1, seed=0, epoch=0)))
     return lambda: objective(batch.items, batch.positions, batch.labels).backward()
 
 

@@ -1,4 +1,5 @@
-"""The Triton short-sequence attention kernels, run by Triton's interpreter on the CPU (no GPU in CI).
+"""The Triton attention kernels (short_attention's, and tiled_attention's over 128 positions), run
+by Triton's interpreter on the CPU (no GPU in CI).
 
 `tests/short_attention_check.py` runs in its own process, because TRITON_INTERPRET must be set
 before the kernels are defined. It checks the custom op against float64 attention with the
@@ -22,32 +23,44 @@ def result():
     return interpreted("short_attention_check.py")
 
 
-@pytest.mark.parametrize("case", ["fp32", "fp32_dropout", "fp16_dropout", "short"])
+KERNEL_CASES = ["fp32", "fp32_dropout", "fp16_dropout", "short",
+                # over 128 positions (150, 200, 131): the tiled kernels
+                "tiled_fp32", "tiled_fp32_dropout", "tiled_fp16_dropout"]
+DROPOUT_CASES = {"fp32_dropout": 0.25, "fp16_dropout": 0.1, "short": 0.1, "tiled_fp32_dropout": 0.25,
+                 "tiled_fp16_dropout": 0.1}
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
 def test_kernel_matches_attention_with_its_mask(result, case):
     r = result[case]
-    bound = 1e-3 if case.startswith("fp16") else 1e-6  # fp16 inputs: P and dS are rounded for the products
+    bound = 1e-3 if "fp16" in case else 1e-6  # fp16 inputs: P and dS are rounded for the products
     assert r["out"] < bound and r["grad"] < bound, r
     # a sequence of padding only attends to nothing: zeros, where SDPA gives NaN
     assert r["padding_only_zero"]
 
 
-@pytest.mark.parametrize("case", ["fp32_dropout", "fp16_dropout", "short"])
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
 def test_dropout_mask(result, case):
     r = result[case]
-    p = {"fp32_dropout": 0.25, "fp16_dropout": 0.1, "short": 0.1}[case]
+    p = DROPOUT_CASES[case]
     # thousands of weights per case: the kept share is 1 - p within sampling noise
     assert abs(r["kept_fraction"] - (1 - p)) < (0.05 if case == "short" else 0.02), r
     assert r["mask_repeats"] and r["forward_repeats"] and r["mask_differs_by_seed"]
 
 
-@pytest.mark.parametrize("model", ["model", "model_ilora"])
+SHORT_OPS = ["tuner::short_attention", "tuner::short_attention_backward"]
+TILED_OPS = ["tuner::tiled_attention", "tuner::tiled_attention_backward"]
+
+
+@pytest.mark.parametrize("model, ops", [("model", SHORT_OPS), ("model_ilora", SHORT_OPS), ("tiled_model", TILED_OPS)])
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-def test_model_on_the_kernel_matches_math_attention(result, model, mode):
+def test_model_on_the_kernel_matches_math_attention(result, model, ops, mode):
     r = result[model][mode]
     assert r["grads"] > 0 and r["missing"] == 0
     assert r["hidden"] < 1e-5 and r["grad"] < 1e-4, r
-    # forward and backward both ran on the kernels (the compiled graph's backward too)
-    assert r["ops"] == ["tuner::short_attention", "tuner::short_attention_backward"], r["ops"]
+    # forward and backward both ran on the kernels (the compiled graph's backward too); a model
+    # of 140 positions on the tiled ones
+    assert r["ops"] == ops, r["ops"]
 
 
 def test_export_uses_sdpa_so_the_graph_runs_without_this_package(result):
@@ -58,11 +71,13 @@ def test_export_uses_sdpa_so_the_graph_runs_without_this_package(result):
     assert r["scores"] < 1e-5
 
 
-def test_trials_with_another_attention_dropout_share_the_compiled_graph(result):
+@pytest.mark.parametrize("case, ops", [("cache", SHORT_OPS), ("tiled_cache", TILED_OPS)])
+def test_trials_with_another_attention_dropout_share_the_compiled_graph(result, case, ops):
     """The second trial of a search over `model.attn_dropout` loads the first one's compiled forward
     and backward from inductor's cache (the rate was a float argument of the kernels, a constant
     of the graph, until session 20: every new rate compiled from scratch), and its step runs the
-    kernels with dropout."""
-    r = result["cache"]
+    kernels with dropout. `tiled_cache`: sequences of 140 positions, where the model used SDPA
+    (its dropout a float) until session 24's tiled kernels."""
+    r = result[case]
     assert r["hits"] >= 2 and r["misses"] == 0, r
-    assert r["ops"] == ["tuner::short_attention", "tuner::short_attention_backward"], r
+    assert r["ops"] == ops, r

@@ -153,8 +153,8 @@ class SelfAttention(nn.Module):
         if self.short_kernel and short_attention.usable(qkv if fused else qkv[0], hidden // self.heads):
             packed = qkv if fused else torch.cat(qkv, dim=-1)
             seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
-            return short_attention.short_attention(packed, keep.view(batch, length), seed, self.attn_dropout.rate,
-                                                   self.heads, dropout > 0)
+            return short_attention.attend(packed, keep.view(batch, length), seed, self.attn_dropout.rate,
+                                          self.heads, dropout > 0)
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
         q, k, v = (split(t) for t in (qkv.chunk(3, dim=-1) if fused else qkv))
         # keep: [B, 1, 1, L] bool, True where the key is a real item (bidirectional, no causal mask)

@@ -21,9 +21,11 @@ autograd formula, so `torch.compile` (CUDA graphs included) treats it as one opa
 kernels read the dropout rate from `rate`, a 0-d tensor (the model's `RateDropout` buffer), so
 trials of a search that differ in `model.attn_dropout` share one compiled graph; only whether
 there is dropout at all is a constant of the graph.
-`usable(...)` says whether the kernel takes a shape: a CUDA GPU of sm80 or newer (or Triton's
+`usable(...)` says whether the kernels take a shape: a CUDA GPU of sm80 or newer (or Triton's
 interpreter), fp16/bf16 (any float under the interpreter), a power-of-two head size of 16 to 128 and at most
 `MAX_LENGTH` positions; the model falls back to `F.scaled_dot_product_attention` otherwise.
+`attend(...)`, the model's entry, runs these kernels up to `SHORT_LENGTH` positions and
+`tuner.model.tiled_attention`'s (tiled over positions, the same contract) beyond.
 
 A sequence whose keys are all padding gets zeros (SDPA gives NaN there). The kernels run on CPU
 tensors under `TRITON_INTERPRET=1`, which is how the tests check them against PyTorch's
@@ -38,13 +40,16 @@ import os
 
 import torch
 
+from tuner.model import tiled_attention
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: `usable` is False and the model uses SDPA
     triton = None
 
-MAX_LENGTH = 128  # one program holds BLOCK_L x BLOCK_L scores (BLOCK_L: the length rounded up to 2^k)
+SHORT_LENGTH = 128  # one program holds BLOCK_L x BLOCK_L scores (BLOCK_L: the length rounded up to 2^k)
+MAX_LENGTH = 512  # longer: tiled_attention's kernels (measured against SDPA up to here)
 HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -242,6 +247,15 @@ def _backward(ctx, grad):
 
 
 short_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attend(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, heads: int,
+           dropout: bool) -> torch.Tensor:
+    """`short_attention`'s contract at any length `usable` takes: its one-program kernels up to
+    `SHORT_LENGTH` positions, `tiled_attention`'s beyond."""
+    if qkv.shape[1] <= SHORT_LENGTH:
+        return short_attention(qkv, keep, seed, rate, heads, dropout)
+    return tiled_attention.tiled_attention(qkv, keep, seed, rate, heads, dropout)[0]
 
 
 def new_seed(device: torch.device) -> torch.Tensor:

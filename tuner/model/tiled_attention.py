@@ -1,0 +1,273 @@
+"""Self-attention for sequences longer than `short_attention` takes: Triton kernels tiled over
+positions (FlashAttention-2's scheme, Dao 2023), with a key-padding mask and attention dropout
+whose rate is a tensor.
+
+`short_attention` holds a whole head's scores in one program, which stops at 128 positions.
+BERT4Rec's paper setting is 200 (ML-1M, `search_spaces/bert4rec.yaml`), where the model fell back
+to SDPA, whose `dropout_p` is a float: a constant of the compiled graph, so every trial of a
+search over `model.attn_dropout` compiled its own. These kernels read the rate from the
+`RateDropout` buffer, as `short_attention`'s do, so one compiled graph serves every rate there too.
+
+- Forward, `_tiled_forward_kernel`, one program per (sequence and head, block of queries): walks
+  the key blocks with an online softmax, drops each unnormalised weight with the tile's share of
+  one Philox mask, and writes the output in the [B, L, H] layout the output projection reads, plus
+  each row's log-sum-exp (base 2) for the backward. Q, K and V are read straight out of the fused
+  [B, L, 3H] projection, as in `short_attention`.
+- Backward: `_tiled_dq_kernel` (per query block: each row's sum dO . O, then dQ over the key
+  blocks) and `_tiled_dkdv_kernel` (per key block: dK and dV over the query blocks), each
+  recomputing the weights from the log-sum-exp and the mask from the seed. Both write into one
+  [B, L, 3H] gradient; no atomics, so the gradient repeats exactly.
+
+The dropout mask is a function of (seed, sequence and head, row, column) alone: `keep_mask`
+returns it for the tests, whatever tiling drew it. A sequence of padding only gets zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: short_attention.usable is False, so nothing calls these
+    triton = None
+
+# BLOCK: query and key positions per tile (one size for both: the dropout mask's layout is in whole
+# tiles, so the mask a seed draws depends on it); num_warps per program.
+# benchmarks/tiled_attention_tiles.py times the choices.
+LAUNCH = {"BLOCK": 64, "num_warps": 4}
+
+
+def _padded(length: int) -> int:
+    """The mask's row length: `length` rounded up to whole tiles."""
+    block = LAUNCH["BLOCK"]
+    return -(-length // block) * block
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The dropout mask's tile at rows x [col0, col0 + BLOCK_N) of head `bh`: True where a
+        weight is kept. Each Philox call yields four draws, for four neighbouring columns."""
+        quarter = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+        offsets = (bh * padded + rows[:, None]) * (padded // 4) + quarter[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+        return tl.uint_to_uniform_float(draws) >= p
+
+    @triton.jit
+    def _load_rows(PTR, rows, dims, L, stride_l):
+        return tl.load(PTR + rows[:, None] * stride_l + dims[None, :], mask=(rows < L)[:, None], other=0.0)
+
+    @triton.jit
+    def _scores(q, k, KEEP, cols, L, scale):
+        """q k^T in base-2 units, -inf at padded keys and past the end."""
+        key_ok = tl.load(KEEP + cols, mask=cols < L, other=0) != 0
+        s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)
+        return tl.where(key_ok[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _tiled_forward_kernel(QKV, KEEP, SEED, RATE, OUT, LSE, L, padded, heads, stride_b, stride_l, stride_keep,
+                              stride_ob, stride_ol, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+        bh, block = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows, dims = block * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
+        base = QKV + b * stride_b + h * D
+        keep = KEEP + b * stride_keep
+        q = _load_rows(base, rows, dims, L, stride_l)
+        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        if DROPOUT:
+            p, seed = tl.load(RATE), tl.load(SEED)
+        for col0 in range(0, L, BLOCK_N):
+            cols = col0 + tl.arange(0, BLOCK_N)
+            k = _load_rows(base + H, cols, dims, L, stride_l)
+            v = _load_rows(base + 2 * H, cols, dims, L, stride_l)
+            s = _scores(q, k, keep, cols, L, scale)
+            new_top = tl.maximum(top, tl.max(s, axis=1))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no real key yet: nothing to rescale
+            e = tl.exp2(s - shift[:, None])
+            carry = tl.exp2(top - shift)
+            total = total * carry + tl.sum(e, axis=1)
+            if DROPOUT:
+                e = tl.where(_tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N), e, 0.0)
+            acc = acc * carry[:, None] + tl.dot(e.to(v.dtype), v)
+            top = new_top
+        empty = total == 0.0  # a sequence of padding only: zeros out, and weights of 0 in the backward
+        out = acc / tl.where(empty, 1.0, total)[:, None]
+        if DROPOUT:
+            out = out / (1.0 - p)
+        tl.store(OUT + b * stride_ob + h * D + rows[:, None] * stride_ol + dims[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(rows < L)[:, None])
+        lse = tl.where(empty, float("inf"), top + tl.log2(tl.where(empty, 1.0, total)))
+        tl.store(LSE + bh * L + rows, lse, mask=rows < L)
+
+    @triton.jit
+    def _tiled_dq_kernel(QKV, KEEP, SEED, RATE, OUT, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
+                         stride_keep, stride_ob, stride_ol, stride_gb, stride_gl, stride_db, stride_dl, scale,
+                         H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DROPOUT: tl.constexpr):
+        bh, block = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows, dims = block * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
+        base = QKV + b * stride_b + h * D
+        keep = KEEP + b * stride_keep
+        q = _load_rows(base, rows, dims, L, stride_l)
+        grad = _load_rows(GRAD + b * stride_gb + h * D, rows, dims, L, stride_gl)
+        out = _load_rows(OUT + b * stride_ob + h * D, rows, dims, L, stride_ol)
+        # sum_j P_ij dP_ij = dO_i . O_i, with or without dropout (O holds the dropped weights)
+        delta = tl.sum(grad.to(tl.float32) * out.to(tl.float32), axis=1)
+        tl.store(DELTA + bh * L + rows, delta, mask=rows < L)
+        lse = tl.load(LSE + bh * L + rows, mask=rows < L, other=float("inf"))
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        if DROPOUT:
+            p, seed = tl.load(RATE), tl.load(SEED)
+        for col0 in range(0, L, BLOCK_N):
+            cols = col0 + tl.arange(0, BLOCK_N)
+            k = _load_rows(base + H, cols, dims, L, stride_l)
+            v = _load_rows(base + 2 * H, cols, dims, L, stride_l)
+            probs = tl.exp2(_scores(q, k, keep, cols, L, scale) - lse[:, None])
+            probs_grad = tl.dot(grad, tl.trans(v))
+            if DROPOUT:
+                kept = _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N)
+                probs_grad = tl.where(kept, probs_grad / (1.0 - p), 0.0)
+            ds = probs * (probs_grad - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQKV + b * stride_db + h * D + rows[:, None] * stride_dl + dims[None, :],
+                 (dq * scale).to(DQKV.dtype.element_ty), mask=(rows < L)[:, None])
+
+    @triton.jit
+    def _tiled_dkdv_kernel(QKV, KEEP, SEED, RATE, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
+                           stride_keep, stride_gb, stride_gl, stride_db, stride_dl, scale,
+                           H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           DROPOUT: tl.constexpr):
+        bh, block = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        cols, dims = block * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, D)
+        base = QKV + b * stride_b + h * D
+        keep = KEEP + b * stride_keep
+        k = _load_rows(base + H, cols, dims, L, stride_l)
+        v = _load_rows(base + 2 * H, cols, dims, L, stride_l)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        if DROPOUT:
+            p, seed = tl.load(RATE), tl.load(SEED)
+        for row0 in range(0, L, BLOCK_M):
+            rows = row0 + tl.arange(0, BLOCK_M)
+            q = _load_rows(base, rows, dims, L, stride_l)
+            grad = _load_rows(GRAD + b * stride_gb + h * D, rows, dims, L, stride_gl)
+            lse = tl.load(LSE + bh * L + rows, mask=rows < L, other=float("inf"))
+            delta = tl.load(DELTA + bh * L + rows, mask=rows < L, other=0.0)
+            probs = tl.exp2(_scores(q, k, keep, cols, L, scale) - lse[:, None])
+            probs_grad = tl.dot(grad, tl.trans(v))
+            dropped = probs
+            if DROPOUT:
+                kept = _tile_keep(seed, bh, rows, block * BLOCK_N, padded, p, BLOCK_M, BLOCK_N)
+                dropped = tl.where(kept, probs / (1.0 - p), 0.0)
+                probs_grad = tl.where(kept, probs_grad / (1.0 - p), 0.0)
+            dv += tl.dot(tl.trans(dropped.to(grad.dtype)), grad)
+            ds = probs * (probs_grad - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        ptrs = DQKV + b * stride_db + h * D + cols[:, None] * stride_dl + dims[None, :]
+        out_ty = DQKV.dtype.element_ty
+        tl.store(ptrs + H, (dk * scale).to(out_ty), mask=(cols < L)[:, None])
+        tl.store(ptrs + 2 * H, dv.to(out_ty), mask=(cols < L)[:, None])
+
+    @triton.jit
+    def _tiled_mask_kernel(SEED, RATE, OUT, L, padded, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kept = _tile_keep(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, tl.load(RATE), BLOCK_M, BLOCK_N)
+        ok = (rows < L)[:, None] & (cols < L)[None, :]
+        tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :], kept.to(tl.int8), mask=ok)
+
+
+def _meta(qkv: torch.Tensor, heads: int, dropout: bool) -> tuple[dict, float, tuple]:
+    """(kernel constants, softmax scale, grid over query or key blocks) for qkv [B, L, 3H]."""
+    batch, length, width = qkv.shape
+    head_dim = width // 3 // heads
+    block = LAUNCH["BLOCK"]
+    meta = dict(H=width // 3, D=head_dim, BLOCK_M=block, BLOCK_N=block, DROPOUT=dropout, num_warps=LAUNCH["num_warps"])
+    return meta, 1.0 / math.sqrt(head_dim), (batch * heads, triton.cdiv(length, block))
+
+
+@torch.library.custom_op("tuner::tiled_attention", mutates_args=())
+def tiled_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, heads: int,
+                    dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`short_attention.short_attention`'s contract for any length: qkv [B, L, 3H], keep [B, L]
+    bool -> (out [B, L, H], each row's log-sum-exp [B * heads, L], fp32, for the backward)."""
+    batch, length, width = qkv.shape
+    meta, scale, grid = _meta(qkv, heads, dropout)
+    out = qkv.new_empty(batch, length, width // 3)
+    lse = torch.empty(batch * heads, length, dtype=torch.float32, device=qkv.device)
+    if out.numel():
+        keep8 = keep.view(torch.int8)
+        _tiled_forward_kernel[grid](qkv, keep8, seed, rate, out, lse, length, _padded(length), heads, qkv.stride(0),
+                                    qkv.stride(1), keep8.stride(0), out.stride(0), out.stride(1), scale, **meta)
+    return out, lse
+
+
+@tiled_attention.register_fake
+def _tiled_attention_fake(qkv, keep, seed, rate, heads, dropout):
+    batch, length, width = qkv.shape
+    return (qkv.new_empty(batch, length, width // 3),
+            torch.empty(batch * heads, length, dtype=torch.float32, device=qkv.device))
+
+
+@torch.library.custom_op("tuner::tiled_attention_backward", mutates_args=())
+def tiled_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor,
+                             rate: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int,
+                             dropout: bool) -> torch.Tensor:
+    """d loss / d qkv [B, L, 3H] from d loss / d out [B, L, H]."""
+    length = qkv.shape[1]
+    meta, scale, grid = _meta(qkv, heads, dropout)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    if dqkv.numel():
+        keep8 = keep.view(torch.int8)
+        delta = torch.empty_like(lse)
+        common = (length, _padded(length), heads, qkv.stride(0), qkv.stride(1), keep8.stride(0))
+        _tiled_dq_kernel[grid](qkv, keep8, seed, rate, out, grad, lse, delta, dqkv, *common, out.stride(0),
+                               out.stride(1), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale,
+                               **meta)
+        _tiled_dkdv_kernel[grid](qkv, keep8, seed, rate, grad, lse, delta, dqkv, *common, grad.stride(0),
+                                 grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale, **meta)
+    return dqkv
+
+
+@tiled_attention_backward.register_fake
+def _tiled_attention_backward_fake(grad, qkv, keep, seed, rate, out, lse, heads, dropout):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, keep, seed, rate, heads, dropout = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, keep, seed, rate, out, lse)
+    ctx.heads, ctx.dropout = heads, dropout
+
+
+def _backward(ctx, grad, _lse_grad):
+    qkv, keep, seed, rate, out, lse = ctx.saved_tensors
+    return (tiled_attention_backward(grad.contiguous(), qkv, keep, seed, rate, out, lse, ctx.heads, ctx.dropout),
+            None, None, None, None, None)
+
+
+tiled_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p: float) -> torch.Tensor:
+    """The kernels' dropout mask for `seed` at rate `dropout_p`: bool [B, heads, L, L], True where a
+    weight is kept."""
+    out = torch.empty(batch * heads, length, length, dtype=torch.int8, device=seed.device)
+    rate = torch.full((), dropout_p, dtype=torch.float32, device=seed.device)
+    block = LAUNCH["BLOCK"]
+    blocks = triton.cdiv(length, block)
+    _tiled_mask_kernel[(batch * heads, blocks, blocks)](seed, rate, out, length, _padded(length),
+                                                         BLOCK_M=block, BLOCK_N=block)
+    return out.view(batch, heads, length, length).bool()
