@@ -65,6 +65,7 @@ def suites(data: str) -> dict[str, list[dict]]:
             {"name": "batch128_graphs_ray", "args": ml1m + GRAPHS + ["--workers", "1"]},
             # attention on SDPA's memory-efficient kernel, as at 200 positions before tiled_attention (session 24)
             {"name": "batch128_graphs_efficient", "args": ml1m + GRAPHS + ["--set", "model.attention=efficient"]},
+            {"name": "batch128_graphs_cudnn", "args": ml1m + GRAPHS + ["--set", "model.attention=cudnn"]},
         ],
         "smoke": [  # the CPU check of this script
             {"name": "tiny_bare", "args": ["--device", "cpu"]},

@@ -11,12 +11,14 @@ search over `model.attn_dropout` compiled its own. These kernels read the rate f
 - Forward, `_tiled_forward_kernel`, one program per (sequence and head, block of queries): walks
   the key blocks with an online softmax, drops each unnormalised weight with the tile's share of
   one Philox mask, and writes the output in the [B, L, H] layout the output projection reads, plus
-  each row's log-sum-exp (base 2) for the backward. Q, K and V are read straight out of the fused
-  [B, L, 3H] projection, as in `short_attention`.
+  each row's log-sum-exp (base 2) and the mask as bits (a byte per 8 weights: 3.3 MB a layer at
+  benchmarks/ml1m.yaml's batch of 128 x 4 heads x 200 positions) for the backward. Q, K and V
+  are read straight out of the fused [B, L, 3H] projection, as in `short_attention`.
 - Backward: `_tiled_dq_kernel` (per query block: each row's sum dO . O, then dQ over the key
   blocks) and `_tiled_dkdv_kernel` (per key block: dK and dV over the query blocks), each
-  recomputing the weights from the log-sum-exp and the mask from the seed. Both write into one
-  [B, L, 3H] gradient; no atomics, so the gradient repeats exactly.
+  recomputing the weights from the log-sum-exp and reading the mask's bits, where drawing it
+  again (Philox's integer work, three times a step) doubled the kernels' time with dropout on an
+  H200. Both write into one [B, L, 3H] gradient; no atomics, so the gradient repeats exactly.
 
 The dropout mask is a function of (seed, sequence and head, row, column) alone: `keep_mask`
 returns it for the tests, whatever tiling drew it. A sequence of padding only gets zeros.
@@ -51,12 +53,35 @@ if triton is not None:
     @triton.jit
     def _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The dropout mask's tile at rows x [col0, col0 + BLOCK_N) of head `bh`: True where a
-        weight is kept. Each Philox call yields four draws, for four neighbouring columns."""
-        quarter = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-        offsets = (bh * padded + rows[:, None]) * (padded // 4) + quarter[None, :]
+        weight is kept. Each Philox call yields four 32-bit draws, and each draw two 16-bit
+        uniforms, for eight neighbouring columns: the kept share is 1 - ceil(2^16 p) / 2^16, within
+        2^-16 of 1 - p."""
+        eighth = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+        offsets = (bh * padded + rows[:, None]) * (padded // 8) + eighth[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, offsets)
-        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-        return tl.uint_to_uniform_float(draws) >= p
+        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 8, 4))
+        halves = tl.reshape(tl.join(draws & 0xFFFF, (draws >> 16) & 0xFFFF), (BLOCK_M, BLOCK_N))
+        return halves.to(tl.float32) * (1.0 / 65536.0) >= p
+
+    @triton.jit
+    def _store_bits(BITS, bh, rows, col0, L, padded, kept, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Stores a tile of the mask as bits, 8 columns a byte: the backward reads it back instead
+        of drawing it twice more."""
+        weights = 1 << tl.arange(0, 8)
+        packed = tl.sum(tl.reshape(kept.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8)) * weights[None, None, :], axis=2)
+        stride = padded // 8
+        byte = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+        tl.store(BITS + (bh * L + rows[:, None]) * stride + byte[None, :], packed.to(tl.uint8),
+                 mask=(rows < L)[:, None])
+
+    @triton.jit
+    def _load_bits(BITS, bh, rows, col0, L, padded, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The tile of the mask `_store_bits` stored: True where a weight is kept."""
+        stride = padded // 8
+        byte = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+        packed = tl.load(BITS + (bh * L + rows[:, None]) * stride + byte[None, :], mask=(rows < L)[:, None], other=0)
+        bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
     @triton.jit
     def _load_rows(PTR, rows, dims, L, stride_l):
@@ -70,7 +95,7 @@ if triton is not None:
         return tl.where(key_ok[None, :], s, float("-inf"))
 
     @triton.jit
-    def _tiled_forward_kernel(QKV, KEEP, SEED, RATE, OUT, LSE, L, padded, heads, stride_b, stride_l, stride_keep,
+    def _tiled_forward_kernel(QKV, KEEP, SEED, RATE, OUT, LSE, BITS, L, padded, heads, stride_b, stride_l, stride_keep,
                               stride_ob, stride_ol, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
         bh, block = tl.program_id(0), tl.program_id(1)
@@ -95,7 +120,9 @@ if triton is not None:
             carry = tl.exp2(top - shift)
             total = total * carry + tl.sum(e, axis=1)
             if DROPOUT:
-                e = tl.where(_tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N), e, 0.0)
+                kept = _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N)
+                _store_bits(BITS, bh, rows, col0, L, padded, kept, BLOCK_M, BLOCK_N)
+                e = tl.where(kept, e, 0.0)
             acc = acc * carry[:, None] + tl.dot(e.to(v.dtype), v)
             top = new_top
         empty = total == 0.0  # a sequence of padding only: zeros out, and weights of 0 in the backward
@@ -108,7 +135,7 @@ if triton is not None:
         tl.store(LSE + bh * L + rows, lse, mask=rows < L)
 
     @triton.jit
-    def _tiled_dq_kernel(QKV, KEEP, SEED, RATE, OUT, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
+    def _tiled_dq_kernel(QKV, KEEP, BITS, RATE, OUT, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
                          stride_keep, stride_ob, stride_ol, stride_gb, stride_gl, stride_db, stride_dl, scale,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DROPOUT: tl.constexpr):
@@ -126,7 +153,7 @@ if triton is not None:
         lse = tl.load(LSE + bh * L + rows, mask=rows < L, other=float("inf"))
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         if DROPOUT:
-            p, seed = tl.load(RATE), tl.load(SEED)
+            p = tl.load(RATE)
         for col0 in range(0, L, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
             k = _load_rows(base + H, cols, dims, L, stride_l)
@@ -134,7 +161,7 @@ if triton is not None:
             probs = tl.exp2(_scores(q, k, keep, cols, L, scale) - lse[:, None])
             probs_grad = tl.dot(grad, tl.trans(v))
             if DROPOUT:
-                kept = _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N)
+                kept = _load_bits(BITS, bh, rows, col0, L, padded, BLOCK_M, BLOCK_N)
                 probs_grad = tl.where(kept, probs_grad / (1.0 - p), 0.0)
             ds = probs * (probs_grad - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
@@ -142,7 +169,7 @@ if triton is not None:
                  (dq * scale).to(DQKV.dtype.element_ty), mask=(rows < L)[:, None])
 
     @triton.jit
-    def _tiled_dkdv_kernel(QKV, KEEP, SEED, RATE, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
+    def _tiled_dkdv_kernel(QKV, KEEP, BITS, RATE, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
                            stride_keep, stride_gb, stride_gl, stride_db, stride_dl, scale,
                            H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            DROPOUT: tl.constexpr):
@@ -156,7 +183,7 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         if DROPOUT:
-            p, seed = tl.load(RATE), tl.load(SEED)
+            p = tl.load(RATE)
         for row0 in range(0, L, BLOCK_M):
             rows = row0 + tl.arange(0, BLOCK_M)
             q = _load_rows(base, rows, dims, L, stride_l)
@@ -167,7 +194,7 @@ if triton is not None:
             probs_grad = tl.dot(grad, tl.trans(v))
             dropped = probs
             if DROPOUT:
-                kept = _tile_keep(seed, bh, rows, block * BLOCK_N, padded, p, BLOCK_M, BLOCK_N)
+                kept = _load_bits(BITS, bh, rows, block * BLOCK_N, L, padded, BLOCK_M, BLOCK_N)
                 dropped = tl.where(kept, probs / (1.0 - p), 0.0)
                 probs_grad = tl.where(kept, probs_grad / (1.0 - p), 0.0)
             dv += tl.dot(tl.trans(dropped.to(grad.dtype)), grad)
@@ -199,29 +226,31 @@ def _meta(qkv: torch.Tensor, heads: int, dropout: bool) -> tuple[dict, float, tu
 
 @torch.library.custom_op("tuner::tiled_attention", mutates_args=())
 def tiled_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, heads: int,
-                    dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    dropout: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`short_attention.short_attention`'s contract for any length: qkv [B, L, 3H], keep [B, L]
-    bool -> (out [B, L, H], each row's log-sum-exp [B * heads, L], fp32, for the backward)."""
-    batch, length, width = qkv.shape
-    meta, scale, grid = _meta(qkv, heads, dropout)
-    out = qkv.new_empty(batch, length, width // 3)
-    lse = torch.empty(batch * heads, length, dtype=torch.float32, device=qkv.device)
+    bool -> (out [B, L, H]; for the backward, each row's log-sum-exp [B * heads, L] in fp32 and
+    the dropout mask as bits [B * heads, L, padded length / 8], uint8, empty without dropout)."""
+    out, lse, bits = _tiled_attention_fake(qkv, keep, seed, rate, heads, dropout)
     if out.numel():
+        meta, scale, grid = _meta(qkv, heads, dropout)
         keep8 = keep.view(torch.int8)
-        _tiled_forward_kernel[grid](qkv, keep8, seed, rate, out, lse, length, _padded(length), heads, qkv.stride(0),
-                                    qkv.stride(1), keep8.stride(0), out.stride(0), out.stride(1), scale, **meta)
-    return out, lse
+        _tiled_forward_kernel[grid](qkv, keep8, seed, rate, out, lse, bits, qkv.shape[1], _padded(qkv.shape[1]),
+                                    heads, qkv.stride(0), qkv.stride(1), keep8.stride(0), out.stride(0),
+                                    out.stride(1), scale, **meta)
+    return out, lse, bits
 
 
 @tiled_attention.register_fake
 def _tiled_attention_fake(qkv, keep, seed, rate, heads, dropout):
     batch, length, width = qkv.shape
+    mask_shape = (batch * heads, length, _padded(length) // 8) if dropout else (0,)
     return (qkv.new_empty(batch, length, width // 3),
-            torch.empty(batch * heads, length, dtype=torch.float32, device=qkv.device))
+            torch.empty(batch * heads, length, dtype=torch.float32, device=qkv.device),
+            torch.empty(mask_shape, dtype=torch.uint8, device=qkv.device))
 
 
 @torch.library.custom_op("tuner::tiled_attention_backward", mutates_args=())
-def tiled_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor,
+def tiled_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.Tensor, bits: torch.Tensor,
                              rate: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int,
                              dropout: bool) -> torch.Tensor:
     """d loss / d qkv [B, L, 3H] from d loss / d out [B, L, H]."""
@@ -232,29 +261,29 @@ def tiled_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.
         keep8 = keep.view(torch.int8)
         delta = torch.empty_like(lse)
         common = (length, _padded(length), heads, qkv.stride(0), qkv.stride(1), keep8.stride(0))
-        _tiled_dq_kernel[grid](qkv, keep8, seed, rate, out, grad, lse, delta, dqkv, *common, out.stride(0),
+        _tiled_dq_kernel[grid](qkv, keep8, bits, rate, out, grad, lse, delta, dqkv, *common, out.stride(0),
                                out.stride(1), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale,
                                **meta)
-        _tiled_dkdv_kernel[grid](qkv, keep8, seed, rate, grad, lse, delta, dqkv, *common, grad.stride(0),
+        _tiled_dkdv_kernel[grid](qkv, keep8, bits, rate, grad, lse, delta, dqkv, *common, grad.stride(0),
                                  grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale, **meta)
     return dqkv
 
 
 @tiled_attention_backward.register_fake
-def _tiled_attention_backward_fake(grad, qkv, keep, seed, rate, out, lse, heads, dropout):
+def _tiled_attention_backward_fake(grad, qkv, keep, bits, rate, out, lse, heads, dropout):
     return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
 def _setup_context(ctx, inputs, output):
     qkv, keep, seed, rate, heads, dropout = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, keep, seed, rate, out, lse)
+    out, lse, bits = output
+    ctx.save_for_backward(qkv, keep, bits, rate, out, lse)
     ctx.heads, ctx.dropout = heads, dropout
 
 
-def _backward(ctx, grad, _lse_grad):
-    qkv, keep, seed, rate, out, lse = ctx.saved_tensors
-    return (tiled_attention_backward(grad.contiguous(), qkv, keep, seed, rate, out, lse, ctx.heads, ctx.dropout),
+def _backward(ctx, grad, _lse_grad, _bits_grad):
+    qkv, keep, bits, rate, out, lse = ctx.saved_tensors
+    return (tiled_attention_backward(grad.contiguous(), qkv, keep, bits, rate, out, lse, ctx.heads, ctx.dropout),
             None, None, None, None, None)
 
 
