@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tuner.model import short_attention  # noqa: E402
+from tuner.model import short_attention, tiled_attention  # noqa: E402
 from tuner.model.bert4rec import ATTENTION_BACKENDS  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
@@ -104,9 +104,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=50)
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.1], help="attention dropout rates to measure")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_backends.json"))
+    parser.add_argument("--tiled-launch", type=json.loads, default={},
+                        help="JSON: settings of tiled_attention.LAUNCH for the triton rows over 128 positions")
     args = parser.parse_args()
     device, report = start_report("attention_backends.py", args.sizes, SHAPES)
-    report.update(length=args.length, dropout=args.dropout, dtype="bfloat16", rows=[])
+    tiled_attention.LAUNCH = {**tiled_attention.LAUNCH, **args.tiled_launch}
+    report.update(length=args.length, dropout=args.dropout, dtype="bfloat16", tiled_launch=tiled_attention.LAUNCH,
+                  rows=[])
     for size in args.sizes:
         for dropout in args.dropout:
             report["rows"] += measure(size, args.length, dropout, device)

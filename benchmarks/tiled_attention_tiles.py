@@ -1,4 +1,5 @@
-"""GPU time of tuner.model.tiled_attention's kernels per launch setting (tile size, warps), forward
+"""GPU time of tuner.model.tiled_attention's kernels per launch setting (tile size, warps, 16-bit
+dropout draws or 32-bit), forward
 and forward + backward, replayed from a CUDA graph as the training step replays them (bf16, a
 left-padding mask, 10% attention dropout). Median of CUDA-event timings; the shapes are
 `attention_backends.py`'s (its --sizes names and their batches).
@@ -23,7 +24,8 @@ from gpu_report import graph_ms, start_report  # noqa: E402
 
 from tuner.model import short_attention, tiled_attention  # noqa: E402
 
-LAUNCHES = [dict(BLOCK=b, num_warps=w) for b, w in ((64, 4), (32, 4), (64, 8), (128, 8), (32, 2))]
+LAUNCHES = [dict(BLOCK=b, num_warps=w, halves=h) for b, w, h in
+            ((64, 4, True), (64, 4, False), (32, 2, True), (32, 2, False), (128, 8, True), (32, 4, True))]
 
 
 def inputs(size: str, length: int, device: torch.device):

@@ -37,9 +37,10 @@ except ImportError:  # CPU-only installs: short_attention.usable is False, so no
     triton = None
 
 # BLOCK: query and key positions per tile (one size for both: the dropout mask's layout is in whole
-# tiles, so the mask a seed draws depends on it); num_warps per program.
+# tiles, so the mask a seed draws depends on it); num_warps per program; halves: two 16-bit dropout
+# draws from each 32-bit one (`_tile_keep`).
 # benchmarks/tiled_attention_tiles.py times the choices.
-LAUNCH = {"BLOCK": 64, "num_warps": 4}
+LAUNCH = {"BLOCK": 64, "num_warps": 4, "halves": True}
 
 
 def _padded(length: int) -> int:
@@ -51,17 +52,22 @@ def _padded(length: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HALVES: tl.constexpr):
         """The dropout mask's tile at rows x [col0, col0 + BLOCK_N) of head `bh`: True where a
-        weight is kept. Each Philox call yields four 32-bit draws, and each draw two 16-bit
-        uniforms, for eight neighbouring columns: the kept share is 1 - ceil(2^16 p) / 2^16, within
-        2^-16 of 1 - p."""
-        eighth = col0 // 8 + tl.arange(0, BLOCK_N // 8)
-        offsets = (bh * padded + rows[:, None]) * (padded // 8) + eighth[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, offsets)
-        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 8, 4))
-        halves = tl.reshape(tl.join(draws & 0xFFFF, (draws >> 16) & 0xFFFF), (BLOCK_M, BLOCK_N))
-        return halves.to(tl.float32) * (1.0 / 65536.0) >= p
+        weight is kept. Each Philox call yields four 32-bit draws, for four neighbouring columns;
+        with HALVES each draw gives two 16-bit uniforms, for eight (half the calls; the kept share
+        is then 1 - ceil(2^16 p) / 2^16, within 2^-16 of 1 - p)."""
+        if HALVES:
+            group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+            r0, r1, r2, r3 = tl.randint4x(seed, (bh * padded + rows[:, None]) * (padded // 8) + group[None, :])
+            draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 8, 4))
+            halves = tl.reshape(tl.join(draws & 0xFFFF, (draws >> 16) & 0xFFFF), (BLOCK_M, BLOCK_N))
+            return halves.to(tl.float32) * (1.0 / 65536.0) >= p
+        group = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+        r0, r1, r2, r3 = tl.randint4x(seed, (bh * padded + rows[:, None]) * (padded // 4) + group[None, :])
+        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+        return tl.uint_to_uniform_float(draws) >= p
 
     @triton.jit
     def _store_bits(BITS, bh, rows, col0, L, padded, kept, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -97,7 +103,7 @@ if triton is not None:
     @triton.jit
     def _tiled_forward_kernel(QKV, KEEP, SEED, RATE, OUT, LSE, BITS, L, padded, heads, stride_b, stride_l, stride_keep,
                               stride_ob, stride_ol, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+                              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, HALVES: tl.constexpr):
         bh, block = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         rows, dims = block * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
@@ -120,7 +126,7 @@ if triton is not None:
             carry = tl.exp2(top - shift)
             total = total * carry + tl.sum(e, axis=1)
             if DROPOUT:
-                kept = _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N)
+                kept = _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N, HALVES)
                 _store_bits(BITS, bh, rows, col0, L, padded, kept, BLOCK_M, BLOCK_N)
                 e = tl.where(kept, e, 0.0)
             acc = acc * carry[:, None] + tl.dot(e.to(v.dtype), v)
@@ -138,7 +144,7 @@ if triton is not None:
     def _tiled_dq_kernel(QKV, KEEP, BITS, RATE, OUT, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
                          stride_keep, stride_ob, stride_ol, stride_gb, stride_gl, stride_db, stride_dl, scale,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DROPOUT: tl.constexpr):
+                         DROPOUT: tl.constexpr, HALVES: tl.constexpr):
         bh, block = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         rows, dims = block * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
@@ -172,7 +178,7 @@ if triton is not None:
     def _tiled_dkdv_kernel(QKV, KEEP, BITS, RATE, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
                            stride_keep, stride_gb, stride_gl, stride_db, stride_dl, scale,
                            H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           DROPOUT: tl.constexpr):
+                           DROPOUT: tl.constexpr, HALVES: tl.constexpr):
         bh, block = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         cols, dims = block * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, D)
@@ -206,11 +212,13 @@ if triton is not None:
         tl.store(ptrs + 2 * H, dv.to(out_ty), mask=(cols < L)[:, None])
 
     @triton.jit
-    def _tiled_mask_kernel(SEED, RATE, OUT, L, padded, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _tiled_mask_kernel(SEED, RATE, OUT, L, padded, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HALVES: tl.constexpr):
         bh, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        kept = _tile_keep(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, tl.load(RATE), BLOCK_M, BLOCK_N)
+        kept = _tile_keep(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, tl.load(RATE), BLOCK_M, BLOCK_N,
+                          HALVES)
         ok = (rows < L)[:, None] & (cols < L)[None, :]
         tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :], kept.to(tl.int8), mask=ok)
 
@@ -220,7 +228,8 @@ def _meta(qkv: torch.Tensor, heads: int, dropout: bool) -> tuple[dict, float, tu
     batch, length, width = qkv.shape
     head_dim = width // 3 // heads
     block = LAUNCH["BLOCK"]
-    meta = dict(H=width // 3, D=head_dim, BLOCK_M=block, BLOCK_N=block, DROPOUT=dropout, num_warps=LAUNCH["num_warps"])
+    meta = dict(H=width // 3, D=head_dim, BLOCK_M=block, BLOCK_N=block, DROPOUT=dropout, HALVES=LAUNCH["halves"],
+                num_warps=LAUNCH["num_warps"])
     return meta, 1.0 / math.sqrt(head_dim), (batch * heads, triton.cdiv(length, block))
 
 
@@ -298,5 +307,5 @@ def keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p
     block = LAUNCH["BLOCK"]
     blocks = triton.cdiv(length, block)
     _tiled_mask_kernel[(batch * heads, blocks, blocks)](seed, rate, out, length, _padded(length),
-                                                         BLOCK_M=block, BLOCK_N=block)
+                                                         BLOCK_M=block, BLOCK_N=block, HALVES=LAUNCH["halves"])
     return out.view(batch, heads, length, length).bool()
