@@ -309,6 +309,20 @@ def attention_kernels_table(name: str = "attention_backends.json") -> str:
     return "\n".join(lines)
 
 
+def tiled_tiles_table(name: str = "tiled_attention_h200/tiled_attention_tiles.json") -> str:
+    """benchmarks/tiled_attention_tiles.py: GPU time of tiled_attention's kernels per launch setting."""
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}); {data['dtype']}, attention dropout {data['dropout']}, "
+             f"a padding mask; `{data['command']}` (code {data['code_commit']}). Microseconds per layer, CUDA graph "
+             "replays.", "", "| shape | length | tile | warps | dropout draws | forward us | forward + backward us |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        draws = "16-bit" if r.get("halves", False) else "32-bit"
+        lines.append(f"| {r['size']} | {r['length']} | {r['BLOCK']} | {r['num_warps']} | {draws} | "
+                     f"{r['fwd_ms'] * 1e3:.0f} | {r['fwd_bwd_ms'] * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
 def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
     """benchmarks/ce_kernel_tiles.py: GPU time of tuner.ce_kernel's passes per launch setting."""
     data = json.loads((RESULTS / name).read_text())
@@ -328,7 +342,11 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
     return "\n".join(lines)
 
 
-TABLES = {"--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
+TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_ml1m_200.json"),
+          "--attention-512-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_512.json"),
+          "--tiled-attention-tiles": tiled_tiles_table,
+          "--epoch-ml1m-attention": lambda: epoch_cycle_table("tiled_attention_h200/epoch_ml1m_attention.json"),
+          "--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
           "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),

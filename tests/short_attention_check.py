@@ -163,6 +163,8 @@ def main():
         "tiled_fp16_dropout": case(2, 131, 2, 32, torch.float16, 0.1, seed=2),
         "tiled_model": model_case(length=140),
         "tiled_cache": cache_case(length=140),
+        # which lengths the kernels take (a 16-wide head of a [1, L, 96] projection)
+        "usable": {length: sa.usable(torch.empty(1, length, 96), 16) for length in (128, 129, 512, 513)},
     }
     print(json.dumps(result))
 

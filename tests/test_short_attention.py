@@ -81,3 +81,8 @@ def test_trials_with_another_attention_dropout_share_the_compiled_graph(result, 
     r = result[case]
     assert r["hits"] >= 2 and r["misses"] == 0, r
     assert r["ops"] == ops, r
+
+
+def test_the_kernels_take_sequences_up_to_512_positions(result):
+    """Up to 128 positions short_attention's kernels, 129 to 512 the tiled ones; longer goes to SDPA."""
+    assert result["usable"] == {"128": True, "129": True, "512": True, "513": False}

@@ -69,8 +69,8 @@ class ModelConfig:
     attn_dropout: float = 0.1
     tied_head: bool = True  # output head shares the item embedding (paper); False = seed's untied head
     fused_qkv: bool = True  # Q, K and V projections as one GEMM (False: three, for A/B benchmarks)
-    # triton (tuner/model/short_attention.py, sequences up to 128 on sm80+; SDPA's efficient kernel
-    # otherwise) | efficient | cudnn | math | auto (PyTorch picks an SDPA kernel); tuner/model/bert4rec.py
+    # triton (tuner/model/short_attention.py up to 128 positions, tiled_attention.py up to 512, on
+    # sm80+; SDPA's efficient kernel otherwise) | efficient | cudnn | math | auto (PyTorch picks an SDPA kernel); tuner/model/bert4rec.py
     attention: str = "triton"
     # the residual stream (embeddings, every block's sum, the layer norms' outputs) under bf16
     # autocast: bf16 (the norms still compute in fp32 but return bf16: half the bytes of every

@@ -15,7 +15,7 @@ kernels (`tuner.model.short_attention`) read the buffer of the `RateDropout` tha
 constant of the graph. On CPUs (and GPUs pinned to `model.attention=math`) SDPA with dropout is
 its math kernel, so compiled training there runs `dropout_attention`, that kernel written out
 with the rate from the buffer: trials that differ in `model.attn_dropout` share one graph. GPUs
-whose attention falls back to SDPA's fused kernels (V100s, sequences over 128) keep them, and
+whose attention falls back to SDPA's fused kernels (V100s, sequences over 512) keep them, and
 compile a graph per attention-dropout rate.
 """
 
