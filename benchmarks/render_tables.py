@@ -278,6 +278,26 @@ def compile_start_table(*names: str) -> str:
     return "\n\n".join(out)
 
 
+def start_caches_table(*names: str) -> str:
+    """`benchmarks/compile_start.py` files whose processes differ in their trials: per process its
+    overrides, seconds to the end of step 2 and its hits and misses in the compile caches."""
+    lines = []
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        lines.append(f"- `{data['command']}` (code {data.get('code_commit', '?')}; {data['device']})")
+    lines += ["", "| file | process | trial | cache | to the end of step 2 (s) | FX graphs: hit / missed | "
+              "AOTAutograd: hit / missed / bypassed |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        for r in data["rows"]:
+            c = r["caches"]
+            lines.append(f"| {Path(name).stem} | {r['process']} | {r['trial']} | {r['cache']} | {r['start_s']:.1f} | "
+                         f"{c.get('fxgraph_cache_hit', 0)} / {c.get('fxgraph_cache_miss', 0)} | "
+                         f"{c.get('autograd_cache_hit', 0)} / {c.get('autograd_cache_miss', 0)} / "
+                         f"{c.get('autograd_cache_bypass', 0)} |")
+    return "\n".join(lines)
+
+
 def variants_table(name: str = "seed_options.json") -> str:
     """A `benchmarks/ml1m_variants.py` results file (seed options, losses, refit)."""
     data = json.loads((RESULTS / name).read_text())
@@ -345,6 +365,9 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
 TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_ml1m_200.json"),
           "--attention-512-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_512.json"),
           "--tiled-attention-tiles": tiled_tiles_table,
+          "--start-attn-dropout-200-h200": lambda: start_caches_table(
+              "tiled_attention_h200/compile_start_attn_dropout_200_triton.json",
+              "tiled_attention_h200/compile_start_attn_dropout_200_efficient.json"),
           "--epoch-ml1m-attention": lambda: epoch_cycle_table("tiled_attention_h200/epoch_ml1m_attention.json"),
           "--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
