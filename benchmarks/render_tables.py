@@ -278,6 +278,16 @@ def compile_start_table(*names: str) -> str:
     return "\n\n".join(out)
 
 
+def attention_step_table(name: str = "tiled_attention_h200/attention_step_ml1m.json") -> str:
+    """benchmarks/attention_step.py: the whole step on each attention kernel."""
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"Device: {data['device']}; `{data['command']}` (code {data['code_commit']}); one process per "
+             "kernel, one after the other.", "", "| kernel | step ms (median) | samples/s | peak GB |", "|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['kernel']} | {r['step_ms']:.2f} | {r['samples_per_s']:,.0f} | {r['peak_mem_mb'] / 1024:.2f} |")
+    return "\n".join(lines)
+
+
 def start_caches_table(*names: str) -> str:
     """`benchmarks/compile_start.py` files whose processes differ in their trials: per process its
     overrides, seconds to the end of step 2 and its hits and misses in the compile caches."""
@@ -365,6 +375,7 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
 TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_ml1m_200.json"),
           "--attention-512-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_512.json"),
           "--tiled-attention-tiles": tiled_tiles_table,
+          "--attention-step-ml1m": attention_step_table,
           "--start-attn-dropout-200-h200": lambda: start_caches_table(
               "tiled_attention_h200/compile_start_attn_dropout_200_triton.json",
               "tiled_attention_h200/compile_start_attn_dropout_200_efficient.json"),
