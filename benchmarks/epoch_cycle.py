@@ -9,6 +9,8 @@ Suites:
 - `ml1m`: the MovieLens-1M trial of benchmarks/ml1m.yaml in a few variants (batch size, CUDA
   graphs), one process and four sharing the GPU as Tune's fractional trials do; the Ray Train path
   (`--workers 1`, a checkpoint reported every epoch) beside the bare loop.
+- `checkpoint_writer`: the one-process loop writing a checkpoint every epoch, in line
+  (`train.checkpoint_writer=inline`) against on a thread (`background`), alternating; `--device`.
 - `ray_overhead`: issue 5's check: the 130M configuration (159,750 synthetic items) through
   `TorchTrainer` with one worker against the bare loop, same run.
 
@@ -51,8 +53,9 @@ def container(name: str) -> list[str]:
     return ["benchmarks/run_in.py", name, "--"]  # epoch_cycle runs tuner in the repository root
 
 
-def suites(data: str) -> dict[str, list[dict]]:
+def suites(data: str, device: str = "cpu") -> dict[str, list[dict]]:
     ml1m = ["--data", data, "--config", "benchmarks/ml1m.yaml", "--set", "train.patience=0"]
+    device = ["--device", device]
     big = ["--size", "130M", "--synthetic-items", "159750", "--synthetic-users", "40000",
            "--batch-size", "256", "--set", "eval.max_val_users=2000"]
     return {
@@ -67,6 +70,14 @@ def suites(data: str) -> dict[str, list[dict]]:
             {"name": "batch128_graphs_efficient", "args": ml1m + GRAPHS + ["--set", "model.attention=efficient"]},
             {"name": "batch128_graphs_cudnn", "args": ml1m + GRAPHS + ["--set", "model.attention=cudnn"]},
         ],
+        # the one-process loop's checkpoint writer: in line against on a thread, every epoch written
+        # (checkpoint_share=0), alternating; a 5M model over 100,000 items (a 144 MB checkpoint)
+        "checkpoint_writer": [
+            {"name": f"{writer}_{i}", "checkpoints": True,
+             "args": ["--size", "5M", "--synthetic-items", "100000", "--synthetic-users", "400", "--batch-size", "128",
+                      "--set", "train.checkpoint_share=0", "--set", f"train.checkpoint_writer={writer}",
+                      "--set", "eval.max_val_users=200", *device]}
+            for i in (1, 2) for writer in ("inline", "background")],
         "smoke": [  # the CPU check of this script
             {"name": "tiny_bare", "args": ["--device", "cpu"]},
             {"name": "tiny_ray_train", "args": ["--device", "cpu", "--workers", "1"]},
@@ -111,7 +122,7 @@ def suites(data: str) -> dict[str, list[dict]]:
 
 def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None = None,
              prefix: list[str] | None = None, runner: list[str] | None = None,
-             storage_root: Path | None = None) -> dict:
+             storage_root: Path | None = None, checkpoints: bool = False) -> dict:
     """One `tuner train` process (with `env` added to its environment, launched through `prefix`,
     e.g. `nice -n 15`, and run by `runner` in place of `-m tuner`: run_in.py's containers);
     per-epoch lines with their times. A Ray Train run's storage goes in `storage_root` (default:
@@ -125,6 +136,11 @@ def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None
         cmd += ["--storage", str(storage)]
     else:
         cmd += ["--json"]
+    # `checkpoints`: the bare loop writes checkpoints into a fresh folder (an old one would resume)
+    ckpt = log.parent / f"{log.stem}_ckpt" if checkpoints and not storage else None
+    if ckpt:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        cmd += ["--checkpoint-dir", str(ckpt)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     lines, out = [], []
@@ -137,8 +153,9 @@ def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None
             lines.append({"epoch": int(match.group(1)), "t": float(match.group(2)), **values})
     proc.wait()
     log.write_text("".join(out))
-    if storage:  # the run's checkpoints: not needed once it ended, and large beside the logs
-        shutil.rmtree(storage, ignore_errors=True)
+    for folder in (storage, ckpt):  # the run's checkpoints: not needed once it ended, and large beside the logs
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
     final = {}
     for raw in reversed(out):
         if raw.startswith("{"):
@@ -220,7 +237,8 @@ def summarize(copies: list[dict], skip: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("ml1m", "ray_overhead", "smoke"), required=True)
+    parser.add_argument("--suite", choices=("ml1m", "ray_overhead", "smoke", "checkpoint_writer"), required=True)
+    parser.add_argument("--device", default="cpu", help="checkpoint_writer's device (cpu or cuda)")
     parser.add_argument("--data", default=ml1m_default())
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--skip", type=int, default=3, help="leading epochs left out (compile, warm-up)")
@@ -239,7 +257,7 @@ def main() -> None:
     result = {"device": device, "torch": torch.__version__, "suite": args.suite, "epochs": args.epochs,
               "skip": args.skip, "command": "python benchmarks/epoch_cycle.py " + " ".join(sys.argv[1:]),
               "rows": []}
-    variants = suites(args.data)[args.suite]
+    variants = suites(args.data, args.device)[args.suite]
     by_name = {v["name"]: v for v in variants}
     unknown = [name for name in args.only or [] if name not in by_name]
     if unknown:
@@ -252,7 +270,7 @@ def main() -> None:
 
         def go(i: int, v=variant) -> None:
             copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"), v.get("prefix"),
-                                 v.get("runner"))
+                                 v.get("runner"), checkpoints=v.get("checkpoints", False))
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         sampler = GpuSampler()
@@ -264,6 +282,7 @@ def main() -> None:
         row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]), "env": variant.get("env", {}),
                **({"prefix": " ".join(variant["prefix"])} if "prefix" in variant else {}),
                **({"runner": " ".join(variant["runner"])} if "runner" in variant else {}),
+               **({"checkpoint_dir": "a fresh folder per run"} if variant.get("checkpoints") else {}),
                "wall_s": time.time() - t0, **summarize(copies, args.skip), "gpu": gpu}
         result["rows"].append(row)
         for i, c in enumerate(row["copies"]):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -43,10 +44,14 @@ def test_full_disk_while_preparing_keeps_the_previous_dataset(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "prepared", "small.txt"]  # no debris
 
 
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("writer", ["inline", "background"])
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, writer):
+    """Written in line or on a thread (train.checkpoint_writer), a failed write ends the run with one
+    line and exit 2 (the thread's error is raised in the training thread) and the previous
+    checkpoint stays as it was."""
     ckpt = tmp_path / "ckpt"
     common = ["train", "--checkpoint-dir", str(ckpt), "--synthetic-users", "300", "--synthetic-items", "80",
-              "--set", "model.max_len=16"]
+              "--set", "model.max_len=16", "--set", f"train.checkpoint_writer={writer}"]
     first = subprocess.run([sys.executable, "-m", "tuner", *common, "--max-epochs", "1"], capture_output=True,
                            text=True, cwd=ROOT, timeout=120)
     assert first.returncode == 0, first.stderr

@@ -250,18 +250,73 @@ def test_a_write_that_takes_more_than_its_share_of_the_time_puts_the_next_checkp
 
     monkeypatch.setattr(tuner.train.loop, "save_checkpoint", slow_disk)  # one process: the loop writes
     monkeypatch.setattr(tuner.train.checkpoint, "save_checkpoint", slow_disk)  # Ray Train: Snapshot.write
-    for ray in (False, True):
+    # one process writing in line, one writing on a thread (the next epoch does not wait for the
+    # write, and no checkpoint is due while one is being written), Ray Train
+    for ray, writer in ((False, "inline"), (False, "background"), (True, "auto")):
         for share, expected in ((0.0, [1, 2, 3, 4]), (0.01, [1, 4])):  # 0.01: 100 s after a 1 s write; the last always
             written.clear()
-            folder = tmp_path / f"{ray}_{share}"
+            folder = tmp_path / f"{writer}_{share}"
             cfg = load_config(overrides=FAST + ["train.max_epochs=4", "train.patience=0",
-                                                f"train.checkpoint_share={share}"]
+                                                f"train.checkpoint_share={share}", f"train.checkpoint_writer={writer}"]
                               + ([] if ray else [f"train.checkpoint_dir={folder}"]))
             ctx = WorkerContext(device=torch.device("cpu"), reports_checkpoints=True) if ray else local_context(cfg.train)
             train_worker(cfg, ctx, WritingRecorder(folder) if ray else Recorder())
-            assert written == expected, (ray, share)
+            assert written == expected, (writer, share)
     assert checkpoint_spaced(0.0, 1.0, 50.0) and checkpoint_spaced(0.1, None, 50.0) and checkpoint_spaced(0.1, 1.0, None)
     assert not checkpoint_spaced(0.1, 9.9, 1.0) and checkpoint_spaced(0.1, 10.0, 1.0)
+
+
+class DiskLog(Recorder):
+    """A Recorder that notes which checkpoints had reached the disk when each epoch was reported."""
+
+    def __init__(self, on_disk: list, crash_after: int = 0):
+        super().__init__(crash_after)
+        self.on_disk, self.seen = on_disk, []
+
+    def log(self, epoch, metrics, checkpoint=None):
+        self.seen.append(list(self.on_disk))
+        super().log(epoch, metrics, checkpoint)
+
+
+def test_one_process_trains_on_while_its_checkpoint_is_written(tmp_path, monkeypatch):
+    """`tuner train --checkpoint-dir` writes each checkpoint on a thread while the next epoch trains
+    (train.checkpoint_writer=background, auto's choice on a GPU): with a disk that takes a second a write,
+    epoch 1 is reported before its checkpoint is on disk, where the in-line writer makes the
+    epoch wait for it. The last checkpoint is on disk when the run returns, and a run that fails
+    mid-way still finishes the write under way before it raises."""
+    import tuner.train.checkpoint
+    import tuner.train.loop
+
+    on_disk = []
+
+    def slow_disk(directory, state):
+        time.sleep(1.0)
+        path = save_checkpoint(directory, state)
+        on_disk.append(state["progress"]["epoch"])
+        return path
+
+    monkeypatch.setattr(tuner.train.loop, "save_checkpoint", slow_disk)  # the in-line writer
+    monkeypatch.setattr(tuner.train.checkpoint, "save_checkpoint", slow_disk)  # Snapshot.write
+    seen = {}
+    for writer in ("background", "inline"):
+        on_disk.clear()
+        folder = tmp_path / writer
+        cfg = load_config(overrides=FAST + ["train.max_epochs=3", "train.patience=0", "train.checkpoint_share=0",
+                                            f"train.checkpoint_writer={writer}", f"train.checkpoint_dir={folder}"])
+        log = DiskLog(on_disk)
+        train_worker(cfg, local_context(cfg.train), log)
+        seen[writer] = log.seen
+        assert on_disk == [1, 2, 3] and load_checkpoint(folder)["progress"]["epoch"] == 3
+    assert seen["inline"] == [[1], [1, 2], [1, 2, 3]]
+    assert seen["background"][0] == []  # epoch 1 reported while its checkpoint was still being written
+
+    on_disk.clear()
+    folder = tmp_path / "crash"
+    cfg = load_config(overrides=FAST + ["train.max_epochs=3", "train.patience=0", "train.checkpoint_share=0",
+                                        "train.checkpoint_writer=background", f"train.checkpoint_dir={folder}"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_worker(cfg, local_context(cfg.train), DiskLog(on_disk, crash_after=2))
+    assert load_checkpoint(folder)["progress"]["epoch"] == 2  # the write under way ended first
 
 
 def test_a_profiled_epoch_says_how_busy_the_device_was_and_what_ran(tmp_path):

@@ -70,7 +70,8 @@ class ModelConfig:
     tied_head: bool = True  # output head shares the item embedding (paper); False = seed's untied head
     fused_qkv: bool = True  # Q, K and V projections as one GEMM (False: three, for A/B benchmarks)
     # triton (tuner/model/short_attention.py up to 128 positions, tiled_attention.py up to 512, on
-    # sm80+; SDPA's efficient kernel otherwise) | efficient | cudnn | math | auto (PyTorch picks an SDPA kernel); tuner/model/bert4rec.py
+    # sm80+; SDPA's efficient kernel otherwise) | efficient | cudnn | math | auto (PyTorch picks an
+    # SDPA kernel); tuner/model/bert4rec.py
     attention: str = "triton"
     # the residual stream (embeddings, every block's sum, the layer norms' outputs) under bf16
     # autocast: bf16 (the norms still compute in fp32 but return bf16: half the bytes of every
@@ -223,6 +224,16 @@ class TrainConfig:
     # (max_epochs, patience, a time budget) always writes its last epoch; a resume after a crash
     # loses at most about write time / share of training
     checkpoint_share: float = 0.05
+    # one process (`tuner train --checkpoint-dir`): background = the state is copied off the model
+    # and written on a thread while the next epoch trains, as Ray Train writes its checkpoints (with
+    # checkpoint_share > 0 a checkpoint is not due while the last one is still being written);
+    # inline = written before the next epoch starts (no copy of the state); auto = background on a
+    # GPU, where the training thread mostly waits for the device (the same thread-written snapshots
+    # made Ray Train's 130M turns 0.83-0.88x the in-line bare loop's on an H200,
+    # benchmarks/results/ray_turns_h200/*both_ckpt*), inline on a CPU, where a write on a thread
+    # shares the cores training needs: on the 2-core machine no gain within the noise, and the
+    # state's copy added 100-150 MB (benchmarks/results/checkpoint_writer_cpu.json)
+    checkpoint_writer: str = "auto"
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
     time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
     # under a time budget (this one or tune's), end the cosine learning-rate decay at the last
@@ -267,6 +278,7 @@ class TrainConfig:
         _check_choice("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
         _check(self.time_budget_s >= 0, "train.time_budget_s must be >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")
+        _check_choice("train.checkpoint_writer", self.checkpoint_writer, ("auto", "background", "inline"))
         _check(0.0 <= self.checkpoint_share < 1.0,
                f"train.checkpoint_share={self.checkpoint_share} must be in [0, 1)")
 

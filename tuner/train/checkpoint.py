@@ -7,9 +7,10 @@ own, written once), and the config it was trained with. It is written to a tempo
 renamed, so an interrupted write leaves the previous checkpoint intact; it loads with
 `weights_only=True`, so a checkpoint file can never execute code.
 
-Under Ray Train the write runs off the training thread: `Snapshots.take` copies the state into
-CPU buffers (pinned for a GPU, kept from one checkpoint to the next) with one synchronisation, and
-training goes on while Ray's upload thread writes the copy (`Snapshot.write`). The buffers are
+The write runs off the training thread: `Snapshots.take` copies the state into CPU buffers (pinned
+for a GPU, kept from one checkpoint to the next) with one synchronisation, and training goes on
+while Ray's upload thread (under Ray Train) or a `BackgroundWriter` (one process) writes the copy
+(`Snapshot.write`). The buffers are
 reused only once the previous write has released them, so a write slower than an epoch holds the
 next checkpoint back instead of piling copies up (for at most `wait_s`: a write that never ends
 keeps its buffers and the next snapshot takes new ones).
@@ -131,6 +132,53 @@ class Snapshots:
         if isinstance(value, (list, tuple)):
             return type(value)(self._copy(v, path + (i,)) for i, v in enumerate(value))
         return value
+
+
+class BackgroundWriter:
+    """Writes snapshots into one directory on a thread of its own, one at a time, while training goes
+    on: what Ray Train's upload thread does for a Train run, for the one-process loop
+    (`train.checkpoint_writer=background`). A write that failed is raised by the next `submit` or
+    `wait`, in the training thread. The thread is not a daemon, so a write under way when
+    training stops (an error, Ctrl-C) still ends before the process does: the atomic rename
+    leaves either the new checkpoint or the previous one."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, snapshot: Snapshot) -> None:
+        """Waits for the write under way (raising its error), then writes `snapshot` on a new thread."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="tuner-checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, snapshot: Snapshot) -> None:
+        try:
+            snapshot.write(self.directory)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = exc
+
+    @property
+    def busy(self) -> bool:
+        """Whether a write is under way."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def join_quietly(self) -> None:
+        """Blocks until the write under way ends, keeping any error for `wait` (for a run that is
+        already ending with an error of its own)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        """Blocks until the write under way ends; raises its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def has_checkpoint(directory: str | Path | None) -> bool:

@@ -30,7 +30,8 @@ from tuner.losses import MaskedItemObjective, loss_config
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
 from tuner.model.bert4rec import count_parameters
 from tuner.model.build import build_model
-from tuner.train.checkpoint import Snapshot, Snapshots, has_checkpoint, load_resume_state, save_checkpoint
+from tuner.train.checkpoint import (BackgroundWriter, Snapshot, Snapshots, has_checkpoint, load_resume_state,
+                                    save_checkpoint)
 from tuner.train.master_adamw import MasterWeightAdamW
 from tuner.train.optim import build_ema, build_scheduler, shorten_schedule, training_optimizer
 from tuner.train.parallel import WorkerContext, weights_digest
@@ -149,136 +150,155 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     if cfg.train.profile_epoch and ctx.is_main:
         check_writable(cfg.train.profile_out)
     snapshots = Snapshots(pin_memory=device.type == "cuda")
-    last_checkpoint: Optional[float] = None  # when the last checkpoint was taken (perf_counter)
-    written: Optional[Snapshot] = None  # Ray Train's last snapshot, whose write Ray times
-    write_s: Optional[float] = None  # how long the last timed checkpoint write took
-    samples_per_s: list[float] = []
-    cycles: list[float] = []  # seconds per epoch this run: train, validate, checkpoint
-    out_of_time = False
-    stop = progress.epoch >= cfg.train.max_epochs or (cfg.train.max_steps and progress.step >= cfg.train.max_steps)
-    while not stop:
-        epoch = progress.epoch
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        batches = samples = 0
-        profiling = cfg.train.profile_epoch == epoch + 1 and ctx.is_main
-        with (profiled(cfg.train.profile_out, f"training epoch {epoch + 1}, {ctx.world_size} worker(s), {device}",
-                       device) if profiling else contextlib.nullcontext()):
-            for batch in train_batches(train, dataset.num_items, batch_size, cfg.model.max_len,
-                                       cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
-                                       ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
-                                       static_shapes=cfg.train.static_shapes,
-                                       window_prob=cfg.train.window_prob):
-                loss = step(batch.to(device))
-                if ema is not None:
-                    ema.update_parameters(model)
-                loss_sum += loss.float()
-                batches += 1
-                samples += batch.num_samples
-                progress.step += 1
-                if cfg.train.log_every and progress.step % cfg.train.log_every == 0 and ctx.is_main:
-                    print(f"step {progress.step}  loss {loss.item():.4f}", flush=True)
-                if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
-                    break
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_s = time.perf_counter() - t0  # without the profiler's own summary work
-        totals = ctx.sum({"loss": loss_sum.item(), "batches": batches, "samples": samples})
-        progress.epoch = epoch + 1
-        metrics = {"epoch": progress.epoch, "train_loss": totals["loss"] / max(totals["batches"], 1),
-                   "samples_per_s": totals["samples"] / epoch_s, "epoch_s": epoch_s,
-                   "lr": scheduler.get_last_lr()[0]}
-        samples_per_s.append(metrics["samples_per_s"])
-        t_eval = time.perf_counter()
-        if not refit:
-            metrics |= run_eval(val, val_rows, "val_", sampled=False)
-        metrics["eval_s"] = time.perf_counter() - t_eval
-        metrics["peak_mem_mb"] = ctx.sum({"m": _peak_mem_mb(device, rss_base)})["m"] / ctx.world_size
-        if refit:  # the final weights are the model: nothing to select by
-            progress.best_epoch = progress.epoch
-        elif metrics["val_ndcg_10"] > progress.best_metric:
-            progress.best_metric, progress.best_epoch, progress.bad_epochs = metrics["val_ndcg_10"], progress.epoch, 0
-            best_state = _cpu_copy(net)
-        else:
-            progress.bad_epochs += 1
-        cycles.append(time.perf_counter() - t0)
-        if deadline:  # would the next epoch (as long as this one) end past the deadline on any rank?
-            left = deadline - time.time()
-            fit = epochs_that_fit(cycles, left)
-            agreed = ctx.sum({"late": float(cycles[-1] > left), "fit": float(fit if fit is not None else -1)})
-            out_of_time = agreed["late"] > 0
-            if cfg.train.anneal_to_deadline and not out_of_time and agreed["fit"] >= 0:  # mean over ranks
-                shorten_schedule(scheduler, (progress.epoch + int(agreed["fit"] / ctx.world_size)) * steps_per_epoch)
-        # every rank computed the same all-reduced metrics, so every rank takes the same decision
-        stop = ((cfg.train.patience and not refit and progress.bad_epochs >= cfg.train.patience)
-                or progress.epoch >= cfg.train.max_epochs or out_of_time
-                or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
-        if written is not None and written.write_s is not None:
-            write_s = written.write_s
-        since_s = time.perf_counter() - last_checkpoint if last_checkpoint is not None else None
-        due = stop or (progress.epoch % cfg.train.checkpoint_every == 0
-                       and checkpoint_spaced(cfg.train.checkpoint_share, since_s, write_s))
-        checkpoint = None
-        if due and ctx.is_main and (ctx.checkpoint_root or ctx.reports_checkpoints):
-            last_checkpoint = time.perf_counter()
-            state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "progress": vars(progress).copy(),
-                # served from the checkpoint's best weights; a refit serves its final weights, which
-                # with the average on are the average's (copied here, only when a checkpoint is due).
-                # In an epoch that set a new best without the average they are the model's own
-                # weights: None writes them once (a smaller write), and readers take "model"
-                "best_model": (_cpu_copy(net) if refit and ema is not None
-                               else None if not refit and ema is None and progress.best_epoch == progress.epoch
-                               else best_state),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "config": cfg.to_dict(), "num_items": dataset.num_items,
-                "ema": ema.state_dict() if ema is not None else None,
-            }
-            if ctx.checkpoint_root:  # one process: written here and now
-                save_checkpoint(ctx.checkpoint_root, state)
-                write_s = time.perf_counter() - last_checkpoint
-            else:  # Ray Train: a copy, written by Ray's upload thread while the next epoch trains
-                checkpoint = written = snapshots.take(state, as_is=("best_model",))  # replaced, never updated
-        if not refit:
-            metrics["best_val_ndcg_10"] = progress.best_metric
-        if cfg.train.release_memory:  # the seed's between-epoch clean-up, behind a flag
-            import gc
+    # one process: checkpoints written on a thread while the next epoch trains (None: in line)
+    background = cfg.train.checkpoint_writer == "background" or (cfg.train.checkpoint_writer == "auto"
+                                                                  and device.type == "cuda")
+    writer = BackgroundWriter(ctx.checkpoint_root) if ctx.checkpoint_root and ctx.is_main and background else None
+    try:
+        last_checkpoint: Optional[float] = None  # when the last checkpoint was taken (perf_counter)
+        written: Optional[Snapshot] = None  # the last snapshot, whose write Ray or `writer` times
+        write_s: Optional[float] = None  # how long the last timed checkpoint write took
+        samples_per_s: list[float] = []
+        cycles: list[float] = []  # seconds per epoch this run: train, validate, checkpoint
+        out_of_time = False
+        stop = progress.epoch >= cfg.train.max_epochs or (cfg.train.max_steps and progress.step >= cfg.train.max_steps)
+        while not stop:
+            epoch = progress.epoch
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            batches = samples = 0
+            profiling = cfg.train.profile_epoch == epoch + 1 and ctx.is_main
+            with (profiled(cfg.train.profile_out, f"training epoch {epoch + 1}, {ctx.world_size} worker(s), {device}",
+                           device) if profiling else contextlib.nullcontext()):
+                for batch in train_batches(train, dataset.num_items, batch_size, cfg.model.max_len,
+                                           cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
+                                           ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
+                                           static_shapes=cfg.train.static_shapes,
+                                           window_prob=cfg.train.window_prob):
+                    loss = step(batch.to(device))
+                    if ema is not None:
+                        ema.update_parameters(model)
+                    loss_sum += loss.float()
+                    batches += 1
+                    samples += batch.num_samples
+                    progress.step += 1
+                    if cfg.train.log_every and progress.step % cfg.train.log_every == 0 and ctx.is_main:
+                        print(f"step {progress.step}  loss {loss.item():.4f}", flush=True)
+                    if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
+                        break
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                epoch_s = time.perf_counter() - t0  # without the profiler's own summary work
+            totals = ctx.sum({"loss": loss_sum.item(), "batches": batches, "samples": samples})
+            progress.epoch = epoch + 1
+            metrics = {"epoch": progress.epoch, "train_loss": totals["loss"] / max(totals["batches"], 1),
+                       "samples_per_s": totals["samples"] / epoch_s, "epoch_s": epoch_s,
+                       "lr": scheduler.get_last_lr()[0]}
+            samples_per_s.append(metrics["samples_per_s"])
+            t_eval = time.perf_counter()
+            if not refit:
+                metrics |= run_eval(val, val_rows, "val_", sampled=False)
+            metrics["eval_s"] = time.perf_counter() - t_eval
+            metrics["peak_mem_mb"] = ctx.sum({"m": _peak_mem_mb(device, rss_base)})["m"] / ctx.world_size
+            if refit:  # the final weights are the model: nothing to select by
+                progress.best_epoch = progress.epoch
+            elif metrics["val_ndcg_10"] > progress.best_metric:
+                progress.best_metric, progress.best_epoch = metrics["val_ndcg_10"], progress.epoch
+                progress.bad_epochs = 0
+                best_state = _cpu_copy(net)
+            else:
+                progress.bad_epochs += 1
+            cycles.append(time.perf_counter() - t0)
+            if deadline:  # would the next epoch (as long as this one) end past the deadline on any rank?
+                left = deadline - time.time()
+                fit = epochs_that_fit(cycles, left)
+                agreed = ctx.sum({"late": float(cycles[-1] > left), "fit": float(fit if fit is not None else -1)})
+                out_of_time = agreed["late"] > 0
+                if cfg.train.anneal_to_deadline and not out_of_time and agreed["fit"] >= 0:  # mean over ranks
+                    epochs = progress.epoch + int(agreed["fit"] / ctx.world_size)
+                    shorten_schedule(scheduler, epochs * steps_per_epoch)
+            # every rank computed the same all-reduced metrics, so every rank takes the same decision
+            stop = ((cfg.train.patience and not refit and progress.bad_epochs >= cfg.train.patience)
+                    or progress.epoch >= cfg.train.max_epochs or out_of_time
+                    or bool(cfg.train.max_steps and progress.step >= cfg.train.max_steps))
+            if written is not None and written.write_s is not None:
+                write_s = written.write_s
+            since_s = time.perf_counter() - last_checkpoint if last_checkpoint is not None else None
+            # spaced checkpoints are not due while the last one is still being written here (a
+            # checkpoint every epoch, or the last one, waits for it)
+            busy = writer is not None and writer.busy and cfg.train.checkpoint_share > 0
+            due = stop or (progress.epoch % cfg.train.checkpoint_every == 0 and not busy
+                           and checkpoint_spaced(cfg.train.checkpoint_share, since_s, write_s))
+            checkpoint = None
+            if due and ctx.is_main and (ctx.checkpoint_root or ctx.reports_checkpoints):
+                last_checkpoint = time.perf_counter()
+                state = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "progress": vars(progress).copy(),
+                    # served from the checkpoint's best weights; a refit serves its final weights, which
+                    # with the average on are the average's (copied here, only when a checkpoint is due).
+                    # In an epoch that set a new best without the average they are the model's own
+                    # weights: None writes them once (a smaller write), and readers take "model"
+                    "best_model": (_cpu_copy(net) if refit and ema is not None
+                                   else None if not refit and ema is None and progress.best_epoch == progress.epoch
+                                   else best_state),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "config": cfg.to_dict(), "num_items": dataset.num_items,
+                    "ema": ema.state_dict() if ema is not None else None,
+                }
+                if ctx.checkpoint_root and writer is None:  # one process, in line: written here and now
+                    save_checkpoint(ctx.checkpoint_root, state)
+                    write_s = time.perf_counter() - last_checkpoint
+                else:  # a copy, written by `writer` (one process) or Ray's upload thread while the next epoch trains
+                    written = snapshots.take(state, as_is=("best_model",))  # best_model: replaced, never updated
+                    if writer is not None:
+                        writer.submit(written)
+                    else:
+                        checkpoint = written
+            if not refit:
+                metrics["best_val_ndcg_10"] = progress.best_metric
+            if cfg.train.release_memory:  # the seed's between-epoch clean-up, behind a flag
+                import gc
 
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        reporter.log(progress.epoch, metrics, checkpoint)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            reporter.log(progress.epoch, metrics, checkpoint)
 
-    if best_state is not None and not refit:
-        net.load_state_dict(best_state)
-    # DDP keeps ranks identical only if each rank's optimizer starts from and applies the same
-    # thing (bf16 weights: each rank keeps its own fp32 masters); a rank that drifted would make the
-    # all-reduced test metrics an average over different models
-    agree = ctx.agree(weights_digest(net.state_dict().values())) if ctx.world_size > 1 else True
-    if not agree and ctx.is_main:
-        print(f"warning: the {ctx.world_size} ranks ended with different weights; the test metrics mix "
-              f"their models (the final metrics say ranks_agree=0)", file=sys.stderr)
-    all_rows = np.arange(len(test.targets))
-    final = run_eval(test, all_rows, "test_", sampled=True)
-    if not refit:  # refitted on the validation targets: their metrics would not be held out
-        final |= run_eval(val, all_rows, "val_", sampled=False)
-    pop = finalize(metric_sums(popularity_ranks(test, popularity, dataset.num_items)), "popularity_")
-    trainable, total = count_parameters(model)
-    final |= pop | {
-        "epochs": progress.epoch, "best_epoch": progress.best_epoch, "steps": progress.step,
-        "samples_per_s": float(np.median(samples_per_s)) if samples_per_s else 0.0,
-        "peak_mem_mb": _peak_mem_mb(device, rss_base), "trainable_params": trainable,
-        "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
-        "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time), "refit": float(refit),
-    }
-    if ctx.world_size > 1:
-        final["ranks_agree"] = float(agree)
-    reporter.final(final)
-    return final
+        if best_state is not None and not refit:
+            net.load_state_dict(best_state)
+        # DDP keeps ranks identical only if each rank's optimizer starts from and applies the same
+        # thing (bf16 weights: each rank keeps its own fp32 masters); a rank that drifted would make the
+        # all-reduced test metrics an average over different models
+        agree = ctx.agree(weights_digest(net.state_dict().values())) if ctx.world_size > 1 else True
+        if not agree and ctx.is_main:
+            print(f"warning: the {ctx.world_size} ranks ended with different weights; the test metrics mix "
+                  f"their models (the final metrics say ranks_agree=0)", file=sys.stderr)
+        all_rows = np.arange(len(test.targets))
+        final = run_eval(test, all_rows, "test_", sampled=True)
+        if not refit:  # refitted on the validation targets: their metrics would not be held out
+            final |= run_eval(val, all_rows, "val_", sampled=False)
+        pop = finalize(metric_sums(popularity_ranks(test, popularity, dataset.num_items)), "popularity_")
+        trainable, total = count_parameters(model)
+        final |= pop | {
+            "epochs": progress.epoch, "best_epoch": progress.best_epoch, "steps": progress.step,
+            "samples_per_s": float(np.median(samples_per_s)) if samples_per_s else 0.0,
+            "peak_mem_mb": _peak_mem_mb(device, rss_base), "trainable_params": trainable,
+            "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
+            "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time), "refit": float(refit),
+        }
+        if ctx.world_size > 1:
+            final["ranks_agree"] = float(agree)
+        if writer is not None:  # the last checkpoint is on disk before the run reports its end
+            writer.wait()
+        reporter.final(final)
+        return final
+    finally:
+        if writer is not None:  # an error or Ctrl-C: the write under way still ends before a resume reads
+            writer.join_quietly()
 
 
 def resumed_best(state: dict, model: torch.nn.Module, refit: bool) -> Optional[dict[str, torch.Tensor]]:
