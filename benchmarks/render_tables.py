@@ -380,6 +380,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
               "tiled_attention_h200/compile_start_attn_dropout_200_triton.json",
               "tiled_attention_h200/compile_start_attn_dropout_200_efficient.json"),
           "--epoch-ml1m-attention": lambda: epoch_cycle_table("tiled_attention_h200/epoch_ml1m_attention.json"),
+          "--checkpoint-writer-cpu": lambda: epoch_cycle_table("checkpoint_writer_cpu.json"),
           "--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
