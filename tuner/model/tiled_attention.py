@@ -101,14 +101,19 @@ if triton is not None:
         return tl.where(key_ok[None, :], s, float("-inf"))
 
     @triton.jit
+    def _program(QKV, KEEP, heads, stride_b, stride_keep, D: tl.constexpr):
+        """This program's (sequence and head, block), its head's columns in QKV and its sequence's
+        key mask."""
+        bh, block = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        return bh, block, b, h, QKV + b * stride_b + h * D, KEEP + b * stride_keep
+
+    @triton.jit
     def _tiled_forward_kernel(QKV, KEEP, SEED, RATE, OUT, LSE, BITS, L, padded, heads, stride_b, stride_l, stride_keep,
                               stride_ob, stride_ol, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, HALVES: tl.constexpr):
-        bh, block = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
+        bh, block, b, h, base, keep = _program(QKV, KEEP, heads, stride_b, stride_keep, D)
         rows, dims = block * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
-        base = QKV + b * stride_b + h * D
-        keep = KEEP + b * stride_keep
         q = _load_rows(base, rows, dims, L, stride_l)
         top = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
@@ -144,12 +149,9 @@ if triton is not None:
     def _tiled_dq_kernel(QKV, KEEP, BITS, RATE, OUT, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
                          stride_keep, stride_ob, stride_ol, stride_gb, stride_gl, stride_db, stride_dl, scale,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DROPOUT: tl.constexpr, HALVES: tl.constexpr):
-        bh, block = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
+                         DROPOUT: tl.constexpr):
+        bh, block, b, h, base, keep = _program(QKV, KEEP, heads, stride_b, stride_keep, D)
         rows, dims = block * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
-        base = QKV + b * stride_b + h * D
-        keep = KEEP + b * stride_keep
         q = _load_rows(base, rows, dims, L, stride_l)
         grad = _load_rows(GRAD + b * stride_gb + h * D, rows, dims, L, stride_gl)
         out = _load_rows(OUT + b * stride_ob + h * D, rows, dims, L, stride_ol)
@@ -178,12 +180,9 @@ if triton is not None:
     def _tiled_dkdv_kernel(QKV, KEEP, BITS, RATE, GRAD, LSE, DELTA, DQKV, L, padded, heads, stride_b, stride_l,
                            stride_keep, stride_gb, stride_gl, stride_db, stride_dl, scale,
                            H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           DROPOUT: tl.constexpr, HALVES: tl.constexpr):
-        bh, block = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
+                           DROPOUT: tl.constexpr):
+        bh, block, b, h, base, keep = _program(QKV, KEEP, heads, stride_b, stride_keep, D)
         cols, dims = block * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, D)
-        base = QKV + b * stride_b + h * D
-        keep = KEEP + b * stride_keep
         k = _load_rows(base + H, cols, dims, L, stride_l)
         v = _load_rows(base + 2 * H, cols, dims, L, stride_l)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
@@ -228,8 +227,7 @@ def _meta(qkv: torch.Tensor, heads: int, dropout: bool) -> tuple[dict, float, tu
     batch, length, width = qkv.shape
     head_dim = width // 3 // heads
     block = LAUNCH["BLOCK"]
-    meta = dict(H=width // 3, D=head_dim, BLOCK_M=block, BLOCK_N=block, DROPOUT=dropout, HALVES=LAUNCH["halves"],
-                num_warps=LAUNCH["num_warps"])
+    meta = dict(H=width // 3, D=head_dim, BLOCK_M=block, BLOCK_N=block, DROPOUT=dropout, num_warps=LAUNCH["num_warps"])
     return meta, 1.0 / math.sqrt(head_dim), (batch * heads, triton.cdiv(length, block))
 
 
@@ -245,7 +243,7 @@ def tiled_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, r
         keep8 = keep.view(torch.int8)
         _tiled_forward_kernel[grid](qkv, keep8, seed, rate, out, lse, bits, qkv.shape[1], _padded(qkv.shape[1]),
                                     heads, qkv.stride(0), qkv.stride(1), keep8.stride(0), out.stride(0),
-                                    out.stride(1), scale, **meta)
+                                    out.stride(1), scale, HALVES=LAUNCH["halves"], **meta)
     return out, lse, bits
 
 
