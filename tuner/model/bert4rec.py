@@ -20,8 +20,9 @@ Design choices, with reasons:
   backward against 0.53 ms on SDPA's memory-efficient kernel, which they replace there
   (benchmarks/results/tiled_attention_h200/). Shapes they do not take (sequences over 512, GPUs
   before sm80, fp32, CPUs) go to `F.scaled_dot_product_attention` with a padding mask and
-  dropout, on the memory-efficient kernel: at BERT4Rec's short sequences it beats PyTorch's own choice (cuDNN on
-  an H100) by 3% of the whole 130M and 430M step, and it runs on every GPU of the cluster.
+  dropout, on the memory-efficient kernel: at BERT4Rec's short sequences it beats PyTorch's own
+  choice (cuDNN on an H100) by 3% of the whole 130M and 430M step, and it runs on every GPU of
+  the cluster.
   Compiled training on CPUs (whose SDPA with dropout is its math kernel anyway) runs that math
   written out with the rate as a graph input (`rate_dropout.dropout_attention`), so trials that
   differ in `attn_dropout` share one compiled graph there.
