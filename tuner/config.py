@@ -232,7 +232,7 @@ class TrainConfig:
     # made Ray Train's 130M turns 0.83-0.88x the in-line bare loop's on an H200,
     # benchmarks/results/ray_turns_h200/*both_ckpt*), inline on a CPU, where a write on a thread
     # shares the cores training needs: on the 2-core machine no gain within the noise, and the
-    # state's copy added 100-150 MB (benchmarks/results/checkpoint_writer_cpu.json)
+    # state's copy added 97 and 148 MB of peak memory (benchmarks/results/checkpoint_writer_cpu.json)
     checkpoint_writer: str = "auto"
     log_every: int = 0  # also print train loss every N steps; 0 = once per epoch
     time_budget_s: float = 0.0  # stop before an epoch that would end past this; 0 = no limit
