@@ -7,11 +7,12 @@ own, written once), and the config it was trained with. It is written to a tempo
 renamed, so an interrupted write leaves the previous checkpoint intact; it loads with
 `weights_only=True`, so a checkpoint file can never execute code.
 
-The write runs off the training thread: `Snapshots.take` copies the state into CPU buffers (pinned
-for a GPU, kept from one checkpoint to the next) with one synchronisation, and training goes on
-while Ray's upload thread (under Ray Train) or a `BackgroundWriter` (one process) writes the copy
-(`Snapshot.write`). The buffers are
-reused only once the previous write has released them, so a write slower than an epoch holds the
+Under Ray Train, and in one process with `train.checkpoint_writer=background` (auto's choice on a
+GPU), the write runs off the training thread: `Snapshots.take` copies the state into CPU buffers
+(pinned for a GPU, kept from one checkpoint to the next) with one synchronisation, and training
+goes on while Ray's upload thread or a `BackgroundWriter` writes the copy (`Snapshot.write`). In
+line (one process, auto's choice on a CPU) the loop calls `save_checkpoint` itself. The buffers
+are reused only once the previous write has released them, so a write slower than an epoch holds the
 next checkpoint back instead of piling copies up (for at most `wait_s`: a write that never ends
 keeps its buffers and the next snapshot takes new ones).
 """
@@ -159,11 +160,6 @@ class BackgroundWriter:
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = exc
 
-    @property
-    def busy(self) -> bool:
-        """Whether a write is under way."""
-        return self._thread is not None and self._thread.is_alive()
-
     def join_quietly(self) -> None:
         """Blocks until the write under way ends, keeping any error for `wait` (for a run that is
         already ending with an error of its own)."""
@@ -173,9 +169,7 @@ class BackgroundWriter:
 
     def wait(self) -> None:
         """Blocks until the write under way ends; raises its error if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self.join_quietly()
         if self._error is not None:
             error, self._error = self._error, None
             raise error

@@ -227,7 +227,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             since_s = time.perf_counter() - last_checkpoint if last_checkpoint is not None else None
             # spaced checkpoints are not due while the last one is still being written here (a
             # checkpoint every epoch, or the last one, waits for it)
-            busy = writer is not None and writer.busy and cfg.train.checkpoint_share > 0
+            busy = (writer is not None and written is not None and not written.released
+                    and cfg.train.checkpoint_share > 0)
             due = stop or (progress.epoch % cfg.train.checkpoint_every == 0 and not busy
                            and checkpoint_spaced(cfg.train.checkpoint_share, since_s, write_s))
             checkpoint = None
