@@ -9,7 +9,6 @@ import sys
 import torch
 
 from tuner.model import short_attention as sa
-from tuner.model import tiled_attention
 from tests.triton_helpers import compare_models, rel
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
@@ -44,8 +43,7 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     out = sa.attend(qkv, keep, seed_t, rate, heads, p > 0)
     grad = torch.randn(out.shape, generator=g).to(device, dtype)
     (dqkv,) = torch.autograd.grad(out, qkv, grad)
-    keep_mask = sa.dropout_keep_mask if length <= sa.SHORT_LENGTH else tiled_attention.keep_mask
-    mask = keep_mask(seed_t, batch, heads, length, p) if p > 0 else None
+    mask = sa.dropout_keep_mask(seed_t, batch, heads, length, p) if p > 0 else None
     ref_in = qkv.detach().double().requires_grad_()
     ref = reference(ref_in, keep, mask, heads, p)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, grad.double())
@@ -54,8 +52,8 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     if mask is not None:
         real = keep[:, None, :, None] & keep[:, None, None, :]
         r["kept_fraction"] = float(mask[real.expand_as(mask)].float().mean())
-        again = keep_mask(seed_t, batch, heads, length, p)
-        other = keep_mask(seed_t + 1, batch, heads, length, p)
+        again = sa.dropout_keep_mask(seed_t, batch, heads, length, p)
+        other = sa.dropout_keep_mask(seed_t + 1, batch, heads, length, p)
         r["mask_repeats"] = bool(torch.equal(mask, again))
         r["mask_differs_by_seed"] = not torch.equal(mask, other)
         again_out = sa.attend(qkv, keep, seed_t, rate, heads, p > 0)

@@ -265,8 +265,10 @@ def new_seed(device: torch.device) -> torch.Tensor:
 
 
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p: float) -> torch.Tensor:
-    """The kernels' dropout mask for `seed` at rate `dropout_p`: bool [B, heads, L, L], True where a
-    weight is kept."""
+    """The dropout mask that `attend`'s kernels draw for `seed` at rate `dropout_p` (past
+    `SHORT_LENGTH` positions, `tiled_attention`'s): bool [B, heads, L, L], True where a weight is kept."""
+    if length > SHORT_LENGTH:
+        return tiled_attention.keep_mask(seed, batch, heads, length, dropout_p)
     out = torch.empty(batch * heads, length, length, dtype=torch.int8, device=seed.device)
     rate = torch.full((), dropout_p, dtype=torch.float32, device=seed.device)
     _attention_mask_kernel[(batch * heads,)](seed, rate, out, length, BLOCK_L=_block(length))
