@@ -15,10 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from attention_backends import PRESETS, SHAPES
 from paths import ROOT
 
-ML1M_SHAPE = ["--size", "bert4rec", "--hidden", "256", "--set", "model.heads=4", "--seq-len", "200",
-              "--num-items", "3416", "--batch-size", "128"]
+ML1M = PRESETS["ml1m"]  # attention_backends.py's ML-1M shape; 3,416 items: ML-1M's catalog
+ML1M_SHAPE = ["--size", "bert4rec", "--hidden", str(ML1M["hidden"]), "--set", f"model.heads={ML1M['heads']}",
+              "--seq-len", str(ML1M["max_len"]), "--num-items", "3416", "--batch-size", str(SHAPES["ml1m"])]
 GRAPHS = ["--compile", "--compile-mode", "reduce-overhead", "--static-shapes"]
 
 

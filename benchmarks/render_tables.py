@@ -291,14 +291,11 @@ def attention_step_table(name: str = "tiled_attention_h200/attention_step_ml1m.j
 def start_caches_table(*names: str) -> str:
     """`benchmarks/compile_start.py` files whose processes differ in their trials: per process its
     overrides, seconds to the end of step 2 and its hits and misses in the compile caches."""
-    lines = []
-    for name in names:
-        data = json.loads((RESULTS / name).read_text())
-        lines.append(f"- `{data['command']}` (code {data.get('code_commit', '?')}; {data['device']})")
+    files = {name: json.loads((RESULTS / name).read_text()) for name in names}
+    lines = [f"- `{data['command']}` (code {data.get('code_commit', '?')}; {data['device']})" for data in files.values()]
     lines += ["", "| file | process | trial | cache | to the end of step 2 (s) | FX graphs: hit / missed | "
               "AOTAutograd: hit / missed / bypassed |", "|---|---|---|---|---|---|---|"]
-    for name in names:
-        data = json.loads((RESULTS / name).read_text())
+    for name, data in files.items():
         for r in data["rows"]:
             c = r["caches"]
             lines.append(f"| {Path(name).stem} | {r['process']} | {r['trial']} | {r['cache']} | {r['start_s']:.1f} | "
