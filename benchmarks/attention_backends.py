@@ -54,7 +54,8 @@ def short_kernel(qkv, keep, heads: int, dropout: float):
     return short_attention.attend(qkv, keep, short_attention.new_seed(qkv.device), rate, heads, dropout > 0)
 
 
-def measure(size: str, length: int, dropout: float, device: torch.device) -> list[dict]:
+def measure(size: str, length: int, dropout: float, device: torch.device,
+            backends: tuple[str, ...] = ()) -> list[dict]:
     preset, batch = PRESETS[size], SHAPES[size]
     heads, head_dim = preset["heads"], preset["hidden"] // preset["heads"]
     gen = torch.Generator().manual_seed(0)
@@ -73,6 +74,7 @@ def measure(size: str, length: int, dropout: float, device: torch.device) -> lis
     calls = {name: (attention, (q, k, v, keep, backend, dropout), (q, k, v), grad)
              for name, backend in ATTENTION_BACKENDS.items() if backend is not None and name != "triton"}
     calls["triton"] = (short_kernel, (packed, keep_rows, heads, dropout), (packed,), packed_grad)
+    calls = {name: call for name, call in calls.items() if not backends or name in backends}
     rows = []
     for name, (call, args, leaves, out_grad) in calls.items():
         for compiled in (False, True):
@@ -106,14 +108,18 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_backends.json"))
     parser.add_argument("--tiled-launch", type=json.loads, default={},
                         help="JSON: settings of tiled_attention.LAUNCH for the triton rows over 128 positions")
+    parser.add_argument("--rounds", type=int, default=tiled_attention.ROUNDS,
+                        help="Philox rounds per dropout draw in the triton rows (tiled_attention.ROUNDS)")
+    parser.add_argument("--backends", nargs="+", default=[], help="only these backends (default: all)")
     args = parser.parse_args()
     device, report = start_report("attention_backends.py", args.sizes, SHAPES)
     tiled_attention.LAUNCH = {**tiled_attention.LAUNCH, **args.tiled_launch}
+    tiled_attention.ROUNDS = args.rounds
     report.update(length=args.length, dropout=args.dropout, dtype="bfloat16", tiled_launch=tiled_attention.LAUNCH,
-                  rows=[])
+                  rounds=args.rounds, rows=[])
     for size in args.sizes:
         for dropout in args.dropout:
-            report["rows"] += measure(size, args.length, dropout, device)
+            report["rows"] += measure(size, args.length, dropout, device, tuple(args.backends))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -344,7 +344,8 @@ def tiled_tiles_table(name: str = "tiled_attention_h200/tiled_attention_tiles.js
              "replays.", "", "| shape | length | tile | warps | dropout draws | forward us | forward + backward us |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        draws = "16-bit" if r.get("halves", False) else "32-bit"
+        # session 24's rows: 16- or 32-bit draws at 10 rounds; since then 16-bit, `rounds` per row
+        draws = f"16-bit, {r['rounds']} rounds" if "rounds" in r else "16-bit" if r.get("halves") else "32-bit"
         lines.append(f"| {r['size']} | {r['length']} | {r['BLOCK']} | {r['num_warps']} | {draws} | "
                      f"{r['fwd_ms'] * 1e3:.0f} | {r['fwd_bwd_ms'] * 1e3:.0f} |")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""GPU time of tuner.model.tiled_attention's kernels per launch setting (tile size, warps, 16-bit
-dropout draws or 32-bit), forward
+"""GPU time of tuner.model.tiled_attention's kernels per launch setting (tile size, warps, Philox
+rounds per dropout draw), forward
 and forward + backward, replayed from a CUDA graph as the training step replays them (bf16, a
 left-padding mask, 10% attention dropout). Median of CUDA-event timings; the shapes are
 `attention_backends.py`'s (its --sizes names and their batches).
@@ -24,8 +24,8 @@ from gpu_report import graph_ms, start_report  # noqa: E402
 
 from tuner.model import short_attention, tiled_attention  # noqa: E402
 
-LAUNCHES = [dict(BLOCK=b, num_warps=w, halves=h) for b, w, h in
-            ((64, 4, True), (64, 4, False), (32, 2, True), (32, 2, False), (128, 8, True), (32, 4, True))]
+LAUNCHES = [dict(BLOCK=b, num_warps=w, rounds=r) for b, w, r in
+            ((64, 4, 7), (64, 4, 10), (32, 2, 7), (32, 2, 10), (128, 8, 7), (32, 4, 7))]
 
 
 def inputs(size: str, length: int, device: torch.device):
@@ -54,7 +54,8 @@ def main() -> None:
         seed = short_attention.new_seed(device)
         call = lambda: tiled_attention.tiled_attention(qkv, keep, seed, rate, heads, args.dropout > 0)[0]  # noqa: E731
         for launch in LAUNCHES:
-            tiled_attention.LAUNCH = launch
+            tiled_attention.LAUNCH = {"BLOCK": launch["BLOCK"], "num_warps": launch["num_warps"]}
+            tiled_attention.ROUNDS = launch["rounds"]
             row = {"size": size, "length": length, **launch}
             try:
                 row["fwd_ms"] = graph_ms(call)

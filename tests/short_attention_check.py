@@ -52,6 +52,7 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
     if mask is not None:
         real = keep[:, None, :, None] & keep[:, None, None, :]
         r["kept_fraction"] = float(mask[real.expand_as(mask)].float().mean())
+        r["weights"] = int(real.expand_as(mask).sum())
         again = sa.dropout_keep_mask(seed_t, batch, heads, length, p)
         other = sa.dropout_keep_mask(seed_t + 1, batch, heads, length, p)
         r["mask_repeats"] = bool(torch.equal(mask, again))

@@ -8,7 +8,8 @@ Q, K and V (50 x 64 each) and its 50 x 50 scores fit in one program's registers,
   [B, L, 3H] and writing the output in the [B, L, H] layout the output projection reads. No
   transposes, no log-sum-exp or mask kept for the backward.
 - Backward, `_attention_backward_kernel`: recomputes the softmax and the dropout mask (counter-based
-  Philox, `tl.rand`, keyed by a seed drawn on the device each call) and writes dQ, dK and dV
+  Philox at `tiled_attention.ROUNDS` rounds, 16-bit uniforms, keyed by a seed drawn on the device
+  each call) and writes dQ, dK and dV
   into one [B, L, 3H] gradient, which is the fused projection's output gradient as it stands:
   no concatenation. One program owns all of a head's keys, so there are no atomics.
 
@@ -98,16 +99,16 @@ def _block(length: int) -> int:
 
 if triton is not None:
 
+    from tuner.model.tiled_attention import keep_bytes, threshold16, unpack_bits
+
     @triton.jit
-    def _keep_bits(seed, bh, rows, p, BLOCK_L: tl.constexpr):
+    def _keep_bits(seed, bh, rows, p, BLOCK_L: tl.constexpr, ROUNDS: tl.constexpr):
         """The dropout mask of head `bh`, [BLOCK_L, BLOCK_L]: True where an attention weight is kept.
-        One Philox call yields four 32-bit draws, so this makes a quarter of the calls `tl.rand`
-        would (which keeps one draw per call)."""
-        quarter = tl.arange(0, BLOCK_L // 4)
-        offsets = bh * (BLOCK_L * BLOCK_L // 4) + rows[:, None] * (BLOCK_L // 4) + quarter[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, offsets)
-        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_L, BLOCK_L))
-        return tl.uint_to_uniform_float(draws) >= p
+        One Philox call per eight weights (`tiled_attention.keep_bytes`: four 32-bit draws, each
+        two 16-bit uniforms), an eighth of the calls `tl.rand` would make."""
+        group = tl.arange(0, BLOCK_L // 8)
+        offsets = bh * (BLOCK_L * BLOCK_L // 8) + rows[:, None] * (BLOCK_L // 8) + group[None, :]
+        return unpack_bits(keep_bytes(seed, offsets, threshold16(p), ROUNDS), BLOCK_L, BLOCK_L)
 
     @triton.jit
     def _softmax(QKV, KEEP, b, h, rows, dims, L, stride_b, stride_l, stride_keep, scale,
@@ -130,14 +131,14 @@ if triton is not None:
     @triton.jit
     def _attention_forward_kernel(QKV, KEEP, SEED, RATE, OUT, L, heads, stride_b, stride_l, stride_keep, stride_ob,
                                   stride_ol, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
-                                  DROPOUT: tl.constexpr):
+                                  DROPOUT: tl.constexpr, ROUNDS: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // heads, bh % heads
         rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, D)
         q, k, v, probs = _softmax(QKV, KEEP, b, h, rows, dims, L, stride_b, stride_l, stride_keep, scale, H, D)
         if DROPOUT:
             p = tl.load(RATE)
-            probs = tl.where(_keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L), probs / (1.0 - p), 0.0)
+            probs = tl.where(_keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L, ROUNDS), probs / (1.0 - p), 0.0)
         out = tl.dot(probs.to(v.dtype), v)
         ptrs = OUT + b * stride_ob + h * D + rows[:, None] * stride_ol + dims[None, :]
         tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(rows < L)[:, None])
@@ -145,7 +146,8 @@ if triton is not None:
     @triton.jit
     def _attention_backward_kernel(QKV, KEEP, SEED, RATE, GRAD, DQKV, L, heads, stride_b, stride_l, stride_keep,
                                    stride_gb, stride_gl, stride_db, stride_dl, scale,
-                                   H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr):
+                                   H: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, DROPOUT: tl.constexpr,
+                                   ROUNDS: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // heads, bh % heads
         rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, D)
@@ -157,7 +159,7 @@ if triton is not None:
         dropped_grad = tl.dot(grad, tl.trans(v))
         if DROPOUT:
             p = tl.load(RATE)
-            kept = _keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L)
+            kept = _keep_bits(tl.load(SEED), bh, rows, p, BLOCK_L, ROUNDS)
             dropped = tl.where(kept, probs / (1.0 - p), 0.0)
             probs_grad = tl.where(kept, dropped_grad / (1.0 - p), 0.0)
         else:
@@ -176,10 +178,10 @@ if triton is not None:
         tl.store(ptrs + 2 * H, dv.to(out_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _attention_mask_kernel(SEED, RATE, OUT, L, BLOCK_L: tl.constexpr):
+    def _attention_mask_kernel(SEED, RATE, OUT, L, BLOCK_L: tl.constexpr, ROUNDS: tl.constexpr):
         bh = tl.program_id(0)
         rows = tl.arange(0, BLOCK_L)
-        kept = _keep_bits(tl.load(SEED), bh, rows, tl.load(RATE), BLOCK_L)
+        kept = _keep_bits(tl.load(SEED), bh, rows, tl.load(RATE), BLOCK_L, ROUNDS)
         ok = (rows < L)[:, None] & (rows < L)[None, :]
         tl.store(OUT + bh * L * L + rows[:, None] * L + rows[None, :], kept.to(tl.int8), mask=ok)
 
@@ -192,7 +194,8 @@ def _launch_args(qkv: torch.Tensor, keep: torch.Tensor, heads: int, dropout: boo
     # 4 warps at 64 positions: the fastest of 2, 4 and 8 for both kernels on an H100 (Triton's
     # autotuner picked it at the 130M and 430M shapes); not autotuned per process, which cost
     # each training process's first epoch seconds of benchmarking and a 256 MB scratch buffer
-    meta = dict(H=hidden, D=head_dim, BLOCK_L=block, DROPOUT=dropout, num_warps=4 if block <= 64 else 8)
+    meta = dict(H=hidden, D=head_dim, BLOCK_L=block, DROPOUT=dropout, ROUNDS=tiled_attention.ROUNDS,
+                num_warps=4 if block <= 64 else 8)
     return (batch * heads,), length, keep.view(torch.int8), 1.0 / math.sqrt(head_dim), meta
 
 
@@ -271,5 +274,6 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, d
         return tiled_attention.keep_mask(seed, batch, heads, length, dropout_p)
     out = torch.empty(batch * heads, length, length, dtype=torch.int8, device=seed.device)
     rate = torch.full((), dropout_p, dtype=torch.float32, device=seed.device)
-    _attention_mask_kernel[(batch * heads,)](seed, rate, out, length, BLOCK_L=_block(length))
+    _attention_mask_kernel[(batch * heads,)](seed, rate, out, length, BLOCK_L=_block(length),
+                                             ROUNDS=tiled_attention.ROUNDS)
     return out.view(batch, heads, length, length).bool()

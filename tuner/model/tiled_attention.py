@@ -12,7 +12,10 @@ search over `model.attn_dropout` compiled its own. These kernels read the rate f
   the key blocks with an online softmax, drops each unnormalised weight with the tile's share of
   one Philox mask, and writes the output in the [B, L, H] layout the output projection reads, plus
   each row's log-sum-exp (base 2) and the mask as bits (a byte per 8 weights: 3.3 MB a layer at
-  benchmarks/ml1m.yaml's batch of 128 x 4 heads x 200 positions) for the backward. Q, K and V
+  benchmarks/ml1m.yaml's batch of 128 x 4 heads x 200 positions) for the backward. Each Philox
+  call decides eight weights (four 32-bit draws, two 16-bit uniforms each) and `keep_bytes` turns
+  them into the stored byte directly; session 24's version compared 16-bit uniforms laid out as
+  a tile, then packed the tile into bytes with a reshape and a sum. Q, K and V
   are read straight out of the fused [B, L, 3H] projection, as in `short_attention`.
 - Backward: `_tiled_dq_kernel` (per query block: each row's sum dO . O, then dQ over the key
   blocks) and `_tiled_dkdv_kernel` (per key block: dK and dV over the query blocks), each
@@ -22,7 +25,7 @@ search over `model.attn_dropout` compiled its own. These kernels read the rate f
   us). Both write into one [B, L, 3H] gradient; no atomics, so the gradient repeats exactly.
 
 The dropout mask is a function of the seed, the sequence and head, the row and the column, given
-the tile size (`LAUNCH`): `keep_mask` returns it for the tests. A sequence of padding only gets
+the tile size (`LAUNCH`) and `ROUNDS`: `keep_mask` returns it for the tests. A sequence of padding only gets
 zeros.
 """
 
@@ -39,10 +42,14 @@ except ImportError:  # CPU-only installs: short_attention.usable is False, so no
     triton = None
 
 # BLOCK: query and key positions per tile (one size for both: the dropout mask's layout is in whole
-# tiles, so the mask a seed draws depends on it); num_warps per program; halves: two 16-bit dropout
-# draws from each 32-bit one (`_tile_keep`).
+# tiles, so the mask a seed draws depends on it); num_warps per program.
 # benchmarks/tiled_attention_tiles.py times the choices.
-LAUNCH = {"BLOCK": 64, "num_warps": 4, "halves": True}
+LAUNCH = {"BLOCK": 64, "num_warps": 4}
+# Philox rounds per dropout draw, here and in short_attention. Seven, as PyTorch's FlashAttention
+# kernels use: Philox4x32-7 passes TestU01's BigCrush (Salmon et al. 2011); 10, Triton's default,
+# adds a safety margin at 10/7 of the integer work, which dominates these kernels' forward with
+# dropout. benchmarks/attention_backends.py --rounds and tiled_attention_tiles.py time both.
+ROUNDS = 7
 
 
 def _padded(length: int) -> int:
@@ -54,42 +61,49 @@ def _padded(length: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HALVES: tl.constexpr):
-        """The dropout mask's tile at rows x [col0, col0 + BLOCK_N) of head `bh`: True where a
-        weight is kept. Each Philox call yields four 32-bit draws, for four neighbouring columns;
-        with HALVES each draw gives two 16-bit uniforms, for eight (half the calls; the kept share
-        is then 1 - ceil(2^16 p) / 2^16, within 2^-16 of 1 - p)."""
-        if HALVES:
-            group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
-            r0, r1, r2, r3 = tl.randint4x(seed, (bh * padded + rows[:, None]) * (padded // 8) + group[None, :])
-            draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 8, 4))
-            halves = tl.reshape(tl.join(draws & 0xFFFF, (draws >> 16) & 0xFFFF), (BLOCK_M, BLOCK_N))
-            return halves.to(tl.float32) * (1.0 / 65536.0) >= p
-        group = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-        r0, r1, r2, r3 = tl.randint4x(seed, (bh * padded + rows[:, None]) * (padded // 4) + group[None, :])
-        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-        return tl.uint_to_uniform_float(draws) >= p
+    def threshold16(p):
+        """The 16-bit uniforms' threshold for dropout rate p: a weight is kept where its uniform u
+        has u >= ceil(2^16 p), so the kept share is within 2^-16 of 1 - p."""
+        return tl.math.ceil(p * 65536.0).to(tl.uint32)
 
     @triton.jit
-    def _store_bits(BITS, bh, rows, col0, L, padded, kept, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Stores a tile of the mask as bits, 8 columns a byte: the backward reads it back instead
-        of drawing it twice more."""
-        weights = 1 << tl.arange(0, 8)
-        packed = tl.sum(tl.reshape(kept.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8)) * weights[None, None, :], axis=2)
-        stride = padded // 8
+    def _pair_bits(draw, threshold):
+        """Bits 0 and 1: whether the low and the high 16 bits of a 32-bit draw are kept."""
+        return ((draw & 0xFFFF) >= threshold).to(tl.int32) | (((draw >> 16) >= threshold).to(tl.int32) << 1)
+
+    @triton.jit
+    def keep_bytes(seed, offsets, threshold, ROUNDS: tl.constexpr):
+        """The dropout decisions of eight neighbouring weights for each Philox counter in `offsets`,
+        as the low byte of an int32 (bit j: the group's j-th weight is kept). One call gives four
+        32-bit draws, each two 16-bit uniforms: a byte straight from the draws, which the forward
+        stores for the backward as it stands."""
+        r0, r1, r2, r3 = tl.randint4x(seed, offsets, ROUNDS)
+        byte = _pair_bits(r0, threshold) | (_pair_bits(r1, threshold) << 2)
+        return byte | (_pair_bits(r2, threshold) << 4) | (_pair_bits(r3, threshold) << 6)
+
+    @triton.jit
+    def unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[BLOCK_M, BLOCK_N // 8] bytes -> [BLOCK_M, BLOCK_N] bool, True where a weight is kept."""
+        bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+
+    @triton.jit
+    def _tile_bytes(seed, bh, rows, col0, padded, threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
+        """The mask's tile at rows x [col0, col0 + BLOCK_N) of head `bh` as bytes, a Philox counter
+        per (head, row, group of 8 columns)."""
+        group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+        return keep_bytes(seed, (bh * padded + rows[:, None]) * (padded // 8) + group[None, :], threshold, ROUNDS)
+
+    @triton.jit
+    def _bits_ptrs(BITS, bh, rows, col0, L, padded, BLOCK_N: tl.constexpr):
         byte = col0 // 8 + tl.arange(0, BLOCK_N // 8)
-        tl.store(BITS + (bh * L + rows[:, None]) * stride + byte[None, :], packed.to(tl.uint8),
-                 mask=(rows < L)[:, None])
+        return BITS + (bh * L + rows[:, None]) * (padded // 8) + byte[None, :]
 
     @triton.jit
     def _load_bits(BITS, bh, rows, col0, L, padded, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The tile of the mask `_store_bits` stored: True where a weight is kept."""
-        stride = padded // 8
-        byte = col0 // 8 + tl.arange(0, BLOCK_N // 8)
-        packed = tl.load(BITS + (bh * L + rows[:, None]) * stride + byte[None, :], mask=(rows < L)[:, None], other=0)
-        bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-        return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+        """The tile of the mask the forward stored: True where a weight is kept."""
+        packed = tl.load(_bits_ptrs(BITS, bh, rows, col0, L, padded, BLOCK_N), mask=(rows < L)[:, None], other=0)
+        return unpack_bits(packed, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _load_rows(PTR, rows, dims, L, stride_l):
@@ -113,7 +127,7 @@ if triton is not None:
     @triton.jit
     def _tiled_forward_kernel(QKV, KEEP, SEED, RATE, OUT, LSE, BITS, L, padded, heads, stride_b, stride_l, stride_keep,
                               stride_ob, stride_ol, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, HALVES: tl.constexpr):
+                              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr):
         bh, block, b, h, base, keep = _program(QKV, KEEP, heads, stride_b, stride_keep, D)
         rows, dims = block * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
         q = _load_rows(base, rows, dims, L, stride_l)
@@ -122,6 +136,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         if DROPOUT:
             p, seed = tl.load(RATE), tl.load(SEED)
+            threshold = threshold16(p)
         for col0 in range(0, L, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
             k = _load_rows(base + H, cols, dims, L, stride_l)
@@ -133,9 +148,10 @@ if triton is not None:
             carry = tl.exp2(top - shift)
             total = total * carry + tl.sum(e, axis=1)
             if DROPOUT:
-                kept = _tile_keep(seed, bh, rows, col0, padded, p, BLOCK_M, BLOCK_N, HALVES)
-                _store_bits(BITS, bh, rows, col0, L, padded, kept, BLOCK_M, BLOCK_N)
-                e = tl.where(kept, e, 0.0)
+                packed = _tile_bytes(seed, bh, rows, col0, padded, threshold, BLOCK_N, ROUNDS)
+                tl.store(_bits_ptrs(BITS, bh, rows, col0, L, padded, BLOCK_N), packed.to(tl.uint8),
+                         mask=(rows < L)[:, None])
+                e = tl.where(unpack_bits(packed, BLOCK_M, BLOCK_N), e, 0.0)
             acc = acc * carry[:, None] + tl.dot(e.to(v.dtype), v)
             top = new_top
         empty = total == 0.0  # a sequence of padding only: zeros out, and weights of 0 in the backward
@@ -214,14 +230,15 @@ if triton is not None:
 
     @triton.jit
     def _tiled_mask_kernel(SEED, RATE, OUT, L, padded, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           HALVES: tl.constexpr):
+                           ROUNDS: tl.constexpr):
         bh, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        kept = _tile_keep(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, tl.load(RATE), BLOCK_M, BLOCK_N,
-                          HALVES)
+        packed = _tile_bytes(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, threshold16(tl.load(RATE)), BLOCK_N,
+                             ROUNDS)
         ok = (rows < L)[:, None] & (cols < L)[None, :]
-        tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :], kept.to(tl.int8), mask=ok)
+        tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :],
+                 unpack_bits(packed, BLOCK_M, BLOCK_N).to(tl.int8), mask=ok)
 
 
 def _meta(qkv: torch.Tensor, heads: int, dropout: bool) -> tuple[dict, float, tuple]:
@@ -245,7 +262,7 @@ def tiled_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, r
         keep8 = keep.view(torch.int8)
         _tiled_forward_kernel[grid](qkv, keep8, seed, rate, out, lse, bits, qkv.shape[1], _padded(qkv.shape[1]),
                                     heads, qkv.stride(0), qkv.stride(1), keep8.stride(0), out.stride(0),
-                                    out.stride(1), scale, HALVES=LAUNCH["halves"], **meta)
+                                    out.stride(1), scale, ROUNDS=ROUNDS, **meta)
     return out, lse, bits
 
 
@@ -307,5 +324,5 @@ def keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p
     block = LAUNCH["BLOCK"]
     blocks = triton.cdiv(length, block)
     _tiled_mask_kernel[(batch * heads, blocks, blocks)](seed, rate, out, length, _padded(length),
-                                                         BLOCK_M=block, BLOCK_N=block, HALVES=LAUNCH["halves"])
+                                                         BLOCK_M=block, BLOCK_N=block, ROUNDS=ROUNDS)
     return out.view(batch, heads, length, length).bool()
