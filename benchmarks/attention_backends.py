@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_backends.json"))
     parser.add_argument("--tiled-launch", type=json.loads, default={},
                         help="JSON: settings of tiled_attention.LAUNCH for the triton rows over 128 positions")
-    parser.add_argument("--rounds", type=int, default=tiled_attention.ROUNDS,
+    parser.add_argument("--rounds", type=int, default=getattr(tiled_attention, "ROUNDS", 10),
                         help="Philox rounds per dropout draw in the triton rows (tiled_attention.ROUNDS)")
     parser.add_argument("--backends", nargs="+", default=[], help="only these backends (default: all)")
     args = parser.parse_args()

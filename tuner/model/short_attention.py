@@ -99,16 +99,16 @@ def _block(length: int) -> int:
 
 if triton is not None:
 
-    from tuner.model.tiled_attention import keep_bytes, threshold16, unpack_bits
+    from tuner.model.tiled_attention import keep_tile, threshold16
 
     @triton.jit
     def _keep_bits(seed, bh, rows, p, BLOCK_L: tl.constexpr, ROUNDS: tl.constexpr):
         """The dropout mask of head `bh`, [BLOCK_L, BLOCK_L]: True where an attention weight is kept.
-        One Philox call per eight weights (`tiled_attention.keep_bytes`: four 32-bit draws, each
+        One Philox call per eight weights (`tiled_attention.keep_tile`: four 32-bit draws, each
         two 16-bit uniforms), an eighth of the calls `tl.rand` would make."""
         group = tl.arange(0, BLOCK_L // 8)
         offsets = bh * (BLOCK_L * BLOCK_L // 8) + rows[:, None] * (BLOCK_L // 8) + group[None, :]
-        return unpack_bits(keep_bytes(seed, offsets, threshold16(p), ROUNDS), BLOCK_L, BLOCK_L)
+        return keep_tile(seed, offsets, threshold16(p), BLOCK_L, BLOCK_L, ROUNDS)[0]
 
     @triton.jit
     def _softmax(QKV, KEEP, b, h, rows, dims, L, stride_b, stride_l, stride_keep, scale,

@@ -13,9 +13,9 @@ search over `model.attn_dropout` compiled its own. These kernels read the rate f
   one Philox mask, and writes the output in the [B, L, H] layout the output projection reads, plus
   each row's log-sum-exp (base 2) and the mask as bits (a byte per 8 weights: 3.3 MB a layer at
   benchmarks/ml1m.yaml's batch of 128 x 4 heads x 200 positions) for the backward. Each Philox
-  call decides eight weights (four 32-bit draws, two 16-bit uniforms each) and `keep_bytes` turns
-  them into the stored byte directly; session 24's version compared 16-bit uniforms laid out as
-  a tile, then packed the tile into bytes with a reshape and a sum. Q, K and V
+  call decides eight weights (four 32-bit draws, two 16-bit uniforms each); `keep_tile` lays
+  them out as the tile and, from the same draws, as the stored bytes (session 24's version packed
+  the tile into bytes with a reshape and a sum). Q, K and V
   are read straight out of the fused [B, L, 3H] projection, as in `short_attention`.
 - Backward: `_tiled_dq_kernel` (per query block: each row's sum dO . O, then dQ over the key
   blocks) and `_tiled_dkdv_kernel` (per key block: dK and dV over the query blocks), each
@@ -72,14 +72,19 @@ if triton is not None:
         return ((draw & 0xFFFF) >= threshold).to(tl.int32) | (((draw >> 16) >= threshold).to(tl.int32) << 1)
 
     @triton.jit
-    def keep_bytes(seed, offsets, threshold, ROUNDS: tl.constexpr):
-        """The dropout decisions of eight neighbouring weights for each Philox counter in `offsets`,
-        as the low byte of an int32 (bit j: the group's j-th weight is kept). One call gives four
-        32-bit draws, each two 16-bit uniforms: a byte straight from the draws, which the forward
-        stores for the backward as it stands."""
+    def keep_tile(seed, offsets, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
+        """The dropout mask [BLOCK_M, BLOCK_N], True where a weight is kept, from one Philox call per
+        eight neighbouring weights (`offsets`: [BLOCK_M, BLOCK_N // 8] counters): four 32-bit
+        draws, each two 16-bit uniforms. Also the same decisions as bytes [BLOCK_M, BLOCK_N // 8],
+        straight from the draws (`unpack_bits` turns them back into the tile), for a backward to
+        read instead of drawing again."""
         r0, r1, r2, r3 = tl.randint4x(seed, offsets, ROUNDS)
-        byte = _pair_bits(r0, threshold) | (_pair_bits(r1, threshold) << 2)
-        return byte | (_pair_bits(r2, threshold) << 4) | (_pair_bits(r3, threshold) << 6)
+        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 8, 4))
+        kept = tl.reshape(tl.join(draws & 0xFFFF, draws >> 16), (BLOCK_M, BLOCK_N)) >= threshold
+        # the tile's column order within each group of 8 (tl.join's): r0 low, r0 high, r2 low,
+        # r2 high, r1 low, r1 high, r3 low, r3 high
+        byte = _pair_bits(r0, threshold) | (_pair_bits(r2, threshold) << 2)
+        return kept, byte | (_pair_bits(r1, threshold) << 4) | (_pair_bits(r3, threshold) << 6)
 
     @triton.jit
     def unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -88,11 +93,13 @@ if triton is not None:
         return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
     @triton.jit
-    def _tile_bytes(seed, bh, rows, col0, padded, threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
-        """The mask's tile at rows x [col0, col0 + BLOCK_N) of head `bh` as bytes, a Philox counter
-        per (head, row, group of 8 columns)."""
+    def _tile_keep(seed, bh, rows, col0, padded, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ROUNDS: tl.constexpr):
+        """`keep_tile` at rows x [col0, col0 + BLOCK_N) of head `bh`: a Philox counter per (head,
+        row, group of 8 columns)."""
         group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
-        return keep_bytes(seed, (bh * padded + rows[:, None]) * (padded // 8) + group[None, :], threshold, ROUNDS)
+        offsets = (bh * padded + rows[:, None]) * (padded // 8) + group[None, :]
+        return keep_tile(seed, offsets, threshold, BLOCK_M, BLOCK_N, ROUNDS)
 
     @triton.jit
     def _bits_ptrs(BITS, bh, rows, col0, L, padded, BLOCK_N: tl.constexpr):
@@ -148,10 +155,10 @@ if triton is not None:
             carry = tl.exp2(top - shift)
             total = total * carry + tl.sum(e, axis=1)
             if DROPOUT:
-                packed = _tile_bytes(seed, bh, rows, col0, padded, threshold, BLOCK_N, ROUNDS)
+                kept, packed = _tile_keep(seed, bh, rows, col0, padded, threshold, BLOCK_M, BLOCK_N, ROUNDS)
                 tl.store(_bits_ptrs(BITS, bh, rows, col0, L, padded, BLOCK_N), packed.to(tl.uint8),
                          mask=(rows < L)[:, None])
-                e = tl.where(unpack_bits(packed, BLOCK_M, BLOCK_N), e, 0.0)
+                e = tl.where(kept, e, 0.0)
             acc = acc * carry[:, None] + tl.dot(e.to(v.dtype), v)
             top = new_top
         empty = total == 0.0  # a sequence of padding only: zeros out, and weights of 0 in the backward
@@ -234,11 +241,10 @@ if triton is not None:
         bh, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        packed = _tile_bytes(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, threshold16(tl.load(RATE)), BLOCK_N,
-                             ROUNDS)
+        kept, _ = _tile_keep(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, threshold16(tl.load(RATE)), BLOCK_M,
+                             BLOCK_N, ROUNDS)
         ok = (rows < L)[:, None] & (cols < L)[None, :]
-        tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :],
-                 unpack_bits(packed, BLOCK_M, BLOCK_N).to(tl.int8), mask=ok)
+        tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :], kept.to(tl.int8), mask=ok)
 
 
 def _meta(qkv: torch.Tensor, heads: int, dropout: bool) -> tuple[dict, float, tuple]:
