@@ -351,6 +351,29 @@ def tiled_tiles_table(name: str = "tiled_attention_h200/tiled_attention_tiles.js
     return "\n".join(lines)
 
 
+def attention_dropout_table(folder: str = "attention_dropout_h200") -> str:
+    """benchmarks/attention_backends.py --backends triton, one call: session 24's kernels against
+    this tree's at 10 and 7 Philox rounds, compiled, microseconds per layer."""
+    runs = {"session 24's kernels": "session24", "10 rounds": "rounds10", "7 rounds": "rounds7"}
+    lines, rows = [], {}
+    for length in (200, 50):
+        for label, tag in runs.items():
+            data = json.loads((RESULTS / folder / f"attention_backends_{length}_{tag}.json").read_text())
+            for r in data["rows"]:
+                if r["compiled"]:
+                    rows.setdefault((r["size"], length, r["dropout"]), {})[label] = r
+        lines.append(f"- length {length}: `{data['command']}` with `--rounds` 10 and 7 (code {data['code_commit']}); "
+                     "session 24's kernels: the same script on tree 0965db0")
+    head = " | ".join(f"{label}: forward / fwd + bwd us" for label in runs)
+    lines = [f"Device: {data['device']} (torch {data['torch']}); bf16, a padding mask, CUDA-graph replays; one call.",
+             *lines, "", f"| shape | length | attention dropout | {head} |", "|---|---|---|" + "---|" * len(runs)]
+    for (size, length, dropout), by_run in rows.items():
+        cells = " | ".join(f"{by_run[label]['fwd_ms'] * 1e3:.0f} / {by_run[label]['fwd_bwd_ms'] * 1e3:.0f}"
+                           for label in runs)
+        lines.append(f"| {size} | {length} | {dropout} | {cells} |")
+    return "\n".join(lines)
+
+
 def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
     """benchmarks/ce_kernel_tiles.py: GPU time of tuner.ce_kernel's passes per launch setting."""
     data = json.loads((RESULTS / name).read_text())
@@ -379,6 +402,10 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
               "tiled_attention_h200/compile_start_attn_dropout_200_efficient.json"),
           "--epoch-ml1m-attention": lambda: epoch_cycle_table("tiled_attention_h200/epoch_ml1m_attention.json"),
           "--checkpoint-writer-cpu": lambda: epoch_cycle_table("checkpoint_writer_cpu.json"),
+          "--checkpoint-writer-h200": lambda: epoch_cycle_table("checkpoint_writer_cuda.json"),
+          "--attention-dropout-h200": attention_dropout_table,
+          "--tiled-attention-tiles-rounds": lambda: tiled_tiles_table("attention_dropout_h200/tiled_attention_tiles.json"),
+          "--gpu-h200-430M-session25": lambda: gpu_table("gpu_throughput_h200/430M_session25.json"),
           "--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),
