@@ -351,6 +351,22 @@ def tiled_tiles_table(name: str = "tiled_attention_h200/tiled_attention_tiles.js
     return "\n".join(lines)
 
 
+def tiled_launch_table(name: str) -> str:
+    """benchmarks/tiled_attention_tiles.py since each kernel takes its own tiles: one kernel's
+    setting changed per row, then the best of each."""
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"Device: {data['device']} (torch {data['torch']}); {data['dtype']}, attention dropout {data['dropout']}, "
+             f"{data['rounds']} Philox rounds, a padding mask; `{data['command']}` (code {data['code_commit']}). "
+             "Microseconds per layer, CUDA graph replays; a kernel's setting: query positions x key positions, "
+             "warps.", "", "| shape | length | row | forward | dQ | dK/dV | forward us | forward + backward us |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        cells = " | ".join(f"{m} x {n}, {w}" for m, n, w in (r["forward"], r["dq"], r["dkdv"]))
+        times = f"{r['fwd_ms'] * 1e3:.0f} | {r['fwd_bwd_ms'] * 1e3:.0f}" if "error" not in r else f"error | {r['error']}"
+        lines.append(f"| {r['size']} | {r['length']} | {r['kernel']} | {cells} | {times} |")
+    return "\n".join(lines)
+
+
 def attention_dropout_table(folder: str = "attention_dropout_h200") -> str:
     """benchmarks/attention_backends.py --backends triton, one call: session 24's kernels against
     this tree's at 10 and 7 Philox rounds, compiled, microseconds per layer."""

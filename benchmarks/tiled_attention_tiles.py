@@ -1,10 +1,14 @@
-"""GPU time of tuner.model.tiled_attention's kernels per launch setting (tile size, warps, Philox
-rounds per dropout draw), forward
-and forward + backward, replayed from a CUDA graph as the training step replays them (bf16, a
-left-padding mask, 10% attention dropout). Median of CUDA-event timings; the shapes are
+"""GPU time of tuner.model.tiled_attention's kernels per launch setting, forward and forward +
+backward, replayed from a CUDA graph as the training step replays them (bf16, a left-padding
+mask, 10% attention dropout). Median of CUDA-event timings; the shapes are
 `attention_backends.py`'s (its --sizes names and their batches).
 
-    python benchmarks/tiled_attention_tiles.py --shapes ml1m:200 130M:256 430M:512 --out OUT/tiled_attention_tiles.json
+Each kernel (the forward, the backward's dQ and dK/dV kernels) takes its own (query positions,
+key positions, warps). Each row changes one kernel's setting from `tiled_attention.LAUNCH`'s, and
+the last row per shape runs the best of each: the forward's by forward time, the backward
+kernels' by forward + backward time.
+
+    python benchmarks/tiled_attention_tiles.py --shapes ml1m:200 430M:512 --out OUT/tiled_attention_tiles.json
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from gpu_report import graph_ms, start_report  # noqa: E402
 
 from tuner.model import short_attention, tiled_attention  # noqa: E402
 
-LAUNCHES = [dict(BLOCK=b, num_warps=w, rounds=r) for b, w, r in
-            ((64, 4, 7), (64, 4, 10), (32, 2, 7), (32, 2, 10), (128, 8, 7), (32, 4, 7))]
+# per kernel, the settings tried besides LAUNCH's: (query positions, key positions, warps)
+CHOICES = {"forward": [(128, 64, 4), (128, 64, 8), (128, 128, 8)],
+           "dq": [(128, 32, 4), (128, 64, 8), (64, 32, 4)],
+           "dkdv": [(32, 128, 4), (64, 128, 8), (32, 64, 4)]}
 
 
 def inputs(size: str, length: int, device: torch.device):
@@ -47,16 +53,17 @@ def main() -> None:
     args = parser.parse_args()
     shapes = [(s.partition(":")[0], int(s.partition(":")[2] or 200)) for s in args.shapes]
     device, report = start_report("tiled_attention_tiles.py", [s for s, _ in shapes], SHAPES)
-    report.update(dropout=args.dropout, dtype="bfloat16", rows=[])
+    report.update(dropout=args.dropout, dtype="bfloat16", rounds=tiled_attention.ROUNDS, rows=[])
     for size, length in shapes:
         qkv, keep, grad, heads = inputs(size, length, device)
         rate = torch.full((), args.dropout, dtype=torch.float32, device=device)
         seed = short_attention.new_seed(device)
         call = lambda: tiled_attention.tiled_attention(qkv, keep, seed, rate, heads, args.dropout > 0)[0]  # noqa: E731
-        for launch in LAUNCHES:
-            tiled_attention.LAUNCH = {"BLOCK": launch["BLOCK"], "num_warps": launch["num_warps"]}
-            tiled_attention.ROUNDS = launch["rounds"]
-            row = {"size": size, "length": length, **launch}
+        default = dict(tiled_attention.LAUNCH)
+
+        def measure(kernel: str, launch: dict) -> dict:
+            tiled_attention.LAUNCH = launch
+            row = {"size": size, "length": length, "kernel": kernel, **{k: list(v) for k, v in launch.items()}}
             try:
                 row["fwd_ms"] = graph_ms(call)
                 row["fwd_bwd_ms"] = graph_ms(lambda: torch.autograd.grad(call(), qkv, grad))
@@ -64,6 +71,16 @@ def main() -> None:
                 row["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
+            return row
+
+        rows = [measure("default", default)]
+        best = dict(default)
+        for kernel, choices in CHOICES.items():
+            tried = [rows[0]] + [measure(kernel, {**default, kernel: choice}) for choice in choices]
+            timing = "fwd_ms" if kernel == "forward" else "fwd_bwd_ms"
+            best[kernel] = tuple(min((r for r in tried if "error" not in r), key=lambda r: r[timing])[kernel])
+        measure("best", best)
+        tiled_attention.LAUNCH = default
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

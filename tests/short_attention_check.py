@@ -9,6 +9,7 @@ import sys
 import torch
 
 from tuner.model import short_attention as sa
+from tuner.model import tiled_attention as ta
 from tests.triton_helpers import compare_models, rel
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
@@ -138,6 +139,16 @@ def cache_case(length=16):
             "ops": ops}
 
 
+def mixed_tiles_case():
+    """`case` with the forward, dQ and dK/dV kernels each on other tiles than LAUNCH's."""
+    default = ta.LAUNCH
+    ta.LAUNCH = {"forward": (32, 16, 4), "dq": (16, 32, 4), "dkdv": (32, 128, 4)}
+    try:
+        return case(3, 150, 2, 16, torch.float32, 0.25, seed=4)
+    finally:
+        ta.LAUNCH = default
+
+
 def main():
     if sys.argv[1:] == ["--cuda"]:  # on a GPU, compiled by Triton: the seed's shapes in bf16 and fp16
         print(json.dumps({"bf16_430M": case(128, 50, 16, 64, torch.bfloat16, 0.1, device="cuda"),
@@ -160,6 +171,8 @@ def main():
         "tiled_fp32": case(3, 150, 2, 16, torch.float32, 0.0),
         "tiled_fp32_dropout": case(3, 200, 2, 16, torch.float32, 0.25, seed=1),
         "tiled_fp16_dropout": case(2, 131, 2, 32, torch.float16, 0.1, seed=2),
+        # each kernel on its own tiles: the mask (keep_mask's, on 64-position tiles) is the same
+        "tiled_mixed_tiles": mixed_tiles_case(),
         "tiled_model": model_case(length=140),
         "tiled_cache": cache_case(length=140),
         # which lengths the kernels take (a 16-wide head of a [1, L, 96] projection)

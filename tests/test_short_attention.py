@@ -27,9 +27,11 @@ def result():
 
 KERNEL_CASES = ["fp32", "fp32_dropout", "fp16_dropout", "short",
                 # over 128 positions (150, 200, 131): the tiled kernels
-                "tiled_fp32", "tiled_fp32_dropout", "tiled_fp16_dropout"]
+                "tiled_fp32", "tiled_fp32_dropout", "tiled_fp16_dropout",
+                # the forward, dQ and dK/dV kernels each on their own tiles
+                "tiled_mixed_tiles"]
 DROPOUT_CASES = {"fp32_dropout": 0.25, "fp16_dropout": 0.1, "short": 0.1, "tiled_fp32_dropout": 0.25,
-                 "tiled_fp16_dropout": 0.1}
+                 "tiled_fp16_dropout": 0.1, "tiled_mixed_tiles": 0.25}
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)

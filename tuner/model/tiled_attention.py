@@ -25,8 +25,8 @@ search over `model.attn_dropout` compiled its own. These kernels read the rate f
   us). Both write into one [B, L, 3H] gradient; no atomics, so the gradient repeats exactly.
 
 The dropout mask is a function of the seed, the sequence and head, the row and the column, given
-the tile size (`LAUNCH`) and `ROUNDS`: `keep_mask` returns it for the tests. A sequence of padding only gets
-zeros.
+`MASK_TILE` and `ROUNDS` (not the kernels' tiles): `keep_mask` returns it for the tests. A
+sequence of padding only gets zeros.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ try:
 except ImportError:  # CPU-only installs: short_attention.usable is False, so nothing calls these
     triton = None
 
-# BLOCK: query and key positions per tile (one size for both: the dropout mask's layout is in whole
-# tiles, so the mask a seed draws depends on it); num_warps per program.
+# Per kernel: (query positions, key positions) per tile and warps per program; the forward and
+# the two backward kernels each take their own. The dropout mask does not depend on them: its rows
+# are padded to a multiple of MASK_TILE, which every tile's key positions divide.
 # benchmarks/tiled_attention_tiles.py times the choices.
-LAUNCH = {"BLOCK": 64, "num_warps": 4}
+LAUNCH = {"forward": (64, 64, 4), "dq": (64, 64, 4), "dkdv": (64, 64, 4)}
+MASK_TILE = 128
 # Philox rounds per dropout draw, here and in short_attention. Seven, as PyTorch's FlashAttention
 # kernels use: Philox4x32-7 passes TestU01's BigCrush (Salmon et al. 2011); 10, Triton's default,
 # adds a safety margin at 10/7 of the integer work, which dominates these kernels' forward with
@@ -53,9 +55,8 @@ ROUNDS = 7
 
 
 def _padded(length: int) -> int:
-    """The mask's row length: `length` rounded up to whole tiles."""
-    block = LAUNCH["BLOCK"]
-    return -(-length // block) * block
+    """The mask's row length: `length` rounded up to a multiple of MASK_TILE."""
+    return -(-length // MASK_TILE) * MASK_TILE
 
 
 if triton is not None:
@@ -247,13 +248,21 @@ if triton is not None:
         tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :], kept.to(tl.int8), mask=ok)
 
 
-def _meta(qkv: torch.Tensor, heads: int, dropout: bool) -> tuple[dict, float, tuple]:
-    """(kernel constants, softmax scale, grid over query or key blocks) for qkv [B, L, 3H]."""
+def _scale(qkv: torch.Tensor, heads: int) -> float:
+    """The softmax scale, 1 / sqrt(head size)."""
+    return 1.0 / math.sqrt(qkv.shape[2] // 3 // heads)
+
+
+def _launch(kernel: str, qkv: torch.Tensor, heads: int, dropout: bool, rows: str = "M") -> tuple[tuple, dict]:
+    """(grid, kernel constants) of `kernel` (a key of LAUNCH) for qkv [B, L, 3H]: a program per
+    sequence and head and block of `rows` ("M": queries, "N": keys)."""
     batch, length, width = qkv.shape
-    head_dim = width // 3 // heads
-    block = LAUNCH["BLOCK"]
-    meta = dict(H=width // 3, D=head_dim, BLOCK_M=block, BLOCK_N=block, DROPOUT=dropout, num_warps=LAUNCH["num_warps"])
-    return meta, 1.0 / math.sqrt(head_dim), (batch * heads, triton.cdiv(length, block))
+    block_m, block_n, warps = LAUNCH[kernel]
+    if MASK_TILE % block_n:
+        raise ValueError(f"tiled_attention.LAUNCH[{kernel!r}]: {block_n} key positions do not divide {MASK_TILE}")
+    meta = dict(H=width // 3, D=width // 3 // heads, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout,
+                num_warps=warps)
+    return (batch * heads, triton.cdiv(length, block_m if rows == "M" else block_n)), meta
 
 
 @torch.library.custom_op("tuner::tiled_attention", mutates_args=())
@@ -264,11 +273,11 @@ def tiled_attention(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, r
     the dropout mask as bits [B * heads, L, padded length / 8], uint8, empty without dropout)."""
     out, lse, bits = _tiled_attention_fake(qkv, keep, seed, rate, heads, dropout)
     if out.numel():
-        meta, scale, grid = _meta(qkv, heads, dropout)
+        grid, meta = _launch("forward", qkv, heads, dropout)
         keep8 = keep.view(torch.int8)
         _tiled_forward_kernel[grid](qkv, keep8, seed, rate, out, lse, bits, qkv.shape[1], _padded(qkv.shape[1]),
                                     heads, qkv.stride(0), qkv.stride(1), keep8.stride(0), out.stride(0),
-                                    out.stride(1), scale, ROUNDS=ROUNDS, **meta)
+                                    out.stride(1), _scale(qkv, heads), ROUNDS=ROUNDS, **meta)
     return out, lse, bits
 
 
@@ -287,17 +296,18 @@ def tiled_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.
                              dropout: bool) -> torch.Tensor:
     """d loss / d qkv [B, L, 3H] from d loss / d out [B, L, H]."""
     length = qkv.shape[1]
-    meta, scale, grid = _meta(qkv, heads, dropout)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
         keep8 = keep.view(torch.int8)
         delta = torch.empty_like(lse)
         common = (length, _padded(length), heads, qkv.stride(0), qkv.stride(1), keep8.stride(0))
+        grid, meta = _launch("dq", qkv, heads, dropout)
         _tiled_dq_kernel[grid](qkv, keep8, bits, rate, out, grad, lse, delta, dqkv, *common, out.stride(0),
-                               out.stride(1), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale,
-                               **meta)
+                               out.stride(1), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1),
+                               _scale(qkv, heads), **meta)
+        grid, meta = _launch("dkdv", qkv, heads, dropout, rows="N")
         _tiled_dkdv_kernel[grid](qkv, keep8, bits, rate, grad, lse, delta, dqkv, *common, grad.stride(0),
-                                 grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale, **meta)
+                                 grad.stride(1), dqkv.stride(0), dqkv.stride(1), _scale(qkv, heads), **meta)
     return dqkv
 
 
@@ -327,8 +337,7 @@ def keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p
     weight is kept."""
     out = torch.empty(batch * heads, length, length, dtype=torch.int8, device=seed.device)
     rate = torch.full((), dropout_p, dtype=torch.float32, device=seed.device)
-    block = LAUNCH["BLOCK"]
-    blocks = triton.cdiv(length, block)
+    blocks = triton.cdiv(length, 64)
     _tiled_mask_kernel[(batch * heads, blocks, blocks)](seed, rate, out, length, _padded(length),
-                                                         BLOCK_M=block, BLOCK_N=block, ROUNDS=ROUNDS)
+                                                         BLOCK_M=64, BLOCK_N=64, ROUNDS=ROUNDS)
     return out.view(batch, heads, length, length).bool()
