@@ -107,15 +107,19 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.1], help="attention dropout rates to measure")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_backends.json"))
     parser.add_argument("--tiled-launch", type=json.loads, default={},
-                        help="JSON: settings of tiled_attention.LAUNCH for the triton rows over 128 positions")
+                        help="JSON: settings of tiled_attention.LAUNCH for the triton rows over 128 positions, "
+                             'e.g. {"forward": [64, 64, 4]}')
     parser.add_argument("--rounds", type=int, default=getattr(tiled_attention, "ROUNDS", 10),
                         help="Philox rounds per dropout draw in the triton rows (tiled_attention.ROUNDS)")
     parser.add_argument("--backends", nargs="+", default=[], help="only these backends (default: all)")
     args = parser.parse_args()
     device, report = start_report("attention_backends.py", args.sizes, SHAPES)
-    tiled_attention.LAUNCH = {**tiled_attention.LAUNCH, **args.tiled_launch}
+    # the triton rows' tile settings (session 24's trees: one LAUNCH of BLOCK and num_warps)
+    launch_of = getattr(tiled_attention, "launch_settings", lambda length: tiled_attention.LAUNCH)
+    if args.tiled_launch:  # one setting at every length
+        tiled_attention.LAUNCH = {**launch_of(args.length), **args.tiled_launch}
     tiled_attention.ROUNDS = args.rounds
-    report.update(length=args.length, dropout=args.dropout, dtype="bfloat16", tiled_launch=tiled_attention.LAUNCH,
+    report.update(length=args.length, dropout=args.dropout, dtype="bfloat16", tiled_launch=launch_of(args.length),
                   rounds=args.rounds, rows=[])
     for size in args.sizes:
         for dropout in args.dropout:

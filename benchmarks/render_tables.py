@@ -421,6 +421,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--checkpoint-writer-h200": lambda: epoch_cycle_table("checkpoint_writer_cuda.json"),
           "--attention-dropout-h200": attention_dropout_table,
           "--tiled-attention-tiles-rounds": lambda: tiled_tiles_table("attention_dropout_h200/tiled_attention_tiles.json"),
+          "--tiled-attention-launch": lambda: tiled_launch_table("attention_dropout_h200/tiled_attention_launch.json"),
           "--gpu-h200-430M-session25": lambda: gpu_table("gpu_throughput_h200/430M_session25.json"),
           "--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),

@@ -4,9 +4,9 @@ mask, 10% attention dropout). Median of CUDA-event timings; the shapes are
 `attention_backends.py`'s (its --sizes names and their batches).
 
 Each kernel (the forward, the backward's dQ and dK/dV kernels) takes its own (query positions,
-key positions, warps). Each row changes one kernel's setting from `tiled_attention.LAUNCH`'s, and
-the last row per shape runs the best of each: the forward's by forward time, the backward
-kernels' by forward + backward time.
+key positions, warps). Each row changes one kernel's setting from the length's default
+(`tiled_attention.launch_settings`), and the last row per shape runs the best of each: the
+forward's by forward time, the backward kernels' by forward + backward time.
 
     python benchmarks/tiled_attention_tiles.py --shapes ml1m:200 430M:512 --out OUT/tiled_attention_tiles.json
 """
@@ -28,7 +28,7 @@ from gpu_report import graph_ms, start_report  # noqa: E402
 
 from tuner.model import short_attention, tiled_attention  # noqa: E402
 
-# per kernel, the settings tried besides LAUNCH's: (query positions, key positions, warps)
+# per kernel, the settings tried besides the default's: (query positions, key positions, warps)
 CHOICES = {"forward": [(128, 64, 4), (128, 64, 8), (128, 128, 8)],
            "dq": [(128, 32, 4), (128, 64, 8), (64, 32, 4)],
            "dkdv": [(32, 128, 4), (64, 128, 8), (32, 64, 4)]}
@@ -59,7 +59,7 @@ def main() -> None:
         rate = torch.full((), args.dropout, dtype=torch.float32, device=device)
         seed = short_attention.new_seed(device)
         call = lambda: tiled_attention.tiled_attention(qkv, keep, seed, rate, heads, args.dropout > 0)[0]  # noqa: E731
-        default = dict(tiled_attention.LAUNCH)
+        default = dict(tiled_attention.launch_settings(length))
 
         def measure(kernel: str, launch: dict) -> dict:
             tiled_attention.LAUNCH = launch
@@ -80,7 +80,7 @@ def main() -> None:
             timing = "fwd_ms" if kernel == "forward" else "fwd_bwd_ms"
             best[kernel] = tuple(min((r for r in tried if "error" not in r), key=lambda r: r[timing])[kernel])
         measure("best", best)
-        tiled_attention.LAUNCH = default
+        tiled_attention.LAUNCH = None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -142,7 +142,7 @@ def cache_case(length=16):
 def mixed_tiles_case():
     """`case` with the forward, dQ and dK/dV kernels each on other tiles than LAUNCH's."""
     default = ta.LAUNCH
-    ta.LAUNCH = {"forward": (32, 16, 4), "dq": (16, 32, 4), "dkdv": (32, 128, 4)}
+    ta.LAUNCH = {"forward": (64, 32, 4), "dq": (32, 64, 4), "dkdv": (64, 64, 4)}
     try:
         return case(3, 150, 2, 16, torch.float32, 0.25, seed=4)
     finally:
@@ -156,6 +156,8 @@ def main():
                           "model": model_case("cuda", "inductor", "efficient"),
                           # benchmarks/ml1m.yaml's shape: the tiled kernels
                           "bf16_ml1m_tiled": case(128, 200, 4, 64, torch.bfloat16, 0.1, seed=2, device="cuda"),
+                          # past 256 positions: tiled_attention.LAUNCHES's second setting
+                          "bf16_512_tiled": case(16, 512, 4, 64, torch.bfloat16, 0.1, seed=2, device="cuda"),
                           "model_tiled": model_case("cuda", "inductor", "efficient", length=200)}))
         return
     result = {

@@ -44,9 +44,21 @@ except ImportError:  # CPU-only installs: short_attention.usable is False, so no
 # Per kernel: (query positions, key positions) per tile and warps per program; the forward and
 # the two backward kernels each take their own. The dropout mask does not depend on them: its rows
 # are padded to a multiple of MASK_TILE, which every tile's key positions divide.
-# benchmarks/tiled_attention_tiles.py times the choices.
-LAUNCH = {"forward": (64, 64, 4), "dq": (64, 64, 4), "dkdv": (64, 64, 4)}
+# LAUNCHES: (longest length, settings), the first that takes a length applies. They are the
+# fastest combinations of benchmarks/tiled_attention_tiles.py's sweep on an H200 (session 25) at
+# 200 positions (ML-1M's shape) and at 512 (430M's); 32 x 128 dK/dV tiles were faster at 200
+# and slower at 512. LAUNCH, when set (the benchmarks), applies at every length.
+LAUNCHES = ((256, {"forward": (128, 64, 4), "dq": (64, 32, 4), "dkdv": (32, 128, 4)}),
+            (None, {"forward": (128, 64, 4), "dq": (64, 64, 4), "dkdv": (64, 64, 4)}))
+LAUNCH: dict | None = None
 MASK_TILE = 128
+
+
+def launch_settings(length: int) -> dict:
+    """Each kernel's (query positions, key positions, warps) at `length` positions."""
+    if LAUNCH is not None:
+        return LAUNCH
+    return next(settings for longest, settings in LAUNCHES if longest is None or length <= longest)
 # Philox rounds per dropout draw, here and in short_attention. Seven, as PyTorch's FlashAttention
 # kernels use: Philox4x32-7 passes TestU01's BigCrush (Salmon et al. 2011); 10, Triton's default,
 # adds a safety margin at 10/7 of the integer work, which dominates these kernels' forward with
@@ -254,12 +266,12 @@ def _scale(qkv: torch.Tensor, heads: int) -> float:
 
 
 def _launch(kernel: str, qkv: torch.Tensor, heads: int, dropout: bool, rows: str = "M") -> tuple[tuple, dict]:
-    """(grid, kernel constants) of `kernel` (a key of LAUNCH) for qkv [B, L, 3H]: a program per
+    """(grid, kernel constants) of `kernel` ("forward", "dq" or "dkdv") for qkv [B, L, 3H]: a program per
     sequence and head and block of `rows` ("M": queries, "N": keys)."""
     batch, length, width = qkv.shape
-    block_m, block_n, warps = LAUNCH[kernel]
+    block_m, block_n, warps = launch_settings(length)[kernel]
     if MASK_TILE % block_n:
-        raise ValueError(f"tiled_attention.LAUNCH[{kernel!r}]: {block_n} key positions do not divide {MASK_TILE}")
+        raise ValueError(f"tiled_attention {kernel!r}: {block_n} key positions do not divide {MASK_TILE}")
     meta = dict(H=width // 3, D=width // 3 // heads, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout,
                 num_warps=warps)
     return (batch * heads, triton.cdiv(length, block_m if rows == "M" else block_n)), meta
