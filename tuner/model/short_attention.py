@@ -9,9 +9,9 @@ Q, K and V (50 x 64 each) and its 50 x 50 scores fit in one program's registers,
   transposes, no log-sum-exp or mask kept for the backward.
 - Backward, `_attention_backward_kernel`: recomputes the softmax and the dropout mask (counter-based
   Philox at `tiled_attention.ROUNDS` rounds, 16-bit uniforms, keyed by a seed drawn on the device
-  each call) and writes dQ, dK and dV
-  into one [B, L, 3H] gradient, which is the fused projection's output gradient as it stands:
-  no concatenation. One program owns all of a head's keys, so there are no atomics.
+  each call) and writes dQ, dK and dV into one [B, L, 3H] gradient, which is the fused
+  projection's output gradient as it stands: no concatenation. One program owns all of a head's
+  keys, so there are no atomics.
 
 The general kernels (PyTorch's memory-efficient and cuDNN attention) tile for long sequences:
 at length 50 they pad to 64-wide tiles, keep a log-sum-exp for the backward and need the Q, K

@@ -15,8 +15,8 @@ search over `model.attn_dropout` compiled its own. These kernels read the rate f
   benchmarks/ml1m.yaml's batch of 128 x 4 heads x 200 positions) for the backward. Each Philox
   call decides eight weights (four 32-bit draws, two 16-bit uniforms each); `keep_tile` lays
   them out as the tile and, from the same draws, as the stored bytes (session 24's version packed
-  the tile into bytes with a reshape and a sum). Q, K and V
-  are read straight out of the fused [B, L, 3H] projection, as in `short_attention`.
+  the tile into bytes with a reshape and a sum). Q, K and V are read straight out of the fused
+  [B, L, 3H] projection, as in `short_attention`.
 - Backward: `_tiled_dq_kernel` (per query block: each row's sum dO . O, then dQ over the key
   blocks) and `_tiled_dkdv_kernel` (per key block: dK and dV over the query blocks), each
   recomputing the weights from the log-sum-exp and reading the mask's bits. Drawing the mask
@@ -59,6 +59,8 @@ def launch_settings(length: int) -> dict:
     if LAUNCH is not None:
         return LAUNCH
     return next(settings for longest, settings in LAUNCHES if longest is None or length <= longest)
+
+
 # Philox rounds per dropout draw, here and in short_attention. Seven, as PyTorch's FlashAttention
 # kernels use: Philox4x32-7 passes TestU01's BigCrush (Salmon et al. 2011); 10, Triton's default,
 # adds a safety margin at 10/7 of the integer work, which dominates these kernels' forward with
@@ -106,7 +108,7 @@ if triton is not None:
         return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
     @triton.jit
-    def _tile_keep(seed, bh, rows, col0, padded, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _keep_at(seed, bh, rows, col0, padded, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    ROUNDS: tl.constexpr):
         """`keep_tile` at rows x [col0, col0 + BLOCK_N) of head `bh`: a Philox counter per (head,
         row, group of 8 columns)."""
@@ -168,7 +170,7 @@ if triton is not None:
             carry = tl.exp2(top - shift)
             total = total * carry + tl.sum(e, axis=1)
             if DROPOUT:
-                kept, packed = _tile_keep(seed, bh, rows, col0, padded, threshold, BLOCK_M, BLOCK_N, ROUNDS)
+                kept, packed = _keep_at(seed, bh, rows, col0, padded, threshold, BLOCK_M, BLOCK_N, ROUNDS)
                 tl.store(_bits_ptrs(BITS, bh, rows, col0, L, padded, BLOCK_N), packed.to(tl.uint8),
                          mask=(rows < L)[:, None])
                 e = tl.where(kept, e, 0.0)
@@ -254,7 +256,7 @@ if triton is not None:
         bh, block_m, block_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        kept, _ = _tile_keep(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, threshold16(tl.load(RATE)), BLOCK_M,
+        kept, _ = _keep_at(tl.load(SEED), bh, rows, block_n * BLOCK_N, padded, threshold16(tl.load(RATE)), BLOCK_M,
                              BLOCK_N, ROUNDS)
         ok = (rows < L)[:, None] & (cols < L)[None, :]
         tl.store(OUT + bh * L * L + rows[:, None] * L + cols[None, :], kept.to(tl.int8), mask=ok)
@@ -266,8 +268,8 @@ def _scale(qkv: torch.Tensor, heads: int) -> float:
 
 
 def _launch(kernel: str, qkv: torch.Tensor, heads: int, dropout: bool, rows: str = "M") -> tuple[tuple, dict]:
-    """(grid, kernel constants) of `kernel` ("forward", "dq" or "dkdv") for qkv [B, L, 3H]: a program per
-    sequence and head and block of `rows` ("M": queries, "N": keys)."""
+    """(grid, kernel constants) of `kernel` ("forward", "dq" or "dkdv") for qkv [B, L, 3H]: a
+    program per sequence and head and block of `rows` ("M": queries, "N": keys)."""
     batch, length, width = qkv.shape
     block_m, block_n, warps = launch_settings(length)[kernel]
     if MASK_TILE % block_n:
