@@ -73,10 +73,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             return row
 
-        rows = [measure("default", default)]
+        base = measure("default", default)
         best = dict(default)
         for kernel, choices in CHOICES.items():
-            tried = [rows[0]] + [measure(kernel, {**default, kernel: choice}) for choice in choices]
+            tried = [base] + [measure(kernel, {**default, kernel: choice}) for choice in choices]
             timing = "fwd_ms" if kernel == "forward" else "fwd_bwd_ms"
             best[kernel] = tuple(min((r for r in tried if "error" not in r), key=lambda r: r[timing])[kernel])
         measure("best", best)

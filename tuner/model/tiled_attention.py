@@ -109,7 +109,7 @@ if triton is not None:
 
     @triton.jit
     def _keep_at(seed, bh, rows, col0, padded, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ROUNDS: tl.constexpr):
+                 ROUNDS: tl.constexpr):
         """`keep_tile` at rows x [col0, col0 + BLOCK_N) of head `bh`: a Philox counter per (head,
         row, group of 8 columns)."""
         group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
@@ -315,13 +315,14 @@ def tiled_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.
         keep8 = keep.view(torch.int8)
         delta = torch.empty_like(lse)
         common = (length, _padded(length), heads, qkv.stride(0), qkv.stride(1), keep8.stride(0))
+        scale = _scale(qkv, heads)
         grid, meta = _launch("dq", qkv, heads, dropout)
         _tiled_dq_kernel[grid](qkv, keep8, bits, rate, out, grad, lse, delta, dqkv, *common, out.stride(0),
-                               out.stride(1), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1),
-                               _scale(qkv, heads), **meta)
+                               out.stride(1), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale,
+                               **meta)
         grid, meta = _launch("dkdv", qkv, heads, dropout, rows="N")
         _tiled_dkdv_kernel[grid](qkv, keep8, bits, rate, grad, lse, delta, dqkv, *common, grad.stride(0),
-                                 grad.stride(1), dqkv.stride(0), dqkv.stride(1), _scale(qkv, heads), **meta)
+                                 grad.stride(1), dqkv.stride(0), dqkv.stride(1), scale, **meta)
     return dqkv
 
 
