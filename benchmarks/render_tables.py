@@ -14,16 +14,17 @@ RESULTS = Path(__file__).parent / "results"
 
 def gpu_table(*names: str, full: bool = True) -> str:
     """The gpu_throughput.py table of one results file, or of several files of one run (one process
-    per size, each with its own matmul rate and command); `full`: with the seed's rows and evaluation."""
+    per file, each with its own matmul rate and command); `full`: with the seed's rows and evaluation."""
     parts = [json.loads((RESULTS / name).read_text()) for name in names or ("gpu_throughput.json",)]
     data = {**parts[0], **{key: [r for part in parts for r in part[key]] for key in ("rows", "peer_rows", "eval")}}
     code = f" (code {data['code_commit']})" if data.get("code_commit") else ""
     if len(parts) == 1:
         run = f"measured bf16 matmul rate {data['matmul_bf16_tflops']:.0f} TFLOP/s; `{data['command']}`{code}."
     else:
-        rates = ", ".join(f"{part['rows'][0]['size']} {part['matmul_bf16_tflops']:.0f}" for part in parts)
+        rates = ", ".join(f"{'/'.join(dict.fromkeys(r['size'] for r in part['rows']))} {part['matmul_bf16_tflops']:.0f}"
+                          for part in parts)
         commands = "; ".join(f"`{part['command']}`" for part in parts)
-        run = f"one process per size, bf16 matmul rate measured in each (TFLOP/s): {rates}; {commands}{code}."
+        run = f"one process per file, bf16 matmul rate measured in each (TFLOP/s): {rates}; {commands}{code}."
     lines = [f"Device: {data['device']} (torch {data['torch']}), catalog {data['num_items']:,}, sequence "
              f"{data['seq_len']}; {run}", "",
              "| size | batch | variant | ms/step | samples/s | peak GB | MFU | seed peer (best mode) samples/s | "
@@ -45,6 +46,24 @@ def gpu_table(*names: str, full: bool = True) -> str:
     lines += ["", "| size | full-ranking evaluation, users/s (batch 1024, bf16) |", "|---|---|"]
     for r in data["eval"]:
         lines.append(f"| {r['size']} | {r['users_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def ratio_runs_table(*names: str, size: str = "430M", variant: str = "amp_compile_graphs") -> str:
+    """One size and variant of our step in several gpu_throughput.py runs: against the seed's step in
+    each run (each ratio measured side by side), then the median of the runs' ratios."""
+    lines = ["| run | device | variant | ms/step | seed peer ms/step | MFU | speed-up |", "|---|---|---|---|---|---|---|"]
+    ratios = []
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        peers = {(r["size"], r["variant"]): r for r in data["peer_rows"]}
+        for r in (r for r in data["rows"] if (r["size"], r["variant"]) == (size, variant)):
+            peer = peers[(r["size"], r["peer_variant"])]
+            ratios.append(r["speedup_vs_peer"])
+            lines.append(f"| {Path(name).stem} (code {data.get('code_commit', '?')}) | {data['device']} | {r['size']} "
+                         f"{r['variant']} | {r['step_ms']:.2f} | {peer['step_ms']:.2f} ({r['peer_variant']}) | "
+                         f"{100 * r['mfu']:.1f}% | {r['speedup_vs_peer']:.2f}x |")
+    lines.append(f"| median of {len(ratios)} runs' ratios | | | | | | **{statistics.median(ratios):.2f}x** |")
     return "\n".join(lines)
 
 
@@ -423,6 +442,12 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--tiled-attention-tiles-rounds": lambda: tiled_tiles_table("attention_dropout_h200/tiled_attention_tiles.json"),
           "--tiled-attention-launch": lambda: tiled_launch_table("attention_dropout_h200/tiled_attention_launch.json"),
           "--gpu-h200-430M-session25": lambda: gpu_table("gpu_throughput_h200/430M_session25.json"),
+          "--gpu-h100-session26": lambda: gpu_table("h100_session26/gpu_throughput_430M_130M.json",
+                                                    "h100_session26/gpu_throughput_85M_5M.json"),
+          "--gpu-h100-430M-runs": lambda: ratio_runs_table(*(f"h100_session26/gpu_throughput_430M_{run}.json"
+                                                             for run in ("130M", "run2", "run3"))),
+          "--ray-turns-h100": lambda: turns_table("h100_session26/turns130_share05_e16.json",
+                                                  "h100_session26/turns130_share05_e40.json"),
           "--seed-options": variants_table, "--losses": lambda: variants_table("ml1m_losses.json"),
           "--losses-gpu": lambda: variants_table("ml1m_losses_gpu.json"),
           "--refit": lambda: variants_table("ml1m_refit.json"), "--model": lambda: variants_table("ml1m_model.json"),

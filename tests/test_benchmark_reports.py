@@ -201,5 +201,7 @@ def test_every_readme_table_renders_from_the_committed_result_files():
 
     for option, render in render_tables.TABLES.items():
         assert render().strip(), option
+    # session 26's three H100 runs of the 430M step: the median of the runs' own ratios
+    assert "| median of 3 runs' ratios | | | | | | **3.96x** |" in render_tables.TABLES["--gpu-h100-430M-runs"]()
     start = render_tables.TABLES["--start-h200"]()
     assert "| cpp_isa_checks | 2 | warm | 66.0 | 53.0 | 41.5 | 10.11 |" in start
