@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,26 +55,47 @@ def short_kernel(qkv, keep, heads: int, dropout: float):
     return short_attention.attend(qkv, keep, short_attention.new_seed(qkv.device), rate, heads, dropout > 0)
 
 
-def measure(size: str, length: int, dropout: float, device: torch.device,
-            backends: tuple[str, ...] = ()) -> list[dict]:
+@dataclass
+class Inputs:
+    """One shape's attention inputs (bf16, seed 0) in both layouts: SDPA's [B, heads, L, d] leaves
+    with a [B, 1, 1, L] mask, and the same numbers as the fused projection's [B, L, 3H] output
+    (`packed`) with a [B, L] mask and a [B, L, H] output gradient, the layout the model hands the
+    Triton kernels (so SDPA's rows leave out the transposes and the gradients' concatenation that
+    the model pays for)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: torch.Tensor
+    grad: torch.Tensor
+    packed: torch.Tensor
+    keep_rows: torch.Tensor
+    packed_grad: torch.Tensor
+    heads: int
+
+
+def inputs(size: str, length: int, device: torch.device) -> Inputs:
+    """`size`'s shape (PRESETS' heads and width, SHAPES' batch) at `length` positions, left-padded
+    to random lengths as the collate path pads."""
     preset, batch = PRESETS[size], SHAPES[size]
     heads, head_dim = preset["heads"], preset["hidden"] // preset["heads"]
     gen = torch.Generator().manual_seed(0)
     shape = (batch, heads, length, head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(device, torch.bfloat16).requires_grad_() for _ in range(3))
-    lengths = torch.randint(1, length + 1, (batch,), generator=gen)  # left padding, as the collate path pads
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
     keep = (torch.arange(length)[None, :] >= (length - lengths)[:, None])[:, None, None, :].to(device)
     grad = torch.randn(shape, generator=gen).to(device, torch.bfloat16)
-    # the Triton kernel reads the fused projection's [B, L, 3H] output and writes [B, L, H]: the
-    # same numbers in the layout the model hands it (SDPA's rows below take [B, heads, L, d] leaves,
-    # so they leave out the transposes and the gradients' concatenation that the model pays for)
     packed = torch.cat([t.detach().transpose(1, 2).reshape(batch, length, -1) for t in (q, k, v)], -1)
-    packed.requires_grad_()
     packed_grad = grad.transpose(1, 2).reshape(batch, length, -1).contiguous()
-    keep_rows = keep.view(batch, length)
+    return Inputs(q, k, v, keep, grad, packed.requires_grad_(), keep.view(batch, length), packed_grad, heads)
+
+
+def measure(size: str, length: int, dropout: float, device: torch.device,
+            backends: tuple[str, ...] = ()) -> list[dict]:
+    preset, x = PRESETS[size], inputs(size, length, device)
+    q, k, v, keep, grad = x.q, x.k, x.v, x.keep, x.grad
     calls = {name: (attention, (q, k, v, keep, backend, dropout), (q, k, v), grad)
              for name, backend in ATTENTION_BACKENDS.items() if backend is not None and name != "triton"}
-    calls["triton"] = (short_kernel, (packed, keep_rows, heads, dropout), (packed,), packed_grad)
+    calls["triton"] = (short_kernel, (x.packed, x.keep_rows, x.heads, dropout), (x.packed,), x.packed_grad)
     calls = {name: call for name, call in calls.items() if not backends or name in backends}
     rows = []
     for name, (call, args, leaves, out_grad) in calls.items():

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attention_backends import PRESETS, SHAPES  # noqa: E402
+from attention_backends import SHAPES, inputs  # noqa: E402
 from gpu_report import graph_ms, start_report  # noqa: E402
 
 from tuner.model import short_attention, tiled_attention  # noqa: E402
@@ -32,17 +32,6 @@ from tuner.model import short_attention, tiled_attention  # noqa: E402
 CHOICES = {"forward": [(128, 64, 4), (128, 64, 8), (128, 128, 8)],
            "dq": [(128, 32, 4), (128, 64, 8), (64, 32, 4)],
            "dkdv": [(32, 128, 4), (64, 128, 8), (32, 64, 4)]}
-
-
-def inputs(size: str, length: int, device: torch.device):
-    """(qkv [B, L, 3H] leaf, keep [B, L], output gradient, heads) at `size`'s shape."""
-    preset, batch = PRESETS[size], SHAPES[size]
-    gen = torch.Generator().manual_seed(0)
-    qkv = torch.randn(batch, length, 3 * preset["hidden"], generator=gen).to(device, torch.bfloat16).requires_grad_()
-    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
-    keep = (torch.arange(length)[None, :] >= (length - lengths)[:, None]).to(device)
-    grad = torch.randn(batch, length, preset["hidden"], generator=gen).to(device, torch.bfloat16)
-    return qkv, keep, grad, preset["heads"]
 
 
 def main() -> None:
@@ -55,7 +44,8 @@ def main() -> None:
     device, report = start_report("tiled_attention_tiles.py", [s for s, _ in shapes], SHAPES)
     report.update(dropout=args.dropout, dtype="bfloat16", rounds=tiled_attention.ROUNDS, rows=[])
     for size, length in shapes:
-        qkv, keep, grad, heads = inputs(size, length, device)
+        x = inputs(size, length, device)
+        qkv, keep, grad, heads = x.packed, x.keep_rows, x.packed_grad, x.heads
         rate = torch.full((), args.dropout, dtype=torch.float32, device=device)
         seed = short_attention.new_seed(device)
         call = lambda: tiled_attention.tiled_attention(qkv, keep, seed, rate, heads, args.dropout > 0)[0]  # noqa: E731
