@@ -289,7 +289,7 @@ def main() -> None:
                 r = {"step_ms": None, "samples_per_s": None, "peak_mem_mb": None, "mfu": None,
                      "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
             row = {"size": size, "variant": variant, "batch_size": batch, "step_ms": r["step_ms"],
-                   "window_ms": r.get("window_ms"), "warmup_s": r.get("warmup_s"),
+                   "window_ms": r.get("window_ms"), "host_ms": r.get("host_ms"), "warmup_s": r.get("warmup_s"),
                    "samples_per_s": r["samples_per_s"], "peak_mem_mb": r["peak_mem_mb"], "mfu": r.get("mfu"),
                    "peer_samples_per_s": peer_best and peer_best["samples_per_s"],
                    "peer_variant": peer_best and peer_best["variant"],

@@ -44,7 +44,26 @@ def test_train_json_last_line(tmp_path):
         assert key in result
 
 
+def test_bench_reports_consistent_timings_and_the_hosts_share():
+    """`tuner bench` (issue 5's benchmark entry) on a CPU: the median step, samples/s from it, one
+    timing per window of 5 steps, and the host's time to issue a step, which can never exceed the
+    step's own (it is the same window before the wait for the device)."""
+    proc = tuner("bench", "--size", "tiny", "--batch-size", "32", "--num-items", "500", "--steps", "11",
+                 "--warmup", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["window_ms"]) == 2  # 10 timed steps, windows of 5
+    assert result["step_ms"] == pytest.approx(sorted(result["window_ms"])[0] / 2 + sorted(result["window_ms"])[1] / 2)
+    assert result["samples_per_s"] == pytest.approx(32 / result["step_ms"] * 1e3)
+    assert 0 < result["host_ms"] <= result["step_ms"]
+    assert result["model_tflop_per_step"] > 0 and result["predicted_positions"] > 0
+    text = tuner("bench", "--size", "tiny", "--batch-size", "8", "--num-items", "100", "--steps", "2", "--warmup", "1")
+    assert text.returncode == 0 and " ms/step (host " in text.stdout and " ms to issue it), " in text.stdout, text.stderr
+
+
 @pytest.mark.parametrize("args, fragments", [
+    (["bench", "--steps", "0"], ["--steps must be at least 1"]),
+    (["bench", "--loss", "focal2"], ["unknown loss 'focal2'"]),
     (["train", "--set", "optim.lrr=1"], ["unknown config key 'optim.lrr'", "optim.lr"]),
     (["train", "--size", "12M"], ["model.size='12M' is not one of", "430M"]),
     (["train", "--set", "optim.lr=-3"], ["optim.lr=-3.0 must be positive"]),

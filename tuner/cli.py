@@ -270,7 +270,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     result = run_bench(spec)
     if not args.json:
         print(f"{result['size']} V={result['num_items']} B={result['batch_size']} L={result['seq_len']} "
-              f"{result['amp']} compile={result['compile']}: {result['step_ms']:.2f} ms/step, "
+              f"{result['amp']} compile={result['compile']}: {result['step_ms']:.2f} ms/step "
+              f"(host {result['host_ms']:.2f} ms to issue it), "
               f"{result['samples_per_s']:.0f} samples/s, peak {result['peak_mem_mb']:.0f} MB")
     return result
 
