@@ -3,7 +3,7 @@
 Batches come from the real collate path (`train_batches`: padding + cloze masking on int32
 arrays) over random histories; the step is the loop's own `TrainStep` (forward, backward,
 clipping, optimizer and scheduler update). Reports the median step time, the host's time to
-issue a step (where it nears the step time, the host is the bound), samples/s, peak memory
+issue a step, samples/s, peak memory
 (GPU: max allocated; CPU: peak RSS growth), the first step's loss, model FLOPs per step and,
 on a GPU, MFU against the bf16 matmul rate measured in the same process.
 """
@@ -170,7 +170,9 @@ def run_bench(spec: BenchSpec, peak_tflops: Optional[float] = None, device: Opti
     timed = batches[spec_warmup:]
     window = max(1, min(spec.window, len(timed)))
     # and the host's share of it: the time to issue the window's steps, before waiting for the
-    # GPU. Near the step time the host is the bound; well under it, the GPU is
+    # GPU. Well under the step time, the GPU is the bound. Near it, the host is, or the driver's
+    # launch queue filled and held the host back (a step of hundreds of kernels without CUDA
+    # graphs can fill it within a window; a CUDA-graph step queues a few launches)
     times, issued = [], []
     for start in range(0, len(timed) - window + 1, window):
         sync()
