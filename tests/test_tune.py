@@ -190,12 +190,13 @@ def test_driver_killed_mid_experiment_resumes_without_duplicates(tmp_path):
 
 @pytest.mark.slow
 def test_training_worker_killed_mid_trial_resumes_from_its_checkpoint(tmp_path):
+    import contextlib
     import os
     import signal
     import subprocess
     import time
 
-    from tests.tune_helpers import tuner_cmd
+    from tests.tune_helpers import experiment_snapshot, session_processes, tuner_cmd
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
@@ -209,18 +210,27 @@ def test_training_worker_killed_mid_trial_resumes_from_its_checkpoint(tmp_path):
         while time.time() < deadline and killed is None:
             checkpoints = list((storage / "K" / "train").glob("trial-*/checkpoint_*"))
             if len(checkpoints) >= 2:  # two epochs done: kill the worker mid-training
-                ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-                workers = [int(line.split()[0]) for line in ps.splitlines() if "RayTrainWorker" in line]
+                # this run's worker only: Ray's processes share the session of the driver that started them
+                workers = [pid for pid, title in session_processes(run.pid) if "RayTrainWorker" in title]
                 if workers:
                     os.kill(workers[0], signal.SIGKILL)
                     killed = workers[0]
             assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
             time.sleep(0.2)
         assert killed, "never saw a training worker to kill"
-        out, _ = run.communicate(timeout=600)
+        try:  # the whole run takes about a minute on 2 cores; a hang fails with what the run was doing
+            out, _ = run.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            titles = "\n".join(f"{pid} {title}" for pid, title in session_processes(run.pid))
+            pytest.fail(f"tuner tune still running 240 s after the worker {killed} was killed\n"
+                        f"{experiment_snapshot(storage / 'K')}\nprocesses:\n{titles}\n"
+                        f"stderr tail:\n{(tmp_path / 'run.log').read_text()[-4000:]}")
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
+            for pid, _ in session_processes(run.pid):  # Ray's workers have process groups of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert run.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["trials_completed"] == 1 and summary["trials_error"] == 0

@@ -55,6 +55,16 @@ def experiment_snapshot(exp_dir) -> str:
     return "\n".join(lines)
 
 
+def session_processes(sid: int) -> list[tuple[int, str]]:
+    """(pid, title) of the live processes in session `sid`: a driver started with
+    `start_new_session=True` and the local Ray it started (whose workers have process groups of
+    their own, so `killpg` alone misses them)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 3) for line in ps.splitlines()]
+    return [(int(r[0]), r[3] if len(r) > 3 else "") for r in rows
+            if len(r) >= 3 and r[1] == str(sid) and not r[2].startswith("Z")]
+
+
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
