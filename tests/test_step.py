@@ -237,6 +237,9 @@ if sys.argv[1] == "bypass":  # as before AOT_CACHE_SETTINGS
     step_module.AOT_CACHE_SETTINGS = {}
 if sys.argv[1] == "threads_in_key":  # as before SHARED_CACHE_SETTINGS
     step_module.SHARED_CACHE_SETTINGS = {}
+if sys.argv[1] == "pinned_unmarked":  # as before SDPA_PIN_FUNCTIONS
+    step_module.SHARED_CACHE_SETTINGS = {k: v for k, v in step_module.SHARED_CACHE_SETTINGS.items()
+                                         if k != "unsafe_marked_cacheable_functions"}
 
 
 class Tied(torch.nn.Module):  # the objective's shape: rows in, the whole table out as the head
@@ -246,6 +249,11 @@ class Tied(torch.nn.Module):  # the objective's shape: rows in, the whole table 
 
     def forward(self, items, positions, labels):
         rows, head = TiedItemTable.apply(self.table, items, 8, torch.float32)
+        if sys.argv[1].startswith("pinned"):  # attention on SDPA, its backend pinned as the model pins it on a GPU
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                rows = F.scaled_dot_product_attention(rows[:, None], rows[:, None], rows[:, None])[:, 0]
         return F.cross_entropy(rows.mean(1) @ head[:50].t(), labels)
 
 
@@ -269,6 +277,19 @@ def test_a_new_process_finds_the_step_with_the_tied_table_in_aotautograds_cache(
     assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"]
     assert second["losses"] == first["losses"]
     assert _fresh_process(_TIED_STEP, "bypass", tmp_path / "b")["aot"].get("autograd_cache_bypass", 0) >= 1
+
+
+def test_a_new_process_finds_the_step_that_pins_sdpas_backend_in_aotautograds_cache(tmp_path):
+    """Where attention falls back to SDPA on a GPU the model pins its backend with `sdpa_kernel`, and
+    AOTAutograd's cache passed over the step: every new process traced the joint graph again. With
+    the pinning functions marked cacheable a second process hits it and trains as the first; the
+    control, without the marks, still bypasses it."""
+    first, second = (_fresh_process(_TIED_STEP, "pinned", tmp_path / "a") for _ in range(2))
+    assert first["aot"].get("autograd_cache_saved", 0) >= 1 and "autograd_cache_bypass" not in first["aot"], first
+    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second["aot"], second
+    assert second["losses"] == first["losses"]
+    control = _fresh_process(_TIED_STEP, "pinned_unmarked", tmp_path / "b")
+    assert control["aot"].get("autograd_cache_bypass", 0) >= 1, control
 
 
 def _second_loads_the_first(cache, first: tuple, second: tuple) -> None:

@@ -60,7 +60,18 @@ AOT_CACHE_SETTINGS = {"autograd_cache_allow_custom_autograd_functions": True}
 # key leaves the count out, and the worker loads every graph (tests/test_cache_keys.py).
 # On an H200 (torch 2.11) the worker still compiled again, for another reason (a bare process with
 # OMP_NUM_THREADS=1 loaded every graph there): the memory formats' pickling, below.
-SHARED_CACHE_SETTINGS = {"cpp.dynamic_threads": True}
+#
+# Where attention falls back to SDPA on a GPU (V100s, sequences over 512, `model.attention=
+# efficient|cudnn|flash`), the model pins SDPA's backend with `sdpa_kernel`, which Dynamo records in the
+# graph as calls to two private functions of torch.nn.attention. AOTAutograd's cache passes over a
+# graph that calls functions it does not know ("Unsupported call_function target
+# _backend_from_string"), so every new process (every trial) traced the step's joint graph again.
+# The calls' arguments, the backends, are constants of the graph that keys the cache, and they only
+# set the flags that pick SDPA's kernel while AOTAutograd traces: marked cacheable (the value keys them
+# on torch's version), the pinned step is cached as any other (tests/test_step.py shows it on a CPU).
+SDPA_PIN_FUNCTIONS = ("torch.nn.attention._backend_from_string", "torch.nn.attention._sdpa_kernel")
+SHARED_CACHE_SETTINGS = {"cpp.dynamic_threads": True,
+                         "unsafe_marked_cacheable_functions": {name: torch.__version__ for name in SDPA_PIN_FUNCTIONS}}
 
 
 def memory_format_named(name: str) -> torch.memory_format:
