@@ -507,4 +507,10 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
 if __name__ == "__main__":
     import sys
 
-    print(TABLES.get(sys.argv[1] if len(sys.argv) > 1 else "--gpu", TABLES["--gpu"])())
+    option = sys.argv[1] if len(sys.argv) > 1 else "--gpu"
+    if option in ("-h", "--help"):
+        print(f"usage: render_tables.py [TABLE] (default --gpu); tables: {' '.join(TABLES)}")
+    elif option not in TABLES:
+        sys.exit(f"render_tables.py: no table {option!r}; run with --help for the list")
+    else:
+        print(TABLES[option]())

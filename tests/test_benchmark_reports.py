@@ -205,3 +205,18 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     assert "| median of 3 runs' ratios | | | | | | **3.96x** |" in render_tables.TABLES["--gpu-h100-430M-runs"]()
     start = render_tables.TABLES["--start-h200"]()
     assert "| cpp_isa_checks | 2 | warm | 66.0 | 53.0 | 41.5 | 10.11 |" in start
+
+
+def test_render_tables_names_its_tables_and_refuses_an_unknown_one():
+    """`render_tables.py --help` lists every table; an unknown name is a one-line error (it used to
+    print the default table, so a mistyped option looked like an answer)."""
+    script = str(ROOT / "benchmarks" / "render_tables.py")
+    import render_tables
+
+    listed = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and all(option in listed.stdout for option in render_tables.TABLES)
+    wrong = subprocess.run([sys.executable, script, "--gpu-h100-sesion26"], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode != 0 and not wrong.stdout
+    assert wrong.stderr.strip().splitlines() == ["render_tables.py: no table '--gpu-h100-sesion26'; run with --help "
+                                                 "for the list"]
