@@ -61,8 +61,8 @@ AOT_CACHE_SETTINGS = {"autograd_cache_allow_custom_autograd_functions": True}
 # On an H200 (torch 2.11) the worker still compiled again, for another reason (a bare process with
 # OMP_NUM_THREADS=1 loaded every graph there): the memory formats' pickling, below.
 #
-# Where attention falls back to SDPA on a GPU (V100s, sequences over 512, `model.attention=
-# efficient|cudnn|flash`), the model pins SDPA's backend with `sdpa_kernel`, which Dynamo records in the
+# Where attention falls back to SDPA on a GPU (V100s, fp32, sequences over 512, `model.attention=
+# efficient|cudnn|math`), the model pins SDPA's backend with `sdpa_kernel`, which Dynamo records in the
 # graph as calls to two private functions of torch.nn.attention. AOTAutograd's cache passes over a
 # graph that calls functions it does not know ("Unsupported call_function target
 # _backend_from_string"), so every new process (every trial) traced the step's joint graph again.
