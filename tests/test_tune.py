@@ -190,13 +190,12 @@ def test_driver_killed_mid_experiment_resumes_without_duplicates(tmp_path):
 
 @pytest.mark.slow
 def test_training_worker_killed_mid_trial_resumes_from_its_checkpoint(tmp_path):
-    import contextlib
     import os
     import signal
     import subprocess
     import time
 
-    from tests.tune_helpers import experiment_snapshot, session_processes, tuner_cmd
+    from tests.tune_helpers import experiment_snapshot, kill_session, session_processes, tuner_cmd
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
@@ -227,10 +226,7 @@ def test_training_worker_killed_mid_trial_resumes_from_its_checkpoint(tmp_path):
                         f"stderr tail:\n{(tmp_path / 'run.log').read_text()[-4000:]}")
     finally:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            for pid, _ in session_processes(run.pid):  # Ray's workers have process groups of their own
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_session(run.pid)  # Ray's workers have process groups of their own
     assert run.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["trials_completed"] == 1 and summary["trials_error"] == 0

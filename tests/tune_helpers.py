@@ -23,10 +23,9 @@ def run_tuner(*args: str, timeout: int = 600, cwd=ROOT, env=None) -> subprocess.
 
 
 def run_tuner_logged(*args: str, log_dir, timeout: int = 420, watch=None) -> subprocess.CompletedProcess:
-    """`run_tuner`, but its own session with output in files: on a timeout the whole process group
-    (the driver and the local Ray it started) is killed, so nothing outlives the test, and the
-    failure shows the output's tail and what `watch` (an experiment directory) holds."""
-    import signal
+    """`run_tuner`, but its own session with output in files: on a timeout the whole session (the
+    driver and the local Ray it started) is killed, so nothing outlives the test, and the failure
+    shows the output's tail and what `watch` (an experiment directory) holds."""
     from pathlib import Path
 
     log_dir = Path(log_dir)
@@ -36,7 +35,7 @@ def run_tuner_logged(*args: str, log_dir, timeout: int = 420, watch=None) -> sub
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             proc.wait()
             raise AssertionError(f"tuner {' '.join(args[:1])} still running after {timeout} s\n"
                                  f"{experiment_snapshot(watch) if watch else ''}\n"
@@ -63,6 +62,19 @@ def session_processes(sid: int) -> list[tuple[int, str]]:
     rows = [line.split(None, 3) for line in ps.splitlines()]
     return [(int(r[0]), r[3] if len(r) > 3 else "") for r in rows
             if len(r) >= 3 and r[1] == str(sid) and not r[2].startswith("Z")]
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`: the driver's process group first (so it starts
+    nothing more), then what is left, Ray's workers among it."""
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    for pid, _ in session_processes(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
