@@ -34,6 +34,13 @@ GPU back inductor's CPU-ISA checks, which every process paid before 3bd5dc7 (row
 
 `--aot-bypass` gives back AOTAutograd's cache bypass of graphs with a custom autograd.Function
 (the step's `TiedItemTable`), as before `tuner.train.step.AOT_CACHE_SETTINGS` (rows `<wrapper>_aot_bypass`).
+`--sdpa-unmarked` leaves SDPA's backend-pinning functions unmarked in inductor's cacheable
+functions, as before `tuner.train.step.SDPA_PIN_FUNCTIONS` (rows `<wrapper>_sdpa_unmarked`): with a
+trial on a pinned SDPA kernel (`--trials model.attention=efficient`), AOTAutograd's cache passes
+over the step in every process:
+
+    python benchmarks/compile_start.py --device cuda --size 130M --num-items 159750 --batch-size 256 \
+        --wrappers off --processes 2 --trials model.attention=efficient --sdpa-unmarked
 
 `--summarize FILE...` runs nothing: it prints the medians over earlier runs' files, and with
 `--step-files` (gpu_throughput.py files with alternating `amp_compile` and
@@ -62,13 +69,14 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def child(spec_json: str, launched: float, profile: str | None = None, isa_checks: bool = False,
-          aot_bypass: bool = False) -> None:
+          aot_bypass: bool = False, sdpa_unmarked: bool = False) -> None:
     """One process: prepare the `tuner bench` step, time the first two steps and the next ones.
     With `profile` (a file name), cProfile runs from the model's preparation to the end of the first
     two steps; its summary goes to that file and its longest calls into the row (`profile_top`).
     `isa_checks`: the C++ wrapper on a GPU as before 3bd5dc7, with inductor's CPU-ISA checks.
     `aot_bypass`: AOTAutograd's cache passes over the step (its custom autograd.Function), as
-    before `tuner.train.step.AOT_CACHE_SETTINGS`."""
+    before `tuner.train.step.AOT_CACHE_SETTINGS`. `sdpa_unmarked`: SDPA's backend-pinning functions
+    are not marked cacheable, as before `tuner.train.step.SDPA_PIN_FUNCTIONS`."""
     import torch
 
     import tuner.train.step as step_module
@@ -78,6 +86,9 @@ def child(spec_json: str, launched: float, profile: str | None = None, isa_check
         step_module.CUDA_CPP_WRAPPER = {"cpp_wrapper": True}
     if aot_bypass:
         step_module.AOT_CACHE_SETTINGS = {}
+    if sdpa_unmarked:
+        step_module.SHARED_CACHE_SETTINGS = {k: v for k, v in step_module.SHARED_CACHE_SETTINGS.items()
+                                             if k != "unsafe_marked_cacheable_functions"}
 
     spec = BenchSpec(**json.loads(spec_json))
     device = torch.device(spec.device)
@@ -284,14 +295,19 @@ def main() -> None:
     parser.add_argument("--aot-bypass", action="store_true",
                         help="AOTAutograd's cache without custom autograd.Functions, as before "
                              "tuner.train.step.AOT_CACHE_SETTINGS (rows: wrapper <name>_aot_bypass)")
+    parser.add_argument("--sdpa-unmarked", action="store_true",
+                        help="SDPA's backend-pinning functions not marked cacheable, as before "
+                             "tuner.train.step.SDPA_PIN_FUNCTIONS (rows: wrapper <name>_sdpa_unmarked)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child-profile", help=argparse.SUPPRESS)
     parser.add_argument("--child-isa-checks", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-aot-bypass", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-sdpa-unmarked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.launched, args.child_profile, args.child_isa_checks, args.child_aot_bypass)
+        child(args.child, args.launched, args.child_profile, args.child_isa_checks, args.child_aot_bypass,
+              args.child_sdpa_unmarked)
         return
     if args.summarize:
         missing = [f for f in args.summarize + args.step_files if not Path(f).is_file()]
@@ -325,12 +341,15 @@ def main() -> None:
                         "device": args.device, "overrides": [f"train.cpp_wrapper={wrapper}", *trial.split()]}
                 name = "python" if wrapper == "off" else "cpp_isa_checks" if args.isa_checks else "cpp"
                 name += "_aot_bypass" if args.aot_bypass else ""
+                name += "_sdpa_unmarked" if args.sdpa_unmarked else ""
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec),
                        "--launched", repr(time.time())]
                 if args.isa_checks:
                     cmd.append("--child-isa-checks")
                 if args.aot_bypass:
                     cmd.append("--child-aot-bypass")
+                if args.sdpa_unmarked:
+                    cmd.append("--child-sdpa-unmarked")
                 if args.profile_dir:
                     cmd += ["--child-profile", str(Path(args.profile_dir).resolve() / f"{name}_{n + 1}.txt")]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

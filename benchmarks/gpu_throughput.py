@@ -191,7 +191,7 @@ def profile_text(prof, steps: int, cuda: bool = True) -> str:
 def kernel_timeline(trace: dict, steps: int) -> str:
     """Per step, from a Chrome trace's kernel events (all streams): how many kernels ran, the time
     at least one kernel ran (the union of their intervals) and the time between the first kernel's
-    start and the last one's end that no kernel covered (launch gaps, waits)."""
+    start and the last one's end that no kernel covered (launch gaps, waits); then `gap_summary`."""
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
                    if e.get("cat") == "kernel" and e.get("ph") == "X")
     if not spans:
@@ -202,7 +202,36 @@ def kernel_timeline(trace: dict, steps: int) -> str:
         end = max(end, stop)
     idle = end - spans[0][0] - busy
     return (f"Kernel timeline per step: {len(spans) / steps:.0f} kernels, {busy / 1e3 / steps:.2f} ms with a kernel "
-            f"running, {idle / 1e3 / steps:.2f} ms between kernels with none running\n\n")
+            f"running, {idle / 1e3 / steps:.2f} ms between kernels with none running\n" + gap_summary(trace, steps) + "\n")
+
+
+# a gap shorter than this between one GPU operation's end and the next one's start is the GPU's own
+# spacing between work already queued (inside a CUDA graph, or launched ahead by the host); longer
+# ones are waits for the host, which the profiler's own host work lengthens
+SHORT_GAP_US = 5.0
+
+
+def gap_summary(trace: dict, steps: int) -> str:
+    """Per step, the gaps between consecutive GPU operations (kernels, memsets, copies) of a
+    Chrome trace: how many are shorter than SHORT_GAP_US and what they add up to, the same for the
+    longer ones, and how many operations are memsets (each one more gap)."""
+    ops = sorted((e["ts"], e["ts"] + e["dur"], e.get("cat")) for e in trace.get("traceEvents", [])
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"))
+    gaps = [later[0] - earlier[1] for earlier, later in zip(ops, ops[1:]) if later[0] > earlier[1]]
+    short = [g for g in gaps if g < SHORT_GAP_US]
+    long = [g for g in gaps if g >= SHORT_GAP_US]
+    memsets = sum(1 for op in ops if op[2] == "gpu_memset")
+    return (f"GPU operations per step: {len(ops) / steps:.0f} ({memsets / steps:.0f} memsets); gaps under "
+            f"{SHORT_GAP_US:g} us: {len(short) / steps:.0f}, {sum(short) / 1e3 / steps:.2f} ms; longer gaps: "
+            f"{len(long) / steps:.0f}, {sum(long) / 1e3 / steps:.2f} ms\n")
+
+
+def timeline_of(path: Path, steps: int) -> str:
+    """`kernel_timeline` of a saved trace (`write_profile`'s .json.gz)."""
+    import gzip
+
+    with gzip.open(path, "rt") as packed:
+        return kernel_timeline(json.load(packed), steps)
 
 
 def write_profile(prof, stem: Path, head: str, steps: int, cuda: bool = True) -> Path:
@@ -244,7 +273,16 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile")
     parser.add_argument("--profile-variant", action="append", default=[],
                         help="variant to profile (repeatable; default amp_compile)")
+    parser.add_argument("--timeline", metavar="TRACE", help="print the kernel timeline of a saved profile trace "
+                        "(profile_*.json.gz; --profile-steps steps in it) and exit")
+    parser.add_argument("--profile-steps", type=int, default=6, help="steps in the --timeline trace (default 6)")
     args = parser.parse_args()
+    if args.timeline:
+        try:
+            print(timeline_of(Path(args.timeline), args.profile_steps), end="")
+        except (OSError, ValueError) as exc:
+            sys.exit(f"gpu_throughput.py: cannot read the trace {args.timeline}: {exc}")
+        return
     device = torch.device("cuda")
     for size in args.profile:
         for variant in args.profile_variant or ["amp_compile"]:
