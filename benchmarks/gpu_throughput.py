@@ -226,6 +226,23 @@ def gap_summary(trace: dict, steps: int) -> str:
             f"{len(long) / steps:.0f}, {sum(long) / 1e3 / steps:.2f} ms\n")
 
 
+def read_add_norm_settings(path: str) -> dict:
+    """{size: {"forward": ..., "backward": ...}} from an add_norm_kernels.py report's `best`."""
+    try:
+        best = json.loads(Path(path).read_text())["best"]
+        return {size: {"forward": dict(b["forward"]), "backward": dict(b["backward"])} for size, b in best.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"gpu_throughput.py: no add_norm launch settings in {path}: {exc.__class__.__name__}: {exc}")
+
+
+def use_add_norm_settings(settings: dict | None) -> None:
+    """Give tuner.model.add_norm's kernels these launch settings (None: the defaults) from now on."""
+    from tuner.model import add_norm
+
+    defaults = use_add_norm_settings.__dict__.setdefault("defaults", (dict(add_norm.FORWARD), dict(add_norm.BACKWARD)))
+    add_norm.FORWARD, add_norm.BACKWARD = (settings["forward"], settings["backward"]) if settings else defaults
+
+
 def timeline_of(path: Path, steps: int) -> str:
     """`kernel_timeline` of a saved trace (`write_profile`'s .json.gz)."""
     import gzip
@@ -276,7 +293,11 @@ def main() -> None:
     parser.add_argument("--timeline", metavar="TRACE", help="print the kernel timeline of a saved profile trace "
                         "(profile_*.json.gz; --profile-steps steps in it) and exit")
     parser.add_argument("--profile-steps", type=int, default=6, help="steps in the --timeline trace (default 6)")
+    parser.add_argument("--add-norm-settings", metavar="FILE",
+                        help="launch settings for tuner.model.add_norm's kernels from an add_norm_kernels.py report "
+                             "(its `best` for each size that has one; the others keep the defaults)")
     args = parser.parse_args()
+    launch = read_add_norm_settings(args.add_norm_settings) if args.add_norm_settings else {}
     if args.timeline:
         try:
             print(timeline_of(Path(args.timeline), args.profile_steps), end="")
@@ -300,9 +321,12 @@ def main() -> None:
     def save():
         out.write_text(json.dumps(report, indent=2) + "\n")
 
+    if launch:
+        report["add_norm_settings"] = {"file": args.add_norm_settings, **launch}
     for size in args.sizes:
         batch = seed_batch_size(size)
         preset = SIZES[size]
+        use_add_norm_settings(launch.get(size))
         peer_best = None
         for variant in args.seed_variants:
             batches, originals = seed_batches(batch, 50, args.steps + args.warmup)
