@@ -184,15 +184,18 @@ def compile_phases(top: int = 10) -> dict:
 def summarize(files: list[str], step_files: list[str]) -> dict:
     """Medians over the rows of earlier runs' files, per wrapper and cache state: seconds to the end
     of the first two steps, of them in loading compiled code (`PyCodeCache.load_by_key_path`), and
-    the steady step; `details`: what the rows that record their compile say (`phase_details`).
+    the steady step; `details`: what the rows that record their compile say (`phase_details`);
+    `aot_cache`: AOTAutograd's cache hits, misses and bypasses summed over the rows (a bypass: the
+    process traced the step's joint graph again). Wrappers as the rows name them (python, cpp, and
+    the controls: `_aot_bypass`, `_sdpa_unmarked`, `cpp_isa_checks`), in the order they first come.
     With `step_files` (gpu_throughput.py results with alternating `amp_compile` and
     `amp_compile_python_wrapper` rows of one size): the steps after which a trial on a warm cache
     makes up the C++ wrapper's longer start, from the median steps of those rows (0 if its start is
     no longer)."""
     # rows run under cProfile (--profile-dir) are left out: their start includes the profiler's overhead
     rows = [row for f in files for row in _rows(f) if "error" not in row and not row.get("profiled")]
-    table, details = {}, {}
-    for wrapper in ("python", "cpp", "cpp_isa_checks"):
+    table, details, aot = {}, {}, {}
+    for wrapper in dict.fromkeys(r["wrapper"] for r in rows):
         for cache in ("cold", "warm"):
             got = [r for r in rows if r["wrapper"] == wrapper and r["cache"] == cache]
             if got:
@@ -205,7 +208,10 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
                     "load_by_key_path_s": statistics.median(loads) if loads else None,
                     "step_ms": statistics.median(r["step_ms"] for r in got)}
                 details[f"{wrapper}_{cache}"] = phase_details(got, len(loads))
-    summary = {"files": files, "medians": table, "details": details, "loss_rel_diff": repeat_differences(files)}
+                aot[f"{wrapper}_{cache}"] = {kind: sum(r.get("caches", {}).get(f"autograd_cache_{kind}", 0) for r in got)
+                                             for kind in ("hit", "miss", "bypass")}
+    summary = {"files": files, "medians": table, "details": details, "aot_cache": aot,
+               "loss_rel_diff": repeat_differences(files)}
     if step_files:
         if not ("cpp_warm" in table and "python_warm" in table):
             raise ValueError("the break-even needs warm processes of both wrappers in the files")

@@ -217,7 +217,11 @@ def gap_summary(trace: dict, steps: int) -> str:
     longer ones, and how many operations are memsets (each one more gap)."""
     ops = sorted((e["ts"], e["ts"] + e["dur"], e.get("cat")) for e in trace.get("traceEvents", [])
                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"))
-    gaps = [later[0] - earlier[1] for earlier, later in zip(ops, ops[1:]) if later[0] > earlier[1]]
+    gaps, end = [], ops[0][1] if ops else 0.0
+    for start, stop, _ in ops[1:]:  # from the latest end so far: an operation on another stream may overlap
+        if start > end:
+            gaps.append(start - end)
+        end = max(end, stop)
     short = [g for g in gaps if g < SHORT_GAP_US]
     long = [g for g in gaps if g >= SHORT_GAP_US]
     memsets = sum(1 for op in ops if op[2] == "gpu_memset")

@@ -86,6 +86,49 @@ def test_kernel_timeline_counts_overlapping_kernels_once_and_the_gaps_between_th
     assert line.startswith("Kernel timeline per step: 2 kernels, 0.12 ms with a kernel running, 0.03 ms between")
 
 
+def test_gap_summary_splits_the_gpus_own_spacing_from_waits_and_counts_memsets():
+    import gpu_throughput
+
+    op = lambda cat, ts, dur: {"cat": cat, "ph": "X", "ts": ts, "dur": dur}  # noqa: E731
+    # one step: a memset, 2 us, a long kernel with a short one inside it (another stream: no gap),
+    # 1 us, a kernel, then 40 us waiting for the host, a last kernel
+    events = [op("gpu_memset", 0, 1), op("kernel", 3, 100), op("kernel", 10, 5), op("kernel", 104, 10),
+              op("kernel", 154, 10), op("cpu_op", 0, 500)]
+    line = gpu_throughput.gap_summary({"traceEvents": events}, steps=1)
+    assert line == ("GPU operations per step: 5 (1 memsets); gaps under 5 us: 2, 0.00 ms; "
+                    "longer gaps: 1, 0.04 ms\n")
+
+
+def test_the_sweeps_best_add_norm_settings_reach_the_throughput_run_and_a_bad_file_is_one_line(tmp_path):
+    """add_norm_kernels.py's `best`: the fastest forward over the default and the forward rows, the
+    fastest forward + backward over the default and the backward rows (all on the default forward);
+    gpu_throughput.py --add-norm-settings reads it, and refuses a file without it in one line."""
+    import add_norm_kernels
+    import gpu_throughput
+
+    default = [{"BLOCK_R": 4, "num_warps": 4}, {"BLOCK_R": 4, "ROWS_PER_PROGRAM": 32, "num_warps": 4, "STAGES": 3}]
+    fast_forward = [{"BLOCK_R": 1, "num_warps": 2}, default[1]]
+    fast_backward = [default[0], {"BLOCK_R": 2, "ROWS_PER_PROGRAM": 16, "num_warps": 8, "STAGES": 3}]
+    rows = [{"impl": "inductor", "forward_us": 1.0, "forward_backward_us": 1.0},  # not a setting
+            {"impl": "kernels default", "given": default, "forward_us": 22.3, "forward_backward_us": 54.5},
+            {"impl": "kernels forward r1 w2", "given": fast_forward, "forward_us": 20.9, "forward_backward_us": 53.0},
+            {"impl": "kernels backward r2 p16 w8 s3", "given": fast_backward, "forward_us": 21.7,
+             "forward_backward_us": 53.9},
+            {"impl": "kernels backward r9", "error": "OutOfResources"}]
+    best = add_norm_kernels.best_settings(rows)
+    assert best["forward"] == fast_forward[0] and best["backward"] == fast_backward[1]
+    report = tmp_path / "sweep.json"
+    report.write_text(json.dumps({"best": {"430M": best}}))
+    assert gpu_throughput.read_add_norm_settings(str(report)) == {
+        "430M": {"forward": fast_forward[0], "backward": fast_backward[1]}}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_throughput.py"), "--add-norm-settings",
+                           str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"gpu_throughput.py: no add_norm launch settings in {bad}")
+
+
 def test_the_cpp_wrapper_bar_is_the_break_even_of_the_committed_gpu_runs():
     """train.cpp_wrapper=auto's bar (CPP_WRAPPER_MIN_STEPS) is where the H100 runs say the C++
     wrapper's faster steps repay its longer start on a warm cache: the summary's figures, recomputed
@@ -139,6 +182,28 @@ def test_start_summary_splits_cold_and_warm_processes_and_compares_repeats(tmp_p
     assert summary["loss_rel_diff"] == {"step_1": 0.0, "step_2": pytest.approx(0.1)}  # trial b has no repeat
     assert summary["details"]["python_warm"]["shortest_listed_phase_s"] == [10, 15]  # each row's one phase: start / 2
     assert summary["details"]["python_warm"]["rows_with_caches"] == 0
+
+
+def test_start_summary_keeps_a_control_apart_and_counts_its_cache_bypasses(tmp_path):
+    """A control's rows (`--sdpa-unmarked`: wrapper python_sdpa_unmarked) get medians of their own,
+    and `aot_cache` says which warm processes traced the step again (bypass) and which loaded it."""
+    import compile_start
+
+    def row(wrapper, n, start, caches):
+        return {"wrapper": wrapper, "process": n, "cache": "cold" if n == 1 else "warm", "trial": "a",
+                "start_s": start, "first_steps_s": start - 10, "step_ms": 9.0, "losses": [5.0], "caches": caches}
+
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps({"rows": [
+        row("python", 1, 48, {"autograd_cache_miss": 2, "autograd_cache_saved": 2}),
+        row("python", 2, 14, {"autograd_cache_hit": 2}),
+        row("python_sdpa_unmarked", 1, 48, {"autograd_cache_bypass": 2}),
+        row("python_sdpa_unmarked", 2, 20, {"autograd_cache_bypass": 2})]}))
+    summary = compile_start.summarize([str(runs)], [])
+    assert summary["medians"]["python_warm"]["start_s"] == 14
+    assert summary["medians"]["python_sdpa_unmarked_warm"]["start_s"] == 20
+    assert summary["aot_cache"]["python_warm"] == {"hit": 2, "miss": 0, "bypass": 0}
+    assert summary["aot_cache"]["python_sdpa_unmarked_warm"] == {"hit": 0, "miss": 0, "bypass": 2}
 
 
 def test_start_summary_of_a_file_that_is_not_a_result_file_is_one_line(tmp_path):
