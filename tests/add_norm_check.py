@@ -79,33 +79,9 @@ def model_case(device="cpu", backend="aot_eager"):
     ours.train()
     first, second = ours(items), ours(items)
     out["dropout_changes_outputs"] = not torch.equal(first, second)
-    out["seed_draws"] = seed_draws(ours, items)
     ours.eval()
     out["eval_repeats"] = bool(torch.equal(ours(items), ours(items)))
     return out
-
-
-def seed_draws(model, items):
-    """One training forward of `model` on the kernels: how many times it drew random integers
-    (aten.randint: the dropout seeds) and the seed each `tuner::dropout_add_norm` call got."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.randint, self.seeds = 0, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.name()
-            self.randint += name.startswith("aten::randint")
-            if name.startswith("tuner::dropout_add_norm") and "backward" not in name:
-                self.seeds.append(int(args[5].item()))  # the op's `seed` argument
-            return func(*args, **(kwargs or {}))
-
-    calls = Calls()
-    with calls:
-        model(items)
-    return {"randint": calls.randint, "seeds": calls.seeds, "sites": 2 * len(model.blocks)}
 
 
 def cache_case():

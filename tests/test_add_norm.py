@@ -57,14 +57,6 @@ def test_model_dropout_draws_a_new_mask_each_call_and_eval_is_deterministic(resu
     assert result["model"]["dropout_changes_outputs"] and result["model"]["eval_repeats"]
 
 
-def test_a_training_forward_draws_every_dropout_seed_in_one_go(result):
-    """The kernels' seeds come from one draw per forward (one kernel a step, not one per site),
-    and each site still gets its own seed."""
-    r = result["model"]["seed_draws"]
-    assert r["randint"] == 1, r
-    assert len(r["seeds"]) == r["sites"] == 6 and len(set(r["seeds"])) == 6, r
-
-
 def test_trials_with_another_dropout_share_the_compiled_graph_on_the_kernels(result):
     """The kernels read the dropout rate from a tensor: a second model with another rate compiles
     its forward and backward from the first one's cache entries (a float rate missed)."""

@@ -285,17 +285,13 @@ dropout_add_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def add_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm, p: float, rate: torch.Tensor,
-             branch_bias: Optional[torch.Tensor] = None,
-             seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             branch_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + dropout_p(branch + branch_bias), norm of that) on the kernels; the caller checked
     `usable(x)`. Under autocast the branch is already in autocast's dtype (a linear's output).
     `p`: the rate, 0 for none (eval); `rate`: the dropout's rate as an fp32 0-d tensor on x's
     device (a `RateDropout`'s buffer, so a compiled graph does not depend on it), which the kernels
-    read only where p > 0. `seed`: the dropout's seed (int32, one element; a fresh one if None)."""
-    if p <= 0:
-        seed = torch.zeros(1, dtype=torch.int32, device=x.device)
-    elif seed is None:
-        seed = short_attention.new_seed(x.device)
+    read only where p > 0."""
+    seed = short_attention.new_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int32, device=x.device)
     return dropout_add_norm(x, branch, branch_bias, norm.weight, norm.bias, seed, rate, p > 0, norm.eps)
 
 

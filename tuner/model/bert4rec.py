@@ -142,15 +142,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         return self.resid_dropout(_proj(self.o_proj, self._attend(x, keep, gate), gate))
 
-    def branch(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None,
-               seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def branch(self, x: torch.Tensor, keep: torch.Tensor,
+               gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward` without the residual dropout and, where it can, without the output
-        projection's bias: (output, bias or None) for `add_norm`, which applies both. `seed`: the
-        attention kernel's dropout seed (a fresh one if None)."""
-        return _split_proj(self.o_proj, self._attend(x, keep, gate, seed), gate)
+        projection's bias: (output, bias or None) for `add_norm`, which applies both."""
+        return _split_proj(self.o_proj, self._attend(x, keep, gate), gate)
 
-    def _attend(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None,
-                seed: torch.Tensor | None = None) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """The heads' outputs side by side, before the output projection."""
         batch, length, hidden = x.shape
         qkv = self._qkv(x, gate)
@@ -158,10 +156,7 @@ class SelfAttention(nn.Module):
         fused = isinstance(qkv, torch.Tensor)
         if self.short_kernel and short_attention.usable(qkv if fused else qkv[0], hidden // self.heads):
             packed = qkv if fused else torch.cat(qkv, dim=-1)
-            if dropout <= 0:
-                seed = keep.new_zeros(1, dtype=torch.int32)
-            elif seed is None:
-                seed = short_attention.new_seed(x.device)
+            seed = short_attention.new_seed(x.device) if dropout > 0 else keep.new_zeros(1, dtype=torch.int32)
             return short_attention.attend(packed, keep.view(batch, length), seed, self.attn_dropout.rate,
                                           self.heads, dropout > 0)
         split = lambda t: t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
@@ -204,21 +199,16 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), keep, gate)
         return x + self.ffn(self.ffn_norm(x), gate)
 
-    SEEDS = 3  # dropout seeds `forward_fused` takes: the attention kernel's and each add_norm's
-
     def forward_fused(self, x: torch.Tensor, normed: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None,
-                      next_norm: nn.LayerNorm, seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      next_norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` on `add_norm`'s kernels: (x, normed) -> (the block's output, `next_norm` of
         it), where `normed` is `attn_norm(x)`. Each residual add, its dropout and the LayerNorm
-        after it are one kernel each way. `seeds`: `SEEDS` dropout seeds (int32; None: each kernel
-        draws its own)."""
-        seed = (lambda k: None) if seeds is None else (lambda k: seeds[k:k + 1])
+        after it are one kernel each way."""
         resid, ffn = self.attn.resid_dropout, self.ffn.dropout  # each branch's own rate
-        out, bias = self.attn.branch(normed, keep, gate, seed(0))
-        x, normed = add_norm.add_norm(x, out, self.ffn_norm, resid.p if self.training else 0.0, resid.rate, bias,
-                                      seed(1))
+        out, bias = self.attn.branch(normed, keep, gate)
+        x, normed = add_norm.add_norm(x, out, self.ffn_norm, resid.p if self.training else 0.0, resid.rate, bias)
         out, bias = self.ffn.branch(normed, gate)
-        return add_norm.add_norm(x, out, next_norm, ffn.p if self.training else 0.0, ffn.rate, bias, seed(2))
+        return add_norm.add_norm(x, out, next_norm, ffn.p if self.training else 0.0, ffn.rate, bias)
 
 
 class Bert4Rec(nn.Module):
@@ -272,13 +262,9 @@ class Bert4Rec(nn.Module):
         x = self.emb_dropout(self.emb_norm(x))
         keep = (items != 0)[:, None, None, :]
         if self.cfg.fused_add_norm and self.blocks and add_norm.usable(x):
-            # every kernel's dropout seed in one draw: one kernel per step where each site's own
-            # draw was one each (23 per 430M step, ~1.4 us and a launch gap apiece on an H200)
-            seeds = short_attention.new_seed(x.device, Block.SEEDS * len(self.blocks)) if self.training else None
             stream, x = x, self.blocks[0].attn_norm(x)  # each block returns its successor's normed input
-            for i, (block, after) in enumerate(zip(self.blocks, [*self.blocks[1:], None])):
-                stream, x = block.forward_fused(stream, x, keep, gate, after.attn_norm if after else self.final_norm,
-                                                None if seeds is None else seeds[Block.SEEDS * i:Block.SEEDS * (i + 1)])
+            for block, after in zip(self.blocks, [*self.blocks[1:], None]):
+                stream, x = block.forward_fused(stream, x, keep, gate, after.attn_norm if after else self.final_norm)
         else:
             for block in self.blocks:
                 x = block(x, keep, gate)

@@ -261,12 +261,10 @@ def attend(qkv: torch.Tensor, keep: torch.Tensor, seed: torch.Tensor, rate: torc
     return tiled_attention.tiled_attention(qkv, keep, seed, rate, heads, dropout)[0]
 
 
-def new_seed(device: torch.device, count: int = 1) -> torch.Tensor:
-    """A fresh dropout seed on `device` (int32, one element), or `count` of them in one draw (a
-    model hands out `seeds[k:k + 1]`: one kernel per step instead of one per dropout site), drawn
-    from torch's generator (so `torch.manual_seed` repeats them, and CUDA graphs replay new ones
-    each step)."""
-    return torch.randint(0, 2**31 - 1, (count,), device=device, dtype=torch.int32)
+def new_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed on `device`, drawn from torch's generator (so `torch.manual_seed`
+    repeats it, and CUDA graphs replay a new one each step)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int32)
 
 
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, length: int, dropout_p: float) -> torch.Tensor:
