@@ -71,6 +71,9 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
 KERNEL_KINDS = (("NCCL collectives (DDP)", ("nccl",)),
                 ("optimizer", ("adam", "triton_for_")),  # fused AdamW; MasterWeightAdamW's foreach kernels
                 ("grad norm", ("normfunctor", "lpnorm")),
+                # tuner.ce_kernel's passes over the catalog logits; tuner.model.add_norm's kernels
+                ("catalog softmax (ce_kernel)", ("_ce_forward", "_ce_backward")),
+                ("residual add+norm (add_norm)", ("_add_norm_", "_sum_parts")),
                 ("attention", ("sdpa", "fmha", "flash", "attention")),
                 ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
                 ("embedding backward", ("embedding", "indexing_backward", "radixsort", "sort")),
@@ -143,9 +146,28 @@ def kernel_summary(prof, steps: int) -> str:
     for event in prof.key_averages():
         if event.device_type != DeviceType.CUDA or event.is_user_annotation:  # kernels, not the regions around them
             continue
-        name = event.key.lower()
-        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        kind = kernel_kind(event.key)
         kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
+    return kinds_text(kinds)
+
+
+def kernel_kind(name: str) -> str:
+    """The KERNEL_KINDS kind of a kernel's name (the first that matches), else "other"."""
+    name = name.lower()
+    return next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+
+
+def trace_kinds(trace: dict, steps: int) -> str:
+    """`kernel_summary` from a saved Chrome trace's kernel, memset and copy events."""
+    kinds: dict[str, float] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"):
+            kind = kernel_kind(e["name"] if e["cat"] == "kernel" else e["cat"].replace("gpu_", ""))
+            kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / 1e3 / steps
+    return kinds_text(kinds)
+
+
+def kinds_text(kinds: dict[str, float]) -> str:
     total = sum(kinds.values())
     lines = [f"GPU time per step by kind of kernel: {total:.2f} ms"]
     lines += [f"  {kind:<30} {ms:6.2f} ms  {ms / total:5.1%}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])]
@@ -247,12 +269,25 @@ def use_add_norm_settings(settings: dict | None) -> None:
     add_norm.FORWARD, add_norm.BACKWARD = (settings["forward"], settings["backward"]) if settings else defaults
 
 
-def timeline_of(path: Path, steps: int) -> str:
-    """`kernel_timeline` of a saved trace (`write_profile`'s .json.gz)."""
+def kernel_calls(trace: dict, steps: int, name: str) -> str:
+    """How often per step a kernel named `name` ran in a Chrome trace and how long its calls took
+    (us: the shortest, the median, the longest)."""
+    durations = sorted(e["dur"] for e in trace.get("traceEvents", [])
+                       if e.get("ph") == "X" and e.get("cat") == "kernel" and e.get("name") == name)
+    if not durations:
+        return f"{name}: no calls\n"
+    return (f"{name}: {len(durations) / steps:.1f} calls per step, {durations[0]:.1f} / "
+            f"{durations[len(durations) // 2]:.1f} / {durations[-1]:.1f} us (shortest / median / longest)\n")
+
+
+def timeline_of(path: Path, steps: int, names: list[str] = ()) -> str:
+    """`kernel_timeline` and GPU time by kind of kernel (`trace_kinds`) of a saved trace
+    (`write_profile`'s .json.gz)."""
     import gzip
 
     with gzip.open(path, "rt") as packed:
-        return kernel_timeline(json.load(packed), steps)
+        trace = json.load(packed)
+    return kernel_timeline(trace, steps) + trace_kinds(trace, steps) + "".join(kernel_calls(trace, steps, n) for n in names)
 
 
 def write_profile(prof, stem: Path, head: str, steps: int, cuda: bool = True) -> Path:
@@ -297,6 +332,8 @@ def main() -> None:
     parser.add_argument("--timeline", metavar="TRACE", help="print the kernel timeline of a saved profile trace "
                         "(profile_*.json.gz; --profile-steps steps in it) and exit")
     parser.add_argument("--profile-steps", type=int, default=6, help="steps in the --timeline trace (default 6)")
+    parser.add_argument("--kernel", action="append", default=[], metavar="NAME",
+                        help="with --timeline: calls per step and durations of the kernels of this name (repeatable)")
     parser.add_argument("--add-norm-settings", metavar="FILE",
                         help="launch settings for tuner.model.add_norm's kernels from an add_norm_kernels.py report "
                              "(its `best` for each size that has one; the others keep the defaults)")
@@ -304,7 +341,7 @@ def main() -> None:
     launch = read_add_norm_settings(args.add_norm_settings) if args.add_norm_settings else {}
     if args.timeline:
         try:
-            print(timeline_of(Path(args.timeline), args.profile_steps), end="")
+            print(timeline_of(Path(args.timeline), args.profile_steps, args.kernel), end="")
         except (OSError, ValueError) as exc:
             sys.exit(f"gpu_throughput.py: cannot read the trace {args.timeline}: {exc}")
         return

@@ -129,6 +129,22 @@ def test_the_sweeps_best_add_norm_settings_reach_the_throughput_run_and_a_bad_fi
     assert proc.stderr.startswith(f"gpu_throughput.py: no add_norm launch settings in {bad}")
 
 
+def test_a_saved_trace_gives_time_by_kind_and_one_kernels_calls():
+    import gpu_throughput
+
+    kernel = lambda name, ts, dur: {"cat": "kernel", "ph": "X", "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    trace = {"traceEvents": [kernel("nvjet_sm90_tst_128x256", 0, 600), kernel("_ce_backward_kernel", 600, 400),
+                             kernel("_add_norm_backward_kernel", 1000, 30), kernel("_add_norm_backward_kernel", 1030, 40),
+                             kernel("_sum_parts_kernel", 1070, 10), kernel("mystery", 1080, 20)]}
+    kinds = gpu_throughput.trace_kinds(trace, steps=1)
+    assert "GEMM                             0.60 ms" in kinds
+    assert "catalog softmax (ce_kernel)      0.40 ms" in kinds
+    assert "residual add+norm (add_norm)     0.08 ms" in kinds and "other" in kinds
+    line = gpu_throughput.kernel_calls(trace, 1, "_add_norm_backward_kernel")
+    assert line == "_add_norm_backward_kernel: 2.0 calls per step, 30.0 / 40.0 / 40.0 us (shortest / median / longest)\n"
+    assert gpu_throughput.kernel_calls(trace, 1, "absent") == "absent: no calls\n"
+
+
 def test_the_cpp_wrapper_bar_is_the_break_even_of_the_committed_gpu_runs():
     """train.cpp_wrapper=auto's bar (CPP_WRAPPER_MIN_STEPS) is where the H100 runs say the C++
     wrapper's faster steps repay its longer start on a warm cache: the summary's figures, recomputed

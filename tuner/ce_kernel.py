@@ -11,12 +11,12 @@ other device): in the 430M step on an H100 its forward took 0.31 ms and its back
 (a max, then a sum), and the backward, which also sums the bias gradient over the rows, walked the
 logits column block by column block. Here:
 
-- Forward, `_forward_kernel`: one program per row folds the row into a running max and sum of
+- Forward, `_ce_forward_kernel`: one program per row folds the row into a running max and sum of
   exponentials (the online softmax), one read of the logits, and picks the target's logit.
 - The catalog width and row strides are compile-time constants: 159,752 columns is a multiple of
   8 but not of 16, so as a runtime argument Triton could not prove the rows 16-byte aligned and
   loaded the logits two bytes at a time (the first version: 0.59 ms for the backward pass).
-- Backward, `_backward_kernel`: one program per [BLOCK_N, BLOCK_V] tile writes d loss / d logits
+- Backward, `_ce_backward_kernel`: one program per [BLOCK_N, BLOCK_V] tile writes d loss / d logits
   = g * (softmax - one_hot(target)) in the logits' dtype and the tile's column sums (fp32) to a
   [cdiv(N, BLOCK_N), V] buffer, whose sum over its few rows is the bias gradient. One read of
   the logits, one write of their gradient, row-major; no atomics, so the sums are deterministic.
@@ -55,7 +55,7 @@ def usable(hidden: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(L, B, T, ROWS, LSE, V: tl.constexpr, stride_l: tl.constexpr, BLOCK: tl.constexpr,
+    def _ce_forward_kernel(L, B, T, ROWS, LSE, V: tl.constexpr, stride_l: tl.constexpr, BLOCK: tl.constexpr,
                         PER_LANE: tl.constexpr):
         # base-2 exponentials (one multiply folds log2(e) in); PER_LANE keeps a running max and sum
         # per lane (two exponentials per logit, no reduction in the loop), else per row (one
@@ -96,7 +96,7 @@ if triton is not None:
         tl.store(ROWS + row, lse - target)
 
     @triton.jit
-    def _backward_kernel(L, B, T, LSE, G, D, PART, N, V: tl.constexpr, stride_l: tl.constexpr,
+    def _ce_backward_kernel(L, B, T, LSE, G, D, PART, N, V: tl.constexpr, stride_l: tl.constexpr,
                          stride_d: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
         pid_n, pid_v = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,7 +144,7 @@ def catalog_ce(logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor) -
     rows = torch.empty(n, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(rows)
     if n:
-        _forward_kernel[(n,)](logits, bias.contiguous(), target.to(torch.int32).contiguous(), rows, lse, v,
+        _ce_forward_kernel[(n,)](logits, bias.contiguous(), target.to(torch.int32).contiguous(), rows, lse, v,
                               logits.stride(0), **_settings()[0])
     return rows, lse
 
@@ -166,7 +166,7 @@ def catalog_ce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, bias: tor
     parts = torch.empty(triton.cdiv(n, tiles["BLOCK_N"]) if n else 0, v, device=logits.device, dtype=torch.float32)
     if n:
         grid = (triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(v, tiles["BLOCK_V"]))
-        _backward_kernel[grid](logits, bias.contiguous(), target.to(torch.int32).contiguous(), lse,
+        _ce_backward_kernel[grid](logits, bias.contiguous(), target.to(torch.int32).contiguous(), lse,
                                grad_rows.float().contiguous(), grad_logits, parts, n, v, logits.stride(0),
                                grad_logits.stride(0), **tiles)
     return grad_logits, parts.sum(0).to(bias.dtype)

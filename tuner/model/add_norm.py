@@ -84,7 +84,7 @@ if triton is not None:
         return centred, 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / H + eps)
 
     @triton.jit
-    def _forward_kernel(X, BR, BB, W, B, SEED, RATE, S, Y, N, H, eps, QUARTER: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _add_norm_forward_kernel(X, BR, BB, W, B, SEED, RATE, S, Y, N, H, eps, QUARTER: tl.constexpr, BLOCK_R: tl.constexpr,
                         DROPOUT: tl.constexpr, HAS_BB: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, 4 * QUARTER)
@@ -106,7 +106,7 @@ if triton is not None:
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _backward_kernel(S, W, SEED, RATE, DY, DS, DX, DBR, PARTS, N, H, iters, eps, QUARTER: tl.constexpr,
+    def _add_norm_backward_kernel(S, W, SEED, RATE, DY, DS, DX, DBR, PARTS, N, H, iters, eps, QUARTER: tl.constexpr,
                          BLOCK_R: tl.constexpr, STAGES: tl.constexpr, DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
                          HAS_BB: tl.constexpr):
         pid = tl.program_id(0)
@@ -212,7 +212,7 @@ def dropout_add_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optiona
     y = torch.empty_like(s)
     if s.numel():
         tile = launch_settings(hidden)[0]
-        _forward_kernel[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](
+        _add_norm_forward_kernel[(triton.cdiv(s.shape[0], tile["BLOCK_R"]),)](
             x2, b2, branch_bias if branch_bias is not None else weight, weight, bias, seed, rate, s, y, s.shape[0],
             hidden, eps, QUARTER=_quarter(hidden), DROPOUT=dropout, HAS_BB=branch_bias is not None, **tile)
     return s.view(x.shape), y.view(x.shape)
@@ -245,7 +245,7 @@ def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: tor
     programs = max(1, triton.cdiv(rows, iters * tile["BLOCK_R"]))
     parts = torch.empty(kinds, programs, hidden, dtype=torch.float32, device=s.device)
     if rows:
-        _backward_kernel[(programs,)](s2, weight, seed, rate, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps,
+        _add_norm_backward_kernel[(programs,)](s2, weight, seed, rate, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps,
                                       QUARTER=_quarter(hidden), DROPOUT=dropout, HAS_DS=has_grad_s,
                                       HAS_BB=has_branch_bias, **tile)
     else:
