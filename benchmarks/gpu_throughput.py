@@ -339,6 +339,8 @@ def main() -> None:
                              "(its `best` for each size that has one; the others keep the defaults)")
     args = parser.parse_args()
     launch = read_add_norm_settings(args.add_norm_settings) if args.add_norm_settings else {}
+    if args.profile_steps < 1:
+        sys.exit("gpu_throughput.py: --profile-steps must be at least 1")
     if args.timeline:
         try:
             print(timeline_of(Path(args.timeline), args.profile_steps, args.kernel), end="")
@@ -347,6 +349,7 @@ def main() -> None:
         return
     device = torch.device("cuda")
     for size in args.profile:
+        use_add_norm_settings(launch.get(size))
         for variant in args.profile_variant or ["amp_compile"]:
             path = profile(size, Path(args.output).parent, variant=variant)
             print(f"profile written to {path}", flush=True)
