@@ -37,13 +37,13 @@ def test_compiled_ce_calls_the_kernels(result):
 
 
 _SIGNATURES = {
-    "_ce_forward_kernel": ({"L": "*bf16", "B": "*bf16", "T": "*i32", "ROWS": "*fp32", "LSE": "*fp32", "V": "constexpr",
-                         "stride_l": "constexpr", "BLOCK": "constexpr", "PER_LANE": "constexpr"},
-                        {"V": 159_752, "stride_l": 159_752, "BLOCK": 4096, "PER_LANE": True}),
+    "_ce_forward_kernel": ({"L": "*bf16", "B": "*bf16", "T": "*i32", "ROWS": "*fp32", "LSE": "*fp32",
+                            "V": "constexpr", "stride_l": "constexpr", "BLOCK": "constexpr", "PER_LANE": "constexpr"},
+                           {"V": 159_752, "stride_l": 159_752, "BLOCK": 4096, "PER_LANE": True}),
     "_ce_backward_kernel": ({"L": "*bf16", "B": "*bf16", "T": "*i32", "LSE": "*fp32", "G": "*fp32", "D": "*bf16",
-                          "PART": "*fp32", "N": "i32", "V": "constexpr", "stride_l": "constexpr",
-                          "stride_d": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"},
-                         {"V": 159_752, "stride_l": 159_752, "stride_d": 159_752, "BLOCK_N": 64, "BLOCK_V": 256}),
+                             "PART": "*fp32", "N": "i32", "V": "constexpr", "stride_l": "constexpr",
+                             "stride_d": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"},
+                            {"V": 159_752, "stride_l": 159_752, "stride_d": 159_752, "BLOCK_N": 64, "BLOCK_V": 256}),
 }
 
 

@@ -56,7 +56,7 @@ if triton is not None:
 
     @triton.jit
     def _ce_forward_kernel(L, B, T, ROWS, LSE, V: tl.constexpr, stride_l: tl.constexpr, BLOCK: tl.constexpr,
-                        PER_LANE: tl.constexpr):
+                           PER_LANE: tl.constexpr):
         # base-2 exponentials (one multiply folds log2(e) in); PER_LANE keeps a running max and sum
         # per lane (two exponentials per logit, no reduction in the loop), else per row (one
         # exponential per logit, a max and a sum over the block in each iteration)
@@ -97,7 +97,7 @@ if triton is not None:
 
     @triton.jit
     def _ce_backward_kernel(L, B, T, LSE, G, D, PART, N, V: tl.constexpr, stride_l: tl.constexpr,
-                         stride_d: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                            stride_d: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
         pid_n, pid_v = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -145,7 +145,7 @@ def catalog_ce(logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor) -
     lse = torch.empty_like(rows)
     if n:
         _ce_forward_kernel[(n,)](logits, bias.contiguous(), target.to(torch.int32).contiguous(), rows, lse, v,
-                              logits.stride(0), **_settings()[0])
+                                 logits.stride(0), **_settings()[0])
     return rows, lse
 
 
@@ -167,8 +167,8 @@ def catalog_ce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, bias: tor
     if n:
         grid = (triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(v, tiles["BLOCK_V"]))
         _ce_backward_kernel[grid](logits, bias.contiguous(), target.to(torch.int32).contiguous(), lse,
-                               grad_rows.float().contiguous(), grad_logits, parts, n, v, logits.stride(0),
-                               grad_logits.stride(0), **tiles)
+                                  grad_rows.float().contiguous(), grad_logits, parts, n, v, logits.stride(0),
+                                  grad_logits.stride(0), **tiles)
     return grad_logits, parts.sum(0).to(bias.dtype)
 
 

@@ -84,8 +84,8 @@ if triton is not None:
         return centred, 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / H + eps)
 
     @triton.jit
-    def _add_norm_forward_kernel(X, BR, BB, W, B, SEED, RATE, S, Y, N, H, eps, QUARTER: tl.constexpr, BLOCK_R: tl.constexpr,
-                        DROPOUT: tl.constexpr, HAS_BB: tl.constexpr):
+    def _add_norm_forward_kernel(X, BR, BB, W, B, SEED, RATE, S, Y, N, H, eps, QUARTER: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr, HAS_BB: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, 4 * QUARTER)
         inside = (rows < N)[:, None] & (cols < H)[None, :]
@@ -107,8 +107,8 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_backward_kernel(S, W, SEED, RATE, DY, DS, DX, DBR, PARTS, N, H, iters, eps, QUARTER: tl.constexpr,
-                         BLOCK_R: tl.constexpr, STAGES: tl.constexpr, DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
-                         HAS_BB: tl.constexpr):
+                                  BLOCK_R: tl.constexpr, STAGES: tl.constexpr, DROPOUT: tl.constexpr,
+                                  HAS_DS: tl.constexpr, HAS_BB: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, 4 * QUARTER)
         w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
@@ -245,9 +245,9 @@ def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: tor
     programs = max(1, triton.cdiv(rows, iters * tile["BLOCK_R"]))
     parts = torch.empty(kinds, programs, hidden, dtype=torch.float32, device=s.device)
     if rows:
-        _add_norm_backward_kernel[(programs,)](s2, weight, seed, rate, dy, ds, dx, dbranch, parts, rows, hidden, iters, eps,
-                                      QUARTER=_quarter(hidden), DROPOUT=dropout, HAS_DS=has_grad_s,
-                                      HAS_BB=has_branch_bias, **tile)
+        _add_norm_backward_kernel[(programs,)](s2, weight, seed, rate, dy, ds, dx, dbranch, parts, rows, hidden,
+                                               iters, eps, QUARTER=_quarter(hidden), DROPOUT=dropout,
+                                               HAS_DS=has_grad_s, HAS_BB=has_branch_bias, **tile)
     else:
         parts.zero_()
     _sum_parts_kernel[(triton.cdiv(hidden, SUM_COLUMNS), kinds)](parts, sums, programs, hidden, BLOCK_P=SUM_PARTS,
