@@ -64,7 +64,7 @@ def measure(impl, rows: int, hidden: int, sets: int = 1) -> dict:
         x, branch = make(rows, hidden).requires_grad_(), make(rows, hidden).requires_grad_()
         branch_bias, weight, bias = (make(hidden).requires_grad_() for _ in range(3))
         groups.append(((x, branch, branch_bias, weight, bias), (make(rows, hidden), make(rows, hidden))))
-    turn = iter(range(1 << 30))
+    turn = itertools.count()
 
     def forward():
         inputs, _ = groups[next(turn) % sets]

@@ -208,8 +208,9 @@ def summarize(files: list[str], step_files: list[str]) -> dict:
                     "load_by_key_path_s": statistics.median(loads) if loads else None,
                     "step_ms": statistics.median(r["step_ms"] for r in got)}
                 details[f"{wrapper}_{cache}"] = phase_details(got, len(loads))
-                aot[f"{wrapper}_{cache}"] = {kind: sum(r.get("caches", {}).get(f"autograd_cache_{kind}", 0) for r in got)
-                                             for kind in ("hit", "miss", "bypass")}
+                aot[f"{wrapper}_{cache}"] = {
+                    kind: sum(r.get("caches", {}).get(f"autograd_cache_{kind}", 0) for r in got)
+                    for kind in ("hit", "miss", "bypass")}
     summary = {"files": files, "medians": table, "details": details, "aot_cache": aot,
                "loss_rel_diff": repeat_differences(files)}
     if step_files:

@@ -34,6 +34,7 @@ from seed_reference import bench_seed  # noqa: E402
 from tuner.bench import BenchSpec, matmul_tflops, prepare_bench, random_sequences, run_bench  # noqa: E402
 from tuner.data.collate import IGNORE, train_batches  # noqa: E402
 from tuner.data.dataset import EvalSplit  # noqa: E402
+from tuner.model import add_norm  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 NUM_ITEMS = 159_750
@@ -224,7 +225,8 @@ def kernel_timeline(trace: dict, steps: int) -> str:
         end = max(end, stop)
     idle = end - spans[0][0] - busy
     return (f"Kernel timeline per step: {len(spans) / steps:.0f} kernels, {busy / 1e3 / steps:.2f} ms with a kernel "
-            f"running, {idle / 1e3 / steps:.2f} ms between kernels with none running\n" + gap_summary(trace, steps) + "\n")
+            f"running, {idle / 1e3 / steps:.2f} ms between kernels with none running\n"
+            + gap_summary(trace, steps) + "\n")
 
 
 # a gap shorter than this between one GPU operation's end and the next one's start is the GPU's own
@@ -261,11 +263,9 @@ def read_add_norm_settings(path: str) -> dict:
         sys.exit(f"gpu_throughput.py: no add_norm launch settings in {path}: {exc.__class__.__name__}: {exc}")
 
 
-def use_add_norm_settings(settings: dict | None) -> None:
-    """Give tuner.model.add_norm's kernels these launch settings (None: the defaults) from now on."""
-    from tuner.model import add_norm
-
-    defaults = use_add_norm_settings.__dict__.setdefault("defaults", (dict(add_norm.FORWARD), dict(add_norm.BACKWARD)))
+def use_add_norm_settings(settings: dict | None, defaults: tuple[dict, dict]) -> None:
+    """Give tuner.model.add_norm's kernels these launch settings from now on (None: `defaults`,
+    the module's FORWARD and BACKWARD as they were before any run changed them)."""
     add_norm.FORWARD, add_norm.BACKWARD = (settings["forward"], settings["backward"]) if settings else defaults
 
 
@@ -280,24 +280,27 @@ def kernel_calls(trace: dict, steps: int, name: str) -> str:
             f"{durations[len(durations) // 2]:.1f} / {durations[-1]:.1f} us (shortest / median / longest)\n")
 
 
-def timeline_of(path: Path, steps: int, names: list[str] = ()) -> str:
-    """`kernel_timeline` and GPU time by kind of kernel (`trace_kinds`) of a saved trace
-    (`write_profile`'s .json.gz)."""
+def read_trace(path) -> dict:
+    """A Chrome trace saved gzipped (`write_profile`'s .json.gz)."""
     import gzip
 
     with gzip.open(path, "rt") as packed:
-        trace = json.load(packed)
-    return kernel_timeline(trace, steps) + trace_kinds(trace, steps) + "".join(kernel_calls(trace, steps, n) for n in names)
+        return json.load(packed)
+
+
+def timeline_of(path: Path, steps: int, names: list[str] = ()) -> str:
+    """`kernel_timeline` and GPU time by kind of kernel (`trace_kinds`) of a saved trace, and with
+    `names` those kernels' calls (`kernel_calls`)."""
+    trace = read_trace(path)
+    calls = "".join(kernel_calls(trace, steps, name) for name in names)
+    return kernel_timeline(trace, steps) + trace_kinds(trace, steps) + calls
 
 
 def write_profile(prof, stem: Path, head: str, steps: int, cuda: bool = True) -> Path:
     """`stem`.txt (the kernel timeline, `profile_text`'s tables) and `stem`.json.gz (a Chrome
     trace); returns the text file's path."""
-    import gzip
-
     prof.export_chrome_trace(f"{stem}.json.gz")  # the profiler gzips a path ending in .gz itself
-    with gzip.open(f"{stem}.json.gz", "rt") as packed:
-        trace = json.load(packed)
+    trace = read_trace(f"{stem}.json.gz")
     text = Path(f"{stem}.txt")
     text.write_text(head + (kernel_timeline(trace, steps) if cuda else "") + profile_text(prof, steps, cuda))
     return text
@@ -339,6 +342,7 @@ def main() -> None:
                              "(its `best` for each size that has one; the others keep the defaults)")
     args = parser.parse_args()
     launch = read_add_norm_settings(args.add_norm_settings) if args.add_norm_settings else {}
+    add_norm_defaults = add_norm.FORWARD, add_norm.BACKWARD
     if args.profile_steps < 1:
         sys.exit("gpu_throughput.py: --profile-steps must be at least 1")
     if args.timeline:
@@ -349,7 +353,7 @@ def main() -> None:
         return
     device = torch.device("cuda")
     for size in args.profile:
-        use_add_norm_settings(launch.get(size))
+        use_add_norm_settings(launch.get(size), add_norm_defaults)
         for variant in args.profile_variant or ["amp_compile"]:
             path = profile(size, Path(args.output).parent, variant=variant)
             print(f"profile written to {path}", flush=True)
@@ -370,7 +374,7 @@ def main() -> None:
     for size in args.sizes:
         batch = seed_batch_size(size)
         preset = SIZES[size]
-        use_add_norm_settings(launch.get(size))
+        use_add_norm_settings(launch.get(size), add_norm_defaults)
         peer_best = None
         for variant in args.seed_variants:
             batches, originals = seed_batches(batch, 50, args.steps + args.warmup)

@@ -134,14 +134,16 @@ def test_a_saved_trace_gives_time_by_kind_and_one_kernels_calls():
 
     kernel = lambda name, ts, dur: {"cat": "kernel", "ph": "X", "name": name, "ts": ts, "dur": dur}  # noqa: E731
     trace = {"traceEvents": [kernel("nvjet_sm90_tst_128x256", 0, 600), kernel("_ce_backward_kernel", 600, 400),
-                             kernel("_add_norm_backward_kernel", 1000, 30), kernel("_add_norm_backward_kernel", 1030, 40),
+                             kernel("_add_norm_backward_kernel", 1000, 30),
+                             kernel("_add_norm_backward_kernel", 1030, 40),
                              kernel("_sum_parts_kernel", 1070, 10), kernel("mystery", 1080, 20)]}
     kinds = gpu_throughput.trace_kinds(trace, steps=1)
     assert "GEMM                             0.60 ms" in kinds
     assert "catalog softmax (ce_kernel)      0.40 ms" in kinds
     assert "residual add+norm (add_norm)     0.08 ms" in kinds and "other" in kinds
     line = gpu_throughput.kernel_calls(trace, 1, "_add_norm_backward_kernel")
-    assert line == "_add_norm_backward_kernel: 2.0 calls per step, 30.0 / 40.0 / 40.0 us (shortest / median / longest)\n"
+    assert line == ("_add_norm_backward_kernel: 2.0 calls per step, 30.0 / 40.0 / 40.0 us "
+                    "(shortest / median / longest)\n")
     assert gpu_throughput.kernel_calls(trace, 1, "absent") == "absent: no calls\n"
 
 
