@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seed_reference import bench_seed  # noqa: E402
 
+from tuner import ce_kernel  # noqa: E402
 from tuner.bench import BenchSpec, matmul_tflops, prepare_bench, random_sequences, run_bench  # noqa: E402
 from tuner.data.collate import IGNORE, train_batches  # noqa: E402
 from tuner.data.dataset import EvalSplit  # noqa: E402
@@ -263,6 +264,15 @@ def read_add_norm_settings(path: str) -> dict:
         sys.exit(f"gpu_throughput.py: no add_norm launch settings in {path}: {exc.__class__.__name__}: {exc}")
 
 
+def read_ce_settings(path: str) -> tuple[dict, dict]:
+    """(forward, backward) launch settings for tuner.ce_kernel from a ce_kernel_tiles.py report's `best`."""
+    try:
+        best = json.loads(Path(path).read_text())["best"]
+        return dict(best["forward"]), dict(best["backward"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"gpu_throughput.py: no ce_kernel launch settings in {path}: {exc.__class__.__name__}: {exc}")
+
+
 def use_add_norm_settings(settings: dict | None, defaults: tuple[dict, dict]) -> None:
     """Give tuner.model.add_norm's kernels these launch settings from now on (None: `defaults`,
     the module's FORWARD and BACKWARD as they were before any run changed them)."""
@@ -340,8 +350,12 @@ def main() -> None:
     parser.add_argument("--add-norm-settings", metavar="FILE",
                         help="launch settings for tuner.model.add_norm's kernels from an add_norm_kernels.py report "
                              "(its `best` for each size that has one; the others keep the defaults)")
+    parser.add_argument("--ce-settings", metavar="FILE",
+                        help="launch settings for tuner.ce_kernel's passes from a ce_kernel_tiles.py report's `best`")
     args = parser.parse_args()
     launch = read_add_norm_settings(args.add_norm_settings) if args.add_norm_settings else {}
+    if args.ce_settings:
+        ce_kernel.FORWARD, ce_kernel.BACKWARD = read_ce_settings(args.ce_settings)
     add_norm_defaults = add_norm.FORWARD, add_norm.BACKWARD
     if args.profile_steps < 1:
         sys.exit("gpu_throughput.py: --profile-steps must be at least 1")
@@ -371,6 +385,8 @@ def main() -> None:
 
     if launch:
         report["add_norm_settings"] = {"file": args.add_norm_settings, **launch}
+    if args.ce_settings:
+        report["ce_settings"] = {"file": args.ce_settings, "forward": ce_kernel.FORWARD, "backward": ce_kernel.BACKWARD}
     for size in args.sizes:
         batch = seed_batch_size(size)
         preset = SIZES[size]

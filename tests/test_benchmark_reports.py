@@ -129,6 +129,31 @@ def test_the_sweeps_best_add_norm_settings_reach_the_throughput_run_and_a_bad_fi
     assert proc.stderr.startswith(f"gpu_throughput.py: no add_norm launch settings in {bad}")
 
 
+def test_the_ce_sweeps_best_settings_are_the_fastest_that_match_and_reach_the_throughput_run(tmp_path):
+    """ce_kernel_tiles.py's `best`: the fastest setting whose results match the defaults' (a faster
+    one that computes something else is passed over); gpu_throughput.py --ce-settings reads it and
+    refuses a file without it in one line."""
+    import ce_kernel_tiles
+    import gpu_throughput
+
+    rows = [{"BLOCK_N": 64, "BLOCK_V": 256, "COLUMN_PROGRAMS": 0, "STAGES": 1, "num_warps": 8, "ms": 0.40,
+             "read_write_tb_per_s": 2.1, "grad_differ": 0.0, "bias_grad_differ": 0.0},
+            {"BLOCK_N": 32, "BLOCK_V": 512, "COLUMN_PROGRAMS": 78, "STAGES": 2, "num_warps": 8, "ms": 0.30,
+             "read_write_tb_per_s": 2.8, "grad_differ": 3e-3, "bias_grad_differ": 1e-5},
+            {"BLOCK_N": 16, "BLOCK_V": 512, "COLUMN_PROGRAMS": 78, "STAGES": 3, "num_warps": 4, "ms": 0.20,
+             "read_write_tb_per_s": 4.2, "grad_differ": 0.5, "bias_grad_differ": 0.0}]
+    best = ce_kernel_tiles.best_setting(rows)
+    assert best == {"BLOCK_N": 32, "BLOCK_V": 512, "COLUMN_PROGRAMS": 78, "STAGES": 2, "num_warps": 8}
+    forward = {"BLOCK_R": 4, "BLOCK": 2048, "SPLIT": 2, "STAGES": 2, "num_warps": 8}
+    report = tmp_path / "tiles.json"
+    report.write_text(json.dumps({"best": {"forward": forward, "backward": best}}))
+    assert gpu_throughput.read_ce_settings(str(report)) == (forward, best)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_throughput.py"), "--ce-settings",
+                           str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("gpu_throughput.py: no ce_kernel launch settings in ")
+
+
 def test_a_saved_trace_gives_time_by_kind_and_one_kernels_calls():
     import gpu_throughput
 

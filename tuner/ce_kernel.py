@@ -55,80 +55,99 @@ def usable(hidden: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _ce_forward_kernel(L, B, T, ROWS, LSE, V: tl.constexpr, stride_l: tl.constexpr, BLOCK: tl.constexpr,
-                           PER_LANE: tl.constexpr):
-        # base-2 exponentials (one multiply folds log2(e) in); PER_LANE keeps a running max and sum
-        # per lane (two exponentials per logit, no reduction in the loop), else per row (one
-        # exponential per logit, a max and a sum over the block in each iteration)
+    def _ce_finish(L, B, T, ROWS, LSE, rows, row_in, top, total, stride_l: tl.constexpr):
+        # a row block's lse from its running max and sum (base 2), and rows = lse - target logit
+        lse = (top + tl.log2(total)) / 1.4426950408889634
+        t = tl.load(T + rows, mask=row_in, other=0)
+        target = tl.load(L + rows.to(tl.int64) * stride_l + t, mask=row_in, other=0.0).to(tl.float32)
+        target += tl.load(B + t, mask=row_in, other=0.0).to(tl.float32)
+        tl.store(LSE + rows, lse, mask=row_in)
+        tl.store(ROWS + rows, lse - target, mask=row_in)
+
+    @triton.jit
+    def _ce_forward_kernel(L, B, T, ROWS, LSE, PART_M, PART_S, N, V: tl.constexpr, stride_l: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr):
+        # program (i, j) folds BLOCK_R rows' column blocks j, j + SPLIT, ... into a running max and
+        # sum of base-2 exponentials per row (one multiply folds log2(e) in): one read of the logits,
+        # and one read of each bias block per BLOCK_R rows. SPLIT > 1: partial sums, which
+        # _ce_combine_kernel folds
         LOG2E: tl.constexpr = 1.4426950408889634
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_in = rows < N
+        split = tl.program_id(1)
+        base = L + rows.to(tl.int64)[:, None] * stride_l
         offs = tl.arange(0, BLOCK)
-        if PER_LANE:
-            m = tl.full([BLOCK], float("-inf"), tl.float32)
-            s = tl.zeros([BLOCK], tl.float32)
-        else:
-            m = float("-inf")
-            s = 0.0
-        for start in range(0, V, BLOCK):
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_R], tl.float32)
+        for start in tl.range(split * BLOCK, V, SPLIT * BLOCK, num_stages=STAGES):
             cols = start + offs
             inside = cols < V
-            x = tl.load(L + row * stride_l + cols, mask=inside, other=float("-inf")).to(tl.float32)
-            x = (x + tl.load(B + cols, mask=inside, other=float("-inf")).to(tl.float32)) * LOG2E
-            if PER_LANE:
-                new = tl.maximum(m, x)
-                safe = tl.where(new == float("-inf"), 0.0, new)  # a lane with nothing finite yet
-                s = s * tl.exp2(m - safe) + tl.exp2(x - safe)
-            else:
-                new = tl.maximum(m, tl.max(x, axis=0))
-                safe = tl.where(new == float("-inf"), 0.0, new)
-                s = s * tl.exp2(m - safe) + tl.sum(tl.exp2(x - safe), axis=0)
+            x = tl.load(base + cols[None, :], mask=row_in[:, None] & inside[None, :],
+                        other=float("-inf")).to(tl.float32)
+            x = (x + tl.load(B + cols, mask=inside, other=float("-inf")).to(tl.float32)[None, :]) * LOG2E
+            new = tl.maximum(m, tl.max(x, axis=1))
+            safe = tl.where(new == float("-inf"), 0.0, new)  # a row with nothing finite yet
+            s = s * tl.exp2(m - safe) + tl.sum(tl.exp2(x - safe[:, None]), axis=1)
             m = new
-        if PER_LANE:
-            top = tl.max(m, axis=0)
-            total = tl.sum(s * tl.exp2(m - top), axis=0)
+        if SPLIT == 1:
+            _ce_finish(L, B, T, ROWS, LSE, rows, row_in, m, s, stride_l)
         else:
-            top = m
-            total = s
-        lse = (top + tl.log2(total)) / LOG2E
-        t = tl.load(T + row)
-        target = tl.load(L + row * stride_l + t).to(tl.float32) + tl.load(B + t).to(tl.float32)
-        tl.store(LSE + row, lse)
-        tl.store(ROWS + row, lse - target)
+            tl.store(PART_M + rows * SPLIT + split, m, mask=row_in)
+            tl.store(PART_S + rows * SPLIT + split, s, mask=row_in)
+
+    @triton.jit
+    def _ce_combine_kernel(L, B, T, ROWS, LSE, PART_M, PART_S, N, stride_l: tl.constexpr, SPLIT: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_in = rows < N
+        at = rows[:, None] * SPLIT + tl.arange(0, SPLIT)[None, :]
+        m = tl.load(PART_M + at, mask=row_in[:, None], other=float("-inf"))
+        s = tl.load(PART_S + at, mask=row_in[:, None], other=0.0)
+        top = tl.max(m, axis=1)
+        safe = tl.where(top == float("-inf"), 0.0, top)
+        _ce_finish(L, B, T, ROWS, LSE, rows, row_in, top, tl.sum(s * tl.exp2(m - safe[:, None]), axis=1), stride_l)
 
     @triton.jit
     def _ce_backward_kernel(L, B, T, LSE, G, D, PART, N, V: tl.constexpr, stride_l: tl.constexpr,
-                            stride_d: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                            stride_d: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                            COLUMN_PROGRAMS: tl.constexpr, STAGES: tl.constexpr):
+        # program (i, j) takes row block i's column blocks j, j + COLUMN_PROGRAMS, ...
         pid_n, pid_v = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        row_in, col_in = rows < N, cols < V
-        inside = row_in[:, None] & col_in[None, :]
-        offsets = rows.to(tl.int64)[:, None] * stride_l + cols[None, :]
-        x = tl.load(L + offsets, mask=inside, other=0.0).to(tl.float32)
-        x += tl.load(B + cols, mask=col_in, other=float("-inf")).to(tl.float32)[None, :]
+        row_in = rows < N
         lse = tl.load(LSE + rows, mask=row_in, other=0.0)
         g = tl.load(G + rows, mask=row_in, other=0.0)
         t = tl.load(T + rows, mask=row_in, other=-1)
-        p = tl.exp2((x - lse[:, None]) * 1.4426950408889634)
-        d = g[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
-        d = tl.where(inside, d, 0.0)
-        tl.store(D + rows.to(tl.int64)[:, None] * stride_d + cols[None, :], d.to(D.dtype.element_ty), mask=inside)
-        tl.store(PART + pid_n.to(tl.int64) * V + cols, tl.sum(d, axis=0), mask=col_in)
+        source = L + rows.to(tl.int64)[:, None] * stride_l
+        dest = D + rows.to(tl.int64)[:, None] * stride_d
+        for start in tl.range(pid_v * BLOCK_V, V, COLUMN_PROGRAMS * BLOCK_V, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            col_in = cols < V
+            inside = row_in[:, None] & col_in[None, :]
+            x = tl.load(source + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            x += tl.load(B + cols, mask=col_in, other=float("-inf")).to(tl.float32)[None, :]
+            p = tl.exp2((x - lse[:, None]) * 1.4426950408889634)
+            d = g[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
+            d = tl.where(inside, d, 0.0)
+            tl.store(dest + cols[None, :], d.to(D.dtype.element_ty), mask=inside)
+            tl.store(PART + pid_n.to(tl.int64) * V + cols, tl.sum(d, axis=0), mask=col_in)
 
 
 # launch settings on a GPU, the fastest that benchmarks/ce_kernel_tiles.py timed on an H100 at the
 # 430M step's shape (results/ce_kernel_tiles.json): forward 0.21 ms against 0.28-0.30 with
-# running sums per lane, backward 0.42 against 0.43-0.61 for other tiles
-FORWARD = dict(BLOCK=8192, PER_LANE=False, num_warps=16)
-BACKWARD = dict(BLOCK_N=64, BLOCK_V=256, num_warps=8)
+# running sums per lane, backward 0.42 against 0.43-0.61 for other tiles. BLOCK_R: rows per
+# forward program; SPLIT: forward programs per row block (a power of two); COLUMN_PROGRAMS:
+# backward programs per row block (0: one per column block); STAGES: the loops' pipelining depth
+FORWARD = dict(BLOCK_R=1, BLOCK=8192, SPLIT=1, STAGES=1, num_warps=16)
+BACKWARD = dict(BLOCK_N=64, BLOCK_V=256, COLUMN_PROGRAMS=0, STAGES=1, num_warps=8)
+COMBINE_ROWS = 64  # rows per _ce_combine_kernel program
 
 
 def _settings() -> tuple[dict, dict]:
-    """(forward, backward) launch settings; small blocks under the interpreter, which runs every
-    lane in numpy."""
+    """(forward, backward) launch settings; under the interpreter, which runs every lane in numpy,
+    the same design with small blocks."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return (dict(BLOCK=64, PER_LANE=FORWARD["PER_LANE"], num_warps=4),
-                dict(BLOCK_N=16, BLOCK_V=32, num_warps=4))
+        return {**FORWARD, "BLOCK": 64, "num_warps": 4}, {**BACKWARD, "BLOCK_N": 16, "BLOCK_V": 32, "num_warps": 4}
     return FORWARD, BACKWARD
 
 
@@ -144,8 +163,13 @@ def catalog_ce(logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor) -
     rows = torch.empty(n, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(rows)
     if n:
-        _ce_forward_kernel[(n,)](logits, bias.contiguous(), target.to(torch.int32).contiguous(), rows, lse, v,
-                                 logits.stride(0), **_settings()[0])
+        tile = dict(_settings()[0])
+        split = tile["SPLIT"]
+        parts = torch.empty(2, n * split if split > 1 else 0, device=logits.device, dtype=torch.float32)
+        args = (logits, bias.contiguous(), target.to(torch.int32).contiguous(), rows, lse, parts[0], parts[1], n)
+        _ce_forward_kernel[(triton.cdiv(n, tile["BLOCK_R"]), split)](*args, v, logits.stride(0), **tile)
+        if split > 1:
+            _ce_combine_kernel[(triton.cdiv(n, COMBINE_ROWS),)](*args, logits.stride(0), split, COMBINE_ROWS)
     return rows, lse
 
 
@@ -162,10 +186,12 @@ def catalog_ce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, bias: tor
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     n, v = logits.shape
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    tiles = _settings()[1]
+    tiles = dict(_settings()[1])
     parts = torch.empty(triton.cdiv(n, tiles["BLOCK_N"]) if n else 0, v, device=logits.device, dtype=torch.float32)
     if n:
-        grid = (triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(v, tiles["BLOCK_V"]))
+        blocks = triton.cdiv(v, tiles["BLOCK_V"])
+        tiles["COLUMN_PROGRAMS"] = min(tiles["COLUMN_PROGRAMS"] or blocks, blocks)
+        grid = (triton.cdiv(n, tiles["BLOCK_N"]), tiles["COLUMN_PROGRAMS"])
         _ce_backward_kernel[grid](logits, bias.contiguous(), target.to(torch.int32).contiguous(), lse,
                                   grad_rows.float().contiguous(), grad_logits, parts, n, v, logits.stride(0),
                                   grad_logits.stride(0), **tiles)
