@@ -1,6 +1,9 @@
 """GPU time of tuner.ce_kernel's two passes per launch setting, against inductor's code for the
 same loss, at the 430M training step's shape (1,152 predicted rows of 159,752 bf16 logit columns,
-rows padded to 159,808 as inductor lays out the GEMM's output). Median of CUDA-event timings.
+rows padded to 159,808 as inductor lays out the GEMM's output). GPU time per call as the step
+runs them, in a CUDA graph (`graph_ms`: ten calls captured and replayed, the median of 30
+replays); `--timing events` times each call alone by CUDA events, host launch costs included
+(the files before session 29 were timed so).
 
 Every setting's results are checked against the module's defaults (the same rows, lse and
 gradients up to float rounding); the report's `best` holds the fastest forward and backward
@@ -12,6 +15,7 @@ settings, which `gpu_throughput.py --ce-settings` gives the training step.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -21,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_report import median_ms, start_report  # noqa: E402
+from gpu_report import graph_ms, median_ms, start_report  # noqa: E402
 
 from tuner import ce_kernel  # noqa: E402
 
@@ -49,7 +53,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1152)  # the 430M step's profile on an H200: 1,344
     parser.add_argument("--items", type=int, default=159_752)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--timing", choices=("graph", "events"), default="graph")
     args = parser.parse_args()
+    timed = graph_ms if args.timing == "graph" else functools.partial(median_ms, repeats=REPEATS)
     n, v = args.rows, args.items
     _, header = start_report("ce_kernel_tiles.py", [], [])
     torch.manual_seed(0)
@@ -59,13 +65,13 @@ def main() -> None:
     target = torch.randint(1, v, (n,), device="cuda")
     grad_rows = torch.full((n,), 1.0 / n, device="cuda")
     gigabytes = logits.numel() * logits.element_size() / 1e9
-    report = {**header, "rows": n, "items": v, "forward": [], "backward": []}
+    report = {**header, "rows": n, "items": v, "timing": args.timing, "forward": [], "backward": []}
     defaults = dict(ce_kernel.FORWARD), dict(ce_kernel.BACKWARD)
     rows, lse = ce_kernel.catalog_ce(logits, bias, target)
     grads = ce_kernel.catalog_ce_backward(grad_rows, logits, bias, target, lse)
     for setting in FORWARDS:
         ce_kernel.FORWARD = setting
-        ms = median_ms(lambda: ce_kernel.catalog_ce(logits, bias, target), REPEATS)
+        ms = timed(lambda: ce_kernel.catalog_ce(logits, bias, target))
         out = ce_kernel.catalog_ce(logits, bias, target)
         report["forward"].append({**setting, "ms": ms, "read_tb_per_s": gigabytes / ms,
                                   "rows_differ": _differs(out[0], rows), "lse_differ": _differs(out[1], lse)})
@@ -73,7 +79,7 @@ def main() -> None:
     ce_kernel.FORWARD = defaults[0]
     for setting in BACKWARDS:
         ce_kernel.BACKWARD = setting
-        ms = median_ms(lambda: ce_kernel.catalog_ce_backward(grad_rows, logits, bias, target, lse), REPEATS)
+        ms = timed(lambda: ce_kernel.catalog_ce_backward(grad_rows, logits, bias, target, lse))
         out = ce_kernel.catalog_ce_backward(grad_rows, logits, bias, target, lse)
         report["backward"].append({**setting, "ms": ms, "read_write_tb_per_s": 2 * gigabytes / ms,
                                    "grad_differ": _differs(out[0], grads[0]),
@@ -90,7 +96,7 @@ def main() -> None:
         hit = torch.arange(v, device="cuda")[None, :] == target[:, None]
         return (torch.logsumexp(full, 1) - torch.where(hit, full, 0.0).sum(1)).mean()
 
-    compiled = torch.compile(loss_from_logits, fullgraph=True)
+    compiled = torch.compile(loss_from_logits, fullgraph=True)  # timed by events, whatever --timing says
     report["inductor_forward_ms"] = median_ms(lambda: compiled(logits, bias), REPEATS)
     report["inductor_forward_backward_ms"] = median_ms(lambda: torch.autograd.grad(compiled(leaf, bias_leaf), (leaf, bias_leaf)), REPEATS)
     report["kernel_forward_backward_ms"] = sum(min(r["ms"] for r in report[k]) for k in ("forward", "backward"))

@@ -337,7 +337,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--variants", nargs="+", default=["fp32", "amp", "amp_compile", "amp_compile_graphs"])
-    parser.add_argument("--seed-variants", nargs="+", default=["fp32", "amp", "amp_compile"])
+    parser.add_argument("--seed-variants", nargs="*", default=["fp32", "amp", "amp_compile"],
+                        help="the seed's variants to time (none: our step alone, without ratios)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_throughput.json"))
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile")
     parser.add_argument("--profile-variant", action="append", default=[],
