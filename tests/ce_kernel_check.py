@@ -93,15 +93,15 @@ def main() -> None:
     from tuner import ce_kernel
 
     default = dict(ce_kernel.FORWARD), dict(ce_kernel.BACKWARD)
-    # the other designs the launch settings choose: rows split over programs and combined, and
-    # backward programs that loop over column blocks
-    ce_kernel.FORWARD.update(BLOCK_R=4, SPLIT=4, STAGES=2)
-    ce_kernel.BACKWARD.update(COLUMN_PROGRAMS=3, STAGES=2)
-    split = {"float64": rows_against_float64("cpu"), "fp32": compare(70, 300, 16, torch.float32, "cpu")}
+    # the other design the launch settings choose: one forward program per row, no split to
+    # combine, and one backward tile per program, without pipelined loops (session 14's kernels)
+    ce_kernel.FORWARD.update(BLOCK_R=1, SPLIT=1, STAGES=1)
+    ce_kernel.BACKWARD.update(COLUMN_PROGRAMS=0, STAGES=1)
+    unsplit = {"float64": rows_against_float64("cpu"), "fp32": compare(70, 300, 16, torch.float32, "cpu")}
     ce_kernel.FORWARD.update(default[0])
     ce_kernel.BACKWARD.update(default[1])
-    out = {"float64": rows_against_float64("cpu"), "float64_split": split["float64"],
-           "fp32_split": split["fp32"],
+    out = {"float64": rows_against_float64("cpu"), "float64_unsplit": unsplit["float64"],
+           "fp32_unsplit": unsplit["fp32"],
            "fp32": compare(70, 300, 16, torch.float32, "cpu"),
            "bf16": compare(70, 300, 16, torch.bfloat16, "cpu"),
            "focal_fp32": compare(70, 300, 16, torch.float32, "cpu", loss="focal"),

@@ -11,15 +11,21 @@ other device): in the 430M step on an H100 its forward took 0.31 ms and its back
 (a max, then a sum), and the backward, which also sums the bias gradient over the rows, walked the
 logits column block by column block. Here:
 
-- Forward, `_ce_forward_kernel`: one program per row folds the row into a running max and sum of
-  exponentials (the online softmax), one read of the logits, and picks the target's logit.
+- Forward, `_ce_forward_kernel`: each program folds a block of BLOCK_R rows, over every SPLIT-th
+  column block, into a running max and sum of exponentials per row (the online softmax): one read
+  of the logits. With SPLIT > 1, `_ce_combine_kernel` folds the SPLIT partial sums of each row
+  and picks the target's logit. Splitting the rows gives the GPU about 8x as many programs as
+  rows; one program per row (1,344 of them in the 430M step) left it partly idle.
 - The catalog width and row strides are compile-time constants: 159,752 columns is a multiple of
   8 but not of 16, so as a runtime argument Triton could not prove the rows 16-byte aligned and
   loaded the logits two bytes at a time (the first version: 0.59 ms for the backward pass).
-- Backward, `_ce_backward_kernel`: one program per [BLOCK_N, BLOCK_V] tile writes d loss / d logits
+- Backward, `_ce_backward_kernel`: each program takes a block of BLOCK_N rows and every
+  COLUMN_PROGRAMS-th column block of them; per [BLOCK_N, BLOCK_V] tile it writes d loss / d logits
   = g * (softmax - one_hot(target)) in the logits' dtype and the tile's column sums (fp32) to a
-  [cdiv(N, BLOCK_N), V] buffer, whose sum over its few rows is the bias gradient. One read of
-  the logits, one write of their gradient, row-major; no atomics, so the sums are deterministic.
+  [cdiv(N, BLOCK_N), V] buffer, whose sum over its rows is the bias gradient. One read of the
+  logits, one write of their gradient, row-major; no atomics, so the sums are deterministic.
+- Both passes loop, and STAGES > 1 pipelines the loop's loads (asynchronous copies to shared
+  memory while the previous block is computed).
 
 Columns with a -inf bias (padding, the mask token, alignment columns) take no probability and no
 gradient. The kernels also run on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`),
@@ -133,13 +139,15 @@ if triton is not None:
             tl.store(PART + pid_n.to(tl.int64) * V + cols, tl.sum(d, axis=0), mask=col_in)
 
 
-# launch settings on a GPU, the fastest that benchmarks/ce_kernel_tiles.py timed on an H100 at the
-# 430M step's shape (results/ce_kernel_tiles.json): forward 0.21 ms against 0.28-0.30 with
-# running sums per lane, backward 0.42 against 0.43-0.61 for other tiles. BLOCK_R: rows per
-# forward program; SPLIT: forward programs per row block (a power of two); COLUMN_PROGRAMS:
-# backward programs per row block (0: one per column block); STAGES: the loops' pipelining depth
-FORWARD = dict(BLOCK_R=1, BLOCK=8192, SPLIT=1, STAGES=1, num_warps=16)
-BACKWARD = dict(BLOCK_N=64, BLOCK_V=256, COLUMN_PROGRAMS=0, STAGES=1, num_warps=8)
+# launch settings on a GPU: the fastest that benchmarks/ce_kernel_tiles.py timed on an H200 at the
+# 430M step's shape, in CUDA graphs (results/h200_session29/ce_kernel_tiles_graphs_b492995.json):
+# forward 0.130 ms against 0.206 for session 14's one program per row (BLOCK_R=1, BLOCK=8192,
+# SPLIT=1, STAGES=1, 16 warps), backward 0.304 against 0.499 for its one tile per program
+# (BLOCK_N=64, BLOCK_V=256, COLUMN_PROGRAMS=0, STAGES=1, 8 warps). BLOCK_R: rows per forward
+# program; SPLIT: forward programs per row block (a power of two); COLUMN_PROGRAMS: backward
+# programs per row block (0: one per column block); STAGES: the loops' pipelining depth
+FORWARD = dict(BLOCK_R=2, BLOCK=2048, SPLIT=8, STAGES=3, num_warps=4)
+BACKWARD = dict(BLOCK_N=16, BLOCK_V=512, COLUMN_PROGRAMS=78, STAGES=3, num_warps=4)
 COMBINE_ROWS = 64  # rows per _ce_combine_kernel program
 
 
