@@ -336,7 +336,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=["5M", "85M", "130M", "430M"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
-    parser.add_argument("--variants", nargs="+", default=["fp32", "amp", "amp_compile", "amp_compile_graphs"])
+    parser.add_argument("--variants", nargs="*", default=["fp32", "amp", "amp_compile", "amp_compile_graphs"],
+                        help="our step's variants to time (none: the seed's alone)")
     parser.add_argument("--seed-variants", nargs="*", default=["fp32", "amp", "amp_compile"],
                         help="the seed's variants to time (none: our step alone, without ratios)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_throughput.json"))
