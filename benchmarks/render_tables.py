@@ -410,17 +410,24 @@ def attention_dropout_table(folder: str = "attention_dropout_h200") -> str:
 
 
 def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
-    """benchmarks/ce_kernel_tiles.py: GPU time of tuner.ce_kernel's passes per launch setting."""
+    """benchmarks/ce_kernel_tiles.py: GPU time of tuner.ce_kernel's passes per launch setting (session
+    14's settings, or session 29's with rows per program, split rows, looping programs and stages)."""
     data = json.loads((RESULTS / name).read_text())
+    timing = ("in CUDA graphs (10 calls a replay)" if data.get("timing") == "graph"
+              else "each call timed alone by CUDA events")
     lines = [f"Device: {data['device']} (torch {data['torch']}); {data['rows']:,} rows x {data['items']:,} bf16 logits; "
-             f"`{data['command']}` (code {data['code_commit']}). Median GPU ms per call.", "",
+             f"`{data['command']}` (code {data['code_commit']}). Median GPU ms per call, {timing}.", "",
              "| pass | setting | ms | TB/s moved |", "|---|---|---|---|"]
     for r in data["forward"]:
-        sums = "per lane" if r["PER_LANE"] else "per row"
-        lines.append(f"| forward | block {r['BLOCK']}, sums {sums}, {r['num_warps']} warps | {r['ms']:.3f} | "
-                     f"{r['read_tb_per_s']:.2f} |")
+        if "PER_LANE" in r:
+            setting = f"block {r['BLOCK']}, sums {'per lane' if r['PER_LANE'] else 'per row'}"
+        else:
+            setting = f"{r['BLOCK_R']} rows, block {r['BLOCK']}, split {r['SPLIT']}, {r['STAGES']} stages"
+        lines.append(f"| forward | {setting}, {r['num_warps']} warps | {r['ms']:.3f} | {r['read_tb_per_s']:.2f} |")
     for r in data["backward"]:
-        lines.append(f"| backward | tile {r['BLOCK_N']} x {r['BLOCK_V']}, {r['num_warps']} warps | {r['ms']:.3f} | "
+        loop = (f", {r['COLUMN_PROGRAMS'] or 'one tile a'} programs a row block, {r['STAGES']} stages"
+                if "STAGES" in r else "")
+        lines.append(f"| backward | tile {r['BLOCK_N']} x {r['BLOCK_V']}{loop}, {r['num_warps']} warps | {r['ms']:.3f} | "
                      f"{r['read_write_tb_per_s']:.2f} |")
     lines.append(f"| inductor, forward | `_row_ce`'s expression compiled | {data['inductor_forward_ms']:.3f} | |")
     lines.append(f"| inductor, forward + backward | with the bias gradient | {data['inductor_forward_backward_ms']:.3f} | |")
@@ -462,6 +469,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
                                               ("masters_430M", "eb4dafa", "130M_eb4dafa", "small_e504505")),
           "--gpu-stream": lambda: gpu_tables("ce_copies_430M", "residual_mix_430M", "eb4dafa"),
           "--stream": lambda: variants_table("ml1m_stream.json"), "--ce-tiles": ce_tiles_table,
+          "--ce-tiles-h200": lambda: ce_tiles_table("h200_session29/ce_kernel_tiles_graphs_b492995.json"),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
           "--moments": lambda: variants_table("ml1m_moments.json"),
