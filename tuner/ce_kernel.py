@@ -14,8 +14,9 @@ logits column block by column block. Here:
 - Forward, `_ce_forward_kernel`: each program folds a block of BLOCK_R rows, over every SPLIT-th
   column block, into a running max and sum of exponentials per row (the online softmax): one read
   of the logits. With SPLIT > 1, `_ce_combine_kernel` folds the SPLIT partial sums of each row
-  and picks the target's logit. Splitting the rows gives the GPU about 8x as many programs as
-  rows; one program per row (1,344 of them in the 430M step) left it partly idle.
+  and picks the target's logit. The defaults (two rows a program, each row block split 8 ways)
+  launch 4x as many programs as rows; one program per row (1,344 in the 430M step) was slower
+  (below).
 - The catalog width and row strides are compile-time constants: 159,752 columns is a multiple of
   8 but not of 16, so as a runtime argument Triton could not prove the rows 16-byte aligned and
   loaded the logits two bytes at a time (the first version: 0.59 ms for the backward pass).
