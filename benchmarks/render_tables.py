@@ -67,6 +67,33 @@ def ratio_runs_table(*names: str, size: str = "430M", variant: str = "amp_compil
     return "\n".join(lines)
 
 
+def _setting_text(setting: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def settings_runs_table(folder: str, size: str = "430M", variant: str = "amp_compile_graphs") -> str:
+    """gpu_throughput.py runs in `folder` grouped by what they changed (the `--ce-settings` file and
+    the environment a run records): our step's ms per run, and the seed's where the run timed it."""
+    groups: dict[tuple[str, str], list] = {}
+    for path in sorted((RESULTS / folder).glob("tp_*.json")):
+        data = json.loads(path.read_text())
+        ce = data.get("ce_settings")  # by the settings themselves: the file may have moved since
+        ce = (f"forward {_setting_text(ce['forward'])}; backward {_setting_text(ce['backward'])}" if ce
+              else "the defaults of the run's commit")
+        key = (ce, data.get("environment", "-"))
+        for r in (r for r in data["rows"] if (r["size"], r["variant"]) == (size, variant)):
+            seed = ", ".join(f"{p['step_ms']:.2f}" for p in data["peer_rows"] if p["step_ms"])
+            groups.setdefault(key, []).append((r["step_ms"], seed, f"{path.stem} (call {data.get('device_call')}, "
+                                                                  f"{data.get('code_commit')})"))
+    lines = [f"{size} {variant}, ms a step, one run per figure.", "",
+             "| catalog softmax settings | environment | our step | the seed's step in the run | runs |",
+             "|---|---|---|---|---|"]
+    for (ce, env), runs in groups.items():
+        lines.append(f"| {ce} | {env} | {', '.join(f'{ms:.3f}' for ms, _, _ in runs)} | "
+                     f"{'; '.join(seed or '-' for _, seed, _ in runs)} | {'; '.join(run for _, _, run in runs)} |")
+    return "\n".join(lines)
+
+
 def gpu_tables(*runs: str) -> str:
     """The rows of several gpu_throughput_RUN.json files, one table per run (each its own device line)."""
     return "\n\n".join(gpu_table(f"gpu_throughput_{run}.json", full=False) for run in runs)
@@ -470,6 +497,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--gpu-stream": lambda: gpu_tables("ce_copies_430M", "residual_mix_430M", "eb4dafa"),
           "--stream": lambda: variants_table("ml1m_stream.json"), "--ce-tiles": ce_tiles_table,
           "--ce-tiles-h200": lambda: ce_tiles_table("h200_session29/ce_kernel_tiles_graphs_b492995.json"),
+          "--step-settings-h200": lambda: settings_runs_table("h200_session29"),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
           "--moments": lambda: variants_table("ml1m_moments.json"),

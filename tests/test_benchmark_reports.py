@@ -311,6 +311,11 @@ def test_every_readme_table_renders_from_the_committed_result_files():
         assert render().strip(), option
     # session 26's three H100 runs of the 430M step: the median of the runs' own ratios
     assert "| median of 3 runs' ratios | | | | | | **3.96x** |" in render_tables.TABLES["--gpu-h100-430M-runs"]()
+    settings = render_tables.TABLES["--step-settings-h200"]().splitlines()
+    # runs grouped by what they changed, whatever the settings file was called on the machine
+    assert sum("BLOCK_V=128, COLUMN_PROGRAMS=312" in line for line in settings) == 2
+    assert any(line.startswith("| the defaults of the run's commit | - | 13.626, 13.234, 13.243, 13.263 |")
+               for line in settings)
     start = render_tables.TABLES["--start-h200"]()
     assert "| cpp_isa_checks | 2 | warm | 66.0 | 53.0 | 41.5 | 10.11 |" in start
 
