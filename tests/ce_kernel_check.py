@@ -47,16 +47,16 @@ def compare(n: int, items: int, hidden: int, dtype: torch.dtype, device: str, lo
             "loss_value": float(lt)}
 
 
-def rows_against_float64(device: str) -> dict:
+def rows_against_float64(device: str, n: int = 70, v: int = 300) -> dict:
     """The op's rows against float64 arithmetic on the same fp32 logits, which come with padded
     rows (inductor pads a GEMM's output rows; the op takes them as they are)."""
     from tuner.ce_kernel import catalog_ce
 
     torch.manual_seed(1)
-    logits = (torch.randn(70, 320, device=device) * 4)[:, :300]
-    bias = torch.randn(300, device=device)
+    logits = (torch.randn(n, v + 20, device=device) * 4)[:, :v]
+    bias = torch.randn(v, device=device)
     bias[-5:] = float("-inf")
-    target = torch.randint(0, 295, (70,), device=device)
+    target = torch.randint(0, v - 5, (n,), device=device)
     rows, lse = catalog_ce(logits, bias, target)
     full = logits.double() + bias.double()
     ref_lse = torch.logsumexp(full, 1)
@@ -102,6 +102,9 @@ def main() -> None:
     ce_kernel.BACKWARD.update(default[1])
     out = {"float64": rows_against_float64("cpu"), "float64_unsplit": unsplit["float64"],
            "fp32_unsplit": unsplit["fp32"],
+           # fewer rows than a program takes and fewer columns than one block: most programs of
+           # the split forward and the backward find nothing to do
+           "float64_tiny": rows_against_float64("cpu", 3, 37), "fp32_tiny": compare(3, 37, 8, torch.float32, "cpu"),
            "fp32": compare(70, 300, 16, torch.float32, "cpu"),
            "bf16": compare(70, 300, 16, torch.bfloat16, "cpu"),
            "focal_fp32": compare(70, 300, 16, torch.float32, "cpu", loss="focal"),
