@@ -333,3 +333,43 @@ def test_render_tables_names_its_tables_and_refuses_an_unknown_one():
     assert wrong.returncode != 0 and not wrong.stdout
     assert wrong.stderr.strip().splitlines() == ["render_tables.py: no table '--gpu-h100-sesion26'; run with --help "
                                                  "for the list"]
+
+
+def test_process_ab_takes_each_rounds_ratio_and_skips_failed_processes():
+    """Per arm: our step in each round against the seed's of the same round, the median of those
+    ratios, and the step against the first arm's; a process that failed (None) drops out."""
+    import process_ab
+
+    rounds = [{"seed": 47.6, "default": 13.24, "none": 13.08},
+              {"seed": 46.9, "default": 13.26, "none": None},
+              {"seed": None, "default": 13.20, "none": 12.96}]
+    out = process_ab.summarize(rounds, ["default", "none"])
+    assert out["seed_median_ms"] == pytest.approx(47.25)
+    default, none = out["arms"]["default"], out["arms"]["none"]
+    assert default["median_ms"] == 13.24 and none["median_ms"] == pytest.approx(13.02)
+    assert default["speedup_vs_seed"][2] is None and none["speedup_vs_seed"][1] is None
+    assert none["median_speedup_vs_seed"] == pytest.approx(47.6 / 13.08)
+    assert none["step_vs_default"] == [pytest.approx(13.08 / 13.24), None, pytest.approx(12.96 / 13.20)]
+    assert process_ab.parse_arm("none=CUBLAS_WORKSPACE_CONFIG=:0:0,CUBLASLT_WORKSPACE_SIZE=0") == (
+        "none", {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"})
+    assert process_ab.parse_arm("default=") == ("default", {})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arm", "no equals sign"], "process_ab.py: --arm takes NAME=KEY=VALUE,KEY=VALUE or NAME=, not 'no equals sign'"),
+    (["--arm", "a=", "--rounds", "0"], "process_ab.py: --rounds must be at least 1")])
+def test_process_ab_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/process_ab.py"), *argv, "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip() == message
+
+
+def test_a_process_ab_process_that_fails_leaves_its_error_and_no_step(tmp_path):
+    """A gpu_throughput.py process that cannot run (here: no CUDA device) gives no report: the
+    round records None and the process's last lines stay beside where its report would be."""
+    import process_ab
+
+    output = tmp_path / "none_1.json"
+    assert process_ab.run(["--sizes", "430M", "--seed-variants", "--variants", "amp_compile_graphs"],
+                          {"CUBLASLT_WORKSPACE_SIZE": "0"}, output, timeout=120) is None
+    assert not output.exists() and output.with_suffix(".err").read_text().strip()
