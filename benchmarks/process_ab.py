@@ -100,7 +100,8 @@ def main() -> int:
     base = ["--sizes", args.size]
     rounds = []
     for r in range(1, args.rounds + 1):
-        seed = run([*base, "--seed-variants", args.seed_variant, "--variants"], {}, out / f"seed_{r}.json", args.timeout)
+        seed = run([*base, "--seed-variants", args.seed_variant, "--variants"], {}, out / f"seed_{r}.json",
+                   args.timeout)
         row = {"seed": seed and step_ms(seed, args.size, args.seed_variant, seed=True)}
         for name, env in arms.items():
             ours = run([*base, "--seed-variants", "--variants", args.variant], env, out / f"{name}_{r}.json",
@@ -113,7 +114,8 @@ def main() -> int:
               "variant": args.variant, "seed_variant": args.seed_variant,
               "environments": arms, "rounds": rounds, **summarize(rounds, list(arms))}
     (out / "process_ab.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({name: {k: v for k, v in a.items() if k.startswith("median")} for name, a in report["arms"].items()}))
+    medians = {name: {k: v for k, v in arm.items() if k.startswith("median")} for name, arm in report["arms"].items()}
+    print(json.dumps(medians))
     return 0
 
 
