@@ -255,22 +255,24 @@ def gap_summary(trace: dict, steps: int) -> str:
             f"{len(long) / steps:.0f}, {sum(long) / 1e3 / steps:.2f} ms\n")
 
 
+def read_best(path: str, kernels: str, shape):
+    """`shape` of a sweep report's `best` entry (an add_norm_kernels.py or ce_kernel_tiles.py
+    report), or a one-line exit naming `kernels` when the file has none in that shape."""
+    try:
+        return shape(json.loads(Path(path).read_text())["best"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"gpu_throughput.py: no {kernels} launch settings in {path}: {exc.__class__.__name__}: {exc}")
+
+
 def read_add_norm_settings(path: str) -> dict:
     """{size: {"forward": ..., "backward": ...}} from an add_norm_kernels.py report's `best`."""
-    try:
-        best = json.loads(Path(path).read_text())["best"]
-        return {size: {"forward": dict(b["forward"]), "backward": dict(b["backward"])} for size, b in best.items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        sys.exit(f"gpu_throughput.py: no add_norm launch settings in {path}: {exc.__class__.__name__}: {exc}")
+    return read_best(path, "add_norm", lambda best: {
+        size: {"forward": dict(b["forward"]), "backward": dict(b["backward"])} for size, b in best.items()})
 
 
 def read_ce_settings(path: str) -> tuple[dict, dict]:
     """(forward, backward) launch settings for tuner.ce_kernel from a ce_kernel_tiles.py report's `best`."""
-    try:
-        best = json.loads(Path(path).read_text())["best"]
-        return dict(best["forward"]), dict(best["backward"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        sys.exit(f"gpu_throughput.py: no ce_kernel launch settings in {path}: {exc.__class__.__name__}: {exc}")
+    return read_best(path, "ce_kernel", lambda best: (dict(best["forward"]), dict(best["backward"])))
 
 
 def use_add_norm_settings(settings: dict | None, defaults: tuple[dict, dict]) -> None:
