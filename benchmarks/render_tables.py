@@ -454,8 +454,8 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
     for r in data["backward"]:
         loop = (f", {r['COLUMN_PROGRAMS'] or 'one tile a'} programs a row block, {r['STAGES']} stages"
                 if "STAGES" in r else "")
-        lines.append(f"| backward | tile {r['BLOCK_N']} x {r['BLOCK_V']}{loop}, {r['num_warps']} warps | {r['ms']:.3f} | "
-                     f"{r['read_write_tb_per_s']:.2f} |")
+        lines.append(f"| backward | tile {r['BLOCK_N']} x {r['BLOCK_V']}{loop}, {r['num_warps']} warps | "
+                     f"{r['ms']:.3f} | {r['read_write_tb_per_s']:.2f} |")
     lines.append(f"| inductor, forward | `_row_ce`'s expression compiled | {data['inductor_forward_ms']:.3f} | |")
     lines.append(f"| inductor, forward + backward | with the bias gradient | {data['inductor_forward_backward_ms']:.3f} | |")
     lines.append(f"| kernels, forward + backward | the best of each | {data['kernel_forward_backward_ms']:.3f} | |")
