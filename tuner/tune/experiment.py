@@ -3,7 +3,7 @@
 Layers (Ray 2.60's documented Train + Tune pattern; `Tuner(TorchTrainer)` no longer works):
 1. `tuner.train.driver.train_fn_per_worker` runs on every Train worker;
 2. `run_trial` (a Tune function trainable) builds and fits a `TorchTrainer` for one trial, with
-   `TuneReportCallback` forwarding each epoch's rank-0 report to Tune so ASHA sees every epoch;
+   `tuner.tune.relay` forwarding each epoch's rank-0 report to Tune so ASHA sees every epoch;
 3. `run_experiment` builds the `Tuner`: OptunaSearch (TPE, seeded) or random search, limited to
    the concurrency the cluster's resources allow, and ASHA on `val_ndcg_10` with the epoch as
    time attribute.
@@ -119,9 +119,9 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], storage_path: str,
     """Tune function trainable: one TorchTrainer for one trial."""
     import yaml
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from tuner.train.driver import build_trainer, read_final
+    from tuner.tune.relay import ReportRelay, fit_relaying
 
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
@@ -136,9 +136,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], storage_path: str,
     extra["final_dir"] = str(final_dir)
     if deadline:
         extra["deadline"] = deadline
+    relay = ReportRelay()
     trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage_path=storage_path,
-                            loop_extra=extra, callbacks=[TuneReportCallback()])
-    trainer.fit()
+                            loop_extra=extra, callbacks=[relay])
+    fit_relaying(trainer.fit, relay, tune.report)
     final = read_final(final_dir)
     if final is not None:  # test metrics of the best weights, as the trial's last result
         tune.report({**final, "epoch": final["epochs"], FINAL_KEY: 1})
@@ -411,7 +412,7 @@ def _newest_checkpoint(run_dir: Path) -> Optional[str]:
 
 def _last_checkpoint(result, train_root: Path, trial_id: Optional[str]) -> Optional[str]:
     """The trial's newest Train checkpoint: from its Train run directory (names sort by time),
-    else from the `checkpoint_path` that TuneReportCallback adds to results."""
+    else from the `checkpoint_path` that the relay adds to results."""
     found = _newest_checkpoint(train_root / f"trial-{trial_id}") if trial_id else None
     if found:
         return found
