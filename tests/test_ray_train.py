@@ -1,6 +1,8 @@
 """Ray Train: the per-worker loop under TorchTrainer with 2 CPU workers (gloo)."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -87,8 +89,11 @@ def test_corrupted_train_checkpoint_falls_back_to_the_older_one(tmp_path, capfd)
     assert len(checkpoints) == 2
     (checkpoints[-1] / "state.pt").write_bytes(b"not a checkpoint")  # the epoch-2 file is damaged
     cfg.train.max_epochs = 3
+    copies = set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))
     final = fit(cfg, quiet=True, storage=str(tmp_path))  # same run: Train resumes it
     assert final["epochs"] == 3  # epoch 2 redone from the epoch-1 checkpoint, then epoch 3
+    # read in place: no copy of the checkpoint left in the temporary directory
+    assert set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*")) == copies
     assert "resuming from the older checkpoint" in capfd.readouterr().err
     # the same run name with another catalog: one line naming the run and the way out
     cfg.data.synthetic_items = 90

@@ -37,7 +37,7 @@ def ray_context(cfg: Config) -> WorkerContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = checkpoint.to_directory() if checkpoint is not None else None
+    resume_dir = checkpoint_dir(checkpoint) if checkpoint is not None else None
     fallbacks = older_checkpoints(checkpoint) if checkpoint is not None else ()
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -55,6 +55,23 @@ def ray_context(cfg: Config) -> WorkerContext:
                          resume_fallbacks=fallbacks,
                          all_reduce_fn=lambda t: dist.all_reduce(t) if world_size > 1 else None,
                          wrap_fn=wrap, reports_checkpoints=True)
+
+
+def checkpoint_dir(checkpoint) -> str:
+    """The directory to resume from: the checkpoint itself when this node sees it as a local path
+    (local storage or a shared mount; it is only read), else a temporary copy that goes when the
+    worker exits. (`Checkpoint.to_directory()` copies it into the temporary directory every time,
+    and nothing removed the copy: every resume left the run's whole state behind, weights and
+    optimizer moments, gigabytes at 430M.)"""
+    import atexit
+
+    from pyarrow.fs import LocalFileSystem
+
+    if isinstance(checkpoint.filesystem, LocalFileSystem) and Path(checkpoint.path).is_dir():
+        return checkpoint.path
+    copy = tempfile.mkdtemp(prefix="resume-")
+    atexit.register(shutil.rmtree, copy, True)
+    return checkpoint.to_directory(copy)
 
 
 def older_checkpoints(checkpoint) -> tuple[str, ...]:
