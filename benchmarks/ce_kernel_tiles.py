@@ -86,7 +86,8 @@ def main() -> None:
                                    "bias_grad_differ": _differs(out[1][1:], grads[1][1:])})
         print(json.dumps(report["backward"][-1]), flush=True)
     ce_kernel.BACKWARD = defaults[1]
-    report["best"] = {"forward": best_setting(report["forward"]), "backward": best_setting(report["backward"])}
+    report["best"] = {"forward": best_setting(report["forward"], FORWARDS),
+                      "backward": best_setting(report["backward"], BACKWARDS)}
     # inductor's code for the same loss from the same logits (tuner.losses._row_ce's compiled form),
     # forward, and forward + backward with the bias gradient's column sum
     leaf, bias_leaf = logits.detach().requires_grad_(), bias.detach().requires_grad_()
@@ -104,10 +105,11 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in report if k.endswith("_ms")}))
 
 
-def best_setting(rows: list[dict]) -> dict:
-    """The launch setting (the kernel's keyword arguments) of the fastest row whose results match
-    the defaults' (within 1e-2 of the largest value: bf16 gradients' rounding)."""
-    keys = ("BLOCK_R", "BLOCK", "SPLIT", "BLOCK_N", "BLOCK_V", "COLUMN_PROGRAMS", "STAGES", "num_warps")
+def best_setting(rows: list[dict], settings: list[dict]) -> dict:
+    """The launch setting (the kernel's keyword arguments: the keys of `settings`, the sweep's list)
+    of the fastest row whose results match the defaults' (within 1e-2 of the largest value: bf16
+    gradients' rounding)."""
+    keys = set().union(*settings)
     good = [r for r in rows if all(v < 1e-2 for k, v in r.items() if k.endswith("_differ"))]
     return {k: v for k, v in min(good, key=lambda r: r["ms"]).items() if k in keys}
 

@@ -452,8 +452,9 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
             setting = f"{r['BLOCK_R']} rows, block {r['BLOCK']}, split {r['SPLIT']}, {r['STAGES']} stages"
         lines.append(f"| forward | {setting}, {r['num_warps']} warps | {r['ms']:.3f} | {r['read_tb_per_s']:.2f} |")
     for r in data["backward"]:
-        loop = (f", {r['COLUMN_PROGRAMS'] or 'one tile a'} programs a row block, {r['STAGES']} stages"
-                if "STAGES" in r else "")
+        programs = (f"{r['COLUMN_PROGRAMS']} programs per row block" if r.get("COLUMN_PROGRAMS")
+                    else "a program per tile")
+        loop = f", {programs}, {r['STAGES']} stage{'s' * (r['STAGES'] != 1)}" if "STAGES" in r else ""
         lines.append(f"| backward | tile {r['BLOCK_N']} x {r['BLOCK_V']}{loop}, {r['num_warps']} warps | "
                      f"{r['ms']:.3f} | {r['read_write_tb_per_s']:.2f} |")
     lines.append(f"| inductor, forward | `_row_ce`'s expression compiled | {data['inductor_forward_ms']:.3f} | |")

@@ -142,7 +142,7 @@ def test_the_ce_sweeps_best_settings_are_the_fastest_that_match_and_reach_the_th
              "read_write_tb_per_s": 2.8, "grad_differ": 3e-3, "bias_grad_differ": 1e-5},
             {"BLOCK_N": 16, "BLOCK_V": 512, "COLUMN_PROGRAMS": 78, "STAGES": 3, "num_warps": 4, "ms": 0.20,
              "read_write_tb_per_s": 4.2, "grad_differ": 0.5, "bias_grad_differ": 0.0}]
-    best = ce_kernel_tiles.best_setting(rows)
+    best = ce_kernel_tiles.best_setting(rows, ce_kernel_tiles.BACKWARDS)
     assert best == {"BLOCK_N": 32, "BLOCK_V": 512, "COLUMN_PROGRAMS": 78, "STAGES": 2, "num_warps": 8}
     forward = {"BLOCK_R": 4, "BLOCK": 2048, "SPLIT": 2, "STAGES": 2, "num_warps": 8}
     report = tmp_path / "tiles.json"
