@@ -87,8 +87,7 @@ def child(spec_json: str, launched: float, profile: str | None = None, isa_check
     if aot_bypass:
         step_module.AOT_CACHE_SETTINGS = {}
     if sdpa_unmarked:
-        step_module.SHARED_CACHE_SETTINGS = {k: v for k, v in step_module.SHARED_CACHE_SETTINGS.items()
-                                             if k != "unsafe_marked_cacheable_functions"}
+        step_module.SHARED_CACHE_SETTINGS = step_module.without_sdpa_marks(step_module.SHARED_CACHE_SETTINGS)
 
     spec = BenchSpec(**json.loads(spec_json))
     device = torch.device(spec.device)

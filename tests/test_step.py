@@ -238,8 +238,7 @@ if sys.argv[1] == "bypass":  # as before AOT_CACHE_SETTINGS
 if sys.argv[1] == "threads_in_key":  # as before SHARED_CACHE_SETTINGS
     step_module.SHARED_CACHE_SETTINGS = {}
 if sys.argv[1] == "pinned_unmarked":  # as before SDPA_PIN_FUNCTIONS
-    step_module.SHARED_CACHE_SETTINGS = {k: v for k, v in step_module.SHARED_CACHE_SETTINGS.items()
-                                         if k != "unsafe_marked_cacheable_functions"}
+    step_module.SHARED_CACHE_SETTINGS = step_module.without_sdpa_marks(step_module.SHARED_CACHE_SETTINGS)
 
 
 class Tied(torch.nn.Module):  # the objective's shape: rows in, the whole table out as the head

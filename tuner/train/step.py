@@ -74,6 +74,12 @@ SHARED_CACHE_SETTINGS = {"cpp.dynamic_threads": True,
                          "unsafe_marked_cacheable_functions": {name: torch.__version__ for name in SDPA_PIN_FUNCTIONS}}
 
 
+def without_sdpa_marks(settings: dict) -> dict:
+    """`settings` without the SDPA functions' marks: the step as before them, the control that
+    tests/test_step.py and `benchmarks/compile_start.py --sdpa-unmarked` compare against."""
+    return {k: v for k, v in settings.items() if k != "unsafe_marked_cacheable_functions"}
+
+
 def memory_format_named(name: str) -> torch.memory_format:
     """The memory format `name` names ("torch.contiguous_format"): how one is rebuilt from a pickle."""
     return getattr(torch, name.rpartition(".")[2])
