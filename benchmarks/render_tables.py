@@ -94,6 +94,43 @@ def settings_runs_table(folder: str, size: str = "430M", variant: str = "amp_com
     return "\n".join(lines)
 
 
+def process_ab_table(*runs: str) -> str:
+    """process_ab.py runs (each a folder's process_ab.json): per round, the seed's step and each
+    arm's in processes of their own, each arm's ratio to the seed and to the first arm; then the
+    medians over every round of every run."""
+    reports = [json.loads((RESULTS / run / "process_ab.json").read_text()) for run in runs]
+    arms = list(reports[0]["environments"])
+    first = reports[0]
+    envs = "; ".join(f"{arm}: {' '.join(f'{k}={v}' for k, v in env.items()) or 'as it is'}"
+                     for arm, env in first["environments"].items())
+    lines = [f"Device: {first['device']} (torch {first['torch']}); {first['size']} {first['variant']} against the "
+             f"seed's {first['seed_variant']}, each in a process of its own; environments: {envs}. ms a step.", "",
+             "| run | round | seed | " + " | ".join(f"{a} | seed / {a}" for a in arms)
+             + "".join(f" | {a} / {arms[0]}" for a in arms[1:]) + " |",
+             "|---" * (2 + 1 + 2 * len(arms) + len(arms) - 1) + "|"]
+    columns: dict[str, list[float]] = {}
+    for run, report in zip(runs, reports):
+        for i, r in enumerate(report["rounds"], 1):
+            cells = [f"{run} (call {report.get('device_call')}, {report.get('code_commit')})", str(i),
+                     f"{r['seed']:.2f}"]
+            for a in arms:
+                cells += [f"{r[a]:.3f}", f"{r['seed'] / r[a]:.2f}x"]
+                columns.setdefault(a, []).append(r[a])
+                columns.setdefault(f"seed/{a}", []).append(r["seed"] / r[a])
+            for a in arms[1:]:
+                cells.append(f"{r[a] / r[arms[0]]:.3f}")
+                columns.setdefault(f"{a}/first", []).append(r[a] / r[arms[0]])
+            columns.setdefault("seed", []).append(r["seed"])
+            lines.append("| " + " | ".join(cells) + " |")
+    med = {k: statistics.median(v) for k, v in columns.items()}
+    cells = ["median", f"all {len(columns['seed'])}", f"{med['seed']:.2f}"]
+    for a in arms:
+        cells += [f"{med[a]:.3f}", f"**{med[f'seed/{a}']:.2f}x**"]
+    cells += [f"**{med[f'{a}/first']:.3f}**" for a in arms[1:]]
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def gpu_tables(*runs: str) -> str:
     """The rows of several gpu_throughput_RUN.json files, one table per run (each its own device line)."""
     return "\n\n".join(gpu_table(f"gpu_throughput_{run}.json", full=False) for run in runs)
@@ -499,6 +536,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--stream": lambda: variants_table("ml1m_stream.json"), "--ce-tiles": ce_tiles_table,
           "--ce-tiles-h200": lambda: ce_tiles_table("h200_session29/ce_kernel_tiles_graphs_b492995.json"),
           "--step-settings-h200": lambda: settings_runs_table("h200_session29"),
+          "--process-ab-h200": lambda: process_ab_table("h200_session30/process_ab_1", "h200_session30/process_ab_2"),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
           "--moments": lambda: variants_table("ml1m_moments.json"),

@@ -316,6 +316,9 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     assert sum("BLOCK_V=128, COLUMN_PROGRAMS=312" in line for line in settings) == 2
     assert any(line.startswith("| the defaults of the run's commit | - | 13.626, 13.234, 13.243, 13.263 |")
                for line in settings)
+    # session 30's two process_ab.py runs: six rounds, each side in a process of its own
+    assert ("| median | all 6 | 47.89 | 13.431 | **3.57x** | 13.183 | **3.63x** | **0.981** |"
+            in render_tables.TABLES["--process-ab-h200"]())
     start = render_tables.TABLES["--start-h200"]()
     assert "| cpp_isa_checks | 2 | warm | 66.0 | 53.0 | 41.5 | 10.11 |" in start
 
