@@ -43,10 +43,11 @@ def main() -> int:
     fail = "--fail" in sys.argv[4:]
 
     def trial(config: dict) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
         from tuner.tune.relay import ReportRelay, fit_relaying
 
-        callback = ReportRelay() if mode == "ours" else __import__(
-            "ray.tune.integration.ray_train", fromlist=["TuneReportCallback"]).TuneReportCallback()
+        callback = ReportRelay() if mode == "ours" else TuneReportCallback()
         trainer = TorchTrainer(loop, train_loop_config={"fail": fail}, scaling_config=ScalingConfig(num_workers=1),
                                run_config=RunConfig(name=f"t-{tune.get_context().get_trial_id()}",
                                                     storage_path=f"{storage}/train", callbacks=[callback],

@@ -14,8 +14,8 @@ from tests.tune_helpers import kill_session
 CHECK = Path(__file__).resolve().parent / "relay_check.py"
 
 
-def relay_check(tmp_path, *args: str, timeout: float = 240) -> dict:
-    proc = subprocess.Popen([sys.executable, str(CHECK), "ours", *args[:1], str(tmp_path), *args[1:]],
+def relay_check(tmp_path, delay_s: str, *flags: str, timeout: float = 240) -> dict:
+    proc = subprocess.Popen([sys.executable, str(CHECK), "ours", delay_s, str(tmp_path), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -5,7 +5,8 @@ it on through a one-slot queue that the trial function's thread also writes to: 
 and when it returns (Tune's closing result). If `fit()` returns before the main thread has taken
 the last Train result (the Tune driver was still busy with the one before, e.g. logging it to
 MLflow), both threads write to the full slot, the main thread blocks on its own queue, and the
-trial hangs with its resources held. `tests/relay_check.py ray 4` reproduces it with Ray 2.60.
+trial hangs with its resources held. `python tests/relay_check.py ray 4 DIR` reproduces it
+with Ray 2.60.
 
 Here the Train controller puts each result into a queue of our own, `fit()` runs in a helper
 thread, and the trial function's thread takes the results and reports them itself, so every
