@@ -97,10 +97,12 @@ def settings_runs_table(folder: str, size: str = "430M", variant: str = "amp_com
 def process_ab_table(*runs: str) -> str:
     """process_ab.py runs (each a folder's process_ab.json): per round, the seed's step and each
     arm's in processes of their own, each arm's ratio to the seed and to the first arm; then the
-    medians over every round of every run."""
+    medians over every round of every run, by process_ab.py's own summary."""
+    from process_ab import summarize
+
     reports = [json.loads((RESULTS / run / "process_ab.json").read_text()) for run in runs]
-    arms = list(reports[0]["environments"])
     first = reports[0]
+    arms = list(first["environments"])
     envs = "; ".join(f"{arm}: {' '.join(f'{k}={v}' for k, v in env.items()) or 'as it is'}"
                      for arm, env in first["environments"].items())
     lines = [f"Device: {first['device']} (torch {first['torch']}); {first['size']} {first['variant']} against the "
@@ -108,25 +110,20 @@ def process_ab_table(*runs: str) -> str:
              "| run | round | seed | " + " | ".join(f"{a} | seed / {a}" for a in arms)
              + "".join(f" | {a} / {arms[0]}" for a in arms[1:]) + " |",
              "|---" * (2 + 1 + 2 * len(arms) + len(arms) - 1) + "|"]
-    columns: dict[str, list[float]] = {}
     for run, report in zip(runs, reports):
         for i, r in enumerate(report["rounds"], 1):
             cells = [f"{run} (call {report.get('device_call')}, {report.get('code_commit')})", str(i),
                      f"{r['seed']:.2f}"]
             for a in arms:
                 cells += [f"{r[a]:.3f}", f"{r['seed'] / r[a]:.2f}x"]
-                columns.setdefault(a, []).append(r[a])
-                columns.setdefault(f"seed/{a}", []).append(r["seed"] / r[a])
-            for a in arms[1:]:
-                cells.append(f"{r[a] / r[arms[0]]:.3f}")
-                columns.setdefault(f"{a}/first", []).append(r[a] / r[arms[0]])
-            columns.setdefault("seed", []).append(r["seed"])
+            cells += [f"{r[a] / r[arms[0]]:.3f}" for a in arms[1:]]
             lines.append("| " + " | ".join(cells) + " |")
-    med = {k: statistics.median(v) for k, v in columns.items()}
-    cells = ["median", f"all {len(columns['seed'])}", f"{med['seed']:.2f}"]
+    rounds = [r for report in reports for r in report["rounds"]]
+    summary = summarize(rounds, arms)
+    cells = ["median", f"all {len(rounds)}", f"{summary['seed_median_ms']:.2f}"]
     for a in arms:
-        cells += [f"{med[a]:.3f}", f"**{med[f'seed/{a}']:.2f}x**"]
-    cells += [f"**{med[f'{a}/first']:.3f}**" for a in arms[1:]]
+        cells += [f"{summary['arms'][a]['median_ms']:.3f}", f"**{summary['arms'][a]['median_speedup_vs_seed']:.2f}x**"]
+    cells += [f"**{statistics.median(summary['arms'][a][f'step_vs_{arms[0]}']):.3f}**" for a in arms[1:]]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
