@@ -416,10 +416,12 @@ def _last_checkpoint(result, train_root: Path, trial_id: Optional[str]) -> Optio
     found = _newest_checkpoint(train_root / f"trial-{trial_id}") if trial_id else None
     if found:
         return found
+    from tuner.tune.relay import CHECKPOINT_PATH_KEY
+
     frame = result.metrics_dataframe
-    if frame is None or "checkpoint_path" not in frame:
+    if frame is None or CHECKPOINT_PATH_KEY not in frame:
         return None
-    paths = frame["checkpoint_path"].dropna()
+    paths = frame[CHECKPOINT_PATH_KEY].dropna()
     return str(paths.iloc[-1]) if len(paths) else None
 
 

@@ -19,8 +19,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from ray.train.v2.api.callback import UserCallback
-
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # the key TuneReportCallback uses; results keep it
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY  # TuneReportCallback's key; results keep it
 
 
 class ReportRelay(UserCallback):
