@@ -1,16 +1,27 @@
-"""GPU time of `tuner.model.gelu_gemm`'s GEMMs with GELU epilogues per tile setting, against
-what the compiled step runs for the same work (cuBLAS, then inductor's elementwise kernels), at a
-size's feed-forward shape (rows = batch x 50 positions).
+"""Tried and not kept (session 31): the feed-forward's GELU in the epilogues of Triton GEMMs,
+against what the compiled step runs for the same work (cuBLAS, then inductor's elementwise
+kernels), at a size's feed-forward shape (rows = batch x 50 positions).
 
-- forward: `linear_gelu` against `F.gelu(F.linear(x, w, b))` compiled (both return pre and act);
-- backward: `matmul_gelu_backward` against `gelu_backward(grad @ w2, pre)` and its column sum,
-  compiled;
-- `matmul`: the kernel with no epilogue against cuBLAS's GEMM alone, so a slower tile shows
+A block's feed-forward is `down(GELU(up(x)))`. Under inductor the [rows, ffn] activation makes
+extra trips through memory: cuBLAS writes up(x), a kernel reads it and writes its GELU; in the
+backward cuBLAS writes the gradient of the GELU's output, a kernel reads it with up(x) and writes
+the gradient of up(x), and a reduction sums that for the bias gradient. Here one Triton GEMM does
+the elementwise work in its epilogue each way, while the tile is in registers:
+
+- forward, `linear_gelu` -> (pre, act): pre = x w^T + b rounded to bf16, act = GELU(pre) (exact,
+  erf), against `F.gelu(F.linear(x, w, b))` compiled (both return pre and act);
+- backward, `matmul_gelu_backward` -> (grad_pre, grad_bias): (grad w2) rounded, times GELU'(pre),
+  with each program's column sums for the bias gradient, against `gelu_backward(grad @ w2, pre)`
+  and its column sum, compiled;
+- `matmul`: the same kernel with no epilogue against cuBLAS's GEMM alone, so a slower tile shows
   whether the GEMM or the epilogue lost.
-GPU time per call in a CUDA graph (`gpu_report.graph_ms`). Every result is checked against the
-PyTorch computation (largest difference relative to its largest magnitude).
 
-    python benchmarks/gelu_gemm.py --size 430M --out benchmarks/results/gelu_gemm_430M.json
+GPU time per call in a CUDA graph (`gpu_report.graph_ms`). Every result is checked against the
+PyTorch computation (largest difference relative to its largest magnitude). On an H200 every
+tile lost (results/h200_session31/): Triton's GEMM alone took longer than cuBLAS's, and the
+epilogue's erf and exp added more than the elementwise kernels it replaced.
+
+    python benchmarks/py --size 430M --out benchmarks/results/gelu_gemm_430M.json
 """
 
 from __future__ import annotations
@@ -19,26 +30,129 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_report import graph_ms, start_report  # noqa: E402
 
-from tuner.model import gelu_gemm  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 BATCH = {"430M": 128}  # the seed's batches: 256, 128 for 430M
 POSITIONS = 50
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps)
+# (BLOCK_M, BLOCK_N, BLOCK_K rows, columns and inner dimension per step; GROUP_M row blocks that
+# share columns in L2; software pipeline stages; warps)
 SETTINGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=w)
             for bm, bn, bk, gm, st, w in (
                 (128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4),
                 (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 3, 4), (128, 128, 128, 8, 3, 8), (64, 256, 64, 8, 4, 4),
                 (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 256, 64, 4, 3, 8), (128, 128, 64, 16, 4, 4))]
+
+EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_GELU_GRAD = 0, 1, 2
+
+
+@triton.jit
+def _gemm_kernel(A, B, BIAS, PRE, OUT, PARTS, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """OUT = epilogue(A @ B) for A [M, K], B [K, N] (any strides), K a multiple of BLOCK_K.
+    EPILOGUE_NONE: OUT = A @ B (+ BIAS); EPILOGUE_GELU: PRE = A @ B + BIAS, OUT = GELU(PRE);
+    EPILOGUE_GELU_GRAD: OUT = (A @ B) * GELU'(PRE), PARTS[program row] = OUT's column sums."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n  # programs in a group of GROUP_M row blocks, which share B's columns in L2
+    first_m = (pid // width) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # rows and columns past the edge read row/column 0 (wrapped) and are not stored: no load masks
+    a_ptrs = A + (rows % M).to(tl.int64)[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = B + ks[:, None] * stride_bk + (cols % N).to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K // BLOCK_K):
+        acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    inside = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(OUT.dtype.element_ty)
+    if EPILOGUE == 1:
+        tl.store(PRE + offsets, out, mask=inside)
+        x = out.to(tl.float32)
+        out = (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(OUT.dtype.element_ty)
+    elif EPILOGUE == 2:
+        x = tl.load(PRE + offsets, mask=inside, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        out = (out.to(tl.float32) * (cdf + x * pdf)).to(OUT.dtype.element_ty)
+        kept = tl.where(inside, out.to(tl.float32), 0.0)
+        tl.store(PARTS + pid_m.to(tl.int64) * N + cols, tl.sum(kept, axis=0), mask=cols < N)
+    tl.store(OUT + offsets, out, mask=inside)
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], pre: Optional[torch.Tensor],
+            epilogue: int, setting: dict) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(out, pre or None, parts or an empty tensor) of `_gemm_kernel` over a [M, K] @ b [K, N]."""
+    m, k = a.shape
+    n = b.shape[1]
+    if k % setting["BLOCK_K"]:
+        raise ValueError(f"the inner dimension {k} is not a multiple of BLOCK_K={setting['BLOCK_K']}")
+    out = torch.empty(m, n, device=a.device, dtype=a.dtype)
+    if epilogue == EPILOGUE_GELU:
+        pre = torch.empty_like(out)
+    grid_m = triton.cdiv(m, setting["BLOCK_M"])
+    parts = torch.empty(grid_m if epilogue == EPILOGUE_GELU_GRAD else 0, n, device=a.device, dtype=torch.float32)
+    grid = (grid_m * triton.cdiv(n, setting["BLOCK_N"]),)
+    _gemm_kernel[grid](a, b, bias if bias is not None else out, pre if pre is not None else out, out,
+                       parts, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                       EPILOGUE=epilogue, HAS_BIAS=bias is not None, **setting)
+    return out, pre, parts
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                setting: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre, act) for x [M, K], weight [N, K] (`nn.Linear`'s), bias [N]: pre = x weight^T + bias
+    and act = GELU(pre), both in x's dtype."""
+    out, pre, _ = _launch(x, weight.t(), bias, None, EPILOGUE_GELU, setting)
+    return pre, out
+
+
+def matmul_gelu_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
+                         setting: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_pre, grad_bias fp32) for grad [M, H] (of the down projection's output), weight [H, N]
+    (the down projection's), pre [M, N]: grad_pre = (grad weight) * GELU'(pre)."""
+    out, _, parts = _launch(grad, weight, None, pre, EPILOGUE_GELU_GRAD, setting)
+    return out, parts.sum(0)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, setting: dict) -> torch.Tensor:
+    """a @ b on the same kernel with no epilogue: its GEMM alone, to set against cuBLAS's."""
+    return _launch(a, b, None, None, EPILOGUE_NONE, setting)[0]
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear_gelu` in PyTorch: what the compiled step runs (cuBLAS, then inductor's GELU)."""
+    pre = F.linear(x, weight, bias)
+    return pre, F.gelu(pre)
+
+
+def reference_backward(grad: torch.Tensor, weight: torch.Tensor,
+                       pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`matmul_gelu_backward` in PyTorch."""
+    grad_pre = torch.ops.aten.gelu_backward(grad @ weight, pre)
+    return grad_pre, grad_pre.float().sum(0)
 
 
 def _differs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,7 +173,7 @@ def main() -> None:
     parser.add_argument("--size", default="430M", choices=[s for s in SIZES if s not in ("tiny", "bert4rec")])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    _, header = start_report("gelu_gemm.py", [], [])
+    _, header = start_report("py", [], [])
     shape = SIZES[args.size]
     rows, hidden = BATCH.get(args.size, 256) * POSITIONS, shape["hidden"]
     ffn = 4 * hidden
@@ -70,31 +184,31 @@ def main() -> None:
     b1 = (torch.randn(ffn, device=device) * 0.1).to(dtype)
     w2 = (torch.randn(hidden, ffn, device=device) / ffn ** 0.5).to(dtype)
     grad = (torch.randn(rows, hidden, device=device) * 1e-3).to(dtype)
-    pre, act = gelu_gemm.reference(x, w1, b1)
-    grad_pre, grad_bias = gelu_gemm.reference_backward(grad, w2, pre)
-    compiled_fwd = torch.compile(gelu_gemm.reference)
-    compiled_bwd = torch.compile(gelu_gemm.reference_backward)
+    pre, act = reference(x, w1, b1)
+    grad_pre, grad_bias = reference_backward(grad, w2, pre)
+    compiled_fwd = torch.compile(reference)
+    compiled_bwd = torch.compile(reference_backward)
     report = {**header, "size": args.size, "rows": rows, "hidden": hidden, "ffn": ffn, "dtype": "bf16",
-              "torch": {"forward_ms": _timed(lambda: compiled_fwd(x, w1, b1)),
+              "inductor": {"forward_ms": _timed(lambda: compiled_fwd(x, w1, b1)),
                         "backward_ms": _timed(lambda: compiled_bwd(grad, w2, pre)),
                         "cublas_forward_gemm_ms": _timed(lambda: F.linear(x, w1, b1)),
                         "cublas_backward_gemm_ms": _timed(lambda: grad @ w2)},
               "settings": []}
-    print(json.dumps(report["torch"]), flush=True)
+    print(json.dumps(report["inductor"]), flush=True)
     for setting in SETTINGS:
         row = dict(setting)
         try:
-            ours_pre, ours_act = gelu_gemm.linear_gelu(x, w1, b1, setting)
-            ours_grad_pre, ours_grad_bias = gelu_gemm.matmul_gelu_backward(grad, w2, pre, setting)
+            ours_pre, ours_act = linear_gelu(x, w1, b1, setting)
+            ours_grad_pre, ours_grad_bias = matmul_gelu_backward(grad, w2, pre, setting)
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             report["settings"].append(row)
             print(json.dumps(row), flush=True)
             continue
-        row.update(forward_ms=_timed(lambda: gelu_gemm.linear_gelu(x, w1, b1, setting)),
-                   backward_ms=_timed(lambda: gelu_gemm.matmul_gelu_backward(grad, w2, pre, setting)),
-                   gemm_forward_ms=_timed(lambda: gelu_gemm.matmul(x, w1.t(), setting)),
-                   gemm_backward_ms=_timed(lambda: gelu_gemm.matmul(grad, w2, setting)),
+        row.update(forward_ms=_timed(lambda: linear_gelu(x, w1, b1, setting)),
+                   backward_ms=_timed(lambda: matmul_gelu_backward(grad, w2, pre, setting)),
+                   gemm_forward_ms=_timed(lambda: matmul(x, w1.t(), setting)),
+                   gemm_backward_ms=_timed(lambda: matmul(grad, w2, setting)),
                    pre_differs=_differs(ours_pre, pre), act_differs=_differs(ours_act, act),
                    grad_pre_differs=_differs(ours_grad_pre, grad_pre),
                    grad_bias_differs=_differs(ours_grad_bias, grad_bias))
@@ -105,8 +219,8 @@ def main() -> None:
         best_fwd = min(done, key=lambda r: r["forward_ms"] if r["forward_ms"] == r["forward_ms"] else 1e9)
         best_bwd = min(done, key=lambda r: r["backward_ms"] if r["backward_ms"] == r["backward_ms"] else 1e9)
         report["best"] = {"forward": best_fwd, "backward": best_bwd,
-                          "saved_per_layer_ms": report["torch"]["forward_ms"] - best_fwd["forward_ms"]
-                          + report["torch"]["backward_ms"] - best_bwd["backward_ms"]}
+                          "saved_per_layer_ms": report["inductor"]["forward_ms"] - best_fwd["forward_ms"]
+                          + report["inductor"]["backward_ms"] - best_bwd["backward_ms"]}
         print(json.dumps(report["best"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

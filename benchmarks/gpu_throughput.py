@@ -35,7 +35,7 @@ from tuner import ce_kernel  # noqa: E402
 from tuner.bench import BenchSpec, matmul_tflops, prepare_bench, random_sequences, run_bench  # noqa: E402
 from tuner.data.collate import IGNORE, train_batches  # noqa: E402
 from tuner.data.dataset import EvalSplit  # noqa: E402
-from tuner.model import add_norm, gelu_gemm  # noqa: E402
+from tuner.model import add_norm  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 NUM_ITEMS = 159_750
@@ -60,9 +60,6 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             # residual dropout + add + LayerNorm as inductor's kernels, not tuner.model.add_norm's
             "_unfused_add_norm": {"overrides": ("model.fused_add_norm=off",)},
             "_fused_add_norm": {"overrides": ("model.fused_add_norm=on",)},  # also without CUDA graphs
-            # the feed-forward's GELU as inductor's kernels after cuBLAS, not in tuner.model.gelu_gemm's GEMMs
-            "_unfused_ffn": {"overrides": ("model.fused_ffn=off",)},
-            "_fused_ffn": {"overrides": ("model.fused_ffn=on",)},  # also without CUDA graphs
             # layer-norm backward: inductor's mix-order reduction off, or with this many rows per partial sum
             "_no_mix_order": {"inductor": (("triton.mix_order_reduction", False),)},
             # inductor's wrapper in C++ or Python (auto: C++ without CUDA graphs), train.cpp_wrapper
@@ -278,13 +275,6 @@ def read_ce_settings(path: str) -> tuple[dict, dict]:
     return read_best(path, "ce_kernel", lambda best: (dict(best["forward"]), dict(best["backward"])))
 
 
-def read_ffn_settings(path: str) -> tuple[dict, dict]:
-    """(forward, backward) tiles for tuner.model.gelu_gemm from a gelu_gemm.py report's `best`."""
-    keys = tuple(gelu_gemm.DEFAULT)
-    return read_best(path, "gelu_gemm", lambda best: tuple({k: best[pass_][k] for k in keys}
-                                                           for pass_ in ("forward", "backward")))
-
-
 def use_add_norm_settings(settings: dict | None, defaults: tuple[dict, dict]) -> None:
     """Give tuner.model.add_norm's kernels these launch settings from now on (None: `defaults`,
     the module's FORWARD and BACKWARD as they were before any run changed them)."""
@@ -366,11 +356,7 @@ def main() -> None:
                              "(its `best` for each size that has one; the others keep the defaults)")
     parser.add_argument("--ce-settings", metavar="FILE",
                         help="launch settings for tuner.ce_kernel's passes from a ce_kernel_tiles.py report's `best`")
-    parser.add_argument("--ffn-settings", metavar="FILE",
-                        help="tiles for tuner.model.gelu_gemm's GEMMs from a gelu_gemm.py report's `best`")
     args = parser.parse_args()
-    if args.ffn_settings:
-        gelu_gemm.FORWARD, gelu_gemm.BACKWARD = read_ffn_settings(args.ffn_settings)
     launch = read_add_norm_settings(args.add_norm_settings) if args.add_norm_settings else {}
     if args.ce_settings:
         ce_kernel.FORWARD, ce_kernel.BACKWARD = read_ce_settings(args.ce_settings)
@@ -403,9 +389,6 @@ def main() -> None:
 
     if launch:
         report["add_norm_settings"] = {"file": args.add_norm_settings, **launch}
-    if args.ffn_settings:
-        report["ffn_settings"] = {"file": args.ffn_settings, "forward": gelu_gemm.FORWARD,
-                                  "backward": gelu_gemm.BACKWARD}
     if args.ce_settings:
         report["ce_settings"] = {"file": args.ce_settings, "forward": ce_kernel.FORWARD, "backward": ce_kernel.BACKWARD}
     for size in args.sizes:

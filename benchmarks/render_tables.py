@@ -497,6 +497,28 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
     return "\n".join(lines)
 
 
+def gelu_gemm_table(*names: str) -> str:
+    """benchmarks/gelu_gemm.py: the feed-forward's GELU in Triton GEMM epilogues against cuBLAS and
+    inductor's elementwise kernels, per size: the fastest tile of each pass, and each GEMM alone."""
+    lines, rows = [], []
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        lines.append(f"- {data['size']}: `{data['command']}` (code {data['code_commit']}, call {data['device_call']})")
+        step, done = data["inductor"], [r for r in data["settings"] if "error" not in r]
+        for pass_, gemm in (("forward", "cublas_forward_gemm_ms"), ("backward", "cublas_backward_gemm_ms")):
+            fused = min(done, key=lambda r: r[f"{pass_}_ms"])
+            alone = min(r[f"gemm_{pass_}_ms"] for r in done)
+            tile = "x".join(str(fused[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            rows.append(f"| {data['size']} ({data['rows']:,} x {data['hidden']:,} -> {data['ffn']:,}) | {pass_} | "
+                        f"{step[gemm]:.3f} | {step[f'{pass_}_ms']:.3f} | {alone:.3f} | {fused[f'{pass_}_ms']:.3f} "
+                        f"({tile}, {fused['num_stages']} stages, {fused['num_warps']} warps) | "
+                        f"{fused[f'{pass_}_ms'] / step[f'{pass_}_ms']:.2f} |")
+    head = (f"Device: {data['device']}; bf16, GPU ms per call in CUDA graphs (10 calls a replay, median of 30); "
+            f"{len(data['settings'])} tiles each.")
+    return "\n".join([head, *lines, "", "| shape (rows x hidden -> ffn) | pass | cuBLAS alone | the step's | Triton alone "
+                      "| Triton + epilogue, fastest tile | fused / step's |", "|---|---|---|---|---|---|---|", *rows])
+
+
 TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_ml1m_200.json"),
           "--attention-512-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_512.json"),
           "--tiled-attention-tiles": tiled_tiles_table,
@@ -533,6 +555,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--stream": lambda: variants_table("ml1m_stream.json"), "--ce-tiles": ce_tiles_table,
           "--ce-tiles-h200": lambda: ce_tiles_table("h200_session29/ce_kernel_tiles_graphs_b492995.json"),
           "--step-settings-h200": lambda: settings_runs_table("h200_session29"),
+          "--gelu-gemm-h200": lambda: gelu_gemm_table("h200_session31/gelu_gemm_430M.json",
+                                                      "h200_session31/gelu_gemm_130M.json"),
           "--process-ab-h200": lambda: process_ab_table("h200_session30/process_ab_1", "h200_session30/process_ab_2"),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),

@@ -86,11 +86,6 @@ class ModelConfig:
     # Triton's launcher, ~0.27 ms a forward and backward) made plain compile slower
     # (benchmarks/results/gpu_throughput_add_norm_430M.json, gpu_throughput_host_130M.json)
     fused_add_norm: str = "auto"
-    # the feed-forward's GELU in the epilogues of its GEMMs, forward and backward, as Triton GEMMs
-    # (tuner/model/gelu_gemm.py), else cuBLAS and inductor's elementwise kernels; auto = on where
-    # fused_add_norm's auto is (each call's host time is Python and Triton's launcher). Off until
-    # measured against the step it would replace
-    fused_ffn: str = "off"
 
     def __post_init__(self) -> None:
         from tuner.model.bert4rec import ATTENTION_BACKENDS
@@ -99,7 +94,6 @@ class ModelConfig:
         _check_choice("model.attention", self.attention, list(ATTENTION_BACKENDS))
         _check_choice("model.residual", self.residual, ("fp32", "bf16"))
         _check_choice("model.fused_add_norm", self.fused_add_norm, _COMPILE_CHOICES)
-        _check_choice("model.fused_ffn", self.fused_ffn, _COMPILE_CHOICES)
         _check_choice("model.size", self.size, list(SIZES))
         preset = SIZES[self.size]
         for name in ("hidden", "layers", "heads", "max_len"):

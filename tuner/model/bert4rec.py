@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tuner.model import add_norm, gelu_gemm, short_attention
+from tuner.model import add_norm, short_attention
 from tuner.model.rate_dropout import RateDropout, dropout_attention
 
 # model.attention -> the SDPA kernels it allows on a GPU, best first (None: PyTorch's own choice,
@@ -71,7 +71,6 @@ class Bert4RecConfig:
     attention: str = "triton"  # a key of ATTENTION_BACKENDS
     residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
     fused_add_norm: bool = True  # residual dropout + add + LayerNorm on add_norm's kernels where they run (config: auto)
-    fused_ffn: bool = False  # the feed-forward's GELU in its GEMMs' epilogues where gelu_gemm runs (config: auto)
 
     @property
     def mask_token(self) -> int:
@@ -179,25 +178,13 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden, cfg.ffn)
         self.down_proj = nn.Linear(cfg.ffn, cfg.hidden)
         self.dropout = RateDropout(cfg.dropout)
-        self.fused = cfg.fused_ffn
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        if self._on_kernels(x, gate):
-            return self.dropout(gelu_gemm.feed_forward(x, self.up_proj, self.down_proj) + self.down_proj.bias)
         return self.dropout(_proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate))
 
     def branch(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As `SelfAttention.branch`: (output without dropout or, where it can, bias; bias or None)."""
-        if self._on_kernels(x, gate):
-            return gelu_gemm.feed_forward(x, self.up_proj, self.down_proj), self.down_proj.bias
         return _split_proj(self.down_proj, F.gelu(_proj(self.up_proj, x, gate)), gate)
-
-    def _on_kernels(self, x: torch.Tensor, gate: torch.Tensor | None) -> bool:
-        """Whether `gelu_gemm`'s kernels run this feed-forward: asked for (`fused_ffn`), plain
-        linears with biases (not iLoRA's), and a device and dtype they take."""
-        up, down = self.up_proj, self.down_proj
-        return (self.fused and gate is None and type(up) is nn.Linear and type(down) is nn.Linear
-                and up.bias is not None and down.bias is not None and gelu_gemm.usable(x, x.shape[-1]))
 
 
 class Block(nn.Module):

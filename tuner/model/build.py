@@ -19,10 +19,9 @@ from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 _ARCH = ("hidden", "layers", "heads", "ffn", "max_len", "tied_head")
 
 
-def fused_add_norm(cfg: Config, setting: str | None = None) -> bool:
-    """`model.fused_add_norm` (or another such `setting`, `model.fused_ffn`'s): auto is on where the
-    compiled step replays CUDA graphs."""
-    setting = setting or cfg.model.fused_add_norm
+def fused_add_norm(cfg: Config) -> bool:
+    """`model.fused_add_norm`: auto is on where the compiled step replays CUDA graphs."""
+    setting = cfg.model.fused_add_norm
     if setting == "auto":
         return cfg.train.compile != "off" and cfg.train.compile_mode in GRAPH_MODES
     return setting == "on"
@@ -34,7 +33,7 @@ def model_config(cfg: Config, num_items: int) -> Bert4RecConfig:
                           heads=m.heads, ffn=m.ffn, dropout=m.dropout, attn_dropout=m.attn_dropout,
                           tied_head=m.tied_head, fused_qkv=m.fused_qkv,
                           attention=m.attention, residual=m.residual,
-                          fused_add_norm=fused_add_norm(cfg), fused_ffn=fused_add_norm(cfg, cfg.model.fused_ffn))
+                          fused_add_norm=fused_add_norm(cfg))
 
 
 def build_model(cfg: Config, num_items: int, pretrained: bool = True) -> Bert4Rec:
