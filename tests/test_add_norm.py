@@ -4,10 +4,10 @@ on the CPU (no GPU in CI).
 `tests/add_norm_check.py` runs in its own process (TRITON_INTERPRET must be set before the
 kernels are defined). It checks the op's two outputs and four gradients against float64 PyTorch
 with the kernels' own dropout mask (fp32, fp16, a width that is not a power of two, a residual
-and a branch of different dtypes, no gradient on the sum, with and without the branch's bias), that the mask repeats for a seed and
-changes with it, and that `model.fused_add_norm` gives the same hidden states and gradients as
-PyTorch's ops, eagerly and under torch.compile, with both kernels in the run. The GPU timings
-come from benchmarks/gpu_throughput.py (`_unfused_add_norm`).
+and a branch of different dtypes, no gradient on the sum, with and without the branch's bias),
+that the mask repeats for a seed and changes with it, and that `model.fused_add_norm` gives the
+same hidden states and gradients as PyTorch's ops, eagerly and under torch.compile, with both
+kernels in the run. The GPU timings come from benchmarks/gpu_throughput.py (`_unfused_add_norm`).
 """
 
 import pytest

@@ -29,7 +29,8 @@ def _key_log(key: str, static_hash: str, static_bytes: bytes, result: str, prefi
     lines += [f"[{h}] {name}: {text}" for h, name, text, _ in parts]
     lines += [f"PICKLE {name} {data.hex()}" for _, name, _, data in parts]
     lines = [head + line for line in lines]
-    lines.append(f"{prefix}I1202 02:36:34.000000 640 autograd_cache.py:1055] [0/0] AOTAutograd cache {result} for key {key}")
+    lines.append(f"{prefix}I1202 02:36:34.000000 640 autograd_cache.py:1055] [0/0] "
+                 f"AOTAutograd cache {result} for key {key}")
     return "\n".join(lines) + "\n"
 
 
@@ -46,7 +47,8 @@ def test_a_part_with_the_same_text_but_other_bytes_is_shown_byte_by_byte(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith("worker: 0 cache hits, 1 misses; 1 of its 1 keys differ")
     report = json.loads((tmp_path / "cache_keys.json").read_text())
-    assert report["device"] == "NVIDIA H200" and report["runs"]["train"] == {"keys": 1, "hit": 0, "miss": 1, "bypass": 0}
+    assert report["device"] == "NVIDIA H200"
+    assert report["runs"]["train"] == {"keys": 1, "hit": 0, "miss": 1, "bypass": 0}
     (row,) = report["rows"]
     assert (row["kind"], row["frame"], row["worker_result"], row["same_key"]) == ("aot", "0/0", "miss", False)
     assert row["differing"] == ["example_inputs[0]"] and row["differing_with_the_same_text"] == 1

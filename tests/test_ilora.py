@@ -153,4 +153,5 @@ def test_tune_ilora_searches_the_adapters_own_space(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"optim.lr", "ilora.dropout", "optim.weight_decay", "ilora.rank", "ilora.experts"} == set(plan["search_space"])
+    assert set(plan["search_space"]) == {"optim.lr", "ilora.dropout", "optim.weight_decay", "ilora.rank",
+                                         "ilora.experts"}

@@ -42,7 +42,8 @@ def test_full_ce_is_pytorchs_cross_entropy_in_loss_and_gradients(compiled):
     ref = torch.nn.functional.cross_entropy(hidden @ weight.t() + bias, torch.where(labels == IGNORE, -100, labels - 1),
                                             ignore_index=-100)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
-    for a, b in zip(torch.autograd.grad(ours, (hidden, weight, bias)), torch.autograd.grad(ref, (hidden, weight, bias))):
+    inputs = (hidden, weight, bias)
+    for a, b in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(ref, inputs)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 

@@ -132,7 +132,8 @@ def test_the_compiled_update_is_the_eager_one(split):
         after = [join_master(w, low) for w, low in zip(weights, state["master"])]
         assert all((a - b).abs().max() > 0 for a, b in zip(after, before))  # the update moved them
         weights[:], state["master"] = [w.float() for w in weights], after
-        copies[0], copies[1] = [w.float() for w in copies[0]], [join_master(w, lo) for w, lo in zip(copies[0], copies[1])]
+        copies[0], copies[1] = ([w.float() for w in copies[0]],
+                                [join_master(w, lo) for w, lo in zip(copies[0], copies[1])])
     for eager, compiled in zip([weights, *state.values(), steps], copies):
         for a, b in zip(eager, compiled):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -206,7 +207,8 @@ def test_a_bf16_second_moment_keeps_growing_with_stochastic_rounding_and_stalls_
     nearest = torch.zeros(shape, dtype=torch.bfloat16)
     torch.manual_seed(0)
     for _ in range(steps):
-        adamw_update(weight, grad, *[[t] for t in state], count, [torch.tensor(1e-3)], [torch.tensor(0.0)], None, 0.9, 0.999, 1e-8)
+        adamw_update(weight, grad, *[[t] for t in state], count, [torch.tensor(1e-3)], [torch.tensor(0.0)], None,
+                     0.9, 0.999, 1e-8)
         nearest = (nearest.float() * 0.999 + 0.001).to(torch.bfloat16)  # the same moment, rounded to nearest
     exact = 1 - 0.999 ** steps
     assert abs(state[2].float().mean().item() - exact) < 0.01 * exact
@@ -269,7 +271,8 @@ def test_bf16_moments_need_bf16_weights():
     model = torch.nn.Linear(4, 4)
     with pytest.raises(UserError, match="optim.moments=bf16 needs bf16 weights"):
         build_optimizer(model, load_config(overrides=["optim.moments=bf16"]).optim, torch.device("cpu"))
-    optimizer = build_optimizer(model, load_config(overrides=["optim.moments=bf16"]).optim, torch.device("cpu"), bf16=True)
+    optimizer = build_optimizer(model, load_config(overrides=["optim.moments=bf16"]).optim, torch.device("cpu"),
+                                bf16=True)
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in optimizer.state.values())
 
 

@@ -112,7 +112,8 @@ def test_short_epochs_are_not_stretched_by_ray_train(tmp_path, capfd):
                                  "train.batch_size=32", "model.max_len=16", "train.patience=0"])
     fit(cfg, quiet=False, storage=str(tmp_path))
     captured = capfd.readouterr()
-    lines = re.findall(r"epoch\s+(\d+)\s+at ([\d.]+)s.*?epoch_s ([\d.]+)\s+eval_s ([\d.]+)", captured.out + captured.err)
+    lines = re.findall(r"epoch\s+(\d+)\s+at ([\d.]+)s.*?epoch_s ([\d.]+)\s+eval_s ([\d.]+)",
+                       captured.out + captured.err)
     rows = {int(e): (float(at), float(ep) + float(ev)) for e, at, ep, ev in lines}  # Ray may echo a line
     assert sorted(rows) == list(range(1, 8))
     gaps = [rows[e][0] - rows[e - 1][0] for e in range(3, 8)]

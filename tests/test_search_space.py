@@ -10,7 +10,9 @@ from tuner.tune.experiment import trial_config
 
 
 # search spaces that are not a model size: the dataset's or the fine-tuning method's own
-EXTRA_SPACES = {"ml1m": "bert4rec", "ml1m_lr": "bert4rec", "ml1m_schedule": "bert4rec", "ml1m_last": "bert4rec", "ml1m_window": "bert4rec", "ilora": "tiny"}  # file -> the size its samples are checked with
+# file -> the size its samples are checked with
+EXTRA_SPACES = {"ml1m": "bert4rec", "ml1m_lr": "bert4rec", "ml1m_schedule": "bert4rec", "ml1m_last": "bert4rec",
+                "ml1m_window": "bert4rec", "ilora": "tiny"}
 DROPOUT_KEY = {"ilora": "ilora.dropout"}
 
 

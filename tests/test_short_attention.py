@@ -7,8 +7,8 @@ kernels' own dropout mask (fp32 and fp16, lengths that are and are not a power o
 QKV input, a sequence of padding only), that the mask repeats for a seed and changes with it, and
 that `model.attention=triton` gives the same hidden states and gradients as the math kernel,
 eagerly and under torch.compile with the backward on the kernel, with and without iLoRA experts
-on the projections, and that `export_scorer` exports the model on SDPA (no custom op in the graph). The GPU timings come from
-benchmarks/attention_backends.py and benchmarks/gpu_throughput.py.
+on the projections, and that `export_scorer` exports the model on SDPA (no custom op in the
+graph). The GPU timings come from benchmarks/attention_backends.py and benchmarks/gpu_throughput.py.
 """
 
 import math

@@ -77,7 +77,8 @@ def test_refit_registers_the_winner_retrained_on_its_validation_targets(tmp_path
     assert parent["refit_test_ndcg_10"] == pytest.approx(refit["test_ndcg_10"])
     # the registered model is the refitted one: its weights were trained with train.refit
     mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/bert4rec-tiny/1", dst_path=str(tmp_path / "m")))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/bert4rec-tiny/1",
+                                                     dst_path=str(tmp_path / "m")))
     [state_file] = local.rglob("model.pt")
     config = torch.load(state_file, weights_only=False)["config"]
     assert config["train"]["refit"] is True and config["train"]["max_epochs"] == refit["epochs"]

@@ -48,8 +48,11 @@ def experiment_snapshot(exp_dir) -> str:
     from pathlib import Path
 
     exp_dir = Path(exp_dir)
-    lines = [f"{d.name[:40]}: {len((d / 'result.json').read_text().splitlines()) if (d / 'result.json').exists() else 0}"
-             f" results" for d in sorted(exp_dir.glob("run_trial_*"))]
+    def results(trial: Path) -> int:
+        path = trial / "result.json"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    lines = [f"{d.name[:40]}: {results(d)} results" for d in sorted(exp_dir.glob("run_trial_*"))]
     lines += [f"{d.name}: {sorted(x.name for x in d.iterdir())}" for d in sorted((exp_dir / "train").glob("trial-*"))]
     return "\n".join(lines)
 

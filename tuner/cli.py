@@ -314,7 +314,8 @@ def cmd_recommend(args: argparse.Namespace) -> dict:
     return {"model": args.model, "k": args.k, "recommendations": rows}
 
 
-COMMANDS = {"bench": cmd_bench, "recommend": cmd_recommend, "prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "report": cmd_report}
+COMMANDS = {"bench": cmd_bench, "recommend": cmd_recommend, "prepare": cmd_prepare, "train": cmd_train,
+            "tune": cmd_tune, "report": cmd_report}
 
 
 def _jsonable(value: Any) -> Any:

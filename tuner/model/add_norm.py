@@ -227,8 +227,8 @@ def _dropout_add_norm_fake(x, branch, branch_bias, weight, bias, seed, rate, dro
 @torch.library.custom_op("tuner::dropout_add_norm_backward", mutates_args=())
 def dropout_add_norm_backward(grad_y: torch.Tensor, grad_s: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
                               seed: torch.Tensor, rate: torch.Tensor, dropout: bool, eps: float, has_grad_s: bool,
-                              has_branch_bias: bool,
-                              x_dtype: torch.dtype, branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              has_branch_bias: bool, x_dtype: torch.dtype,
+                              branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d x, d branch, sums) from d y and d s (ignored where `has_grad_s` is False); sums [K, H]
     in the weight's dtype: d weight, d bias and, with `has_branch_bias`, d branch_bias."""
     hidden = s.shape[-1]

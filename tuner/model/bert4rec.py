@@ -70,7 +70,8 @@ class Bert4RecConfig:
     fused_qkv: bool = True  # plain Q/K/V linears as one GEMM
     attention: str = "triton"  # a key of ATTENTION_BACKENDS
     residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
-    fused_add_norm: bool = True  # residual dropout + add + LayerNorm on add_norm's kernels where they run (config: auto)
+    # residual dropout + add + LayerNorm on add_norm's kernels where they run (config: auto)
+    fused_add_norm: bool = True
 
     @property
     def mask_token(self) -> int:
@@ -82,7 +83,8 @@ def _proj(layer: nn.Module, x: torch.Tensor, gate: torch.Tensor | None) -> torch
     return layer(x) if gate is None else layer(x, gate)
 
 
-def _split_proj(layer: nn.Module, x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_proj(layer: nn.Module, x: torch.Tensor,
+                gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(layer(x) without its bias, the bias) for a plain linear with a bias, so `add_norm`'s kernel
     adds it (and sums its gradient) in a pass it makes anyway; else (`_proj`'s output, None)."""
     if gate is None and type(layer) is nn.Linear and layer.bias is not None:

@@ -226,9 +226,9 @@ def short_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, keep: torch.
     grid, length, keep8, scale, meta = _launch_args(qkv, keep, heads, dropout)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
-        _attention_backward_kernel[grid](qkv, keep8, seed, rate, grad, dqkv, length, heads, qkv.stride(0), qkv.stride(1),
-                                         keep8.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0),
-                                         dqkv.stride(1), scale, **meta)
+        _attention_backward_kernel[grid](qkv, keep8, seed, rate, grad, dqkv, length, heads, qkv.stride(0),
+                                         qkv.stride(1), keep8.stride(0), grad.stride(0), grad.stride(1),
+                                         dqkv.stride(0), dqkv.stride(1), scale, **meta)
     return dqkv
 
 

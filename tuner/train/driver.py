@@ -212,11 +212,12 @@ def build_trainer(cfg: Config, name: str, storage_path: str, loop_extra: Optiona
     loop_config = {"config": cfg.to_dict(), **(loop_extra or {})}
     # train.device=cpu on GPU resources (a simulated cluster, or GPUs held but unused): gloo, not NCCL
     torch_config = TorchConfig(backend="gloo") if cfg.train.device == "cpu" else None
+    worker_env = {NICENESS_ENV: os.environ.get(NICENESS_ENV, WORKER_NICENESS)}
     run_config = RunConfig(name=name, storage_path=storage_path,
                            failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
                            callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING"),
-                           worker_runtime_env={"env_vars": {NICENESS_ENV: os.environ.get(NICENESS_ENV, WORKER_NICENESS)}})
+                           worker_runtime_env={"env_vars": worker_env})
     return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config, torch_config=torch_config,
                         scaling_config=scaling_config(cfg), run_config=run_config)
 

@@ -38,8 +38,9 @@ CPP_WRAPPER_MIN_STEPS = 0
 # The C++ wrapper's settings on a GPU. torch 2.11's inductor picks a CPU vector ISA for every C++
 # module it builds, the GPU wrapper's glue too, and checks each ISA the CPU lists by building a probe
 # and loading it in a new Python process (which, in the 2.11-era source, imports torch); a process
-# caches the answers only for itself, so every trial pays them again. In a cold 130M process on an H200 the checks took 16.5 s
-# (`cpu_vec_isa.check_build`, cumulative; results/compile_start_cuda/h200/profile_130M_cpp_cold.txt).
+# caches the answers only for itself, so every trial pays them again. In a cold 130M process on an
+# H200 the checks took 16.5 s (`cpu_vec_isa.check_build`, cumulative;
+# results/compile_start_cuda/h200/profile_130M_cpp_cold.txt).
 # The glue has no vector code (torch 2.13 no longer checks for it): `vec_isa_ok=False` skips the
 # checks and builds it without vector flags.
 CUDA_CPP_WRAPPER = {"cpp_wrapper": True, "cpp.vec_isa_ok": False}

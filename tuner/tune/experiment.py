@@ -336,7 +336,8 @@ def _summarize(results, cfg: Config, plan: Plan, uri: str, exp_id: str, parent_i
     counts = {s: sum(1 for t in trials if t["status"] == s)
               for s in ("completed", "stopped_early", "error", "not_started")}
     return {
-        "experiment": cfg.tracking.experiment, "num_trials": len(trials), **{f"trials_{k}": v for k, v in counts.items()},
+        "experiment": cfg.tracking.experiment, "num_trials": len(trials),
+        **{f"trials_{k}": v for k, v in counts.items()},
         "best_trial_id": best["trial_id"], "best_config": best["params"],
         "best_val_ndcg_10": best["val_ndcg_10"],
         **{k: best_metrics[k] for k in ("test_hr_10", "test_ndcg_10", "popularity_hr_10") if k in best_metrics},
