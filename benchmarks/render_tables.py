@@ -515,8 +515,9 @@ def gelu_gemm_table(*names: str) -> str:
                         f"{fused[f'{pass_}_ms'] / step[f'{pass_}_ms']:.2f} |")
     head = (f"Device: {data['device']}; bf16, GPU ms per call in CUDA graphs (10 calls a replay, median of 30); "
             f"{len(data['settings'])} tiles each.")
-    return "\n".join([head, *lines, "", "| shape (rows x hidden -> ffn) | pass | cuBLAS alone | the step's | Triton alone "
-                      "| Triton + epilogue, fastest tile | fused / step's |", "|---|---|---|---|---|---|---|", *rows])
+    columns = ("shape (rows x hidden -> ffn)", "pass", "cuBLAS alone", "the step's", "Triton alone",
+               "Triton + epilogue, fastest tile", "fused / step's")
+    return "\n".join([head, *lines, "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|", *rows])
 
 
 TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_ml1m_200.json"),
