@@ -515,7 +515,7 @@ def gelu_gemm_table(*names: str) -> str:
                         f"{fused[f'{pass_}_ms'] / step[f'{pass_}_ms']:.2f} |")
     head = (f"Device: {data['device']}; bf16, GPU ms per call in CUDA graphs (10 calls a replay, median of 30); "
             f"{len(data['settings'])} tiles each.")
-    columns = ("shape (rows x hidden -> ffn)", "pass", "cuBLAS alone", "the step's", "Triton alone",
+    columns = ("rows x hidden -> ffn", "pass", "cuBLAS alone", "the step's", "Triton alone",
                "Triton + epilogue, fastest tile", "fused / step's")
     return "\n".join([head, *lines, "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|", *rows])
 
