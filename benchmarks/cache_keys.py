@@ -86,7 +86,8 @@ def run(label: str, args: list[str], out: Path, env: dict, tmp: str) -> int:
         code = subprocess.run([sys.executable, "-m", "tuner", "train", *args], cwd=ROOT, stdout=sink,
                               stderr=subprocess.STDOUT, env={**env, "TORCH_LOGS_OUT": str(raw)}).returncode
     if code:
-        print(f"{label}: exit {code}; its output ends:\n" + "".join(console.read_text(errors="replace").splitlines(True)[-15:]))
+        print(f"{label}: exit {code}; its output ends:\n"
+              + "".join(console.read_text(errors="replace").splitlines(True)[-15:]))
     with open(out / f"{label}.log", "w") as log:
         for line in (raw.open(errors="replace") if raw.exists() else []):
             if any(k in line for k in KEPT):
@@ -241,7 +242,8 @@ def main() -> None:
                    "PYTHONPATH": installed(Path(tmp, "hook"), HOOK)}
             # a fresh Ray Train storage: an existing run of the same name would resume, not compile
             worker = [*args, "--workers", "1", "--storage", str(Path(tmp, "ray")), "--run-name", "cache-keys"]
-            extra["exit_codes"] = {"bare": run("bare", args, out, env, tmp), "train": run("train", worker, out, env, tmp)}
+            extra["exit_codes"] = {"bare": run("bare", args, out, env, tmp),
+                                   "train": run("train", worker, out, env, tmp)}
     result = report(out, opts.explain, "python benchmarks/cache_keys.py " + " ".join(sys.argv[1:]), extra)
     (out / "cache_keys.json").write_text(json.dumps(result, indent=1) + "\n")
     train = result["runs"]["train"]

@@ -99,7 +99,8 @@ def main() -> None:
 
     compiled = torch.compile(loss_from_logits, fullgraph=True)  # timed by events, whatever --timing says
     report["inductor_forward_ms"] = median_ms(lambda: compiled(logits, bias), REPEATS)
-    report["inductor_forward_backward_ms"] = median_ms(lambda: torch.autograd.grad(compiled(leaf, bias_leaf), (leaf, bias_leaf)), REPEATS)
+    report["inductor_forward_backward_ms"] = median_ms(
+        lambda: torch.autograd.grad(compiled(leaf, bias_leaf), (leaf, bias_leaf)), REPEATS)
     report["kernel_forward_backward_ms"] = sum(min(r["ms"] for r in report[k]) for k in ("forward", "backward"))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: report[k] for k in report if k.endswith("_ms")}))

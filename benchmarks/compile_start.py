@@ -47,7 +47,8 @@ over the step in every process:
 `amp_compile_python_wrapper` rows) after how many steps the C++ wrapper's faster steps make up its
 longer start on a warm cache, the bar of `train.cpp_wrapper=auto`:
 
-    python benchmarks/compile_start.py --summarize benchmarks/results/compile_start_cuda/compile_start_130M_{cpp,cpp_counters,python,python_counters,python_same_run}.json \
+    python benchmarks/compile_start.py --summarize \
+        benchmarks/results/compile_start_cuda/compile_start_130M_{cpp,cpp_counters,python,python_counters,python_same_run}.json \
         --step-files benchmarks/results/gpu_throughput_cpp_wrapper_130M_8f4ad8c.json
 """
 

@@ -50,7 +50,8 @@ def cores(allowed: list[int]) -> list[list[int]]:
     for cpu in allowed:
         topo = SYS_CPU / f"cpu{cpu}" / "topology"
         try:
-            key = (topo.joinpath("physical_package_id").read_text().strip(), topo.joinpath("core_id").read_text().strip())
+            key = (topo.joinpath("physical_package_id").read_text().strip(),
+                   topo.joinpath("core_id").read_text().strip())
         except OSError:
             key = ("?", str(cpu))
         groups.setdefault(key, []).append(cpu)
@@ -99,7 +100,8 @@ def run_once(args, variant: str, cpus: list[int] | None) -> dict:
     steps = len(gpu)
     return {"step_ms": r["median_gpu"], "p10_ms": gpu[steps // 10], "p90_ms": gpu[(9 * steps) // 10],
             "wall_ms_per_step": r["wall_ms_per_step"],
-            "busy_threads_cpu_ms_per_step": {k: v * 10 / steps for k, v in r["threads_ticks"].items() if v * 10 / steps >= 0.5},
+            "busy_threads_cpu_ms_per_step": {k: v * 10 / steps for k, v in r["threads_ticks"].items()
+                                             if v * 10 / steps >= 0.5},
             "last_cpu": r.get("cpus", {}).get("last"), "cgroup_throttled_ms": r.get("cgroup_throttled_ms")}
 
 

@@ -94,19 +94,21 @@ def suites(data: str, device: str = "cpu") -> dict[str, list[dict]]:
             {"name": "130M_bare_graphs", "args": big + GRAPHS},
             {"name": "130M_ray_train_graphs", "args": big + GRAPHS + ["--workers", "1"]},
             # Ray's own share: no checkpoint but the last one
-            {"name": "130M_ray_train_no_ckpt", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=1000"]},
+            {"name": "130M_ray_train_no_ckpt",
+             "args": big + ["--workers", "1", "--set", "train.checkpoint_every=1000"]},
             {"name": "130M_ray_train_ckpt4", "args": big + ["--workers", "1", "--set", "train.checkpoint_every=4"]},
             {"name": "130M_bare_again", "args": big},
             # inductor's wrapper in Python (train.cpp_wrapper=off), as before the C++ wrapper was the default
             {"name": "130M_bare_python_wrapper", "args": big + ["--set", "train.cpp_wrapper=off"]},
-            {"name": "130M_ray_train_python_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=off"]},
+            {"name": "130M_ray_train_python_wrapper",
+             "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=off"]},
             # the C++ wrapper forced (auto left it off for trials this short in sessions 17-18; since 19 it is on)
             {"name": "130M_bare_cpp_wrapper", "args": big + ["--set", "train.cpp_wrapper=on"]},
             {"name": "130M_ray_train_cpp_wrapper", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=on"]},
             # Ray starts its workers at nice 15 (raylet's worker_niceness; RAY_worker_niceness sets it, read
             # when `tuner train` starts its local Ray): the Ray worker at nice 0, and the bare loop at 15
-            {"name": "130M_ray_train_cpp_wrapper_nice0", "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=on"],
-             "env": {"RAY_worker_niceness": "0"}},
+            {"name": "130M_ray_train_cpp_wrapper_nice0",
+             "args": big + ["--workers", "1", "--set", "train.cpp_wrapper=on"], "env": {"RAY_worker_niceness": "0"}},
             {"name": "130M_bare_cpp_wrapper_nice15", "args": big + ["--set", "train.cpp_wrapper=on"],
              "prefix": ["nice", "-n", "15"]},
             # what of a Train worker slows the host-bound step (session 20): the bare loop on a second
@@ -224,13 +226,15 @@ def summarize(copies: list[dict], skip: int) -> dict:
         first = next((e for e in c["epochs"] if e["epoch"] == 1), None)
         epochs_s = [e["epoch_s"] for e in rows if "epoch_s" in e]
         per.append({"first_epoch_s": first.get("epoch_s") if first else None, "epochs_s": epochs_s,
-                    "cycle_s": med(gaps), "cycle_mean_s": sum(gaps) / len(gaps) if gaps else None, "epoch_s": med(epochs_s),
+                    "cycle_s": med(gaps), "cycle_mean_s": sum(gaps) / len(gaps) if gaps else None,
+                    "epoch_s": med(epochs_s),
                     "eval_s": med([e.get("eval_s") for e in rows if "eval_s" in e]),
                     "samples_per_s": med([e.get("samples_per_s") for e in rows if "samples_per_s" in e]),
                     "rc": c["rc"], "final": c["final"]})
     cycles = [p["cycle_s"] for p in per if p["cycle_s"]]
     return {"copies": per, "cycle_s": med(cycles),
-            "cycle_mean_s": med([p["cycle_mean_s"] for p in per if p["cycle_mean_s"]]), "epoch_s": med([p["epoch_s"] for p in per if p["epoch_s"]]),
+            "cycle_mean_s": med([p["cycle_mean_s"] for p in per if p["cycle_mean_s"]]),
+            "epoch_s": med([p["epoch_s"] for p in per if p["epoch_s"]]),
             "eval_s": med([p["eval_s"] for p in per if p["eval_s"]]),
             "epochs_per_s_total": sum(1 / c for c in cycles) if cycles else None}
 
@@ -269,8 +273,8 @@ def main() -> None:
         t0 = time.time()
 
         def go(i: int, v=variant) -> None:
-            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"), v.get("prefix"),
-                                 v.get("runner"), checkpoints=v.get("checkpoints", False))
+            copies[i] = run_copy(v["args"], args.epochs, logs / f"{out.stem}_{tag}_{i}.log", v.get("env"),
+                                 v.get("prefix"), v.get("runner"), checkpoints=v.get("checkpoints", False))
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         sampler = GpuSampler()
@@ -279,7 +283,8 @@ def main() -> None:
         for t in threads:
             t.join()
         gpu = sampler.summary()
-        row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]), "env": variant.get("env", {}),
+        row = {"name": variant["name"], "copies_run": n, "args": " ".join(variant["args"]),
+               "env": variant.get("env", {}),
                **({"prefix": " ".join(variant["prefix"])} if "prefix" in variant else {}),
                **({"runner": " ".join(variant["runner"])} if "runner" in variant else {}),
                **({"checkpoint_dir": "a fresh folder per run"} if variant.get("checkpoints") else {}),
@@ -290,8 +295,8 @@ def main() -> None:
                 log = (logs / f"{out.stem}_{tag}_{i}.log").read_text().splitlines()
                 row.setdefault("errors", []).append(log[-3:])
                 print("\n".join(log[-15:]), file=sys.stderr)
-        print(json.dumps({k: row[k] for k in ("name", "cycle_s", "cycle_mean_s", "epoch_s", "eval_s", "epochs_per_s_total",
-                                              "wall_s")}), flush=True)
+        print(json.dumps({k: row[k] for k in ("name", "cycle_s", "cycle_mean_s", "epoch_s", "eval_s",
+                                              "epochs_per_s_total", "wall_s")}), flush=True)
         out.write_text(json.dumps(result, indent=1))
 
 

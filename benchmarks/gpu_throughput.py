@@ -49,14 +49,17 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_cce": {"loss": "cce"},  # cut cross-entropy kernels instead of full logits
             "_noclip": {"overrides": ("optim.grad_clip=0",)},  # what gradient clipping costs
             "_separate_clip": {"overrides": ("optim.fused_clip=false",)},  # clipping in a pass of its own
-            "_unfused_table": {"overrides": ("train.fused_table=false",)},  # the table's two gradients summed by autograd
+            # the table's two gradients summed by autograd
+            "_unfused_table": {"overrides": ("train.fused_table=false",)},
             "_unfused_qkv": {"overrides": ("model.fused_qkv=false",)},  # Q, K and V as three GEMMs
             "_fp32_weights": {"overrides": ("train.weights=fp32",)},  # fp32 weights cast by autocast, fused AdamW
             "_fp32_masters": {"overrides": ("optim.masters=fp32",)},  # whole fp32 masters, not bf16 weight + low half
             "_bf16_moments": {"overrides": ("optim.moments=bf16",)},  # AdamW's moments in bf16 (stochastic rounding)
-            "_bf16_residual": {"overrides": ("model.residual=bf16",)},  # the residual stream in bf16 (the default since 2026-11-24)
+            # the residual stream in bf16 (the default since 2026-11-24)
+            "_bf16_residual": {"overrides": ("model.residual=bf16",)},
             "_fp32_residual": {"overrides": ("model.residual=fp32",)},  # the residual stream in fp32 (autocast's)
-            "_torch_ce": {"overrides": ("train.loss_kernel=torch",)},  # inductor's softmax passes, not tuner.ce_kernel's
+            # inductor's softmax passes, not tuner.ce_kernel's
+            "_torch_ce": {"overrides": ("train.loss_kernel=torch",)},
             # residual dropout + add + LayerNorm as inductor's kernels, not tuner.model.add_norm's
             "_unfused_add_norm": {"overrides": ("model.fused_add_norm=off",)},
             "_fused_add_norm": {"overrides": ("model.fused_add_norm=on",)},  # also without CUDA graphs
@@ -172,7 +175,8 @@ def trace_kinds(trace: dict, steps: int) -> str:
 def kinds_text(kinds: dict[str, float]) -> str:
     total = sum(kinds.values())
     lines = [f"GPU time per step by kind of kernel: {total:.2f} ms"]
-    lines += [f"  {kind:<30} {ms:6.2f} ms  {ms / total:5.1%}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines += [f"  {kind:<30} {ms:6.2f} ms  {ms / total:5.1%}"
+              for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])]
     return "\n".join(lines) + "\n\n"
 
 

@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--negatives", type=int, default=8192)
     parser.add_argument("--chunks", type=int, nargs="+", default=[8192], help="loss_chunk values for cce losses")
-    parser.add_argument("--losses", nargs="+", default=["cce", "cce_torch", "cce_sampled", "sampled_ce", "ce_bf16", "ce"])
+    parser.add_argument("--losses", nargs="+",
+                        default=["cce", "cce_torch", "cce_sampled", "sampled_ce", "ce_bf16", "ce"])
     parser.add_argument("--profile", help="write the PyTorch profiler's kernel table of one cce step here")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "large_catalog.json"))
     args = parser.parse_args()

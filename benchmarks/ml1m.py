@@ -158,8 +158,10 @@ def render(args: argparse.Namespace) -> None:
     result.update(_test_metrics(main))
     if len(runs) > 1:  # every run's winner, so a repeat's spread is beside the lead's figure
         result["runs"] = [{"name": r["name"], "command": r["command"], "code_commit": r.get("code_commit"),
-                           "num_trials": r["summary"]["num_trials"], "best_val_ndcg_10": r["summary"]["best_val_ndcg_10"],
-                           "test_ndcg_10": r["summary"].get("test_ndcg_10"), "test_hr_10": r["summary"].get("test_hr_10")}
+                           "num_trials": r["summary"]["num_trials"],
+                           "best_val_ndcg_10": r["summary"]["best_val_ndcg_10"],
+                           "test_ndcg_10": r["summary"].get("test_ndcg_10"),
+                           "test_hr_10": r["summary"].get("test_hr_10")}
                           for r in runs]
     unknown = set(args.compare or ()) - set(by_name)
     if unknown:
@@ -176,8 +178,10 @@ def render(args: argparse.Namespace) -> None:
             "trial_epoch_budget": common_epochs,
             "rows": [{"search": f"{r['name']} ({r['summary']['num_trials']} trials)", "device": r["device"],
                       "trial_epochs_total": curve_by_name[r["name"]]["trial_epochs"][-1],
-                      "best_val_at_trial_epoch_budget": best_at(curve_by_name[r["name"]], "trial_epochs", common_epochs),
-                      **{f"best_val_at_{m}_gpu_min": best_at(curve_by_name[r["name"]], "gpu_minutes", m) for m in marks},
+                      "best_val_at_trial_epoch_budget": best_at(curve_by_name[r["name"]], "trial_epochs",
+                                                                common_epochs),
+                      **{f"best_val_at_{m}_gpu_min": best_at(curve_by_name[r["name"]], "gpu_minutes", m)
+                         for m in marks},
                       "test_ndcg_10_of_best": r["summary"].get("test_ndcg_10")} for r in runs]}
         result["tuning_efficiency"] = comparison
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -228,20 +232,24 @@ def table(result: dict) -> str:
              f"{result['num_trials']} trials).", "",
              "| model | test NDCG@10 | test HR@10 | sampled-100 (uniform) NDCG@10 | sampled-100 (popularity) NDCG@10 |",
              "|---|---|---|---|---|",
-             f"| ours: BERT4Rec tuned by `tuner tune` ({_space(result['command'])}) | {result['test_ndcg_10']:.4f} | {result['test_hr_10']:.4f} | "
-             f"{result.get('test_uni100_ndcg_10', float('nan')):.4f} | {result.get('test_pop100_ndcg_10', float('nan')):.4f} |"]
+             f"| ours: BERT4Rec tuned by `tuner tune` ({_space(result['command'])}) | "
+             f"{result['test_ndcg_10']:.4f} | {result['test_hr_10']:.4f} | "
+             f"{result.get('test_uni100_ndcg_10', float('nan')):.4f} | "
+             f"{result.get('test_pop100_ndcg_10', float('nan')):.4f} |"]
     lead = result["command"]
     for r in result.get("runs", []):
         if r["command"] != lead and r["test_ndcg_10"] is not None:
-            lines.append(f"| ours: run `{r['name']}` ({_space(r['command'])}) | {r['test_ndcg_10']:.4f} | {r['test_hr_10']:.4f} | - | - |")
+            lines.append(f"| ours: run `{r['name']}` ({_space(r['command'])}) | {r['test_ndcg_10']:.4f} | "
+                         f"{r['test_hr_10']:.4f} | - | - |")
     for a in result["anchors"]:
         lines.append(f"| {a['model']} | {'-'.join(f'{v:.4f}' for v in a['ndcg_10'])} | "
                      f"{'-'.join(f'{v:.4f}' for v in a['hr_10'])} | - | - |")
     eff = result.get("tuning_efficiency")
     if eff:
         keys = [k for k in eff["rows"][0] if k.startswith("best_val_at_")]
-        lines += ["", "| search | trial-epochs run | " + " | ".join(k.replace("best_val_at_", "best val @ ").replace("_", " ")
-                                                             for k in keys) + " | test NDCG@10 of its best |",
+        lines += ["", "| search | trial-epochs run | "
+                  + " | ".join(k.replace("best_val_at_", "best val @ ").replace("_", " ") for k in keys)
+                  + " | test NDCG@10 of its best |",
                   "|---|---|" + "---|" * len(keys) + "---|"]
         for r in eff["rows"]:
             cells = " | ".join(f"{r[k]:.4f}" if r[k] is not None else "-" for k in keys)

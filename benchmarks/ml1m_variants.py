@@ -32,7 +32,8 @@ differences below ~0.005 NDCG@10 are within the noise of a seed.
     python benchmarks/seed_options.py --device cpu --epochs 30 --out benchmarks/results/seed_options.json
     python benchmarks/ml1m_variants.py --group losses --device cpu --epochs 30 --out benchmarks/results/ml1m_losses.json
     # a GPU, the tuned ML-1M settings of benchmarks/ml1m.yaml
-    python benchmarks/seed_options.py --device cuda --config benchmarks/ml1m.yaml --epochs 150 --out OUT/seed_options.json
+    python benchmarks/seed_options.py --device cuda --config benchmarks/ml1m.yaml --epochs 150 \
+        --out OUT/seed_options.json
 
 Results are written after every variant, so a time limit keeps what finished.
 """
@@ -96,16 +97,19 @@ GROUPS = {
         "bf16_moments": ["train.weights=bf16", "optim.moments=bf16"],
         "bf16_moments_seed1": ["train.weights=bf16", "optim.moments=bf16", "train.seed=1"],
     },
-    "stream": {  # bf16 weights (the 430M setup): the loss on inductor's code or tuner.ce_kernel, and the residual stream in bf16
+    # bf16 weights (the 430M setup): the loss on inductor's code or tuner.ce_kernel, and the residual stream in bf16
+    "stream": {
         **{f"torch_ce{seed}": ["train.weights=bf16", "train.loss_kernel=torch", *extra]
            for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
-        **{f"ce_kernel{seed}": ["train.weights=bf16", *extra] for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+        **{f"ce_kernel{seed}": ["train.weights=bf16", *extra]
+           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
         **{f"bf16_residual{seed}": ["train.weights=bf16", "model.residual=bf16", *extra]
            for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
     },
     "add_norm": {  # the residual add, dropout and LayerNorm as one Triton kernel each way, against inductor's code
         **{f"{name}{seed}": [f"model.fused_add_norm={value}", *extra]
-           for seed, extra in (("", []), ("_seed1", ["train.seed=1"])) for name, value in (("kernels", "on"), ("inductor", "off"))},
+           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
+           for name, value in (("kernels", "on"), ("inductor", "off"))},
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],
@@ -141,7 +145,8 @@ def main(group: str | None = None) -> None:
 
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     base = [sys.executable, "-m", "tuner", "train", "--data", args.data, "--device", args.device,
-            "--max-epochs", str(args.epochs), "--json", "--set", "train.patience=0", "--set", "eval.exclude_history=true"]
+            "--max-epochs", str(args.epochs), "--json", "--set", "train.patience=0",
+            "--set", "eval.exclude_history=true"]
     base += ["--config", args.config] if args.config else ["--size", "bert4rec"]
     for pair in args.set:
         base += ["--set", pair]

@@ -131,7 +131,8 @@ def run_one(size: str, gpus: int, args) -> dict:
         t0 = time.perf_counter()
         trainer.fit()
         if args.profile:
-            return {"size": size, "gpus": gpus, "profile": str(Path(args.profile) / f"profile_ddp_{size}_{gpus}gpu.txt"),
+            return {"size": size, "gpus": gpus,
+                    "profile": str(Path(args.profile) / f"profile_ddp_{size}_{gpus}gpu.txt"),
                     "wall_s": time.perf_counter() - t0}
         r = json.loads(out.read_text())
     step_s = r["step_ms"] / 1e3

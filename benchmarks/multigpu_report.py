@@ -7,11 +7,12 @@
 
 `--scaling` takes outputs of `benchmarks/multigpu.py` made on one machine (one call: a row's
 scaling efficiency is taken against the plain 1-GPU row of its size among these files, never
-against another machine's; a 1-GPU row under DDP, `--ddp-single`, gets one too). `--tune` takes `benchmarks/ml1m.py run` records of searches with the same
-search space and seed on the same machine, one after another: the best validation NDCG@10 each
-had reached by each second of its wall clock, how long each took to reach the level that all of
-them reached, and the epoch time and best validation NDCG@10 of a configuration every search tried
-(TPE's first draw, with the same seed): one 1-GPU trial against one DDP trial of the same settings.
+against another machine's; a 1-GPU row under DDP, `--ddp-single`, gets one too). `--tune` takes
+`benchmarks/ml1m.py run` records of searches with the same search space and seed on the same
+machine, one after another: the best validation NDCG@10 each had reached by each second of its
+wall clock, how long each took to reach the level that all of them reached, and the epoch time
+and best validation NDCG@10 of a configuration every search tried (TPE's first draw, with the
+same seed): one 1-GPU trial against one DDP trial of the same settings.
 Prints the Markdown tables the README shows.
 """
 
@@ -98,7 +99,8 @@ def tune(files: list[Path]) -> dict:
         rows.append({
             "search": r["name"], "device": r["device"], "budget_s": r["budget_s"], "wall_s": round(r["wall_s"], 1),
             "settings": [words[i + 1] for i, w in enumerate(words) if w == "--set"],
-            "trials": len(r["trials"]), "trials_stopped_early": sum(t["outcome"] == "stopped_early" for t in r["trials"]),
+            "trials": len(r["trials"]),
+            "trials_stopped_early": sum(t["outcome"] == "stopped_early" for t in r["trials"]),
             "trial_epochs": sum(len(t["epochs"]) for t in r["trials"]),
             "shared_config_s_per_epoch": _seconds_per_epoch(same[0]) if same else None,
             "shared_config_best_val": max((v for _, v, _ in same[0]["epochs"]), default=None) if same else None,
@@ -130,7 +132,8 @@ def tables(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         eff = f"{100 * r['scaling_efficiency']:.0f}%" if r["scaling_efficiency"] else "-"
-        buckets = "no DDP" if not r["ddp"] else f"{r['bucket_cap_mb']:g} MB" + (", views" if r["gradient_as_bucket_view"] else "")
+        buckets = ("no DDP" if not r["ddp"]
+                   else f"{r['bucket_cap_mb']:g} MB" + (", views" if r["gradient_as_bucket_view"] else ""))
         lines.append(f"| {r['size']} | {r['gpus']} | {r['batch_per_gpu']} | {buckets} | {r['step_ms']:.1f} | "
                      f"{r['samples_per_s']:,.0f} | {eff} | {'yes' if r['ranks_agree'] else 'NO'} |")
     t = result.get("tune")
@@ -143,10 +146,11 @@ def tables(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
             lines.append(f"| {r['search']}: {' '.join(r['settings'])} | {r['budget_s']:g} | {r['trials']} "
-                         f"({r['trials_stopped_early']}) | {r['trial_epochs']} | {_num(r['shared_config_s_per_epoch'], 3)}, "
-                         f"{_num(r['shared_config_best_val'], 4)} | "
-                         f"{r['common_level_reached_s']:.1f} | {r['best_val_ndcg_10']:.4f} ({r['best_reached_s']:.1f}) | "
-                         f"{r['test_ndcg_10_of_best']:.4f} | {', '.join(f'{g:.0f}' for g in r['slot_idle_s']) or '-'} |")
+                         f"({r['trials_stopped_early']}) | {r['trial_epochs']} | "
+                         f"{_num(r['shared_config_s_per_epoch'], 3)}, {_num(r['shared_config_best_val'], 4)} | "
+                         f"{r['common_level_reached_s']:.1f} | {r['best_val_ndcg_10']:.4f} "
+                         f"({r['best_reached_s']:.1f}) | {r['test_ndcg_10_of_best']:.4f} | "
+                         f"{', '.join(f'{g:.0f}' for g in r['slot_idle_s']) or '-'} |")
     return "\n".join(lines)
 
 

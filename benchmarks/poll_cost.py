@@ -65,8 +65,8 @@ def main() -> None:
                      "ratio": worker["work_s"] / bare, "worker_omp_num_threads": worker["omp_num_threads"],
                      "worker_torch_threads": worker["torch_threads"]})
         print(json.dumps(rows[-1]), flush=True)
-    out = {"device": f"CPU ({os.cpu_count()} cores)", "command": "python benchmarks/poll_cost.py " + " ".join(sys.argv[1:]),
-           "rows": rows}
+    out = {"device": f"CPU ({os.cpu_count()} cores)",
+           "command": "python benchmarks/poll_cost.py " + " ".join(sys.argv[1:]), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 

@@ -200,7 +200,8 @@ def main() -> None:
                              "trains while the first one's checkpoint is written, as in a real run)")
     parser.add_argument("--graphs", action="store_true", help="CUDA graphs (train.compile_mode=reduce-overhead)")
     parser.add_argument("--bare-checkpoints", action="store_true",
-                        help="the bare run writes its checkpoints too (--checkpoint-dir: in its loop, so within its turn)")
+                        help="the bare run writes its checkpoints too (--checkpoint-dir: in its loop, so within "
+                             "its turn)")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for the Ray Train run only (e.g. train.checkpoint_share=0.05)")
     parser.add_argument("args", nargs=argparse.REMAINDER,
@@ -229,7 +230,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         turns = Path(tmp, "turns")
         turns.mkdir()
-        base = {"TURNS_DIR": str(turns), "TURNS_EPOCHS": str(opts.epochs_per_turn), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, "inductor")),
+        base = {"TURNS_DIR": str(turns), "TURNS_EPOCHS": str(opts.epochs_per_turn),
+                "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, "inductor")),
                 "PYTHONPATH": installed(Path(tmp, "hook"), HOOK)}
         bare_checkpoints = Path(tmp, "bare_checkpoints")
         plans = {"bare": ([*args, *(["--checkpoint-dir", str(bare_checkpoints)] if opts.bare_checkpoints else [])],
@@ -241,7 +243,8 @@ def main() -> None:
             run_args, env = plans[name]
             try:
                 # the Train run's checkpoints in the temporary folder: a run cut short leaves none beside --out
-                runs[name] = run_copy(run_args, opts.epochs, out.parent / f"{out.stem}_{name}.log", env, storage_root=Path(tmp))
+                runs[name] = run_copy(run_args, opts.epochs, out.parent / f"{out.stem}_{name}.log", env,
+                                      storage_root=Path(tmp))
             finally:  # a process that ended before its loop did (a failed start) never waits the other out
                 (turns / f"done.{name}").touch()
 
@@ -278,7 +281,8 @@ def main() -> None:
         "turn_with_write": summary(ratios(turns_by["bare"], turns_by["train"], opts.skip, "turn_with_write_s")),
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"exit": {n: runs[n]["rc"] for n in runs}, "first_epoch_s": {n: result[n]["first_epoch_s"] for n in runs},
+    print(json.dumps({"exit": {n: runs[n]["rc"] for n in runs},
+                      "first_epoch_s": {n: result[n]["first_epoch_s"] for n in runs},
                       "overlapping_turns": result["overlapping_turns"],
                       **{k: (v["median"] if v["n"] else None, v["n"]) for k, v in result["train_over_bare"].items()}}))
     if any(runs[n]["rc"] for n in runs):

@@ -31,8 +31,9 @@ def gpu_table(*names: str, full: bool = True) -> str:
              "seed peak GB | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        peak_gb = r["peak_mem_mb"] and r["peak_mem_mb"] / 1024
         lines.append(f"| {r['size']} | {r['batch_size']} | {r['variant']} | {fmt(r['step_ms'], '.1f')} | "
-                     f"{fmt(r['samples_per_s'], ',.0f')} | {fmt(r['peak_mem_mb'] and r['peak_mem_mb'] / 1024, '.1f')} | "
+                     f"{fmt(r['samples_per_s'], ',.0f')} | {fmt(peak_gb, '.1f')} | "
                      f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {fmt(r['peer_samples_per_s'], ',.0f')} "
                      f"({r['peer_variant']}) | {fmt(r['peer_peak_mem_mb'] and r['peer_peak_mem_mb'] / 1024, '.1f')} | "
                      f"{fmt(r['speedup_vs_peer'], '.2f')}x |")
@@ -52,7 +53,8 @@ def gpu_table(*names: str, full: bool = True) -> str:
 def ratio_runs_table(*names: str, size: str = "430M", variant: str = "amp_compile_graphs") -> str:
     """One size and variant of our step in several gpu_throughput.py runs: against the seed's step in
     each run (each ratio measured side by side), then the median of the runs' ratios."""
-    lines = ["| run | device | variant | ms/step | seed peer ms/step | MFU | speed-up |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | device | variant | ms/step | seed peer ms/step | MFU | speed-up |",
+             "|---|---|---|---|---|---|---|"]
     ratios = []
     for name in names:
         data = json.loads((RESULTS / name).read_text())
@@ -142,7 +144,8 @@ def windows_table(*runs: str) -> str:
         peers = ", ".join(f"{r['variant']} {r['step_ms']:.1f} ms" for r in data["peer_rows"] if r["step_ms"])
         lines = [f"Device: {data['device']} (torch {data['torch']}); `{data['command']}` (code "
                  f"{data.get('code_commit', '?')}); the seed's steps: {peers}.", "",
-                 "| size | variant | ms/step (median) | 5-step windows, ms | warm-up s | speed-up on the seed's best mode in the run |",
+                 "| size | variant | ms/step (median) | 5-step windows, ms | warm-up s | "
+                 "speed-up on the seed's best mode in the run |",
                  "|---|---|---|---|---|---|"]
         for r in data["rows"]:
             if r["step_ms"] is None:
@@ -190,8 +193,8 @@ def large_catalog_table() -> str:
         speed = f"{ratio['speedup_vs_ce_bf16']:.2f}x" if ratio else "-"
         memory = f"{ratio['memory_ratio_vs_ce_bf16']:.1f}x" if ratio.get("memory_ratio_vs_ce_bf16") else "-"
         tflops = f"{r['tflops']:.0f}" if r.get("tflops") else "-"
-        lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | {r['ms']:.1f} | {r['peak_gb']:.2f} | {tflops} | "
-                     f"{speed} | {memory} |")
+        lines.append(f"| {r['items']:,} | {r['rows']:,} | {r['loss']} | {r['ms']:.1f} | {r['peak_gb']:.2f} | "
+                     f"{tflops} | {speed} | {memory} |")
     check = data.get("check")
     if check:
         lines += ["", f"Error against the fp32 chunked function on the same bf16 inputs ({check['rows']:,} rows, "
@@ -277,7 +280,8 @@ def pairs_table(*names: str) -> str:
     clocks = any(r.get("gpu") for _, r in rows)  # epoch_cycle.py samples the GPU since session 21's runs
     lines = [f"Device: {data['device']}; medians over epochs {data['skip'] + 1}-{data['epochs']}; "
              + "; then ".join(heads) + ".", "",
-             "| # | file | variant | first epoch s | training s | epochs min-max s | epoch cycle s | Train / bare around it |"
+             "| # | file | variant | first epoch s | training s | epochs min-max s | epoch cycle s | "
+             "Train / bare around it |"
              + (" SM clock MHz, busy |" if clocks else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if clocks else "")]
     ratios = []
@@ -314,7 +318,8 @@ def turns_table(*names: str) -> str:
     keys = ("training", "training_not_writing", "training_while_writing", "turn", "turn_with_write")
     lines = ["| file | device | CUDA graphs | Train run's own settings | bare run writes checkpoints | epochs a turn | "
              "first epoch s, bare / Train | Train / bare: training | training, no write beside it | "
-             "training beside a checkpoint write | turn (train, validate, report) | turn and its last checkpoint's write |",
+             "training beside a checkpoint write | turn (train, validate, report) | "
+             "turn and its last checkpoint's write |",
              "|---" * 12 + "|"]
     heads = []
     for name in names:
@@ -326,17 +331,20 @@ def turns_table(*names: str) -> str:
         elif "train_over_bare" in data:
             ratios, first = data["train_over_bare"], {n: data[n]["first_epoch_s"] for n in ("bare", "train")}
         else:  # the first version: each turn one epoch, its end after the checkpoint's write
-            ratios = {"training": data["train_over_bare_epoch_s"], "training_not_writing": data["train_over_bare_epoch_s"],
+            epoch = data["train_over_bare_epoch_s"]
+            ratios = {"training": epoch, "training_not_writing": epoch,
                       "turn_with_write": data["train_over_bare_turn_s"]}
             first = {n: data[n]["first_epoch_s"] for n in ("bare", "train")}
-        graphs = "yes" if "reduce-overhead" in data.get("args", data["command"]) or "--graphs" in data["command"] else "no"
+        graphs = "yes" if ("reduce-overhead" in data.get("args", data["command"])
+                           or "--graphs" in data["command"]) else "no"
         own = ", ".join(f"`{setting}`" for setting in data.get("train_set", [])) or "-"  # ray_turns.py --train-set
         bare_writes = "yes" if data.get("bare_checkpoints") else "no"
-        lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {own} | {bare_writes} | {data.get('epochs_per_turn', 1)} | "
-                     f"{first['bare']:.1f} / {first['train']:.1f} | " + " | ".join(cell(ratios.get(k)) for k in keys) + " |")
-    return "\n".join(["Each Train epoch (or turn) against the mean of the bare ones just before and after it in time; "
-                      "median (quartiles, count) over each file's epochs after its first few. " + "; ".join(heads) + ".", "",
-                      *lines])
+        cells = " | ".join(cell(ratios.get(k)) for k in keys)
+        lines.append(f"| {Path(name).stem} | {data['device']} | {graphs} | {own} | {bare_writes} | "
+                     f"{data.get('epochs_per_turn', 1)} | {first['bare']:.1f} / {first['train']:.1f} | {cells} |")
+    return "\n".join(["Each Train epoch (or turn) against the mean of the bare ones just before and after it in "
+                      "time; median (quartiles, count) over each file's epochs after its first few. "
+                      + "; ".join(heads) + ".", "", *lines])
 
 
 def compile_start_table(*names: str) -> str:
@@ -362,9 +370,11 @@ def attention_step_table(name: str = "tiled_attention_h200/attention_step_ml1m.j
     """benchmarks/attention_step.py: the whole step on each attention kernel."""
     data = json.loads((RESULTS / name).read_text())
     lines = [f"Device: {data['device']}; `{data['command']}` (code {data['code_commit']}); one process per "
-             "kernel, one after the other.", "", "| kernel | step ms (median) | samples/s | peak GB |", "|---|---|---|---|"]
+             "kernel, one after the other.", "", "| kernel | step ms (median) | samples/s | peak GB |",
+             "|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['kernel']} | {r['step_ms']:.2f} | {r['samples_per_s']:,.0f} | {r['peak_mem_mb'] / 1024:.2f} |")
+        lines.append(f"| {r['kernel']} | {r['step_ms']:.2f} | {r['samples_per_s']:,.0f} | "
+                     f"{r['peak_mem_mb'] / 1024:.2f} |")
     return "\n".join(lines)
 
 
@@ -372,7 +382,8 @@ def start_caches_table(*names: str) -> str:
     """`benchmarks/compile_start.py` files whose processes differ in their trials: per process its
     overrides, seconds to the end of step 2 and its hits and misses in the compile caches."""
     files = {name: json.loads((RESULTS / name).read_text()) for name in names}
-    lines = [f"- `{data['command']}` (code {data.get('code_commit', '?')}; {data['device']})" for data in files.values()]
+    lines = [f"- `{data['command']}` (code {data.get('code_commit', '?')}; {data['device']})"
+             for data in files.values()]
     lines += ["", "| file | process | trial | cache | to the end of step 2 (s) | FX graphs: hit / missed | "
               "AOTAutograd: hit / missed / bypassed |", "|---|---|---|---|---|---|---|"]
     for name, data in files.items():
@@ -442,7 +453,8 @@ def tiled_launch_table(name: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         cells = " | ".join(f"{m} x {n}, {w}" for m, n, w in (r["forward"], r["dq"], r["dkdv"]))
-        times = f"{r['fwd_ms'] * 1e3:.0f} | {r['fwd_bwd_ms'] * 1e3:.0f}" if "error" not in r else f"error | {r['error']}"
+        times = (f"{r['fwd_ms'] * 1e3:.0f} | {r['fwd_bwd_ms'] * 1e3:.0f}" if "error" not in r
+                 else f"error | {r['error']}")
         lines.append(f"| {r['size']} | {r['length']} | {r['kernel']} | {cells} | {times} |")
     return "\n".join(lines)
 
@@ -476,8 +488,8 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
     data = json.loads((RESULTS / name).read_text())
     timing = ("in CUDA graphs (10 calls a replay)" if data.get("timing") == "graph"
               else "each call timed alone by CUDA events")
-    lines = [f"Device: {data['device']} (torch {data['torch']}); {data['rows']:,} rows x {data['items']:,} bf16 logits; "
-             f"`{data['command']}` (code {data['code_commit']}). Median GPU ms per call, {timing}.", "",
+    lines = [f"Device: {data['device']} (torch {data['torch']}); {data['rows']:,} rows x {data['items']:,} "
+             f"bf16 logits; `{data['command']}` (code {data['code_commit']}). Median GPU ms per call, {timing}.", "",
              "| pass | setting | ms | TB/s moved |", "|---|---|---|---|"]
     for r in data["forward"]:
         if "PER_LANE" in r:
@@ -492,7 +504,8 @@ def ce_tiles_table(name: str = "ce_kernel_tiles.json") -> str:
         lines.append(f"| backward | tile {r['BLOCK_N']} x {r['BLOCK_V']}{loop}, {r['num_warps']} warps | "
                      f"{r['ms']:.3f} | {r['read_write_tb_per_s']:.2f} |")
     lines.append(f"| inductor, forward | `_row_ce`'s expression compiled | {data['inductor_forward_ms']:.3f} | |")
-    lines.append(f"| inductor, forward + backward | with the bias gradient | {data['inductor_forward_backward_ms']:.3f} | |")
+    lines.append(f"| inductor, forward + backward | with the bias gradient | "
+                 f"{data['inductor_forward_backward_ms']:.3f} | |")
     lines.append(f"| kernels, forward + backward | the best of each | {data['kernel_forward_backward_ms']:.3f} | |")
     return "\n".join(lines)
 
@@ -520,7 +533,8 @@ def gelu_gemm_table(*names: str) -> str:
     return "\n".join([head, *lines, "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|", *rows])
 
 
-TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_ml1m_200.json"),
+TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
+              "tiled_attention_h200/attention_backends_ml1m_200.json"),
           "--attention-512-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_512.json"),
           "--tiled-attention-tiles": tiled_tiles_table,
           "--attention-step-ml1m": attention_step_table,
@@ -531,7 +545,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--checkpoint-writer-cpu": lambda: epoch_cycle_table("checkpoint_writer_cpu.json"),
           "--checkpoint-writer-h200": lambda: epoch_cycle_table("checkpoint_writer_cuda.json"),
           "--attention-dropout-h200": attention_dropout_table,
-          "--tiled-attention-tiles-rounds": lambda: tiled_tiles_table("attention_dropout_h200/tiled_attention_tiles.json"),
+          "--tiled-attention-tiles-rounds": lambda: tiled_tiles_table(
+              "attention_dropout_h200/tiled_attention_tiles.json"),
           "--tiled-attention-launch": lambda: tiled_launch_table("attention_dropout_h200/tiled_attention_launch.json"),
           "--gpu-h200-430M-session25": lambda: gpu_table("gpu_throughput_h200/430M_session25.json"),
           "--gpu-h100-session26": lambda: gpu_table("h100_session26/gpu_throughput_430M_130M.json",
@@ -546,8 +561,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--ema": lambda: variants_table("ml1m_ema.json"), "--window": lambda: variants_table("ml1m_window.json"),
           "--gpu-align": lambda: gpu_tables("align_430M", "align_130M", "clip_430M"),
           "--gpu-fused-clip": lambda: gpu_tables("fused_clip_430M", "fused_clip_130M"),
-          "--gpu-kernels": lambda: gpu_tables("qkv_attn_430M", "qkv_attn_130M", "table_430M_index_put", "table_430M", "onehot_430M",
-                                           "table_130M"),
+          "--gpu-kernels": lambda: gpu_tables("qkv_attn_430M", "qkv_attn_130M", "table_430M_index_put", "table_430M",
+                                           "onehot_430M", "table_130M"),
           "--gpu-weights": lambda: gpu_tables("weights_430M", "weights", "weights_430M_40steps", "weights_430M_ac5fbc7",
                                            "head_sliced_430M", "head_430M_130M", "5a93aa3"),
           "--gpu-latest": lambda: "\n\n".join(gpu_table(f"gpu_throughput_{run}.json") for run in
@@ -569,7 +584,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           "--ray-overhead-graphs": lambda: epoch_cycle_table("ray_overhead_graphs.json"),
           "--ray-overhead-direct": lambda: epoch_cycle_table("ray_overhead_direct.json"),
           "--gpu": lambda: gpu_table() + "\n\n" + gpu_table("gpu_throughput_760f968_430M.json"),
-          "--gpu-40bbe38": lambda: gpu_table("gpu_throughput_40bbe38.json") + "\n\n" + gpu_table("gpu_throughput_small.json"),
+          "--gpu-40bbe38": lambda: (gpu_table("gpu_throughput_40bbe38.json") + "\n\n"
+                                    + gpu_table("gpu_throughput_small.json")),
           "--gpu-add-norm": lambda: gpu_tables("add_norm_430M", "host_130M") + "\n\n" + add_norm_table(),
           "--gpu-cpp-wrapper": lambda: windows_table("cpp_wrapper_130M_8f4ad8c", "cpp_wrapper_430M_8f4ad8c") + "\n\n"
           + epoch_cycle_table("ray_overhead_cpp_wrapper.json"),
@@ -587,7 +603,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
           + epoch_cycle_table("ray_overhead_h200/pairs.json"),
           "--ray-overhead-h200-pairs": lambda: pairs_table("ray_overhead_h200/pairs16.json",
                                                            "ray_overhead_h200/pairs16b.json"),
-          "--ray-turns-h200": lambda: turns_table("ray_turns_h200/turns130_call1.json", "ray_turns_h200/turns130_k2_stdout.json",
+          "--ray-turns-h200": lambda: turns_table("ray_turns_h200/turns130_call1.json",
+                                                  "ray_turns_h200/turns130_k2_stdout.json",
                                                   "ray_turns_h200/turns130_graphs_k2.json",
                                                   "ray_turns_h200/turns130_share05.json",
                                                   "ray_turns_h200/turns130_graphs_share05.json",
@@ -595,8 +612,10 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table("tiled_attenti
                                                   "ray_turns_h200/turns130_graphs_both_ckpt.json"),
           "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
-          "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json" for size in ("430M", "130M", "85M", "5M"))),
-          "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first", "plain_06ca3e7"),
+          "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"
+                                            for size in ("430M", "130M", "85M", "5M"))),
+          "--gpu-cpp-wrapper-first": lambda: windows_table("cpp_wrapper_130M", "cpp_wrapper_430M_first",
+                                                           "plain_06ca3e7"),
           "--large-catalog": large_catalog_table,
           "--train-step": train_step_table, "--ilora": ilora_table,
           "--multigpu": multigpu_table, "--inference": inference_table}
