@@ -21,7 +21,11 @@ PyTorch computation (largest difference relative to its largest magnitude). On a
 tile lost (results/h200_session31/): Triton's GEMM alone took longer than cuBLAS's, and the
 epilogue's erf and exp added more than the elementwise kernels it replaced.
 
-    python benchmarks/py --size 430M --out benchmarks/results/gelu_gemm_430M.json
+    python benchmarks/gelu_gemm.py --size 430M --out benchmarks/results/gelu_gemm_430M.json
+
+`--elementwise` times, instead, inductor's kernels for the GELU alone at the same shape against
+kernels that move the same bytes with less arithmetic (a scale; a product of two tensors; the
+tanh GELU): whether the exact GELU's time goes to its erf and exp or to memory.
 """
 
 from __future__ import annotations
@@ -172,8 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="430M", choices=[s for s in SIZES if s not in ("tiny", "bert4rec")])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--elementwise", action="store_true", help="the GELU kernels alone against plain ones")
     args = parser.parse_args()
-    _, header = start_report("py", [], [])
+    _, header = start_report("gelu_gemm.py", [], [])
     shape = SIZES[args.size]
     rows, hidden = BATCH.get(args.size, 256) * POSITIONS, shape["hidden"]
     ffn = 4 * hidden
@@ -184,6 +189,9 @@ def main() -> None:
     b1 = (torch.randn(ffn, device=device) * 0.1).to(dtype)
     w2 = (torch.randn(hidden, ffn, device=device) / ffn ** 0.5).to(dtype)
     grad = (torch.randn(rows, hidden, device=device) * 1e-3).to(dtype)
+    if args.elementwise:
+        return _write(args.out, {**header, "size": args.size, "rows": rows, "ffn": ffn, "dtype": "bf16",
+                                 "elementwise": elementwise(rows, ffn)})
     pre, act = reference(x, w1, b1)
     grad_pre, grad_bias = reference_backward(grad, w2, pre)
     compiled_fwd = torch.compile(reference)
@@ -222,8 +230,34 @@ def main() -> None:
                           "saved_per_layer_ms": report["inductor"]["forward_ms"] - best_fwd["forward_ms"]
                           + report["inductor"]["backward_ms"] - best_bwd["backward_ms"]}
         print(json.dumps(report["best"]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    _write(args.out, report)
+
+
+def elementwise(rows: int, ffn: int) -> list[dict]:
+    """Inductor's kernels over a [rows, ffn] bf16 tensor, each compiled alone and timed in CUDA
+    graphs: the exact and tanh GELUs and their backwards against a scale (the forward's bytes) and
+    a product (the backward's), with the TB/s each moves."""
+    x = torch.randn(rows, ffn, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    cases = {"gelu_forward": (lambda a: F.gelu(a), (x,)),
+             "gelu_tanh_forward": (lambda a: F.gelu(a, approximate="tanh"), (x,)),
+             "scale": (lambda a: a * 0.5, (x,)),
+             "gelu_backward": (lambda g, a: torch.ops.aten.gelu_backward(g, a), (dy, x)),
+             "gelu_tanh_backward": (lambda g, a: torch.ops.aten.gelu_backward(g, a, approximate="tanh"), (dy, x)),
+             "product": (lambda g, a: g * a, (dy, x))}
+    out = []
+    for name, (fn, inputs) in cases.items():
+        compiled = torch.compile(fn)
+        ms = _timed(lambda: compiled(*inputs))
+        moved = (len(inputs) + 1) * x.numel() * x.element_size()
+        out.append({"kernel": name, "ms": ms, "tb_per_s": moved / ms / 1e9})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def _write(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
