@@ -533,6 +533,23 @@ def gelu_gemm_table(*names: str) -> str:
     return "\n".join([head, *lines, "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|", *rows])
 
 
+def gelu_elementwise_table(*names: str) -> str:
+    """benchmarks/gelu_gemm.py --elementwise: inductor's GELU kernels against kernels that move the
+    same bytes with less arithmetic, per size."""
+    runs = [json.loads((RESULTS / name).read_text()) for name in names]
+    lines = [f"Device: {runs[0]['device']} (torch {runs[0]['torch']}); bf16, us per call in CUDA graphs (median of 30 "
+             "replays of 10 calls), TB/s moved in brackets."]
+    lines += [f"- {r['size']}: `{r['command']}` (code {r['code_commit']}, call {r['device_call']})" for r in runs]
+    kernels = [k["kernel"] for k in runs[0]["elementwise"]]
+    lines += ["", "| kernel | " + " | ".join(f"{r['size']} ({r['rows']:,} x {r['ffn']:,})" for r in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for i, kernel in enumerate(kernels):
+        cells = " | ".join(f"{r['elementwise'][i]['ms'] * 1e3:.1f} ({r['elementwise'][i]['tb_per_s']:.2f})"
+                           for r in runs)
+        lines.append(f"| {kernel} | {cells} |")
+    return "\n".join(lines)
+
+
 TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
               "tiled_attention_h200/attention_backends_ml1m_200.json"),
           "--attention-512-h200": lambda: attention_kernels_table("tiled_attention_h200/attention_backends_512.json"),
@@ -573,6 +590,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--step-settings-h200": lambda: settings_runs_table("h200_session29"),
           "--gelu-gemm-h200": lambda: gelu_gemm_table("h200_session31/gelu_gemm_430M.json",
                                                       "h200_session31/gelu_gemm_130M.json"),
+          "--gelu-elementwise-h200": lambda: gelu_elementwise_table("h200_session31/gelu_elementwise_430M.json",
+                                                                    "h200_session31/gelu_elementwise_130M.json"),
           "--process-ab-h200": lambda: process_ab_table("h200_session30/process_ab_1", "h200_session30/process_ab_2"),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),

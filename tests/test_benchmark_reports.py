@@ -322,6 +322,7 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     # session 31: every tile of the GELU epilogues lost to the step's kernels
     gelu = render_tables.TABLES["--gelu-gemm-h200"]()
     assert "| 430M (6,400 x 1,024 -> 4,096) | forward | 0.078 | 0.118 | 0.098 | 0.153 (64x128x64" in gelu
+    assert "| gelu_forward | 40.8 (2.57) | 31.2 (2.52) |" in render_tables.TABLES["--gelu-elementwise-h200"]()
     start = render_tables.TABLES["--start-h200"]()
     assert "| cpp_isa_checks | 2 | warm | 66.0 | 53.0 | 41.5 | 10.11 |" in start
 
