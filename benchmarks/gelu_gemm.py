@@ -19,7 +19,7 @@ the elementwise work in its epilogue each way, while the tile is in registers:
 GPU time per call in a CUDA graph (`gpu_report.graph_ms`). Every result is checked against the
 PyTorch computation (largest difference relative to its largest magnitude). On an H200 every
 tile lost (results/h200_session31/): Triton's GEMM alone took longer than cuBLAS's, and the
-epilogue's erf and exp added more than the elementwise kernels it replaced.
+epilogue's erf and exp added about as much as the elementwise kernels it replaced, or more.
 
     python benchmarks/gelu_gemm.py --size 430M --out benchmarks/results/gelu_gemm_430M.json
 
