@@ -35,7 +35,7 @@ from tuner.model.bert4rec import ATTENTION_BACKENDS  # noqa: E402
 from tuner.model.sizes import SIZES  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_report import graph_ms, start_report  # noqa: E402
+from gpu_report import graph_ms, one_line, start_report  # noqa: E402
 
 SHAPES = {"130M": 256, "430M": 128, "ml1m": 128}  # size -> the seed's batch (ml1m: benchmarks/ml1m.yaml's)
 # benchmarks/ml1m.yaml's model (the paper's size at hidden 256, heads 4): run it with --length 200
@@ -113,7 +113,7 @@ def measure(size: str, length: int, dropout: float, device: torch.device,
                 row["fwd_ms"] = graph_ms(forward)
                 row["fwd_bwd_ms"] = graph_ms(step)
             except Exception as exc:  # noqa: BLE001 - a backend that rejects the shape is a result too
-                row.update(fwd_bwd_ms=None, error=f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
+                row.update(fwd_bwd_ms=None, error=one_line(exc))
             else:
                 row["per_step_ms"] = row["fwd_bwd_ms"] * preset["layers"]
             rows.append(row)

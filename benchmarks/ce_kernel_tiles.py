@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_report import graph_ms, median_ms, start_report  # noqa: E402
+from gpu_report import differs, graph_ms, median_ms, start_report  # noqa: E402
 
 from tuner import ce_kernel  # noqa: E402
 
@@ -41,11 +41,6 @@ BACKWARDS = [dict(BLOCK_N=n, BLOCK_V=v, COLUMN_PROGRAMS=c, STAGES=st, num_warps=
     (64, 256, 0, 1, 8), (32, 512, 0, 1, 8), (64, 256, 156, 2, 8), (64, 256, 156, 3, 8), (64, 256, 78, 2, 8),
     (64, 256, 312, 2, 8), (32, 256, 156, 2, 4), (32, 512, 78, 2, 8), (32, 512, 156, 3, 8), (16, 1024, 39, 2, 8),
     (64, 128, 312, 3, 4), (128, 256, 78, 2, 8), (128, 128, 156, 3, 8), (16, 512, 78, 3, 4))]
-
-
-def _differs(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference, relative to the largest magnitude of `b`."""
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
 
 
 def main() -> None:
@@ -74,7 +69,7 @@ def main() -> None:
         ms = timed(lambda: ce_kernel.catalog_ce(logits, bias, target))
         out = ce_kernel.catalog_ce(logits, bias, target)
         report["forward"].append({**setting, "ms": ms, "read_tb_per_s": gigabytes / ms,
-                                  "rows_differ": _differs(out[0], rows), "lse_differ": _differs(out[1], lse)})
+                                  "rows_differ": differs(out[0], rows), "lse_differ": differs(out[1], lse)})
         print(json.dumps(report["forward"][-1]), flush=True)
     ce_kernel.FORWARD = defaults[0]
     for setting in BACKWARDS:
@@ -82,8 +77,8 @@ def main() -> None:
         ms = timed(lambda: ce_kernel.catalog_ce_backward(grad_rows, logits, bias, target, lse))
         out = ce_kernel.catalog_ce_backward(grad_rows, logits, bias, target, lse)
         report["backward"].append({**setting, "ms": ms, "read_write_tb_per_s": 2 * gigabytes / ms,
-                                   "grad_differ": _differs(out[0], grads[0]),
-                                   "bias_grad_differ": _differs(out[1][1:], grads[1][1:])})
+                                   "grad_differ": differs(out[0], grads[0]),
+                                   "bias_grad_differ": differs(out[1][1:], grads[1][1:])})
         print(json.dumps(report["backward"][-1]), flush=True)
     ce_kernel.BACKWARD = defaults[1]
     report["best"] = {"forward": best_setting(report["forward"], FORWARDS),

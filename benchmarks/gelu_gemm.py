@@ -44,7 +44,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_report import graph_ms, start_report  # noqa: E402
+from gpu_report import differs, graph_ms, one_line, start_report  # noqa: E402
 
 from tuner.model.sizes import SIZES  # noqa: E402
 
@@ -159,16 +159,11 @@ def reference_backward(grad: torch.Tensor, weight: torch.Tensor,
     return grad_pre, grad_pre.float().sum(0)
 
 
-def _differs(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference, relative to the largest magnitude of `b`."""
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
-
-
 def _timed(fn) -> float:
     try:
         return graph_ms(fn)
     except Exception as error:  # a setting that does not fit (shared memory, registers) is reported, not fatal
-        print(f"  failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+        print(f"  failed: {one_line(error)}", flush=True)
         return float("nan")
 
 
@@ -209,7 +204,7 @@ def main() -> None:
             ours_pre, ours_act = linear_gelu(x, w1, b1, setting)
             ours_grad_pre, ours_grad_bias = matmul_gelu_backward(grad, w2, pre, setting)
         except Exception as error:
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            row["error"] = one_line(error)
             report["settings"].append(row)
             print(json.dumps(row), flush=True)
             continue
@@ -217,9 +212,9 @@ def main() -> None:
                    backward_ms=_timed(lambda: matmul_gelu_backward(grad, w2, pre, setting)),
                    gemm_forward_ms=_timed(lambda: matmul(x, w1.t(), setting)),
                    gemm_backward_ms=_timed(lambda: matmul(grad, w2, setting)),
-                   pre_differs=_differs(ours_pre, pre), act_differs=_differs(ours_act, act),
-                   grad_pre_differs=_differs(ours_grad_pre, grad_pre),
-                   grad_bias_differs=_differs(ours_grad_bias, grad_bias))
+                   pre_differs=differs(ours_pre, pre), act_differs=differs(ours_act, act),
+                   grad_pre_differs=differs(ours_grad_pre, grad_pre),
+                   grad_bias_differs=differs(ours_grad_bias, grad_bias))
         report["settings"].append(row)
         print(json.dumps(row), flush=True)
     done = [r for r in report["settings"] if "error" not in r]

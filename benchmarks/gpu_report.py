@@ -1,5 +1,5 @@
 """Shared by the GPU micro-benchmarks: the checks and header of a report, CUDA-event timing and
-CUDA-graph timing."""
+CUDA-graph timing, how far a kernel's output is from its reference, and a failure in one line."""
 
 from __future__ import annotations
 
@@ -52,3 +52,13 @@ def graph_ms(fn, calls: int = 10) -> float:
         for _ in range(calls):
             fn()
     return median_ms(graph.replay, repeats=30) / calls
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, relative to the largest magnitude of `b`."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+
+
+def one_line(exc: BaseException) -> str:
+    """A failure as a report row holds it: its type and the first 200 characters of its first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

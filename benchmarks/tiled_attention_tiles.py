@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_backends import SHAPES, inputs  # noqa: E402
-from gpu_report import graph_ms, start_report  # noqa: E402
+from gpu_report import graph_ms, one_line, start_report  # noqa: E402
 
 from tuner.model import short_attention, tiled_attention  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
                 row["fwd_ms"] = graph_ms(call)
                 row["fwd_bwd_ms"] = graph_ms(lambda: torch.autograd.grad(call(), qkv, grad))
             except Exception as exc:  # noqa: BLE001 - a setting that does not build is a result too
-                row["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
+                row["error"] = one_line(exc)
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             return row
