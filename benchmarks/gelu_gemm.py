@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -178,15 +179,15 @@ def main() -> None:
     rows, hidden = BATCH.get(args.size, 256) * POSITIONS, shape["hidden"]
     ffn = 4 * hidden
     torch.manual_seed(0)
+    if args.elementwise:
+        return _write(args.out, {**header, "size": args.size, "rows": rows, "ffn": ffn, "dtype": "bf16",
+                                 "elementwise": elementwise(rows, ffn)})
     dtype, device = torch.bfloat16, "cuda"
     x = torch.randn(rows, hidden, device=device, dtype=dtype)
     w1 = (torch.randn(ffn, hidden, device=device) / hidden ** 0.5).to(dtype)
     b1 = (torch.randn(ffn, device=device) * 0.1).to(dtype)
     w2 = (torch.randn(hidden, ffn, device=device) / ffn ** 0.5).to(dtype)
     grad = (torch.randn(rows, hidden, device=device) * 1e-3).to(dtype)
-    if args.elementwise:
-        return _write(args.out, {**header, "size": args.size, "rows": rows, "ffn": ffn, "dtype": "bf16",
-                                 "elementwise": elementwise(rows, ffn)})
     pre, act = reference(x, w1, b1)
     grad_pre, grad_bias = reference_backward(grad, w2, pre)
     compiled_fwd = torch.compile(reference)
@@ -219,8 +220,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     done = [r for r in report["settings"] if "error" not in r]
     if done:
-        best_fwd = min(done, key=lambda r: r["forward_ms"] if r["forward_ms"] == r["forward_ms"] else 1e9)
-        best_bwd = min(done, key=lambda r: r["backward_ms"] if r["backward_ms"] == r["backward_ms"] else 1e9)
+        # fastest first; a time that failed (NaN) last
+        best_fwd, best_bwd = (min(done, key=lambda r: math.inf if math.isnan(r[key]) else r[key])
+                              for key in ("forward_ms", "backward_ms"))
         report["best"] = {"forward": best_fwd, "backward": best_bwd,
                           "saved_per_layer_ms": report["inductor"]["forward_ms"] - best_fwd["forward_ms"]
                           + report["inductor"]["backward_ms"] - best_bwd["backward_ms"]}
