@@ -42,14 +42,16 @@ def step_ms(report: dict, size: str, variant: str, seed: bool = False) -> float 
     return next((r["step_ms"] for r in rows if (r["size"], r["variant"]) == (size, variant)), None)
 
 
+def median(values: list) -> float | None:
+    """The median of the values a process gave (None where it failed), or None if none did."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def summarize(rounds: list[dict], arms: list[str]) -> dict:
     """rounds: [{"seed": ms, ARM: ms, ...}] (None where a process failed) -> per arm its steps,
     their median, the ratios to the same round's seed step and their median, and the ratios to the
     first arm's step in the same round."""
-    def median(values):
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
-
     seeds = [r.get("seed") for r in rounds]
     out = {"seed_ms": seeds, "seed_median_ms": median(seeds), "arms": {}}
     for arm in arms:

@@ -100,7 +100,7 @@ def process_ab_table(*runs: str) -> str:
     """process_ab.py runs (each a folder's process_ab.json): per round, the seed's step and each
     arm's in processes of their own, each arm's ratio to the seed and to the first arm; then the
     medians over every round of every run, by process_ab.py's own summary."""
-    from process_ab import summarize
+    from process_ab import median, summarize
 
     reports = [json.loads((RESULTS / run / "process_ab.json").read_text()) for run in runs]
     first = reports[0]
@@ -125,7 +125,7 @@ def process_ab_table(*runs: str) -> str:
     cells = ["median", f"all {len(rounds)}", f"{summary['seed_median_ms']:.2f}"]
     for a in arms:
         cells += [f"{summary['arms'][a]['median_ms']:.3f}", f"**{summary['arms'][a]['median_speedup_vs_seed']:.2f}x**"]
-    cells += [f"**{statistics.median(summary['arms'][a][f'step_vs_{arms[0]}']):.3f}**" for a in arms[1:]]
+    cells += [f"**{median(summary['arms'][a][f'step_vs_{arms[0]}']):.3f}**" for a in arms[1:]]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
