@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,8 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_no_mix_order": {"inductor": (("triton.mix_order_reduction", False),)},
             # inductor's wrapper in C++ or Python (auto: C++ without CUDA graphs), train.cpp_wrapper
             "_cpp_wrapper": {"overrides": ("train.cpp_wrapper=on",)},
+            # the last block's output projection and feed-forward at every position, not the scored ones
+            "_full_last_layer": {"overrides": ("model.prune_last_layer=false",)},
             "_python_wrapper": {"overrides": ("train.cpp_wrapper=off",)},
             **{f"_mix_split{n}": {"inductor": (("triton.mix_order_reduction_split_size", n),)} for n in (32, 64)},
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
@@ -116,10 +119,13 @@ def seed_batches(batch_size: int, seq_len: int, steps: int):
     return batches, originals
 
 
-def eval_throughput(size: str, device: torch.device, users: int = 8192) -> dict:
+def eval_throughput(size: str, device: torch.device, users: int = 8192, rounds: int = 3) -> dict:
+    """Full-ranking evaluation's users/s (the loop's `evaluate`, bf16), as the service runs it
+    (`users_per_s`) and with the last block at every position (`users_per_s_full_last_layer`): the
+    median of `rounds` passes each, the two alternating on one model."""
     from tuner.config import load_config
     from tuner.metrics import evaluate
-    from tuner.model.bert4rec import Bert4Rec
+    from tuner.model.bert4rec import Bert4Rec, last_rows
     from tuner.model.build import model_config
 
     cfg = load_config(overrides=[f"model.size={size}", "model.max_len=50"])
@@ -130,17 +136,24 @@ def eval_throughput(size: str, device: torch.device, users: int = 8192) -> dict:
 
     def encode(ids):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(ids)[:, -1]
+            return model(ids, rows=last_rows(ids))
 
     weight, bias = model.output_embedding()
     run = lambda: evaluate(encode, weight.detach(), bias.detach(), split, NUM_ITEMS, 50, device, 1024, 65536,
                            sampled=False)
-    run()
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    run()
-    torch.cuda.synchronize(device)
-    return {"size": size, "users_per_s": users / (time.perf_counter() - t0), "eval_batch": 1024}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for prune in (True, False):
+            model.cfg.prune_last_layer = prune
+            run()  # warm-up at this setting
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize(device)
+            times[prune].append(time.perf_counter() - t0)
+    model.cfg.prune_last_layer = True
+    return {"size": size, "users_per_s": users / statistics.median(times[True]), "eval_batch": 1024,
+            "users_per_s_full_last_layer": users / statistics.median(times[False]), "rounds": rounds}
 
 
 def kernel_summary(prof, steps: int) -> str:

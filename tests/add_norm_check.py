@@ -84,6 +84,21 @@ def model_case(device="cpu", backend="aot_eager"):
     return out
 
 
+def rows_case(device="cpu", backend="aot_eager"):
+    """`forward(rows=...)` on the kernels with the last block pruned to those rows, against PyTorch's
+    ops over every position, picked after: the same hidden states and gradients."""
+    cfg = dict(num_items=40, max_len=20, hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, attn_dropout=0.0,
+               attention="math")
+    torch.manual_seed(1)
+    ours = Bert4Rec(Bert4RecConfig(**cfg, fused_add_norm=True, prune_last_layer=True)).to(device)
+    theirs = Bert4Rec(Bert4RecConfig(**cfg, fused_add_norm=False, prune_last_layer=False)).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    items = torch.randint(1, 41, (4, 20))
+    items[2, :9] = 0
+    rows = torch.tensor([3, 19, 22, 39, 45, 59, 60, 79]).to(device)
+    return compare_models(ours, theirs, items.to(device), device, backend, rows=rows)
+
+
 def cache_case():
     """Two trials' models on the kernels, dropout 0.1 and 0.3, each compiled by inductor for a
     training forward and backward on one fresh cache directory: the inductor cache hits and misses
@@ -114,7 +129,7 @@ def main():
                           "bf16_130M": case(12800, 384, torch.bfloat16, 0.1, seed=1, device="cuda"),
                           "fp32_stream_430M": case(6400, 1024, torch.float32, 0.1, seed=2,
                                                    branch_dtype=torch.bfloat16, device="cuda"),
-                          "model": model_case("cuda", "inductor")}))
+                          "model": model_case("cuda", "inductor"), "rows": rows_case("cuda", "inductor")}))
         return
     result = {
         "fp32": case(37, 32, torch.float32, 0.0),
@@ -123,6 +138,7 @@ def main():
         "mixed_no_grad_s": case(19, 40, torch.float32, 0.2, seed=3, branch_dtype=torch.float16, grad_s=False),
         "no_branch_bias": case(21, 32, torch.float32, 0.2, seed=4, branch_bias=False),
         "model": model_case(),
+        "rows": rows_case(),
         "cache": cache_case(),
     }
     print(json.dumps(result))

@@ -53,6 +53,14 @@ def test_model_on_the_kernels_matches_pytorch_ops(result, mode):
     assert r["ops"] == ["tuner::dropout_add_norm", "tuner::dropout_add_norm_backward"], r["ops"]
 
 
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_last_block_pruned_to_the_scored_rows_on_the_kernels_matches_every_position(result, mode):
+    r = result["rows"][mode]
+    assert r["grads"] > 30 and r["missing"] == 0
+    assert r["hidden"] < 1e-5 and r["grad"] < 1e-4, r
+    assert r["ops"] == ["tuner::dropout_add_norm", "tuner::dropout_add_norm_backward"], r["ops"]
+
+
 def test_model_dropout_draws_a_new_mask_each_call_and_eval_is_deterministic(result):
     assert result["model"]["dropout_changes_outputs"] and result["model"]["eval_repeats"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters
+from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig, count_parameters, last_rows
 from tuner.model.sizes import SIZES
 
 
@@ -122,3 +122,75 @@ def test_bf16_residual_stream_compiles_to_one_graph():
         compiled = torch.compile(model, fullgraph=True)(items)
     assert compiled.dtype == torch.bfloat16
     torch.testing.assert_close(compiled.float(), eager.float(), atol=0.03, rtol=0.03)
+
+
+def _pruned_pair(ilora: bool = False):
+    """The same tiny model with the last block pruned to the scored rows and without."""
+    torch.manual_seed(0)
+    cfg = dict(num_items=40, hidden=32, layers=2, heads=2, ffn=64, max_len=16, dropout=0.0, attn_dropout=0.0)
+    pruned, full = (Bert4Rec(Bert4RecConfig(**cfg, prune_last_layer=p)) for p in (True, False))
+    if ilora:
+        from tuner.model.ilora import IloraSpec, apply_ilora
+
+        for model in (pruned, full):
+            apply_ilora(model, IloraSpec(rank=4, experts=2, dropout=0.0))
+        for name, param in pruned.named_parameters():  # experts that change the output
+            if "lora_B" in name or name.startswith("router."):
+                torch.nn.init.normal_(param, std=0.2)
+    full.load_state_dict(pruned.state_dict())
+    return pruned, full
+
+
+@pytest.mark.parametrize("ilora", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_last_block_pruned_to_the_scored_rows_gives_their_states_and_gradients(ilora, compiled):
+    """forward(rows=...): the last block's feed-forward sees the scored rows only, and the rows'
+    states and every trainable gradient are those of the whole model picked after (iLoRA's
+    per-sequence gates follow each row's sequence)."""
+    pruned, full = _pruned_pair(ilora)
+    items = torch.randint(1, 41, (3, 16))
+    items[1, :6] = 0
+    rows = torch.tensor([2, 15, 16, 20, 31, 47])
+    seen = []
+    pruned.blocks[-1].ffn.up_proj.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    run = torch.compile(pruned, fullgraph=True, backend="aot_eager") if compiled else pruned
+    out = run(items, rows=rows)
+    ref = full(items, rows=rows)
+    assert out.shape == ref.shape == (6, 32)
+    if not compiled:  # hooks do not fire inside a compiled graph
+        assert seen == [(6, 1, 32)]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, full(items).reshape(-1, 32)[rows], atol=1e-6, rtol=1e-6)
+    weights = torch.randn(6, 32)
+    grads = [torch.autograd.grad((h * weights).sum(), [p for p in m.parameters() if p.requires_grad],
+                                 allow_unused=True) for h, m in ((out, pruned), (ref, full))]
+    assert sum(g is not None for g in grads[1]) > 4
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)  # the item bias scores items, not hidden states
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_last_rows_are_each_sequences_last_position():
+    model = _pruned_pair()[0].eval()
+    items = torch.randint(1, 41, (5, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(items, rows=last_rows(items)), model(items)[:, -1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_model_flops_is_what_the_training_forward_multiplies(prune):
+    """tuner.bench.model_flops (the MFU's numerator) against PyTorch's FLOP counter over one
+    training forward: the encoder, the pruned last block where it is, the head at the scored rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tuner.bench import model_flops
+    from tuner.losses import MaskedItemObjective
+
+    cfg = Bert4RecConfig(num_items=300, hidden=32, layers=3, heads=2, ffn=128, max_len=16, attention="math",
+                         prune_last_layer=prune)
+    objective = MaskedItemObjective(Bert4Rec(cfg), "ce")
+    positions = torch.tensor([1, 5, 17, 30, 40, 63])
+    with FlopCounterMode(display=False) as counter:
+        objective(torch.randint(1, 301, (4, 16)), positions, torch.randint(1, 301, (6,)))
+    assert counter.get_total_flops() == pytest.approx(model_flops(cfg, 4, 16, 6) / 3, rel=1e-3)

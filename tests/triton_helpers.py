@@ -25,11 +25,12 @@ def rel(a, b, floor=1e-30):
     return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 
-def compare_models(ours, theirs, items, device, backend):
+def compare_models(ours, theirs, items, device, backend, rows=None):
     """`ours` (the kernels) against `theirs` (PyTorch's ops) with the same weights, eagerly and
     under torch.compile (fullgraph: no breaks), bf16 autocast on a GPU: per mode the hidden
     states' and the worst trainable gradient's relative error, how many gradients were compared,
-    and the `tuner::` ops that ran (forward and backward)."""
+    and the `tuner::` ops that ran (forward and backward). `rows`: both return those positions'
+    hidden states alone (`Bert4Rec.forward`'s `rows`)."""
     import torch
 
     params = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
@@ -39,14 +40,14 @@ def compare_models(ours, theirs, items, device, backend):
         fn = torch.compile(ours, backend=backend, fullgraph=True) if compile_it else ours
         if compile_it:  # compiling runs the ops on fake tensors: keep that out of the profile
             with autocast:
-                fn(items)
+                fn(items, rows=rows)
         with torch.profiler.profile() as prof:
             with autocast:
-                h = fn(items)
+                h = fn(items, rows=rows)
             g = torch.autograd.grad(h.float().square().sum(), params(ours), allow_unused=True)
         ops = sorted({e.name for e in prof.events() if e.name.startswith("tuner::")})
         with autocast:
-            ref = theirs(items)
+            ref = theirs(items, rows=rows)
         rg = torch.autograd.grad(ref.float().square().sum(), params(theirs), allow_unused=True)
         pairs = [(a, b) for a, b in zip(g, rg) if b is not None]
         # floor: the key bias's true gradient is 0 (softmax ignores a shift), so its rounding has

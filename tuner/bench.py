@@ -68,11 +68,14 @@ def model_flops(cfg: Bert4RecConfig, batch: int, length: int, predicted: int) ->
     """Training FLOPs of one step (forward + backward = 3x forward matmul FLOPs).
 
     Encoder at every position: Q/K/V/O and FFN linears plus attention scores and values; head
-    transform and catalog scores only where a prediction is trained.
+    transform and catalog scores only where a prediction is trained. With `prune_last_layer` the
+    last block's output projection and feed-forward count only there too: what the step runs.
     """
     tokens = batch * length
     per_token_layer = 2 * (4 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.ffn) + 2 * 2 * length * cfg.hidden
     encoder = tokens * cfg.layers * per_token_layer
+    if cfg.prune_last_layer and cfg.layers:
+        encoder -= (tokens - predicted) * 2 * (cfg.hidden ** 2 + 2 * cfg.hidden * cfg.ffn)
     head = predicted * (2 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.num_items)
     return 3.0 * (encoder + head)
 

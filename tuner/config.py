@@ -86,6 +86,11 @@ class ModelConfig:
     # Triton's launcher, ~0.27 ms a forward and backward) made plain compile slower
     # (benchmarks/results/gpu_throughput_add_norm_430M.json, gpu_throughput_host_130M.json)
     fused_add_norm: str = "auto"
+    # the last block's output projection, feed-forward and norms, and the head transform, only at
+    # the positions that are scored (the masked ones in training, the last in evaluation); its
+    # attention still reads every position. false: the whole block at every position, the scored
+    # rows picked before the head transform (A/B benchmarks)
+    prune_last_layer: bool = True
 
     def __post_init__(self) -> None:
         from tuner.model.bert4rec import ATTENTION_BACKENDS

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tuner.model import short_attention
-from tuner.model.bert4rec import Bert4Rec
+from tuner.model.bert4rec import Bert4Rec, last_rows
 
 
 class CatalogScorer(nn.Module):
@@ -24,7 +24,7 @@ class CatalogScorer(nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(ids)[:, -1]
+        hidden = self.model(ids, rows=last_rows(ids))
         weight, bias = self.model.output_embedding()
         return hidden @ weight.t() + bias
 

@@ -384,13 +384,12 @@ class MaskedItemObjective(nn.Module):
 
     def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._fused_table():
-            hidden, weight, bias = self._tied_forward(items)
+            rows, weight, bias = self._tied_forward(items, positions)
             cfg = self.tied_loss_cfg
         else:
-            hidden = self.model(items)
+            rows = self.model(items, rows=positions)
             weight, bias = self.model.output_embedding()
             cfg = self.loss_cfg
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         return self.loss_fn(rows, weight, bias, labels, cfg, self.item_logq)
 
     def _fused_table(self) -> bool:
@@ -398,8 +397,8 @@ class MaskedItemObjective(nn.Module):
         return (self.loss_cfg.fused_table and self.loss_cfg.name in ("ce", "focal") and model.cfg.tied_head
                 and model.router is None and model.item_emb.weight.requires_grad)
 
-    def _tied_forward(self, items: torch.Tensor):
-        """Hidden states, the padded head through `TiedItemTable` (the whole table: row i is item
+    def _tied_forward(self, items: torch.Tensor, positions: torch.Tensor):
+        """The hidden states at `positions`, the padded head through `TiedItemTable` (the whole table: row i is item
         i, so item 1's logit is column 1, `head_offset`) and its bias: -inf for the padding row
         here, for the mask token's row and the alignment rows in `catalog_logits`."""
         table = self.model.item_emb.weight
@@ -407,4 +406,4 @@ class MaskedItemObjective(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
         item_vectors, weight = TiedItemTable.apply(table, items, _align(self.loss_cfg, table), dtype)
         bias = F.pad(self.model.out_bias, (1, 0), value=float("-inf"))  # the padding row's column
-        return self.model(items, item_vectors), weight, bias
+        return self.model(items, item_vectors, positions), weight, bias

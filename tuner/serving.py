@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from tuner.model.bert4rec import Bert4Rec
+from tuner.model.bert4rec import Bert4Rec, last_rows
 
 
 @torch.no_grad()
@@ -38,7 +38,8 @@ def recommend(model: Bert4Rec, histories: Sequence[Sequence[int]], k: int = 10, 
             if tail:
                 ids[row, width - len(tail):width] = tail
         ids[:, -1] = cfg.mask_token
-        hidden = model(torch.from_numpy(ids).to(device))[:, -1].float()
+        ids = torch.from_numpy(ids).to(device)
+        hidden = model(ids, rows=last_rows(ids)).float()
         scores = hidden @ weight.float().t() + bias.float()
         if exclude_history:
             for row, history in enumerate(chunk):

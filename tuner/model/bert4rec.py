@@ -31,6 +31,12 @@ Design choices, with reasons:
   what autocast does.
 - `forward` returns hidden states; `item_scores` scores chosen rows against the catalog. The
   loss picks the masked rows first, so full-catalog logits are never built for unmasked positions.
+- `forward(items, rows=...)` returns the hidden states of those flat positions only (the masked
+  ones in training, `last_rows` in evaluation and serving). Only the last block's attention needs
+  every position (its keys and values); with `prune_last_layer` (the default) its output
+  projection, feed-forward, norms and the head transform run on the chosen rows alone, which are
+  ~20% of the positions in training and one in 50 in evaluation. The rows' outputs are the same
+  functions of the input either way; only which dropout draws land on them differs.
 
 Single-device code only: no `torch.distributed`, no Ray.
 """
@@ -72,6 +78,8 @@ class Bert4RecConfig:
     residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
     # residual dropout + add + LayerNorm on add_norm's kernels where they run (config: auto)
     fused_add_norm: bool = True
+    # forward(rows=...): the last block after its attention, and the head, on those rows alone
+    prune_last_layer: bool = True
 
     @property
     def mask_token(self) -> int:
@@ -90,6 +98,23 @@ def _split_proj(layer: nn.Module, x: torch.Tensor,
     if gate is None and type(layer) is nn.Linear and layer.bias is not None:
         return F.linear(x, layer.weight), layer.bias
     return _proj(layer, x, gate), None
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, L, H] -> [N, 1, H]: the flat positions `rows` (into B x L), each a sequence of one, so
+    iLoRA's per-sequence gates line up with them (`_take_gate`)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows).unsqueeze(1)
+
+
+def _take_gate(gate: torch.Tensor | None, rows: torch.Tensor, length: int) -> torch.Tensor | None:
+    """iLoRA's gates [B, K] -> [N, K]: each of `rows`' sequence's gate."""
+    return None if gate is None else gate.index_select(0, torch.div(rows, length, rounding_mode="floor"))
+
+
+def last_rows(items: torch.Tensor) -> torch.Tensor:
+    """The flat positions of each sequence's last item (the mask token in evaluation and serving)."""
+    batch, length = items.shape
+    return torch.arange(1, batch + 1, device=items.device) * length - 1
 
 
 def _bf16_autocast(x: torch.Tensor) -> bool:
@@ -141,14 +166,25 @@ class SelfAttention(nn.Module):
             return F.linear(x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
         return tuple(_proj(p, x, gate) for p in projections)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return self.resid_dropout(_proj(self.o_proj, self._attend(x, keep, gate), gate))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H], or with `rows` [N, 1, H]: the output projection of those
+        positions alone (`_take_rows`)."""
+        return self.resid_dropout(_proj(self.o_proj, *self._attend_rows(x, keep, gate, rows)))
 
-    def branch(self, x: torch.Tensor, keep: torch.Tensor,
-               gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def branch(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward` without the residual dropout and, where it can, without the output
         projection's bias: (output, bias or None) for `add_norm`, which applies both."""
-        return _split_proj(self.o_proj, self._attend(x, keep, gate), gate)
+        return _split_proj(self.o_proj, *self._attend_rows(x, keep, gate, rows))
+
+    def _attend_rows(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None,
+                     rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the heads' outputs, the gate) at every position, or at `rows` alone."""
+        heads = self._attend(x, keep, gate)
+        if rows is None:
+            return heads, gate
+        return _take_rows(heads, rows), _take_gate(gate, rows, x.shape[1])
 
     def _attend(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """The heads' outputs side by side, before the output projection."""
@@ -197,17 +233,25 @@ class Block(nn.Module):
         self.ffn_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), keep, gate)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H], or with `rows` [N, 1, H]: every position's attention, the rest of
+        the block at `rows` alone."""
+        out = self.attn(self.attn_norm(x), keep, gate, rows)
+        if rows is not None:
+            gate, x = _take_gate(gate, rows, x.shape[1]), _take_rows(x, rows)
+        x = x + out
         return x + self.ffn(self.ffn_norm(x), gate)
 
     def forward_fused(self, x: torch.Tensor, normed: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None,
-                      next_norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+                      next_norm: nn.LayerNorm, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` on `add_norm`'s kernels: (x, normed) -> (the block's output, `next_norm` of
         it), where `normed` is `attn_norm(x)`. Each residual add, its dropout and the LayerNorm
-        after it are one kernel each way."""
+        after it are one kernel each way. `rows` as in `forward`."""
         resid, ffn = self.attn.resid_dropout, self.ffn.dropout  # each branch's own rate
-        out, bias = self.attn.branch(normed, keep, gate)
+        out, bias = self.attn.branch(normed, keep, gate, rows)
+        if rows is not None:
+            gate, x = _take_gate(gate, rows, x.shape[1]), _take_rows(x, rows)
         x, normed = add_norm.add_norm(x, out, self.ffn_norm, resid.p if self.training else 0.0, resid.rate, bias)
         out, bias = self.ffn.branch(normed, gate)
         return add_norm.add_norm(x, out, next_norm, ffn.p if self.training else 0.0, ffn.rate, bias)
@@ -245,15 +289,18 @@ class Bert4Rec(nn.Module):
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
 
-    def forward(self, items: torch.Tensor, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """items: [B, L] int ids (left-padded) -> hidden states [B, L, H] after the head transform.
+    def forward(self, items: torch.Tensor, item_vectors: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """items: [B, L] int ids (left-padded) -> hidden states [B, L, H] after the head transform,
+        or with `rows` (flat positions into B x L, e.g. `last_rows(items)`) those rows' [N, H].
         `item_vectors` [B, L, H]: the items' embedding rows when the caller looked them up."""
         gate = self.router(self, items) if self.router is not None else None
-        return self.encode(items, gate, item_vectors)
+        return self.encode(items, gate, item_vectors, rows)
 
     def encode(self, items: torch.Tensor, gate: torch.Tensor | None = None,
-               item_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoder and head transform; `gate` [B, K] weights iLoRA's experts (None: none)."""
+               item_vectors: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder and head transform; `gate` [B, K] weights iLoRA's experts (None: none);
+        `rows` as in `forward`."""
         length = items.shape[1]
         positions = torch.arange(self.cfg.max_len - length, self.cfg.max_len, device=items.device)
         if item_vectors is None:
@@ -263,15 +310,22 @@ class Bert4Rec(nn.Module):
             x = x.to(torch.bfloat16)  # fp32 tables (train.weights=fp32): the stream starts bf16 here
         x = self.emb_dropout(self.emb_norm(x))
         keep = (items != 0)[:, None, None, :]
+        # the rows the last block picks (pruned), else the rows picked from the whole output
+        inner = rows if self.cfg.prune_last_layer and self.blocks else None
+        picks = [None] * (len(self.blocks) - 1) + [inner]
         if self.cfg.fused_add_norm and self.blocks and add_norm.usable(x):
             stream, x = x, self.blocks[0].attn_norm(x)  # each block returns its successor's normed input
-            for block, after in zip(self.blocks, [*self.blocks[1:], None]):
-                stream, x = block.forward_fused(stream, x, keep, gate, after.attn_norm if after else self.final_norm)
+            for block, after, pick in zip(self.blocks, [*self.blocks[1:], None], picks):
+                stream, x = block.forward_fused(stream, x, keep, gate, after.attn_norm if after else self.final_norm,
+                                                pick)
         else:
-            for block in self.blocks:
-                x = block(x, keep, gate)
+            for block, pick in zip(self.blocks, picks):
+                x = block(x, keep, gate, pick)
             x = self.final_norm(x)
-        return self.head_norm(F.gelu(self.head_proj(x)))
+        if rows is not None and inner is None:
+            x = _take_rows(x, rows)
+        out = self.head_norm(F.gelu(self.head_proj(x)))
+        return out if rows is None else out.squeeze(1)
 
     def output_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [V, H], bias [V]) scoring items 1..V; row i scores item i + 1."""

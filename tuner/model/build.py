@@ -33,7 +33,7 @@ def model_config(cfg: Config, num_items: int) -> Bert4RecConfig:
                           heads=m.heads, ffn=m.ffn, dropout=m.dropout, attn_dropout=m.attn_dropout,
                           tied_head=m.tied_head, fused_qkv=m.fused_qkv,
                           attention=m.attention, residual=m.residual,
-                          fused_add_norm=fused_add_norm(cfg))
+                          fused_add_norm=fused_add_norm(cfg), prune_last_layer=m.prune_last_layer)
 
 
 def build_model(cfg: Config, num_items: int, pretrained: bool = True) -> Bert4Rec:

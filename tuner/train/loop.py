@@ -28,7 +28,7 @@ from tuner.data.dataset import Dataset, EvalSplit, load_dataset
 from tuner.errors import UserError
 from tuner.losses import MaskedItemObjective, loss_config
 from tuner.metrics import evaluate, finalize, metric_sums, popularity_counts, popularity_ranks
-from tuner.model.bert4rec import count_parameters
+from tuner.model.bert4rec import count_parameters, last_rows
 from tuner.model.build import build_model
 from tuner.train.checkpoint import (BackgroundWriter, Snapshot, Snapshots, has_checkpoint, load_resume_state,
                                     save_checkpoint)
@@ -138,7 +138,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
 
         def encode(ids: torch.Tensor) -> torch.Tensor:
             with autocast():
-                return net(ids)[:, -1]
+                return net(ids, rows=last_rows(ids))
 
         weight, bias = net.output_embedding()
         sums = evaluate(encode, weight.detach(), bias.detach(), split, dataset.num_items, cfg.model.max_len,
