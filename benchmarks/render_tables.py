@@ -130,6 +130,42 @@ def process_ab_table(*runs: str) -> str:
     return "\n".join(lines)
 
 
+def prune_table(*names: str) -> str:
+    """gpu_throughput.py runs with variants and their `_full_last_layer` twins: per run, size and
+    variant, our step's ms with the last block pruned to the scored rows (each time it ran, in
+    order) and at every position, the ratio of their medians, and each against the seed's step of
+    the same run; then each run's full-ranking evaluation both ways (one model, alternating)."""
+    suffix = "_full_last_layer"
+    lines = ["| run | size | variant | pruned ms | full ms | pruned / full | seed ms | seed / pruned | seed / full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    evals = ["| run | size | users/s, pruned | users/s, full | pruned / full |", "|---|---|---|---|---|"]
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        run = f"{Path(name).stem} (call {data.get('device_call')}, {data.get('code_commit')})"
+        steps: dict[tuple[str, str, bool], list[float]] = {}
+        for r in data["rows"]:
+            full = r["variant"].endswith(suffix)
+            base = r["variant"][:-len(suffix)] if full else r["variant"]
+            steps.setdefault((r["size"], base, full), []).append(r["step_ms"])
+        seed = {r["size"]: r["step_ms"] for r in data["peer_rows"]}
+        for (size, base, full), pruned in steps.items():
+            if full or (size, base, True) not in steps:
+                continue
+            whole = steps[(size, base, True)]
+            p, f = statistics.median(pruned), statistics.median(whole)
+            cells = [run, size, base, ", ".join(f"{v:.2f}" for v in pruned), ", ".join(f"{v:.2f}" for v in whole),
+                     f"{p / f:.3f}"]
+            cells += [f"{seed[size]:.1f}", f"{seed[size] / p:.2f}x", f"{seed[size] / f:.2f}x"] if size in seed \
+                else ["-", "-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        for e in data["eval"]:
+            evals.append(f"| {run} | {e['size']} | {e['users_per_s']:,.0f} | {e['users_per_s_full_last_layer']:,.0f} | "
+                         f"{e['users_per_s'] / e['users_per_s_full_last_layer']:.3f} |")
+    first = json.loads((RESULTS / names[0]).read_text())
+    head = f"Device: {first['device']} (torch {first['torch']}); ms a step, medians over windows of 5 steps."
+    return "\n".join([head, ""] + lines + [""] + evals)
+
+
 def gpu_tables(*runs: str) -> str:
     """The rows of several gpu_throughput_RUN.json files, one table per run (each its own device line)."""
     return "\n\n".join(gpu_table(f"gpu_throughput_{run}.json", full=False) for run in runs)
@@ -593,6 +629,10 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--gelu-elementwise-h200": lambda: gelu_elementwise_table("h200_session31/gelu_elementwise_430M.json",
                                                                     "h200_session31/gelu_elementwise_130M.json"),
           "--process-ab-h200": lambda: process_ab_table("h200_session30/process_ab_1", "h200_session30/process_ab_2"),
+          "--process-ab-h200-session32": lambda: process_ab_table("h200_session32/process_ab"),
+          "--prune-h200": lambda: prune_table(*(f"h200_session32/gpu_throughput_{run}.json" for run in
+                                                ("430M_prune", "430M_prune_2", "130M_prune", "85M_prune", "5M_prune",
+                                                 "5M_prune_2"))),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
           "--moments": lambda: variants_table("ml1m_moments.json"),

@@ -319,6 +319,12 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     # session 30's two process_ab.py runs: six rounds, each side in a process of its own
     assert ("| median | all 6 | 47.89 | 13.431 | **3.57x** | 13.183 | **3.63x** | **0.981** |"
             in render_tables.TABLES["--process-ab-h200"]())
+    # session 32: the last block pruned to the scored rows, against the whole block, in the same runs
+    prune = render_tables.TABLES["--prune-h200"]()
+    assert "| 430M | amp_compile_graphs | 12.63, 12.70 | 13.08 | 0.969 | 48.2 | 3.80x | 3.69x |" in prune
+    assert "| 5M | amp_compile_graphs | 3.13, 3.09 | 2.97, 3.03 | 1.038 | - | - | - |" in prune
+    assert ("| median | all 2 | 47.83 | 12.566 | **3.81x** | 12.455 | **3.84x** | **0.991** |"
+            in render_tables.TABLES["--process-ab-h200-session32"]())
     # session 31: every tile of the GELU epilogues lost to the step's kernels
     gelu = render_tables.TABLES["--gelu-gemm-h200"]()
     assert "| 430M (6,400 x 1,024 -> 4,096) | forward | 0.078 | 0.118 | 0.098 | 0.153 (64x128x64" in gelu
