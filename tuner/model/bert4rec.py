@@ -78,7 +78,8 @@ class Bert4RecConfig:
     residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
     # residual dropout + add + LayerNorm on add_norm's kernels where they run (config: auto)
     fused_add_norm: bool = True
-    # forward(rows=...): the last block after its attention, and the head, on those rows alone
+    # forward(rows=...): the last block after its attention on those rows alone (False: the whole
+    # block at every position, the rows picked before the head transform)
     prune_last_layer: bool = True
 
     @property
