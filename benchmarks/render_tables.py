@@ -631,8 +631,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--process-ab-h200": lambda: process_ab_table("h200_session30/process_ab_1", "h200_session30/process_ab_2"),
           "--process-ab-h200-session32": lambda: process_ab_table("h200_session32/process_ab"),
           "--prune-h200": lambda: prune_table(*(f"h200_session32/gpu_throughput_{run}.json" for run in
-                                                ("430M_prune", "430M_prune_2", "130M_prune", "85M_prune", "5M_prune",
-                                                 "5M_prune_2"))),
+                                                ("430M_prune", "430M_prune_2", "130M_prune", "85M_prune",
+                                                 "85M_prune_2", "5M_prune", "5M_prune_2", "5M_prune_3"))),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
           "--moments": lambda: variants_table("ml1m_moments.json"),
