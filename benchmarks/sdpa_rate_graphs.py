@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpu_report import one_line
+
 RATES = (0.1, 0.2, 0.3)
 
 
@@ -66,7 +68,7 @@ def graphs(way: str) -> dict:
                 args = {"constant": (q,), "float_input": (q, rate), "tensor_item": (q, torch.tensor(rate))}[way]
                 fn(*args).sum().backward()
     except Exception as exc:  # noqa: BLE001 - the error is the finding
-        return {"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"}
+        return {"error": one_line(exc)}
     return {"unique_graphs": counters["stats"]["unique_graphs"]}
 
 
