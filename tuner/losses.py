@@ -398,9 +398,9 @@ class MaskedItemObjective(nn.Module):
                 and model.router is None and model.item_emb.weight.requires_grad)
 
     def _tied_forward(self, items: torch.Tensor, positions: torch.Tensor):
-        """The hidden states at `positions`, the padded head through `TiedItemTable` (the whole table: row i is item
-        i, so item 1's logit is column 1, `head_offset`) and its bias: -inf for the padding row
-        here, for the mask token's row and the alignment rows in `catalog_logits`."""
+        """The hidden states at `positions`, the padded head through `TiedItemTable` (the whole
+        table: row i is item i, so item 1's logit is column 1, `head_offset`) and its bias: -inf for
+        the padding row here, for the mask token's row and the alignment rows in `catalog_logits`."""
         table = self.model.item_emb.weight
         device = table.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
