@@ -112,6 +112,12 @@ def _take_gate(gate: torch.Tensor | None, rows: torch.Tensor, length: int) -> to
     return None if gate is None else gate.index_select(0, torch.div(rows, length, rounding_mode="floor"))
 
 
+def _take(x: torch.Tensor, gate: torch.Tensor | None,
+          rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x [B, L, H], gate) at `rows`: (`_take_rows`, `_take_gate`); as they are without rows."""
+    return (x, gate) if rows is None else (_take_rows(x, rows), _take_gate(gate, rows, x.shape[1]))
+
+
 def last_rows(items: torch.Tensor) -> torch.Tensor:
     """The flat positions of each sequence's last item (the mask token in evaluation and serving)."""
     batch, length = items.shape
@@ -182,10 +188,7 @@ class SelfAttention(nn.Module):
     def _attend_rows(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None,
                      rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the heads' outputs, the gate) at every position, or at `rows` alone."""
-        heads = self._attend(x, keep, gate)
-        if rows is None:
-            return heads, gate
-        return _take_rows(heads, rows), _take_gate(gate, rows, x.shape[1])
+        return _take(self._attend(x, keep, gate), gate, rows)
 
     def _attend(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """The heads' outputs side by side, before the output projection."""
@@ -239,8 +242,7 @@ class Block(nn.Module):
         """[B, L, H] -> [B, L, H], or with `rows` [N, 1, H]: every position's attention, the rest of
         the block at `rows` alone."""
         out = self.attn(self.attn_norm(x), keep, gate, rows)
-        if rows is not None:
-            gate, x = _take_gate(gate, rows, x.shape[1]), _take_rows(x, rows)
+        x, gate = _take(x, gate, rows)
         x = x + out
         return x + self.ffn(self.ffn_norm(x), gate)
 
@@ -251,8 +253,7 @@ class Block(nn.Module):
         after it are one kernel each way. `rows` as in `forward`."""
         resid, ffn = self.attn.resid_dropout, self.ffn.dropout  # each branch's own rate
         out, bias = self.attn.branch(normed, keep, gate, rows)
-        if rows is not None:
-            gate, x = _take_gate(gate, rows, x.shape[1]), _take_rows(x, rows)
+        x, gate = _take(x, gate, rows)
         x, normed = add_norm.add_norm(x, out, self.ffn_norm, resid.p if self.training else 0.0, resid.rate, bias)
         out, bias = self.ffn.branch(normed, gate)
         return add_norm.add_norm(x, out, next_norm, ffn.p if self.training else 0.0, ffn.rate, bias)
