@@ -71,6 +71,10 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             # the last block's output projection and feed-forward at every position, not the scored ones
             "_full_last_layer": {"overrides": ("model.prune_last_layer=false",)},
             "_python_wrapper": {"overrides": ("train.cpp_wrapper=off",)},
+            # the whole step as one CUDA graph (train.step_graph; auto: on for the _graphs variants),
+            # or inductor's graphs of the forward and backward only, the rest of the step issued by the host
+            "_step_graph": {"overrides": ("train.step_graph=on",)},
+            "_no_step_graph": {"overrides": ("train.step_graph=off",)},
             **{f"_mix_split{n}": {"inductor": (("triton.mix_order_reduction_split_size", n),)} for n in (32, 64)},
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
                for name in ("auto", "cudnn", "efficient", "math", "triton")}}

@@ -77,6 +77,10 @@ def test_bench_reports_consistent_timings_and_the_hosts_share():
       "--synthetic-users", "100", "--synthetic-items", "50", "--set", "model.max_len=8"],
      ["/proc/nope/p.txt: cannot write the profile"]),
     (["frobnicate"], ["invalid choice"]),
+    (["train", "--set", "train.step_graph=sometimes"], ["train.step_graph='sometimes' is not one of"]),
+    (["train", "--set", "train.step_graph=on", "--set", "train.device=cpu", "--max-epochs", "1",
+      "--synthetic-users", "100", "--synthetic-items", "50", "--set", "model.max_len=8"],
+     ["train.step_graph=on needs a CUDA device (this run is on cpu)"]),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragments):
     assert_clean_error(tuner(*args), *fragments)

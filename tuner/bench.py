@@ -29,6 +29,7 @@ from tuner.model.build import build_model
 from tuner.train.optim import training_optimizer
 from tuner.train.parallel import weights_digest
 from tuner.train.step import TrainStep, compile_options
+from tuner.train.step_graph import use_step_graph
 
 
 @dataclass
@@ -116,7 +117,8 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     if spec.hidden:
         overrides += [f"model.hidden={spec.hidden}", f"model.ffn={4 * spec.hidden}"]
     # the step's compile settings, which the model's choices follow (model.fused_add_norm=auto)
-    overrides += [f"train.compile={'on' if spec.compile else 'off'}", f"train.compile_mode={spec.compile_mode}"]
+    overrides += [f"train.compile={'on' if spec.compile else 'off'}", f"train.compile_mode={spec.compile_mode}",
+                  f"train.static_shapes={spec.static_shapes}"]
     overrides += [f"ilora.enabled={spec.ilora}", *spec.overrides]
     cfg = load_config(overrides=overrides)
     torch.manual_seed(spec.seed if spec.model_seed is None else spec.model_seed)
@@ -132,7 +134,8 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),
-                     fused_clip=cfg.optim.fused_clip, compile_options=options)
+                     fused_clip=cfg.optim.fused_clip, compile_options=options,
+                     step_graph=use_step_graph(cfg.train, device, world, dtype, spec.compile))
     total = max(spec.warmup, 1) + spec.steps
     data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
     t0 = time.perf_counter()

@@ -198,6 +198,12 @@ class TrainConfig:
     # (the figures are there); DDP trials keep the Python wrapper (the C++ one is not yet run across GPUs)
     cpp_wrapper: str = "auto"
     static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
+    # the whole step (forward, backward, clipping, the optimizer's update) captured once as one CUDA
+    # graph and replayed (tuner/train/step_graph.py), the objective then compiled without inductor's
+    # own graphs. auto = on where train.compile_mode replays CUDA graphs and the step can be captured
+    # whole: CUDA, train.static_shapes, one worker, no fp16 loss scaling; on = those needs, with any
+    # compile mode (train.compile on)
+    step_graph: str = "auto"
     loss: str = "ce"  # ce | focal | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)
     focal_gamma: float = 2.0  # focal loss exponent
     release_memory: bool = False  # gc.collect() and empty the CUDA cache after every epoch
@@ -274,6 +280,7 @@ class TrainConfig:
         _check_choice("train.compile", self.compile, _COMPILE_CHOICES)
         _check_choice("train.compile_mode", self.compile_mode, _COMPILE_MODES)
         _check_choice("train.cpp_wrapper", self.cpp_wrapper, _COMPILE_CHOICES)
+        _check_choice("train.step_graph", self.step_graph, _COMPILE_CHOICES)
         _check_choice("train.loss", self.loss, ("ce", "focal", "cce", "sampled_ce", "cce_sampled"))
         _check(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
         _check(self.logit_align >= 1, "train.logit_align must be at least 1")

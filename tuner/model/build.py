@@ -20,10 +20,12 @@ _ARCH = ("hidden", "layers", "heads", "ffn", "max_len", "tied_head")
 
 
 def fused_add_norm(cfg: Config) -> bool:
-    """`model.fused_add_norm`: auto is on where the compiled step replays CUDA graphs."""
+    """`model.fused_add_norm`: auto is on where the compiled step replays CUDA graphs (a graph
+    compile mode, or `train.step_graph=on`)."""
     setting = cfg.model.fused_add_norm
     if setting == "auto":
-        return cfg.train.compile != "off" and cfg.train.compile_mode in GRAPH_MODES
+        graphs = cfg.train.compile_mode in GRAPH_MODES or cfg.train.step_graph == "on"
+        return cfg.train.compile != "off" and graphs
     return setting == "on"
 
 

@@ -38,6 +38,7 @@ from tuner.train.parallel import WorkerContext, weights_digest
 from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
 from tuner.train.step import TrainStep, compile_options
+from tuner.train.step_graph import use_step_graph
 
 
 def resolve_precision(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -106,7 +107,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     params = [p for p in model.parameters() if p.requires_grad]  # iLoRA: the adapters only
     step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
                      cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap,
-                     fused_clip=cfg.optim.fused_clip, compile_options=options)
+                     fused_clip=cfg.optim.fused_clip, compile_options=options,
+                     step_graph=use_step_graph(cfg.train, device, ctx.world_size, dtype, use_compile))
     scaler = step.scaler
     ema = build_ema(model, cfg.optim.ema_decay)
     net = ema.module if ema is not None else model  # the weights that are validated, tested, served

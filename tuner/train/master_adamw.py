@@ -137,9 +137,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["lr_tensor"] = None  # device copy of group["lr"], made on the first step
-        # (weight decay, its device copy): a tensor, so the compiled update does not bake the decay
+        # device copy of the weight decay: a tensor, so the compiled update does not bake the decay
         # in and trials that differ in optim.weight_decay share one compiled graph
-        group["decay_tensor"] = None
+        group["decay_tensor"] = group["decay_written"] = None
         for weight in group["params"]:
             state = self.state[weight]
             master = weight.detach().to(torch.float32, copy=True)
@@ -168,25 +168,36 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         return join_master(weight.detach(), state["master_low"]) if self.split_masters else state["master"]
 
     @torch.no_grad()
+    def prepare_step(self) -> None:
+        """Write each group's learning rate and weight decay into the device tensors the update
+        reads (made on the first call, then written in place: a captured step keeps reading them;
+        tuner.train.step_graph calls this before every replay). A fill is a kernel argument, not a
+        host-to-device copy: no sync."""
+        for group in self.param_groups:
+            if group["lr_tensor"] is None:
+                device = group["params"][0].device
+                group["lr_tensor"] = torch.zeros((), dtype=torch.float32, device=device)
+                group["decay_tensor"], group["decay_written"] = torch.zeros_like(group["lr_tensor"]), None
+            group["lr_tensor"].fill_(group["lr"])
+            if group["decay_written"] != group["weight_decay"]:  # one fill, not one a step
+                group["decay_tensor"].fill_(group["weight_decay"])
+                group["decay_written"] = group["weight_decay"]
+
+    @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step takes no closure")
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # a captured step (tuner.train.step_graph) has them written before each replay
+            self.prepare_step()
         # one update call for all groups that share betas and eps (the loop's groups all do):
         # each call costs host time (guards, launches) that a small model's step would feel
         calls: dict[tuple, list] = {}
         for group in self.param_groups:
             live = [w for w in group["params"] if w.grad is not None]
-            if not live:
-                continue
-            lr = group["lr_tensor"]
-            if lr is None:
-                lr = group["lr_tensor"] = torch.zeros((), dtype=torch.float32, device=live[0].device)
-            lr.fill_(group["lr"])  # a kernel argument, not a host-to-device copy: no sync
-            if group["decay_tensor"] is None or group["decay_tensor"][0] != group["weight_decay"]:
-                group["decay_tensor"] = (group["weight_decay"], torch.full(
-                    (), group["weight_decay"], dtype=torch.float32, device=live[0].device))
-            decay = group["decay_tensor"][1]
-            calls.setdefault((*group["betas"], group["eps"]), []).extend((w, lr, decay) for w in live)
+            if live:
+                calls.setdefault((*group["betas"], group["eps"]), []).extend(
+                    (w, group["lr_tensor"], group["decay_tensor"]) for w in live)
         for (beta1, beta2, eps), entries in calls.items():
             states = [self.state[w] for w, _, _ in entries]
             self._update([w for w, _, _ in entries], [w.grad for w, _, _ in entries],
@@ -201,8 +212,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         masters are split in memory, so checkpoints read the same either way."""
         saved = super().state_dict()
         for group in saved["param_groups"]:
-            group.pop("lr_tensor", None)  # per-device caches, rebuilt on the next step
-            group.pop("decay_tensor", None)
+            for key in ("lr_tensor", "decay_tensor", "decay_written"):  # per-device caches, rebuilt on the next step
+                group.pop(key, None)
         if self.split_masters:
             weights = [w for group in self.param_groups for w in group["params"]]
             ids = [i for group in saved["param_groups"] for i in group["params"]]
@@ -228,4 +239,4 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             for key in _MOMENTS:
                 state[key] = saved[index][key].to(device=weight.device, dtype=self.moments_dtype)
         for group in self.param_groups:
-            group["lr_tensor"] = group["decay_tensor"] = None
+            group["lr_tensor"] = group["decay_tensor"] = group["decay_written"] = None

@@ -22,6 +22,7 @@ from torch import nn
 
 from tuner.config import GRAPH_MODES, TrainConfig
 from tuner.data.collate import TrainBatch
+from tuner.train.step_graph import WITHOUT_GRAPHS, StepGraph
 
 
 # `train.cpp_wrapper=auto` turns the C++ wrapper on for a trial of at least this many optimizer
@@ -104,7 +105,8 @@ def compile_options(train: TrainConfig, device: torch.device, world_size: int = 
                     total_steps: Optional[int] = None) -> Optional[dict]:
     """Inductor settings for whatever the step compiles (the objective, and the masters' update
     inside the optimizer step): the C++ wrapper (`CUDA_CPP_WRAPPER` on a GPU) where
-    `train.cpp_wrapper` asks for it, else None. auto: one CUDA worker without CUDA graphs, where
+    `train.cpp_wrapper` asks for it, else None. auto: one CUDA worker without CUDA graphs (a graph
+    compile mode, or `train.step_graph=on`), where
     the host's launches are what the step waits on, and a trial of at least CPP_WRAPPER_MIN_STEPS
     optimizer steps (`total_steps`: the trial's plan; None = long, as for `tuner bench`'s steady
     step); DDP (`world_size` > 1) keeps the Python wrapper, as the C++ one has not been run across
@@ -114,7 +116,8 @@ def compile_options(train: TrainConfig, device: torch.device, world_size: int = 
     if setting == "auto":
         single = device.type == "cuda" and world_size == 1
         long = total_steps is None or total_steps >= CPP_WRAPPER_MIN_STEPS
-        return wrapper if single and long and train.compile_mode not in GRAPH_MODES else None
+        graphs = train.compile_mode in GRAPH_MODES or train.step_graph == "on"
+        return wrapper if single and long and not graphs else None
     return wrapper if setting == "on" else None
 
 
@@ -131,11 +134,17 @@ def bind_backward_context(device: torch.device) -> None:
 
 
 class TrainStep:
+    """`step(batch)` -> the batch's loss (a device tensor): one optimizer step. With `step_graph`
+    (`tuner.train.step_graph.use_step_graph`) the step's device work runs as one CUDA graph after
+    its first steps, and `compile_mode` loses its own CUDA graphs (reduce-overhead -> default)."""
+
     def __init__(self, objective: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                  scheduler, dtype: Optional[torch.dtype], grad_clip: float, device: torch.device,
                  compile_mode: Optional[str] = None, wrap=lambda m: m, fused_clip: bool = True,
-                 compile_options: Optional[dict] = None):
+                 compile_options: Optional[dict] = None, step_graph: bool = False):
         self.module = wrap(objective)
+        if compile_mode is not None and step_graph:
+            compile_mode = WITHOUT_GRAPHS.get(compile_mode, compile_mode)
         if compile_mode is not None:
             self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode)
         # every call runs under the inductor settings, so every compile gets them (the first steps,
@@ -157,16 +166,22 @@ class TrainStep:
         # PyTorch's fused optimizers divide by `grad_scale`; others declare it (MasterWeightAdamW)
         takes_scale = bool(optimizer.defaults.get("fused")) or getattr(optimizer, "takes_grad_scale", False)
         self.fused_clip = fused_clip and takes_scale and not self.scaler.is_enabled()
+        self.graph = StepGraph(self._update, optimizer, device) if step_graph else None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     def __call__(self, batch: TrainBatch) -> torch.Tensor:
-        """Forward, backward, clip, update; returns the (detached) loss without syncing."""
+        """Forward, backward, clip, update, the scheduler's step; returns the (detached) loss
+        without syncing."""
         with self.aot_cache, self.inductor:
-            return self._step(batch)
+            loss = self.graph(batch) if self.graph is not None else self._update(batch)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss
 
-    def _step(self, batch: TrainBatch) -> torch.Tensor:
+    def _update(self, batch: TrainBatch) -> torch.Tensor:
+        """The step's device work (what a step graph captures): forward, backward, clip, update."""
         with self.autocast():
             loss = self.module(batch.items, batch.positions, batch.labels)
         self.scaler.scale(loss).backward()
@@ -181,6 +196,4 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
         return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay

@@ -1,0 +1,191 @@
+"""The whole step as one CUDA graph (`train.step_graph`, tuner/train/step_graph.py).
+
+When it applies is checked everywhere; the graph itself needs a CUDA device: those tests train
+the same tiny model with and without it and compare what a user would see (the weights, the
+losses, a learning rate of 0 leaving the weights alone, dropout drawn anew at every step, a
+loaded optimizer state taking effect)."""
+
+import copy
+import re
+
+import pytest
+import torch
+
+from tuner.config import load_config
+from tuner.data.collate import train_batches
+from tuner.data.synthetic import generate
+from tuner.errors import UserError
+from tuner.losses import MaskedItemObjective, loss_config
+from tuner.model.build import build_model, fused_add_norm
+from tuner.train.master_adamw import MasterWeightAdamW
+from tuner.train.optim import training_optimizer
+from tuner.train.step import TrainStep, compile_options
+from tuner.train.step_graph import WARMUP, use_step_graph
+
+CUDA = torch.device("cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def _train_cfg(*overrides):
+    return load_config(overrides=list(overrides)).train
+
+
+GRAPHS = ("train.compile_mode=reduce-overhead", "train.static_shapes=true")
+
+
+@pytest.mark.parametrize("overrides, device, workers, dtype, compiled, expected", [
+    (GRAPHS, "cuda", 1, torch.bfloat16, True, True),  # auto: where the compile mode replays graphs
+    (GRAPHS, "cuda", 1, None, True, True),  # fp32 without autocast: no loss scaling either
+    (("train.static_shapes=true",), "cuda", 1, torch.bfloat16, True, False),  # plain compile keeps its launches
+    (GRAPHS, "cpu", 1, torch.bfloat16, True, False),
+    (("train.compile_mode=reduce-overhead",), "cuda", 1, torch.bfloat16, True, False),  # shapes may change
+    (GRAPHS, "cuda", 2, torch.bfloat16, True, False),  # DDP keeps inductor's graphs
+    (GRAPHS, "cuda", 1, torch.float16, True, False),  # the GradScaler's check syncs
+    (GRAPHS, "cuda", 1, torch.bfloat16, False, False),
+    ((*GRAPHS, "train.step_graph=off"), "cuda", 1, torch.bfloat16, True, False),
+    (("train.static_shapes=true", "train.step_graph=on"), "cuda", 1, torch.bfloat16, True, True),  # any mode
+])
+def test_when_the_step_is_one_graph(overrides, device, workers, dtype, compiled, expected):
+    assert use_step_graph(_train_cfg(*overrides), torch.device(device), workers, dtype, compiled) is expected
+
+
+@pytest.mark.parametrize("overrides, device, workers, dtype, compiled, message", [
+    ((), "cpu", 1, None, True, "needs a CUDA device (this run is on cpu)"),
+    (("train.static_shapes=true",), "cuda", 1, None, False, "needs train.compile on"),
+    ((), "cuda", 1, None, True, "needs train.static_shapes=true"),
+    (("train.static_shapes=true",), "cuda", 4, None, True, "needs one worker (this run has 4)"),
+    (("train.static_shapes=true",), "cuda", 1, torch.float16, True, "needs no fp16 loss scaling"),
+])
+def test_step_graph_on_names_what_the_run_lacks(overrides, device, workers, dtype, compiled, message):
+    with pytest.raises(UserError, match="^" + re.escape(f"train.step_graph=on {message}")):
+        use_step_graph(_train_cfg("train.step_graph=on", *overrides), torch.device(device), workers, dtype, compiled)
+
+
+def test_step_graph_on_counts_as_graphs_for_the_host_bound_choices():
+    """The C++ wrapper and add_norm's kernels follow CUDA graphs, not the compile mode's name."""
+    on = load_config(overrides=["train.step_graph=on", "train.static_shapes=true"])
+    assert compile_options(on.train, CUDA) is None  # auto: C++ launches only where the host launches
+    assert compile_options(load_config().train, CUDA) is not None
+    assert fused_add_norm(on) and not fused_add_norm(load_config())
+
+
+def test_the_masters_update_reads_its_learning_rate_from_one_tensor_written_in_place():
+    """A captured update keeps reading the tensors it was captured with: each step writes the
+    scheduler's learning rate into the same tensor, and the decay once."""
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = MasterWeightAdamW([{"params": [weight], "weight_decay": 0.1}], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0 / (k + 1))
+    tensors = None
+    for k in range(3):
+        weight.grad = torch.ones(4, dtype=weight.dtype)
+        optimizer.step()
+        group = optimizer.param_groups[0]
+        assert float(group["lr_tensor"]) == pytest.approx(1e-2 / (k + 1))
+        assert float(group["decay_tensor"]) == pytest.approx(0.1)
+        if tensors is None:
+            tensors = (group["lr_tensor"], group["decay_tensor"])
+        assert group["lr_tensor"] is tensors[0] and group["decay_tensor"] is tensors[1]
+        scheduler.step()
+
+
+def _setup(graph: bool, weights: str = "fp32", dropout: float = 0.0, grad_clip: float = 1.0, factors=None,
+           steps: int = 10):
+    """A tiny model's step on CUDA, compiled, with or without the step graph, and `steps` batches.
+    `factors[k]`: the learning rate's factor at step k (1 after the list)."""
+    cfg = load_config(overrides=["model.size=tiny", f"model.dropout={dropout}", f"model.attn_dropout={dropout}",
+                                 f"train.weights={weights}", *GRAPHS, f"optim.grad_clip={grad_clip}",
+                                 "optim.lr=1e-2"])
+    data = generate(300, 80, seed=0)
+    torch.manual_seed(0)
+    model = build_model(cfg, data.num_items, pretrained=False).to(CUDA)
+    objective = MaskedItemObjective(model, loss_config(cfg.train)).to(CUDA)
+    optimizer = training_optimizer(model, cfg, torch.bfloat16, CUDA, compile=True)
+    factors = factors or []
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: factors[k] if k < len(factors) else 1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = TrainStep(objective, params, optimizer, scheduler, torch.bfloat16, grad_clip, CUDA, "reduce-overhead",
+                     step_graph=graph)
+    batches = [b.to(CUDA) for b in train_batches(data.sequences, data.num_items, 32, cfg.model.max_len, 0.2, 0.1,
+                                                 seed=0, epoch=0, static_shapes=True)][:steps]
+    assert len(batches) == steps
+    return model, optimizer, scheduler, step, batches
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])  # torch's fused AdamW; MasterWeightAdamW
+def test_the_step_graph_trains_as_the_step_it_captures(weights):
+    factors = [0.2, 0.6, 1.0, 0.5, 1.5, 0.3, 2.0, 1.0, 0.1, 1.0]  # the lr moves at every step
+    runs = {}
+    for graph in (False, True):
+        model, _, _, step, batches = _setup(graph, weights, grad_clip=0.05, factors=factors)  # clipping acts
+        losses = [float(step(b)) for b in batches]
+        runs[graph] = losses, _weights(model)
+        assert (step.graph is not None and step.graph.captured) is graph
+    (plain_losses, plain), (graph_losses, graphed) = runs[False], runs[True]
+    assert graph_losses == pytest.approx(plain_losses, rel=1e-3)
+    tolerance = dict(rtol=1e-3, atol=1e-4) if weights == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    for name, value in plain.items():
+        torch.testing.assert_close(graphed[name], value, **tolerance, msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_a_replay_reads_the_learning_rate_of_its_step(weights):
+    """Captured at lr factor 1, a replayed step at factor 0 changes no weight; at 1 it does."""
+    factors = [1.0] * (WARMUP + 1) + [0.0, 1.0]
+    model, _, _, step, batches = _setup(True, weights, factors=factors, steps=WARMUP + 3)
+    for batch in batches[:WARMUP + 1]:  # the last of them is captured and replayed
+        step(batch)
+    before = _weights(model)
+    step(batches[WARMUP + 1])
+    after_zero = _weights(model)
+    step(batches[WARMUP + 2])
+    after_one = _weights(model)
+    for name, value in before.items():
+        assert torch.equal(after_zero[name], value), name
+    assert any(not torch.equal(after_one[n], v) for n, v in after_zero.items())
+
+
+@needs_cuda
+def test_dropout_is_drawn_anew_at_every_replay():
+    """lr 0 after the capture: the weights stay put, so only dropout can move the loss of one batch."""
+    factors = [1.0] * WARMUP + [0.0] * 6
+    model, _, _, step, batches = _setup(True, dropout=0.3, factors=factors, steps=WARMUP + 6)
+    for batch in batches[:WARMUP]:
+        step(batch)
+    frozen = _weights(model)
+    losses = {float(step(batches[0])) for _ in range(6)}
+    assert len(losses) == 6, losses
+    assert all(torch.equal(v, frozen[n]) for n, v in _weights(model).items())
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_a_loaded_optimizer_state_is_what_the_next_replays_update(weights):
+    """Loading a state replaces the tensors a graph read: the graph is dropped and captured again,
+    so training from an earlier state goes on as it would have from there."""
+    resumed = WARMUP + 1  # captured by then
+    model, optimizer, scheduler, step, batches = _setup(True, weights, steps=resumed + 5)
+    for batch in batches[:resumed]:
+        step(batch)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), scheduler.state_dict()))
+    for batch in batches[resumed:resumed + 3]:
+        step(batch)
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    scheduler.load_state_dict(saved[2])
+    assert not step.graph.captured
+    for batch in batches[resumed + 3:]:
+        step(batch)
+    assert step.graph.captured
+
+    reference, _, _, plain, _ = _setup(False, weights, steps=resumed + 5)
+    for batch in batches[:resumed] + batches[resumed + 3:]:
+        plain(batch)
+    tolerance = dict(rtol=1e-3, atol=1e-4) if weights == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    for name, value in _weights(reference).items():
+        torch.testing.assert_close(_weights(model)[name], value, **tolerance, msg=name)

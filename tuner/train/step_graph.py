@@ -1,0 +1,147 @@
+"""The whole training step as one CUDA graph (`train.step_graph`).
+
+torch.compile's CUDA graphs (`train.compile_mode=reduce-overhead`) replay the compiled forward and
+backward, but the host still runs the rest of every step itself: Dynamo's guards and the graph
+trees' checks of their inputs and outputs, the gradient norm's launches, the optimizer's update
+(the fused AdamW's launch, or the masters' compiled update with its own guards), zero_grad. On an
+H200 the host took 2.1-3.1 ms to issue a 5M step against a 2.6-3.1 ms step, so a small model's
+step waited on it on some machines (benchmarks/results/h200_session32/, `host_ms`).
+
+Here the step is captured once, whole, as PyTorch's notes on CUDA semantics describe for "whole
+network capture": after `WARMUP` steps run as usual on a side stream (they compile the step and
+create the optimizer's state), one step is captured (forward, backward, clipping, the update,
+zero_grad) and every step from then on replays it. A replay copies the batch into the graph's
+input tensors, writes the scheduler's learning rates into the tensors the update reads, and
+launches the graph. Dropout stays random: every draw is made on the device from the CUDA
+generator, whose offsets move on at each replay.
+
+Outside the graph: the scheduler (host arithmetic) and whatever the caller does between steps
+(the weight average, evaluation). What it needs: fixed shapes (`train.static_shapes`), one
+worker (DDP's all-reduces are not captured here), no fp16 GradScaler (its overflow check syncs
+with the host), and an optimizer whose learning rate the graph reads from a tensor: the fused
+AdamW (made `capturable`, its lr a device tensor while captured) or `MasterWeightAdamW`. Loading
+an optimizer state replaces the state tensors a graph would read, so it drops the graph; the
+next step captures again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from tuner.config import GRAPH_MODES, TrainConfig
+from tuner.data.collate import TrainBatch
+from tuner.errors import UserError
+
+# steps run as usual before the capture (PyTorch's whole-network example warms up 3 on a side
+# stream): the first compiles the step, every kernel and the optimizer's state exist after it
+WARMUP = 3
+
+# a compile mode that replays CUDA graphs -> the same mode without them, for the objective inside
+# the step's own graph (inductor's graph trees cannot be captured inside another capture)
+WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+_FIELDS = ("items", "positions", "labels")  # TrainBatch's tensors
+
+
+def use_step_graph(train: TrainConfig, device: torch.device, world_size: int, dtype: Optional[torch.dtype],
+                   compiled: bool) -> bool:
+    """Whether the step runs as one CUDA graph (`train.step_graph`). auto: where `compiled` and the
+    compile mode replays graphs, on the conditions `on` needs; on: a UserError naming the first
+    condition the run misses."""
+    if train.step_graph == "off":
+        return False
+    missing = None
+    if device.type != "cuda":
+        missing = f"a CUDA device (this run is on {device.type})"
+    elif not compiled:
+        missing = "train.compile on"
+    elif not train.static_shapes:
+        missing = "train.static_shapes=true (fixed batch shapes)"
+    elif world_size > 1:
+        missing = f"one worker (this run has {world_size})"
+    elif dtype == torch.float16:
+        missing = "no fp16 loss scaling (train.amp=fp16 here; bf16 or off work)"
+    if train.step_graph == "on":
+        if missing:
+            raise UserError(f"train.step_graph=on needs {missing}")
+        return True
+    return missing is None and train.compile_mode in GRAPH_MODES
+
+
+class StepGraph:
+    """Runs `update` (one optimizer step's device work on a batch, returning its loss as a tensor)
+    as usual `warmup` times, then captures it as one CUDA graph and replays that. `optimizer` is
+    the one `update` steps: its learning rates are written into tensors before every replay."""
+
+    def __init__(self, update: Callable[[TrainBatch], torch.Tensor], optimizer: torch.optim.Optimizer,
+                 device: torch.device, warmup: int = WARMUP):
+        self.update, self.optimizer, self.device, self.warmup = update, optimizer, device, warmup
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.calls = 0  # steps run as usual so far
+        self.inputs: Optional[TrainBatch] = None  # the tensors the graph reads its batch from
+        self.loss: Optional[torch.Tensor] = None  # the tensor the graph writes the loss into
+        self.lrs: list[tuple[dict, torch.Tensor]] = []  # the fused AdamW's groups and their lr tensors
+        self.side = torch.cuda.Stream(device)
+        optimizer.register_load_state_dict_post_hook(lambda _: self.drop())
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def drop(self) -> None:
+        """Forget the graph (its memory goes back to the allocator); the next step captures again."""
+        self.graph = self.inputs = self.loss = None
+        self.lrs = []
+
+    def __call__(self, batch: TrainBatch) -> torch.Tensor:
+        if self.graph is None:
+            if self.calls < self.warmup:
+                self.calls += 1
+                return self._on_side_stream(batch)
+            self._capture(batch)
+        return self._replay(batch)
+
+    def _on_side_stream(self, batch: TrainBatch) -> torch.Tensor:
+        current = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            loss = self.update(batch)
+        current.wait_stream(self.side)
+        return loss
+
+    def _capture(self, batch: TrainBatch) -> None:
+        self.inputs = TrainBatch(*(getattr(batch, name).clone() for name in _FIELDS), batch.num_samples)
+        prepare = getattr(self.optimizer, "prepare_step", None)
+        if prepare is None:  # torch's AdamW: the lr as a device tensor while captured, a float otherwise
+            self.lrs = [(group, torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device))
+                        for group in self.optimizer.param_groups]
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients come from the graph's memory
+        graph = torch.cuda.CUDAGraph()
+        saved = [(group["lr"], group.get("capturable", False)) for group, _ in self.lrs]
+        try:
+            for group, lr in self.lrs:
+                group["lr"], group["capturable"] = lr, True  # capturable: torch's check before a capture
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(graph):
+                self.loss = self.update(self.inputs)
+        finally:  # the groups as they were: a float lr for the scheduler and the state dict
+            for (group, _), (lr, capturable) in zip(self.lrs, saved):
+                group["lr"], group["capturable"] = lr, capturable
+        self.graph = graph
+
+    def _replay(self, batch: TrainBatch) -> torch.Tensor:
+        for name in _FIELDS:
+            source, target = getattr(batch, name), getattr(self.inputs, name)
+            if source.shape != target.shape:
+                raise RuntimeError(f"train.step_graph: a batch's {name} has shape {tuple(source.shape)}, "
+                                   f"the captured step's {tuple(target.shape)} (train.static_shapes keeps them fixed)")
+            target.copy_(source, non_blocking=True)
+        prepare = getattr(self.optimizer, "prepare_step", None)
+        if prepare is not None:
+            prepare()
+        for group, lr in self.lrs:
+            lr.fill_(float(group["lr"]))
+        self.graph.replay()
+        return self.loss.clone()  # the next replay overwrites the graph's own
