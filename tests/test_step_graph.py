@@ -95,7 +95,7 @@ def _setup(graph: bool, weights: str = "fp32", dropout: float = 0.0, grad_clip: 
     cfg = load_config(overrides=["model.size=tiny", f"model.dropout={dropout}", f"model.attn_dropout={dropout}",
                                  f"train.weights={weights}", *GRAPHS, f"optim.grad_clip={grad_clip}",
                                  "optim.lr=1e-2"])
-    data = generate(300, 80, seed=0)
+    data = generate(400, 80, seed=0)
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items, pretrained=False).to(CUDA)
     objective = MaskedItemObjective(model, loss_config(cfg.train)).to(CUDA)
