@@ -115,6 +115,15 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
 
+def assert_same_training(got: dict, expected: dict, start: dict, share: float = 0.05) -> None:
+    """Each weight's distance from `expected` is under `share` of how far training moved it from
+    `start`. Not bitwise: the embedding gradient's atomic adds sum in any order, and AdamW's update
+    of a near-zero gradient turns that rounding into visible moves (seen on an H200)."""
+    for name, value in expected.items():
+        moved, off = (value - start[name]).norm(), (got[name] - value).norm()
+        assert off <= share * moved + 1e-6, f"{name}: {off:.3g} from the expected weights, which moved {moved:.3g}"
+
+
 @needs_cuda
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])  # torch's fused AdamW; MasterWeightAdamW
 def test_the_step_graph_trains_as_the_step_it_captures(weights):
@@ -122,14 +131,13 @@ def test_the_step_graph_trains_as_the_step_it_captures(weights):
     runs = {}
     for graph in (False, True):
         model, _, _, step, batches = _setup(graph, weights, grad_clip=0.05, factors=factors)  # clipping acts
+        start = _weights(model)
         losses = [float(step(b)) for b in batches]
         runs[graph] = losses, _weights(model)
         assert (step.graph is not None and step.graph.captured) is graph
     (plain_losses, plain), (graph_losses, graphed) = runs[False], runs[True]
     assert graph_losses == pytest.approx(plain_losses, rel=1e-3)
-    tolerance = dict(rtol=1e-3, atol=1e-4) if weights == "fp32" else dict(rtol=2e-2, atol=2e-3)
-    for name, value in plain.items():
-        torch.testing.assert_close(graphed[name], value, **tolerance, msg=name)
+    assert_same_training(graphed, plain, start)
 
 
 @needs_cuda
@@ -170,6 +178,7 @@ def test_a_loaded_optimizer_state_is_what_the_next_replays_update(weights):
     so training from an earlier state goes on as it would have from there."""
     resumed = WARMUP + 1  # captured by then
     model, optimizer, scheduler, step, batches = _setup(True, weights, steps=resumed + 5)
+    start = _weights(model)
     for batch in batches[:resumed]:
         step(batch)
     saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), scheduler.state_dict()))
@@ -186,6 +195,4 @@ def test_a_loaded_optimizer_state_is_what_the_next_replays_update(weights):
     reference, _, _, plain, _ = _setup(False, weights, steps=resumed + 5)
     for batch in batches[:resumed] + batches[resumed + 3:]:
         plain(batch)
-    tolerance = dict(rtol=1e-3, atol=1e-4) if weights == "fp32" else dict(rtol=2e-2, atol=2e-3)
-    for name, value in _weights(reference).items():
-        torch.testing.assert_close(_weights(model)[name], value, **tolerance, msg=name)
+    assert_same_training(_weights(model), _weights(reference), start)

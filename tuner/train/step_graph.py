@@ -114,7 +114,9 @@ class StepGraph:
     def _capture(self, batch: TrainBatch) -> None:
         self.inputs = TrainBatch(*(getattr(batch, name).clone() for name in _FIELDS), batch.num_samples)
         prepare = getattr(self.optimizer, "prepare_step", None)
-        if prepare is None:  # torch's AdamW: the lr as a device tensor while captured, a float otherwise
+        if prepare is not None:  # MasterWeightAdamW: its tensors exist (a loaded state drops them)
+            prepare()
+        else:  # torch's AdamW: the lr as a device tensor while captured, a float otherwise
             self.lrs = [(group, torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device))
                         for group in self.optimizer.param_groups]
         self.optimizer.zero_grad(set_to_none=True)  # the gradients come from the graph's memory
