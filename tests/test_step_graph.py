@@ -88,13 +88,19 @@ def test_the_masters_update_reads_its_learning_rate_from_one_tensor_written_in_p
         scheduler.step()
 
 
+# 2^-7, and learning-rate factors of a few bits: every learning rate is the same number as the
+# captured fused AdamW's fp32 lr tensor and as the uncaptured one's float (1e-2 is not, and a
+# rounding of the learning rate moves a weight's bf16 cast now and then, which training amplifies)
+LR = 2.0 ** -7
+
+
 def _setup(graph: bool, weights: str = "fp32", dropout: float = 0.0, grad_clip: float = 1.0, factors=None,
            steps: int = 10):
     """A tiny model's step on CUDA, compiled, with or without the step graph, and `steps` batches.
     `factors[k]`: the learning rate's factor at step k (1 after the list)."""
     cfg = load_config(overrides=["model.size=tiny", f"model.dropout={dropout}", f"model.attn_dropout={dropout}",
                                  f"train.weights={weights}", *GRAPHS, f"optim.grad_clip={grad_clip}",
-                                 "optim.lr=1e-2"])
+                                 f"optim.lr={LR}"])
     data = generate(400, 80, seed=0)
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items, pretrained=False).to(CUDA)
@@ -115,19 +121,19 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
 
-def assert_same_training(got: dict, expected: dict, start: dict, share: float = 0.05) -> None:
+def assert_same_training(got: dict, expected: dict, start: dict, share: float = 1e-4) -> None:
     """Each weight's distance from `expected` is under `share` of how far training moved it from
-    `start`. Not bitwise: the embedding gradient's atomic adds sum in any order, and AdamW's update
-    of a near-zero gradient turns that rounding into visible moves (seen on an H200)."""
+    `start`. Not bitwise: the embedding gradient's atomic adds sum in any order (two uncaptured
+    runs differed by up to 4e-7 of the moves on an H200)."""
     for name, value in expected.items():
         moved, off = (value - start[name]).norm(), (got[name] - value).norm()
-        assert off <= share * moved + 1e-6, f"{name}: {off:.3g} from the expected weights, which moved {moved:.3g}"
+        assert off <= share * moved + 1e-7, f"{name}: {off:.3g} from the expected weights, which moved {moved:.3g}"
 
 
 @needs_cuda
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])  # torch's fused AdamW; MasterWeightAdamW
 def test_the_step_graph_trains_as_the_step_it_captures(weights):
-    factors = [0.2, 0.6, 1.0, 0.5, 1.5, 0.3, 2.0, 1.0, 0.1, 1.0]  # the lr moves at every step
+    factors = [0.25, 0.5, 1.0, 0.5, 1.5, 0.25, 2.0, 1.0, 0.125, 1.0]  # the lr moves at every step
     runs = {}
     for graph in (False, True):
         model, _, _, step, batches = _setup(graph, weights, grad_clip=0.05, factors=factors)  # clipping acts
