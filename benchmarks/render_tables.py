@@ -130,40 +130,59 @@ def process_ab_table(*runs: str) -> str:
     return "\n".join(lines)
 
 
-def prune_table(*names: str) -> str:
-    """gpu_throughput.py runs with variants and their `_full_last_layer` twins: per run, size and
-    variant, our step's ms with the last block pruned to the scored rows (each time it ran, in
-    order) and at every position, the ratio of their medians, and each against the seed's step of
-    the same run; then each run's full-ranking evaluation both ways (one model, alternating)."""
-    suffix = "_full_last_layer"
-    lines = ["| run | size | variant | pruned ms | full ms | pruned / full | seed ms | seed / pruned | seed / full |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    evals = ["| run | size | users/s, pruned | users/s, full | pruned / full |", "|---|---|---|---|---|"]
+def twin_table(suffix: str, labels: tuple[str, str], names: tuple[str, ...], host: bool = False,
+               evals: bool = False) -> str:
+    """gpu_throughput.py runs with variants and their `suffix` twins: per run, size and variant,
+    our step's ms as is (each time it ran, in order) and as the twin, the ratio of their medians,
+    and each against the seed's step of the same run. `host`: also the host's ms to issue a step
+    and the peak memory, each side; `evals`: then each run's full-ranking evaluation with the last
+    block pruned and at every position (one model, alternating)."""
+    a, b = labels
+    head = ["run", "size", "variant", f"{a} ms", f"{b} ms", f"{a} / {b}", "seed ms", f"seed / {a}", f"seed / {b}"]
+    if host:
+        head += [f"host ms, {a}", f"host ms, {b}", f"peak MB, {a}", f"peak MB, {b}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rankings = ["| run | size | users/s, pruned | users/s, full | pruned / full |", "|---|---|---|---|---|"]
     for name in names:
         data = json.loads((RESULTS / name).read_text())
         run = f"{Path(name).stem} (call {data.get('device_call')}, {data.get('code_commit')})"
-        steps: dict[tuple[str, str, bool], list[float]] = {}
+        rows: dict[tuple[str, str, bool], list[dict]] = {}
         for r in data["rows"]:
-            full = r["variant"].endswith(suffix)
-            base = r["variant"][:-len(suffix)] if full else r["variant"]
-            steps.setdefault((r["size"], base, full), []).append(r["step_ms"])
+            twin = r["variant"].endswith(suffix)
+            base = r["variant"][:-len(suffix)] if twin else r["variant"]
+            rows.setdefault((r["size"], base, twin), []).append(r)
         seed = {r["size"]: r["step_ms"] for r in data["peer_rows"]}
-        for (size, base, full), pruned in steps.items():
-            if full or (size, base, True) not in steps:
+        for (size, base, twin), ours in rows.items():
+            if twin or (size, base, True) not in rows:
                 continue
-            whole = steps[(size, base, True)]
-            p, f = statistics.median(pruned), statistics.median(whole)
-            cells = [run, size, base, ", ".join(f"{v:.2f}" for v in pruned), ", ".join(f"{v:.2f}" for v in whole),
-                     f"{p / f:.3f}"]
+            theirs = rows[(size, base, True)]
+            p, f = (statistics.median(r["step_ms"] for r in side) for side in (ours, theirs))
+            cells = [run, size, base, ", ".join(f"{r['step_ms']:.2f}" for r in ours),
+                     ", ".join(f"{r['step_ms']:.2f}" for r in theirs), f"{p / f:.3f}"]
             cells += [f"{seed[size]:.1f}", f"{seed[size] / p:.2f}x", f"{seed[size] / f:.2f}x"] if size in seed \
                 else ["-", "-", "-"]
+            if host:
+                cells += [", ".join(f"{r['host_ms']:.2f}" for r in side) for side in (ours, theirs)]
+                cells += [f"{statistics.median(r['peak_mem_mb'] for r in side):,.0f}" for side in (ours, theirs)]
             lines.append("| " + " | ".join(cells) + " |")
-        for e in data["eval"]:
-            evals.append(f"| {run} | {e['size']} | {e['users_per_s']:,.0f} | {e['users_per_s_full_last_layer']:,.0f} | "
-                         f"{e['users_per_s'] / e['users_per_s_full_last_layer']:.3f} |")
+        for e in data["eval"] if evals else ():
+            rankings.append(f"| {run} | {e['size']} | {e['users_per_s']:,.0f} | "
+                            f"{e['users_per_s_full_last_layer']:,.0f} | "
+                            f"{e['users_per_s'] / e['users_per_s_full_last_layer']:.3f} |")
     first = json.loads((RESULTS / names[0]).read_text())
     head = f"Device: {first['device']} (torch {first['torch']}); ms a step, medians over windows of 5 steps."
-    return "\n".join([head, ""] + lines + [""] + evals)
+    return "\n".join([head, ""] + lines + ([""] + rankings if evals else []))
+
+
+def prune_table(*names: str) -> str:
+    """Session 32: the last block pruned to the scored rows against the whole block."""
+    return twin_table("_full_last_layer", ("pruned", "full"), names, evals=True)
+
+
+def step_graph_table(*names: str) -> str:
+    """Session 33: the whole step as one CUDA graph (train.step_graph) against inductor's graphs of
+    the forward and backward, the rest issued by the host."""
+    return twin_table("_no_step_graph", ("step graph", "inductor's graphs"), names, host=True)
 
 
 def gpu_tables(*runs: str) -> str:
@@ -633,6 +652,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--prune-h200": lambda: prune_table(*(f"h200_session32/gpu_throughput_{run}.json" for run in
                                                 ("430M_prune", "430M_prune_2", "130M_prune", "85M_prune",
                                                  "85M_prune_2", "5M_prune", "5M_prune_2", "5M_prune_3"))),
+          "--step-graph-h200": lambda: step_graph_table(*(f"h200_session33/gpu_throughput_{size}_step_graph.json"
+                                                          for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
           "--gpu-moments": lambda: gpu_tables("moments_430M_first_version", "moments_430M"),
           "--moments": lambda: variants_table("ml1m_moments.json"),
