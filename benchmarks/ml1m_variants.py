@@ -19,6 +19,9 @@
 - `add_norm` (issue 5): `tuner/model/add_norm.py`'s kernels (each residual add, its dropout and
   the next LayerNorm in one Triton kernel each way; on by default under CUDA graphs, as the
   ML-1M settings use) against inductor's code for the same ops, two seeds each (a GPU);
+- `step_graph` (issue 5): the whole step as one CUDA graph (`train.step_graph`, on by default
+  under the ML-1M settings' CUDA graphs) against inductor's graphs of the forward and backward
+  alone, two seeds each (a GPU);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -110,6 +113,11 @@ GROUPS = {
         **{f"{name}{seed}": [f"model.fused_add_norm={value}", *extra]
            for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
            for name, value in (("kernels", "on"), ("inductor", "off"))},
+    },
+    "step_graph": {  # the whole step as one CUDA graph (the default under the graph settings) against inductor's graphs
+        **{f"{name}{seed}": [f"train.step_graph={value}", *extra]
+           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
+           for name, value in (("step_graph", "auto"), ("no_step_graph", "off"))},
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],
