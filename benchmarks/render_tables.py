@@ -691,6 +691,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
                                                   "ray_turns_h200/turns130_both_ckpt.json",
                                                   "ray_turns_h200/turns130_graphs_both_ckpt.json"),
           "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
+          "--ml1m-step-graph": lambda: variants_table("ml1m_step_graph.json"),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"
                                             for size in ("430M", "130M", "85M", "5M"))),

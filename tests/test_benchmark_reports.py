@@ -331,6 +331,7 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     assert ("| 85M | amp_compile_graphs | 4.09, 4.08 | 4.83, 4.86 | 0.843 | 42.5 | 10.41x | 8.77x | 0.33, 0.30 | "
             "4.77, 4.83 | 2,709 | 2,610 |") in graphs
     assert "| 430M | amp_compile_graphs | 12.53, 12.46 | 12.69, 12.77 | 0.982 | 47.5 | 3.80x | 3.73x |" in graphs
+    assert "| no_step_graph_seed1 | 0.1591 | 0.3175 | 172 | 15,380 | 162 | 513 |" in render_tables.TABLES["--ml1m-step-graph"]()
     # session 31: every tile of the GELU epilogues lost to the step's kernels
     gelu = render_tables.TABLES["--gelu-gemm-h200"]()
     assert "| 430M (6,400 x 1,024 -> 4,096) | forward | 0.078 | 0.118 | 0.098 | 0.153 (64x128x64" in gelu
