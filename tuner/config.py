@@ -260,6 +260,12 @@ class TrainConfig:
     profile_epoch: int = 0
     profile_out: Optional[str] = None
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether the compiled step (train.compile on) replays CUDA graphs: a graph compile mode, or
+        `step_graph=on` (the C++ wrapper's and add_norm's auto choices follow this)."""
+        return self.compile_mode in GRAPH_MODES or self.step_graph == "on"
+
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "train.max_epochs must be at least 1")
         _check(self.profile_epoch >= 0, "train.profile_epoch must be >= 0")

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from tuner.config import GRAPH_MODES, Config
+from tuner.config import Config
 from tuner.errors import UserError
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
@@ -24,8 +24,7 @@ def fused_add_norm(cfg: Config) -> bool:
     compile mode, or `train.step_graph=on`)."""
     setting = cfg.model.fused_add_norm
     if setting == "auto":
-        graphs = cfg.train.compile_mode in GRAPH_MODES or cfg.train.step_graph == "on"
-        return cfg.train.compile != "off" and graphs
+        return cfg.train.compile != "off" and cfg.train.replays_graphs
     return setting == "on"
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tuner.config import GRAPH_MODES, TrainConfig
+from tuner.config import TrainConfig
 from tuner.data.collate import TrainBatch
 from tuner.train.step_graph import WITHOUT_GRAPHS, StepGraph
 
@@ -116,8 +116,7 @@ def compile_options(train: TrainConfig, device: torch.device, world_size: int = 
     if setting == "auto":
         single = device.type == "cuda" and world_size == 1
         long = total_steps is None or total_steps >= CPP_WRAPPER_MIN_STEPS
-        graphs = train.compile_mode in GRAPH_MODES or train.step_graph == "on"
-        return wrapper if single and long and not graphs else None
+        return wrapper if single and long and not train.replays_graphs else None
     return wrapper if setting == "on" else None
 
 
