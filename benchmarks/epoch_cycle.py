@@ -11,11 +11,15 @@ Suites:
   (`--workers 1`, a checkpoint reported every epoch) beside the bare loop.
 - `checkpoint_writer`: the one-process loop writing a checkpoint every epoch, in line
   (`train.checkpoint_writer=inline`) against on a thread (`background`), alternating; `--device`.
+- `defaults`: the trial a user gets without settings, since session 34 (the whole step as one CUDA
+  graph, fixed batch shapes) against before (plain compile, `train.static_shapes=false`), at 130M,
+  5M and 430M, and at 130M through Ray Train and as iLoRA.
 - `ray_overhead`: issue 5's check: the 130M configuration (159,750 synthetic items) through
   `TorchTrainer` with one worker against the bare loop, same run.
 
     python benchmarks/epoch_cycle.py --suite ml1m --out OUT/epoch_ml1m.json
     python benchmarks/epoch_cycle.py --suite ray_overhead --out OUT/ray_overhead.json
+    python benchmarks/epoch_cycle.py --suite defaults --epochs 6 --skip 2 --out OUT/defaults.json
 
 Each row also keeps `gpu`: the GPU's median SM clock, power, peak temperature and utilisation
 while it trained (`nvidia-smi` once a second, samples at >= 50% utilisation; null without a GPU),
@@ -46,6 +50,9 @@ from run_in import CONTAINERS
 LINE = re.compile(r"(?:^|\s)epoch\s+(\d+)\s+at ([\d.]+)s\s+(train_loss .*)")
 
 GRAPHS = ["--set", "train.static_shapes=true", "--set", "train.compile_mode=reduce-overhead"]
+# plain compile, each batch as it comes: the default on a GPU before session 34 (train.static_shapes
+# auto now turns on the step graph and fixed shapes on one GPU worker); a later GRAPHS overrides it
+PLAIN = ["--set", "train.static_shapes=false"]
 
 
 def container(name: str) -> list[str]:
@@ -56,8 +63,10 @@ def container(name: str) -> list[str]:
 def suites(data: str, device: str = "cpu") -> dict[str, list[dict]]:
     ml1m = ["--data", data, "--config", "benchmarks/ml1m.yaml", "--set", "train.patience=0"]
     device = ["--device", device]
-    big = ["--size", "130M", "--synthetic-items", "159750", "--synthetic-users", "40000",
-           "--batch-size", "256", "--set", "eval.max_val_users=2000"]
+    synthetic = ["--synthetic-items", "159750", "--synthetic-users", "40000", "--set", "eval.max_val_users=2000"]
+    sized = {size: ["--size", size, *synthetic, "--batch-size", "128" if size == "430M" else "256"]
+             for size in ("5M", "130M", "430M")}
+    big = sized["130M"] + PLAIN  # ray_overhead's rows: plain compile unless they add GRAPHS
     return {
         "ml1m": [
             {"name": "batch128", "args": ml1m},
@@ -82,6 +91,15 @@ def suites(data: str, device: str = "cpu") -> dict[str, list[dict]]:
             {"name": "tiny_bare", "args": ["--device", "cpu"]},
             {"name": "tiny_ray_train", "args": ["--device", "cpu", "--workers", "1"]},
             *({"name": f"tiny_{c}", "args": ["--device", "cpu"], "runner": container(c)} for c in CONTAINERS),
+        ],
+        # the default trial before and since session 34 (train.static_shapes=auto, train.step_graph=auto):
+        # each size bare, 130M also through Ray Train and as iLoRA
+        "defaults": [
+            *({"name": f"{size}_{when}", "args": sized[size] + extra}
+              for size in ("130M", "5M", "430M") for when, extra in (("default", []), ("before", PLAIN))),
+            *({"name": f"130M_{kind}_{when}", "args": sized["130M"] + more + extra}
+              for kind, more in (("ray_train", ["--workers", "1"]), ("ilora", ["--ilora"]))
+              for when, extra in (("default", []), ("before", PLAIN))),
         ],
         "ray_overhead": [
             {"name": "130M_bare", "args": big},
@@ -164,7 +182,7 @@ def run_copy(args: list[str], epochs: int, log: Path, env: dict[str, str] | None
             final = json.loads(raw)
             break
     return {"rc": proc.returncode, "epochs": lines, "final": {k: final.get(k) for k in
-            ("wall_s", "samples_per_s", "test_ndcg_10", "val_ndcg_10", "peak_mem_mb")}}
+            ("wall_s", "samples_per_s", "test_ndcg_10", "val_ndcg_10", "peak_mem_mb", "step_graph", "static_shapes")}}
 
 
 GPU_QUERY = "clocks.sm,power.draw,temperature.gpu,utilization.gpu"
@@ -241,7 +259,8 @@ def summarize(copies: list[dict], skip: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("ml1m", "ray_overhead", "smoke", "checkpoint_writer"), required=True)
+    parser.add_argument("--suite", choices=("ml1m", "ray_overhead", "smoke", "checkpoint_writer", "defaults"),
+                        required=True)
     parser.add_argument("--device", default="cpu", help="checkpoint_writer's device (cpu or cuda)")
     parser.add_argument("--data", default=ml1m_default())
     parser.add_argument("--epochs", type=int, default=12)

@@ -20,53 +20,77 @@ from tuner.model.build import build_model, fused_add_norm
 from tuner.train.master_adamw import MasterWeightAdamW
 from tuner.train.optim import training_optimizer
 from tuner.train.step import TrainStep, compile_options
-from tuner.train.step_graph import WARMUP, use_step_graph
+from tuner.train.step_graph import MIN_FULL_BATCHES, WARMUP, resolve_step
 
 CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-def _train_cfg(*overrides):
-    return load_config(overrides=list(overrides)).train
-
-
 GRAPHS = ("train.compile_mode=reduce-overhead", "train.static_shapes=true")
+BF16 = torch.bfloat16
 
 
-@pytest.mark.parametrize("overrides, device, workers, dtype, compiled, expected", [
-    (GRAPHS, "cuda", 1, torch.bfloat16, True, True),  # auto: where the compile mode replays graphs
-    (GRAPHS, "cuda", 1, None, True, True),  # fp32 without autocast: no loss scaling either
-    (("train.static_shapes=true",), "cuda", 1, torch.bfloat16, True, False),  # plain compile keeps its launches
-    (GRAPHS, "cpu", 1, torch.bfloat16, True, False),
-    (("train.compile_mode=reduce-overhead",), "cuda", 1, torch.bfloat16, True, False),  # shapes may change
-    (GRAPHS, "cuda", 2, torch.bfloat16, True, False),  # DDP keeps inductor's graphs
-    (GRAPHS, "cuda", 1, torch.float16, True, False),  # the GradScaler's check syncs
-    (GRAPHS, "cuda", 1, torch.bfloat16, False, False),
-    ((*GRAPHS, "train.step_graph=off"), "cuda", 1, torch.bfloat16, True, False),
-    (("train.static_shapes=true", "train.step_graph=on"), "cuda", 1, torch.bfloat16, True, True),  # any mode
+def _resolved(overrides, device="cuda", workers=1, dtype=BF16, compiled=True, full_batches=None):
+    cfg = resolve_step(load_config(overrides=list(overrides)), torch.device(device), workers, dtype, compiled,
+                       full_batches)
+    return cfg.train.step_graph, cfg.train.static_shapes
+
+
+@pytest.mark.parametrize("overrides, kwargs, expected", [
+    ((), {}, ("on", "true")),  # the default on one GPU worker: the whole step as one graph, fixed shapes
+    ((), {"dtype": None}, ("on", "true")),  # fp32 without autocast: no loss scaling either
+    (GRAPHS, {}, ("on", "true")),
+    (("train.compile_mode=max-autotune",), {}, ("on", "true")),
+    (("train.compile_mode=max-autotune-no-cudagraphs",), {}, ("off", "false")),  # no CUDA graphs asked
+    (("train.static_shapes=false",), {}, ("off", "false")),  # batches as they come: plain compile
+    (("train.compile_mode=reduce-overhead", "train.static_shapes=false"), {}, ("off", "false")),  # inductor's
+    ((), {"device": "cpu"}, ("off", "false")),
+    ((), {"workers": 2}, ("off", "false")),  # DDP keeps its launches
+    ((), {"dtype": torch.float16}, ("off", "false")),  # the GradScaler's check syncs
+    ((), {"compiled": False}, ("off", "false")),
+    (("train.step_graph=off",), {}, ("off", "false")),
+    (("train.step_graph=off", "train.static_shapes=true"), {}, ("off", "true")),
+    ((), {"full_batches": 7}, ("off", "false")),  # dropping the last batch would cost over 1/8 of an epoch
+    ((), {"full_batches": MIN_FULL_BATCHES}, ("on", "true")),
+    (("train.static_shapes=true",), {"full_batches": 1}, ("on", "true")),  # asked for: the share is the user's
+    (("train.static_shapes=true",), {"dtype": torch.float16}, ("off", "true")),
+    (("train.step_graph=on",), {"full_batches": 1}, ("on", "true")),
 ])
-def test_when_the_step_is_one_graph(overrides, device, workers, dtype, compiled, expected):
-    assert use_step_graph(_train_cfg(*overrides), torch.device(device), workers, dtype, compiled) is expected
+def test_when_the_step_is_one_graph(overrides, kwargs, expected):
+    assert _resolved(overrides, **kwargs) == expected
 
 
-@pytest.mark.parametrize("overrides, device, workers, dtype, compiled, message", [
-    ((), "cpu", 1, None, True, "needs a CUDA device (this run is on cpu)"),
-    (("train.static_shapes=true",), "cuda", 1, None, False, "needs train.compile on"),
-    ((), "cuda", 1, None, True, "needs train.static_shapes=true"),
-    (("train.static_shapes=true",), "cuda", 4, None, True, "needs one worker (this run has 4)"),
-    (("train.static_shapes=true",), "cuda", 1, torch.float16, True, "needs no fp16 loss scaling"),
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", "true"), ("False", "false"), (True, "true"),
+                                             ("on", "true"), ("0", "false")])
+def test_static_shapes_takes_auto_or_a_bool(value, expected):
+    assert load_config(overrides=[f"train.static_shapes={value}"]).train.static_shapes == expected
+
+
+def test_a_bad_static_shapes_value_is_named():
+    with pytest.raises(UserError, match="^train.static_shapes='sometimes' is not one of: auto, true, false$"):
+        load_config(overrides=["train.static_shapes=sometimes"])
+
+
+@pytest.mark.parametrize("overrides, kwargs, message", [
+    ((), {"device": "cpu", "dtype": None}, "needs a CUDA device (this run is on cpu)"),
+    ((), {"compiled": False}, "needs train.compile on"),
+    (("train.static_shapes=false",), {}, "needs fixed batch shapes (this run has train.static_shapes=false)"),
+    ((), {"workers": 4}, "needs one worker (this run has 4)"),
+    ((), {"dtype": torch.float16}, "needs no fp16 loss scaling"),
 ])
-def test_step_graph_on_names_what_the_run_lacks(overrides, device, workers, dtype, compiled, message):
+def test_step_graph_on_names_what_the_run_lacks(overrides, kwargs, message):
     with pytest.raises(UserError, match="^" + re.escape(f"train.step_graph=on {message}")):
-        use_step_graph(_train_cfg("train.step_graph=on", *overrides), torch.device(device), workers, dtype, compiled)
+        _resolved(("train.step_graph=on", *overrides), **kwargs)
 
 
-def test_step_graph_on_counts_as_graphs_for_the_host_bound_choices():
-    """The C++ wrapper and add_norm's kernels follow CUDA graphs, not the compile mode's name."""
-    on = load_config(overrides=["train.step_graph=on", "train.static_shapes=true"])
-    assert compile_options(on.train, CUDA) is None  # auto: C++ launches only where the host launches
-    assert compile_options(load_config().train, CUDA) is not None
-    assert fused_add_norm(on) and not fused_add_norm(load_config())
+def test_the_host_bound_choices_follow_the_resolved_step():
+    """The C++ wrapper and add_norm's kernels follow whether the step replays CUDA graphs, as
+    decided for the run, not the compile mode's name."""
+    graph = resolve_step(load_config(), CUDA, 1, BF16, True)
+    plain = resolve_step(load_config(overrides=["train.static_shapes=false"]), CUDA, 1, BF16, True)
+    assert compile_options(graph.train, CUDA) is None  # auto: C++ launches only where the host launches
+    assert compile_options(plain.train, CUDA) is not None
+    assert fused_add_norm(graph) and not fused_add_norm(plain)
 
 
 def test_the_masters_update_reads_its_learning_rate_from_one_tensor_written_in_place():
@@ -94,21 +118,22 @@ LR = 2.0 ** -7
 
 
 def _setup(graph: bool, weights: str = "fp32", dropout: float = 0.0, grad_clip: float = 1.0, factors=None,
-           steps: int = 10):
+           steps: int = 10, overrides: tuple = (), dtype=BF16):
     """A tiny model's step on CUDA, compiled, with or without the step graph, and `steps` batches.
-    `factors[k]`: the learning rate's factor at step k (1 after the list)."""
+    `factors[k]`: the learning rate's factor at step k (1 after the list). `overrides`: further
+    config (an objective, iLoRA); `dtype`: autocast's (None: fp32 throughout)."""
     cfg = load_config(overrides=["model.size=tiny", f"model.dropout={dropout}", f"model.attn_dropout={dropout}",
                                  f"train.weights={weights}", *GRAPHS, f"optim.grad_clip={grad_clip}",
-                                 f"optim.lr={LR}"])
+                                 f"optim.lr={LR}", f"train.amp={'off' if dtype is None else 'bf16'}", *overrides])
     data = generate(400, 80, seed=0)
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items, pretrained=False).to(CUDA)
     objective = MaskedItemObjective(model, loss_config(cfg.train)).to(CUDA)
-    optimizer = training_optimizer(model, cfg, torch.bfloat16, CUDA, compile=True)
+    optimizer = training_optimizer(model, cfg, dtype, CUDA, compile=True)
     factors = factors or []
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: factors[k] if k < len(factors) else 1.0)
     params = [p for p in model.parameters() if p.requires_grad]
-    step = TrainStep(objective, params, optimizer, scheduler, torch.bfloat16, grad_clip, CUDA, "reduce-overhead",
+    step = TrainStep(objective, params, optimizer, scheduler, dtype, grad_clip, CUDA, "reduce-overhead",
                      step_graph=graph)
     batches = [b.to(CUDA) for b in train_batches(data.sequences, data.num_items, 32, cfg.model.max_len, 0.2, 0.1,
                                                  seed=0, epoch=0, static_shapes=True)][:steps]
@@ -131,13 +156,26 @@ def assert_same_training(got: dict, expected: dict, start: dict, share: float = 
     assert off <= share * moved, f"the weights ended {off:.3g} from the expected ones, which moved {moved:.3g}"
 
 
+# what a trial may train, each without random draws (iLoRA's adapter dropout off): captured whole, the
+# same training as the step it captures
+DETERMINISTIC = {
+    "fp32 weights (fused AdamW)": {"weights": "fp32"},
+    "bf16 weights (MasterWeightAdamW)": {"weights": "bf16"},
+    "fp32 without autocast": {"dtype": None},
+    "focal loss": {"overrides": ("train.loss=focal",)},
+    "cut cross-entropy": {"overrides": ("train.loss=cce",)},
+    "iLoRA, history router": {"overrides": ("ilora.enabled=true", "ilora.dropout=0")},
+    "iLoRA, encoder router": {"overrides": ("ilora.enabled=true", "ilora.dropout=0", "ilora.router=encoder")},
+}
+
+
 @needs_cuda
-@pytest.mark.parametrize("weights", ["fp32", "bf16"])  # torch's fused AdamW; MasterWeightAdamW
-def test_the_step_graph_trains_as_the_step_it_captures(weights):
+@pytest.mark.parametrize("setup", DETERMINISTIC.values(), ids=DETERMINISTIC.keys())
+def test_the_step_graph_trains_as_the_step_it_captures(setup):
     factors = [0.25, 0.5, 1.0, 0.5, 1.5, 0.25, 2.0, 1.0, 0.125, 1.0]  # the lr moves at every step
     runs = {}
     for graph in (False, True):
-        model, _, _, step, batches = _setup(graph, weights, grad_clip=0.05, factors=factors)  # clipping acts
+        model, _, _, step, batches = _setup(graph, grad_clip=0.05, factors=factors, **setup)  # clipping acts
         start = _weights(model)
         losses = [float(step(b)) for b in batches]
         runs[graph] = losses, _weights(model)
@@ -145,6 +183,37 @@ def test_the_step_graph_trains_as_the_step_it_captures(weights):
     (plain_losses, plain), (graph_losses, graphed) = runs[False], runs[True]
     assert graph_losses == pytest.approx(plain_losses, rel=1e-3)
     assert_same_training(graphed, plain, start)
+
+
+# objectives that draw negatives at every step: the draws differ from the uncaptured run's, so a
+# replay is checked for what it must do (draw anew each time, train)
+SAMPLED = {
+    "CE-, uniform, shared": ("train.loss=sampled_ce",),
+    "CE-, popularity, per position": ("train.loss=sampled_ce", "train.negative_sampling=popularity",
+                                      "train.shared_negatives=false"),
+    "CCE-": ("train.loss=cce_sampled",),
+    "iLoRA with adapter dropout": ("ilora.enabled=true", "ilora.dropout=0.3"),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("overrides", SAMPLED.values(), ids=SAMPLED.keys())
+def test_a_replay_draws_anew_and_trains(overrides):
+    """lr 0 after the capture: one batch's loss differs at every replay (fresh draws) while no
+    weight moves; lr back on: the replays move the weights."""
+    factors = [1.0] * WARMUP + [0.0] * 4
+    model, _, _, step, batches = _setup(True, factors=factors, steps=WARMUP + 4, overrides=overrides)
+    for batch in batches[:WARMUP]:
+        step(batch)
+    frozen = _weights(model)
+    losses = {float(step(batches[0])) for _ in range(4)}
+    assert step.graph.captured
+    assert len(losses) == 4, losses
+    assert all(torch.equal(v, frozen[n]) for n, v in _weights(model).items())
+    before = float(step(batches[1]))
+    for _ in range(20):  # lr factor 1 again: the same batch, learnt
+        step(batches[1])
+    assert float(step(batches[1])) < before
 
 
 @needs_cuda

@@ -29,7 +29,7 @@ from tuner.model.build import build_model
 from tuner.train.optim import training_optimizer
 from tuner.train.parallel import weights_digest
 from tuner.train.step import TrainStep, compile_options
-from tuner.train.step_graph import use_step_graph
+from tuner.train.step_graph import resolve_step
 
 
 @dataclass
@@ -120,28 +120,28 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     overrides += [f"train.compile={'on' if spec.compile else 'off'}", f"train.compile_mode={spec.compile_mode}",
                   f"train.static_shapes={spec.static_shapes}"]
     overrides += [f"ilora.enabled={spec.ilora}", *spec.overrides]
-    cfg = load_config(overrides=overrides)
-    torch.manual_seed(spec.seed if spec.model_seed is None else spec.model_seed)
-    model = build_model(cfg, spec.num_items, pretrained=False).to(device)
-    objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)
     dtype = None
     if spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # multigpu.py's workers
     world = torch.distributed.get_world_size() if distributed else 1
+    cfg = resolve_step(load_config(overrides=overrides), device, world, dtype, spec.compile)
+    torch.manual_seed(spec.seed if spec.model_seed is None else spec.model_seed)
+    model = build_model(cfg, spec.num_items, pretrained=False).to(device)
+    objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)
     options = compile_options(cfg.train, device, world) if spec.compile else None
     optimizer = training_optimizer(model, cfg, dtype, device, spec.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(objective, params, optimizer, None, dtype, cfg.optim.grad_clip, device,
                      spec.compile_mode if spec.compile else None, wrap=wrap or (lambda m: m),
                      fused_clip=cfg.optim.fused_clip, compile_options=options,
-                     step_graph=use_step_graph(cfg.train, device, world, dtype, spec.compile))
+                     step_graph=cfg.train.step_graph == "on")
     total = max(spec.warmup, 1) + spec.steps
     data = random_sequences(spec.batch_size * total, spec.seq_len, spec.num_items, spec.seed)
     t0 = time.perf_counter()
     batches = list(train_batches(data, spec.num_items, spec.batch_size, spec.seq_len, spec.mask_prob,
                                  spec.last_item_prob, spec.seed, 0, pin_memory=device.type == "cuda",
-                                 static_shapes=spec.static_shapes))
+                                 static_shapes=cfg.train.fixed_shapes))
     collate_samples_per_s = spec.batch_size * len(batches) / (time.perf_counter() - t0)
     trainable, total_params = count_parameters(model)
     return PreparedBench(step, batches, model.cfg, trainable, total_params, dtype, collate_samples_per_s)

@@ -35,6 +35,17 @@ def _check_choice(name: str, value: str, choices: typing.Sequence[str]) -> None:
     _check(value in choices, f"{name}={value!r} is not one of: {', '.join(choices)}")
 
 
+def _tristate(name: str, value: object) -> str:
+    """auto, or the words a bool key accepts (YAML's true/false included) as "true" / "false"."""
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return "true"
+    if text in ("false", "0", "no", "off"):
+        return "false"
+    _check(text == "auto", f"{name}={value!r} is not one of: auto, true, false")
+    return text
+
+
 def _check_prob(name: str, value: float, *, allow_one: bool = False) -> None:
     upper_ok = value <= 1.0 if allow_one else value < 1.0
     interval = "[0, 1]" if allow_one else "[0, 1)"
@@ -197,12 +208,15 @@ class TrainConfig:
     # optimizer steps (max_epochs x steps per epoch, or max_steps): 0 since the warm start is level
     # (the figures are there); DDP trials keep the Python wrapper (the C++ one is not yet run across GPUs)
     cpp_wrapper: str = "auto"
-    static_shapes: bool = False  # full batches and a fixed number of prediction slots per batch
+    # full batches and a fixed number of prediction slots per batch (the incomplete last batch of an
+    # epoch is dropped): true | false | auto = true where the step runs as one CUDA graph
+    # (train.step_graph) and an epoch holds at least tuner.train.step_graph.MIN_FULL_BATCHES full batches
+    static_shapes: str = "auto"
     # the whole step (forward, backward, clipping, the optimizer's update) captured once as one CUDA
     # graph and replayed (tuner/train/step_graph.py), the objective then compiled without inductor's
-    # own graphs. auto = on where train.compile_mode replays CUDA graphs and the step can be captured
-    # whole: CUDA, train.static_shapes, one worker, no fp16 loss scaling; on = those needs, with any
-    # compile mode (train.compile on)
+    # own graphs. auto = on where the step can be captured whole: CUDA, train.compile on, static
+    # shapes (not train.static_shapes=false), one worker, no fp16 loss scaling, and a compile mode
+    # other than max-autotune-no-cudagraphs; on = those needs, with any compile mode
     step_graph: str = "auto"
     loss: str = "ce"  # ce | focal | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)
     focal_gamma: float = 2.0  # focal loss exponent
@@ -261,6 +275,12 @@ class TrainConfig:
     profile_out: Optional[str] = None
 
     @property
+    def fixed_shapes(self) -> bool:
+        """`static_shapes` as resolved for a run (`tuner.train.step_graph.resolve_step`); auto counts
+        as false until then."""
+        return self.static_shapes == "true"
+
+    @property
     def replays_graphs(self) -> bool:
         """Whether the compiled step (train.compile on) replays CUDA graphs: a graph compile mode, or
         `step_graph=on` (the C++ wrapper's and add_norm's auto choices follow this)."""
@@ -287,6 +307,7 @@ class TrainConfig:
         _check_choice("train.compile_mode", self.compile_mode, _COMPILE_MODES)
         _check_choice("train.cpp_wrapper", self.cpp_wrapper, _COMPILE_CHOICES)
         _check_choice("train.step_graph", self.step_graph, _COMPILE_CHOICES)
+        self.static_shapes = _tristate("train.static_shapes", self.static_shapes)
         _check_choice("train.loss", self.loss, ("ce", "focal", "cce", "sampled_ce", "cce_sampled"))
         _check(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
         _check(self.logit_align >= 1, "train.logit_align must be at least 1")

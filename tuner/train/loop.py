@@ -38,7 +38,7 @@ from tuner.train.parallel import WorkerContext, weights_digest
 from tuner.train.profiling import check_writable, profiled
 from tuner.train.reporting import Reporter
 from tuner.train.step import TrainStep, compile_options
-from tuner.train.step_graph import use_step_graph
+from tuner.train.step_graph import resolve_step
 
 
 def resolve_precision(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -85,16 +85,19 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     train, val, test = dataset.split(include_val=refit)
     if len(val.targets) == 0:
         raise UserError(f"dataset {dataset.name}: no user has the 3 interactions a leave-one-out split needs")
+    dtype = resolve_precision(cfg.train.amp, device)
+    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    batch_size = rank_batch_size(cfg.train, ctx.world_size)
+    # the step graph and static shapes decided here: the model's kernels and the batches follow them
+    cfg = resolve_step(cfg, device, ctx.world_size, dtype, use_compile,
+                       num_train_batches(train, batch_size, ctx.world_size, static_shapes=True))
     model = build_model(cfg, dataset.num_items, pretrained=not has_checkpoint(ctx.resume_dir)).to(device)
     loss_cfg = loss_config(cfg.train)
     popularity = popularity_counts(train, dataset.num_items)  # popularity negatives, sampled metrics, baseline
     item_counts = torch.from_numpy(popularity[1:dataset.num_items + 1])
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
-    dtype = resolve_precision(cfg.train.amp, device)
-    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     optimizer = training_optimizer(model, cfg, dtype, device, use_compile)
-    batch_size = rank_batch_size(cfg.train, ctx.world_size)
-    steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size, cfg.train.static_shapes)
+    steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size, cfg.train.fixed_shapes)
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train.offsets) - 1} "
                         f"training users{f' over {ctx.world_size} workers' if ctx.world_size > 1 else ''} "
@@ -108,7 +111,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     step = TrainStep(objective, params, optimizer, scheduler, dtype, cfg.optim.grad_clip, device,
                      cfg.train.compile_mode if use_compile else None, wrap=ctx.wrap,
                      fused_clip=cfg.optim.fused_clip, compile_options=options,
-                     step_graph=use_step_graph(cfg.train, device, ctx.world_size, dtype, use_compile))
+                     step_graph=cfg.train.step_graph == "on")
     scaler = step.scaler
     ema = build_ema(model, cfg.optim.ema_decay)
     net = ema.module if ema is not None else model  # the weights that are validated, tested, served
@@ -176,7 +179,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
                 for batch in train_batches(train, dataset.num_items, batch_size, cfg.model.max_len,
                                            cfg.train.mask_prob, cfg.train.last_item_prob, cfg.train.seed, epoch,
                                            ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
-                                           static_shapes=cfg.train.static_shapes,
+                                           static_shapes=cfg.train.fixed_shapes,
                                            window_prob=cfg.train.window_prob):
                     loss = step(batch.to(device))
                     if ema is not None:
@@ -292,6 +295,8 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             "peak_mem_mb": _peak_mem_mb(device, rss_base), "trainable_params": trainable,
             "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
             "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time), "refit": float(refit),
+            # what train.step_graph and train.static_shapes came to on this run's device
+            "step_graph": float(cfg.train.step_graph == "on"), "static_shapes": float(cfg.train.fixed_shapes),
         }
         if ctx.world_size > 1:
             final["ranks_agree"] = float(agree)

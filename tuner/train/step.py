@@ -134,8 +134,9 @@ def bind_backward_context(device: torch.device) -> None:
 
 class TrainStep:
     """`step(batch)` -> the batch's loss (a device tensor): one optimizer step. With `step_graph`
-    (`tuner.train.step_graph.use_step_graph`) the step's device work runs as one CUDA graph after
-    its first steps, and `compile_mode` loses its own CUDA graphs (reduce-overhead -> default)."""
+    (`train.step_graph`, as `tuner.train.step_graph.resolve_step` decides) the step's device work
+    runs as one CUDA graph after its first steps, and `compile_mode` loses its own CUDA graphs
+    (reduce-overhead -> default)."""
 
     def __init__(self, objective: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                  scheduler, dtype: Optional[torch.dtype], grad_clip: float, device: torch.device,

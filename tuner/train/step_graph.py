@@ -24,15 +24,21 @@ with the host), and an optimizer whose learning rate the graph reads from a tens
 AdamW (made `capturable`, its lr a device tensor while captured) or `MasterWeightAdamW`. Loading
 an optimizer state replaces the state tensors a graph would read, so it drops the graph; the
 next step captures again.
+
+Since session 34 this is the default wherever it applies (`resolve_step`): a trial on one GPU
+worker with bf16 autocast or fp32 gets the step graph and fixed batch shapes without settings,
+unless an epoch holds fewer than MIN_FULL_BATCHES full batches; `train.static_shapes=false` or
+`train.step_graph=off` keeps plain compile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
 
-from tuner.config import GRAPH_MODES, TrainConfig
+from tuner.config import Config, TrainConfig
 from tuner.data.collate import TrainBatch
 from tuner.errors import UserError
 
@@ -46,30 +52,53 @@ WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no
 
 _FIELDS = ("items", "positions", "labels")  # TrainBatch's tensors
 
+# train.static_shapes=auto fixes the shapes only where an epoch holds this many full batches: the
+# incomplete last batch it then drops is under 1/8 of the data
+MIN_FULL_BATCHES = 8
 
-def use_step_graph(train: TrainConfig, device: torch.device, world_size: int, dtype: Optional[torch.dtype],
-                   compiled: bool) -> bool:
-    """Whether the step runs as one CUDA graph (`train.step_graph`). auto: where `compiled` and the
-    compile mode replays graphs, on the conditions `on` needs; on: a UserError naming the first
-    condition the run misses."""
-    if train.step_graph == "off":
-        return False
-    missing = None
+
+def step_graph_blocker(train: TrainConfig, device: torch.device, world_size: int, dtype: Optional[torch.dtype],
+                       compiled: bool) -> Optional[str]:
+    """What keeps this run's step from being captured whole, as the end of "train.step_graph=on
+    needs ...", or None."""
     if device.type != "cuda":
-        missing = f"a CUDA device (this run is on {device.type})"
-    elif not compiled:
-        missing = "train.compile on"
-    elif not train.static_shapes:
-        missing = "train.static_shapes=true (fixed batch shapes)"
-    elif world_size > 1:
-        missing = f"one worker (this run has {world_size})"
-    elif dtype == torch.float16:
-        missing = "no fp16 loss scaling (train.amp=fp16 here; bf16 or off work)"
-    if train.step_graph == "on":
-        if missing:
-            raise UserError(f"train.step_graph=on needs {missing}")
-        return True
-    return missing is None and train.compile_mode in GRAPH_MODES
+        return f"a CUDA device (this run is on {device.type})"
+    if not compiled:
+        return "train.compile on"
+    if train.static_shapes == "false":
+        return "fixed batch shapes (this run has train.static_shapes=false)"
+    if world_size > 1:
+        return f"one worker (this run has {world_size})"
+    if dtype == torch.float16:
+        return "no fp16 loss scaling (train.amp=fp16 here; bf16 or off work)"
+    return None
+
+
+def resolve_step(cfg: Config, device: torch.device, world_size: int, dtype: Optional[torch.dtype], compiled: bool,
+                 full_batches: Optional[int] = None) -> Config:
+    """`cfg` with `train.step_graph` (on / off) and `train.static_shapes` (true / false) decided for
+    this run; everything that follows the step's shape (the C++ wrapper, add_norm's kernels, the
+    batches) reads them from there. `full_batches`: full batches in an epoch (None: plenty).
+
+    step_graph auto: on where `step_graph_blocker` finds nothing, the compile mode is not
+    max-autotune-no-cudagraphs, and static shapes are asked for or (auto) an epoch holds at least
+    MIN_FULL_BATCHES full batches, so the dropped last batch is a small share; on: a UserError
+    naming what the run lacks. static_shapes auto: true where the step graph is on."""
+    train = cfg.train
+    graph = False
+    if train.step_graph != "off":
+        missing = step_graph_blocker(train, device, world_size, dtype, compiled)
+        if train.step_graph == "on":
+            if missing:
+                raise UserError(f"train.step_graph=on needs {missing}")
+            graph = True
+        else:
+            few = train.static_shapes == "auto" and full_batches is not None and full_batches < MIN_FULL_BATCHES
+            graph = missing is None and not few and train.compile_mode != "max-autotune-no-cudagraphs"
+    static = train.static_shapes == "true" or (train.static_shapes == "auto" and graph)
+    resolved = dataclasses.replace(train, step_graph="on" if graph else "off",
+                                   static_shapes="true" if static else "false")
+    return dataclasses.replace(cfg, train=resolved)
 
 
 class StepGraph:
