@@ -22,6 +22,9 @@
 - `step_graph` (issue 5): the whole step as one CUDA graph (`train.step_graph`, on by default
   under the ML-1M settings' CUDA graphs) against inductor's graphs of the forward and backward
   alone, two seeds each (a GPU);
+- `defaults` (issue 5): the default GPU trial since session 34 (`train.static_shapes=auto`: fixed
+  shapes and the step graph) against the one before (`train.static_shapes=false`: plain compile),
+  both in the plain compile mode, two seeds each (a GPU);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -119,6 +122,13 @@ GROUPS = {
            for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
            for name, value in (("step_graph", "auto"), ("no_step_graph", "off"))},
     },
+    # the trial a user gets without settings since session 34 (static shapes and the step graph on
+    # their own, plain compile mode) against before (plain compile, each batch as it comes)
+    "defaults": {
+        **{f"{name}{seed}": ["train.compile_mode=default", f"train.static_shapes={value}", *extra]
+           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
+           for name, value in (("default", "auto"), ("before", "false"))},
+    },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],
         "triton": ["model.attention=triton", "model.max_len=100"],
@@ -126,7 +136,8 @@ GROUPS = {
         "triton_seed1": ["model.attention=triton", "model.max_len=100", "train.seed=1"],
     },
 }
-KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s")
+KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s",
+        "step_graph", "static_shapes")  # the last two: what the run's settings came to on its device
 
 
 def main(group: str | None = None) -> None:
