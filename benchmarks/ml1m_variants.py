@@ -24,7 +24,7 @@
   alone, two seeds each (a GPU);
 - `defaults` (issue 5): the default GPU trial since session 34 (`train.static_shapes=auto`: fixed
   shapes and the step graph) against the one before (`train.static_shapes=false`: plain compile),
-  both in the plain compile mode, two seeds each (a GPU);
+  both in the plain compile mode, four seeds each (a GPU);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -126,7 +126,7 @@ GROUPS = {
     # their own, plain compile mode) against before (plain compile, each batch as it comes)
     "defaults": {
         **{f"{name}{seed}": ["train.compile_mode=default", f"train.static_shapes={value}", *extra]
-           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
+           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in (1, 2, 3)))
            for name, value in (("default", "auto"), ("before", "false"))},
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
