@@ -451,6 +451,52 @@ def start_caches_table(*names: str) -> str:
     return "\n".join(lines)
 
 
+def defaults_table(*names: str) -> str:
+    """benchmarks/epoch_cycle.py --suite defaults (files of consecutive calls): each trial's rows
+    since session 34 (`_default`: the step graph and fixed shapes where they apply) and before
+    (`_before`: plain compile), side by side; a pair whose second row did not finish says so."""
+    rows, heads = {}, []
+    for name in names:
+        data = json.loads((RESULTS / name).read_text())
+        heads.append(f"call {data.get('device_call', '?')}: `{data['command']}` (code {data.get('code_commit', '?')})")
+        rows |= {r["name"]: r for r in data["rows"]}
+    lines = [f"Device: {data['device']} (torch {data['torch']}); each row one `tuner train` process, one at a time; "
+             f"medians over epochs {data['skip'] + 1}-{data['epochs']}; " + "; ".join(heads) + ".", "",
+             "| trial | first epoch s, default / before | training s per epoch, default / before | before / default "
+             "| peak MB, default / before |", "|---|---|---|---|---|"]
+
+    def mem(row):
+        final = row["copies"][0]["final"]
+        return f"{final['peak_mem_mb']:,.0f}" if final.get("peak_mem_mb") else "-"
+
+    for name, new in rows.items():
+        if not name.endswith("_default"):
+            continue
+        trial = name[:-len("_default")]
+        old = rows.get(f"{trial}_before")
+        first = f"{new['copies'][0]['first_epoch_s']:.1f}"
+        if old is None:
+            lines.append(f"| {trial} | {first} / not run | {new['epoch_s']:.3f} / not run | | {mem(new)} / - |")
+            continue
+        lines.append(f"| {trial} | {first} / {old['copies'][0]['first_epoch_s']:.1f} | {new['epoch_s']:.3f} / "
+                     f"{old['epoch_s']:.3f} | {old['epoch_s'] / new['epoch_s']:.2f}x | {mem(new)} / {mem(old)} |")
+    return "\n".join(lines)
+
+
+def arms_line(name: str, arms: tuple[str, str]) -> str:
+    """The mean and range of test NDCG@10 of each arm of a ml1m_variants.py file whose variants are
+    ARM or ARM_seedK."""
+    rows = json.loads((RESULTS / name).read_text())["rows"]
+    parts = []
+    for arm in arms:
+        values = [r["test_ndcg_10"] for r in rows if r["variant"] == arm or r["variant"].startswith(f"{arm}_seed")]
+        parts.append(f"{arm} {statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, "
+                     f"{len(values)} seeds)")
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        parts[-1] = parts[-1][:-1] + f", sd {spread:.4f})"
+    return "Test NDCG@10, mean (range, seeds, sd): " + "; ".join(parts) + "."
+
+
 def variants_table(name: str = "seed_options.json") -> str:
     """A `benchmarks/ml1m_variants.py` results file (seed options, losses, refit)."""
     data = json.loads((RESULTS / name).read_text())
@@ -692,6 +738,9 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
                                                   "ray_turns_h200/turns130_graphs_both_ckpt.json"),
           "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
           "--ml1m-step-graph": lambda: variants_table("ml1m_step_graph.json"),
+          "--defaults-h200": lambda: defaults_table(*(f"h200_session34/defaults_call{k}.json" for k in (1, 2, 3))),
+          "--ml1m-defaults": lambda: (variants_table("ml1m_defaults.json") + "\n\n"
+                                      + arms_line("ml1m_defaults.json", ("default", "before"))),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"
                                             for size in ("430M", "130M", "85M", "5M"))),
