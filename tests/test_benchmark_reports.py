@@ -332,6 +332,13 @@ def test_every_readme_table_renders_from_the_committed_result_files():
             "4.77, 4.83 | 2,709 | 2,610 |") in graphs
     assert "| 430M | amp_compile_graphs | 12.53, 12.46 | 12.69, 12.77 | 0.982 | 47.5 | 3.80x | 3.73x |" in graphs
     assert "| no_step_graph_seed1 | 0.1591 | 0.3175 | 172 | 15,380 | 162 | 513 |" in render_tables.TABLES["--ml1m-step-graph"]()
+    # session 34: the default trial (the step graph, fixed shapes) against plain compile, pairs across calls
+    defaults = render_tables.TABLES["--defaults-h200"]()
+    assert "| 130M | 20.0 / 92.4 | 0.843 / 1.666 | 1.98x | 3,212 / 2,333 |" in defaults
+    assert "| 130M_ray_train | 23.4 / not run | 0.848 / not run | | - / - |" in defaults
+    ml1m = render_tables.TABLES["--ml1m-defaults"]()
+    assert "| before_seed3 | 0.1678 | 0.3311 | 173 | 13,615 | 173 | 532 |" in ml1m
+    assert "default 0.1544 (0.1517-0.1588, 4 seeds, sd 0.0034); before 0.1605 (0.1519-0.1678, 4 seeds" in ml1m
     # session 31: every tile of the GELU epilogues lost to the step's kernels
     gelu = render_tables.TABLES["--gelu-gemm-h200"]()
     assert "| 430M (6,400 x 1,024 -> 4,096) | forward | 0.078 | 0.118 | 0.098 | 0.153 (64x128x64" in gelu
