@@ -21,7 +21,10 @@ from tuner.errors import UserError
 PARENT_TAG = "tuner.experiment"
 TRIAL_TAG = "tuner.trial_id"
 ROLE_TAG = "tuner.role"
-EPOCH_METRICS = ("train_loss", "val_hr_10", "val_ndcg_10", "samples_per_s", "epoch_s", "peak_mem_mb", "lr")
+# step_graph, static_shapes: what train.step_graph and train.static_shapes came to on the trial's
+# device (1 or 0), with every epoch so trials that ASHA stops have them too
+EPOCH_METRICS = ("train_loss", "val_hr_10", "val_ndcg_10", "samples_per_s", "epoch_s", "peak_mem_mb", "lr",
+                 "step_graph", "static_shapes")
 
 
 def _quiet_http() -> None:

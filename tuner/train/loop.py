@@ -134,6 +134,9 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             torch.cuda.set_rng_state(state["cuda_rng"], device)
 
     autocast = step.autocast
+    # what train.step_graph and train.static_shapes came to on this run's device: every epoch's
+    # metrics and the final ones say so
+    shapes = {"step_graph": float(cfg.train.step_graph == "on"), "static_shapes": float(cfg.train.fixed_shapes)}
     val_rows = _val_rows(val, cfg.eval.max_val_users, cfg.train.seed)
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -199,7 +202,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             progress.epoch = epoch + 1
             metrics = {"epoch": progress.epoch, "train_loss": totals["loss"] / max(totals["batches"], 1),
                        "samples_per_s": totals["samples"] / epoch_s, "epoch_s": epoch_s,
-                       "lr": scheduler.get_last_lr()[0]}
+                       "lr": scheduler.get_last_lr()[0], **shapes}
             samples_per_s.append(metrics["samples_per_s"])
             t_eval = time.perf_counter()
             if not refit:
@@ -295,8 +298,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
             "peak_mem_mb": _peak_mem_mb(device, rss_base), "trainable_params": trainable,
             "total_params": total, "num_items": dataset.num_items, "num_users": dataset.sequences.num_users,
             "wall_s": time.perf_counter() - t_start, "out_of_time": float(out_of_time), "refit": float(refit),
-            # what train.step_graph and train.static_shapes came to on this run's device
-            "step_graph": float(cfg.train.step_graph == "on"), "static_shapes": float(cfg.train.fixed_shapes),
+            **shapes,
         }
         if ctx.world_size > 1:
             final["ranks_agree"] = float(agree)
