@@ -483,6 +483,21 @@ def defaults_table(*names: str) -> str:
     return "\n".join(lines)
 
 
+def static_slots_table(name: str = "static_slots.json") -> str:
+    """benchmarks/static_slots.py: fixed prediction slots sized from the histories' lengths against
+    sized for full-length rows, and what full batches drew."""
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"{data['device']}; `{data['command']}`; full batches of {data['epochs']} epochs each.", "",
+             "| dataset | batch, length | median history shown | slots, full-length rows | slots from the lengths "
+             "| predictions a batch, mean / max | batches over the slots | predictions left unmasked |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['dataset']} | {r['batch_size']}, {r['max_len']} | {r['median_visible']:.0f} | "
+                     f"{r['slots_full_length']:,} | {r['slots_from_lengths']:,} | {r['predictions_mean']:,.0f} / "
+                     f"{r['predictions_max']:,} | {r['batches_over']} of {r['batches']:,} | {r['surplus_share']:.1e} |")
+    return "\n".join(lines)
+
+
 def arms_line(name: str, arms: tuple[str, str]) -> str:
     """The mean and range of test NDCG@10 of each arm of a ml1m_variants.py file whose variants are
     ARM or ARM_seedK."""
@@ -738,6 +753,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
                                                   "ray_turns_h200/turns130_graphs_both_ckpt.json"),
           "--add-norm": lambda: variants_table("ml1m_add_norm.json"),
           "--ml1m-step-graph": lambda: variants_table("ml1m_step_graph.json"),
+          "--static-slots": static_slots_table,
           "--defaults-h200": lambda: defaults_table(*(f"h200_session34/defaults_call{k}.json" for k in (1, 2, 3))),
           "--ml1m-defaults": lambda: (variants_table("ml1m_defaults.json") + "\n\n"
                                       + arms_line("ml1m_defaults.json", ("default", "before"))),

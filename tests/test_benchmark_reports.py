@@ -339,6 +339,8 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     ml1m = render_tables.TABLES["--ml1m-defaults"]()
     assert "| before_seed3 | 0.1678 | 0.3311 | 173 | 13,615 | 173 | 532 |" in ml1m
     assert "default 0.1544 (0.1517-0.1588, 4 seeds, sd 0.0034); before 0.1605 (0.1519-0.1678, 4 seeds" in ml1m
+    slots = render_tables.TABLES["--static-slots"]()
+    assert "| ML-1M, benchmarks/ml1m.yaml | 128, 200 | 92 | 8,256 | 5,248 | 4,205 / 5,254 | 1 of 2,350 |" in slots
     # session 31: every tile of the GELU epilogues lost to the step's kernels
     gelu = render_tables.TABLES["--gelu-gemm-h200"]()
     assert "| 430M (6,400 x 1,024 -> 4,096) | forward | 0.078 | 0.118 | 0.098 | 0.153 (64x128x64" in gelu

@@ -63,7 +63,7 @@ def test_static_shapes_give_identical_batch_shapes():
 
     data = generate(300, 80, seed=1)
     batches = list(train_batches(data.sequences, 80, 64, 20, 0.2, 0.1, seed=0, epoch=0, static_shapes=True))
-    cap = static_predictions(64, 20, 0.2, 0.1)
+    cap = static_predictions(64, 20, 0.2, 0.1, data.sequences.lengths)
     assert len(batches) == 300 // 64  # incomplete batches are dropped
     assert {tuple(b.items.shape) for b in batches} == {(64, 20)}
     assert {tuple(b.positions.shape) for b in batches} == {(cap,)}
@@ -72,6 +72,22 @@ def test_static_shapes_give_identical_batch_shapes():
         flat = b.items.reshape(-1)
         # every predicted slot hides its label behind the mask, a random item, or itself
         assert real.sum() > 0 and (flat[b.positions[real]] != 0).all()
+
+
+def test_prediction_slots_follow_the_histories_lengths():
+    """Short histories get fewer fixed slots than full-length rows would; full-length data the same
+    as without lengths; and over many epochs a batch rarely draws more than its slots."""
+    from tuner.data.collate import static_predictions
+
+    data = generate(3000, 80, seed=1)  # histories of 8-40 items, a length of 50
+    lengths = data.sequences.lengths
+    sized = static_predictions(64, 50, 0.2, 0.1, lengths)
+    assert sized < static_predictions(64, 50, 0.2, 0.1) * 0.7
+    assert static_predictions(64, 50, 0.2, 0.1, np.full(100, 80)) == static_predictions(64, 50, 0.2, 0.1)
+    counts = [int((b.labels != IGNORE).sum()) for epoch in range(10)
+              for b in train_batches(data.sequences, 80, 64, 50, 0.2, 0.1, seed=0, epoch=epoch)
+              if b.num_samples == 64]
+    assert np.mean(counts) < sized and sum(c > sized for c in counts) <= 1, (sized, max(counts))
 
 
 def test_surplus_predictions_are_left_unmasked():
