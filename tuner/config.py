@@ -36,14 +36,13 @@ def _check_choice(name: str, value: str, choices: typing.Sequence[str]) -> None:
 
 
 def _tristate(name: str, value: object) -> str:
-    """auto, or the words a bool key accepts (YAML's true/false included) as "true" / "false"."""
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return "true"
-    if text in ("false", "0", "no", "off"):
-        return "false"
-    _check(text == "auto", f"{name}={value!r} is not one of: auto, true, false")
-    return text
+    """auto, or the words a bool key accepts (`coerce`'s; YAML's true/false included) as "true" / "false"."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if coerce(name, value, bool) else "false"
+    except UserError:
+        raise UserError(f"{name}={value!r} is not one of: auto, true, false") from None
 
 
 def _check_prob(name: str, value: float, *, allow_one: bool = False) -> None:
