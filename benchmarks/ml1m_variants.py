@@ -24,7 +24,9 @@
   alone, two seeds each (a GPU);
 - `defaults` (issue 5): the default GPU trial since session 34 (`train.static_shapes=auto`: fixed
   shapes and the step graph) against the one before (`train.static_shapes=false`: plain compile),
-  both in the plain compile mode, four seeds each (a GPU);
+  both in the plain compile mode, and the two steps between them (`fixed_shapes`: static shapes
+  without the step graph; `graph_inductor_norm`: the step graph with `model.fused_add_norm=off`),
+  seeds 0-11 (a GPU);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -123,11 +125,15 @@ GROUPS = {
            for name, value in (("step_graph", "auto"), ("no_step_graph", "off"))},
     },
     # the trial a user gets without settings since session 34 (static shapes and the step graph on
-    # their own, plain compile mode) against before (plain compile, each batch as it comes)
+    # their own, plain compile mode) against before (plain compile, each batch as it comes), and the
+    # two steps between them: fixed shapes alone (no step graph, so inductor's add/norm code), and
+    # the step graph with inductor's add/norm code in place of tuner/model/add_norm.py's kernels
     "defaults": {
-        **{f"{name}{seed}": ["train.compile_mode=default", f"train.static_shapes={value}", *extra]
-           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in (1, 2, 3)))
-           for name, value in (("default", "auto"), ("before", "false"))},
+        **{f"{name}{seed}": ["train.compile_mode=default", *arm, *extra]
+           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in range(1, 12)))
+           for name, arm in (("default", ["train.static_shapes=auto"]), ("before", ["train.static_shapes=false"]),
+                             ("fixed_shapes", ["train.static_shapes=true", "train.step_graph=off"]),
+                             ("graph_inductor_norm", ["train.static_shapes=auto", "model.fused_add_norm=off"]))},
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],
