@@ -17,7 +17,7 @@ exactly the masks and order it would have drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,10 +44,18 @@ class TrainBatch:
     labels: torch.Tensor  # [M] int64 target item ids 1..V, IGNORE on padding
     num_samples: int
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The batch's tensors by field name (everything but `num_samples`)."""
+        return {"items": self.items, "positions": self.positions, "labels": self.labels}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TrainBatch":
+        """The same batch with `fn` applied to each of its tensors."""
+        return TrainBatch(**{name: fn(value) for name, value in self.tensors().items()},
+                          num_samples=self.num_samples)
+
     def to(self, device: torch.device) -> "TrainBatch":
         nb = device.type == "cuda"
-        return TrainBatch(self.items.to(device, non_blocking=nb), self.positions.to(device, non_blocking=nb),
-                          self.labels.to(device, non_blocking=nb), self.num_samples)
+        return self.map(lambda t: t.to(device, non_blocking=nb))
 
 
 def static_predictions(batch_size: int, max_len: int, mask_prob: float, last_item_prob: float,
@@ -126,8 +134,7 @@ def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: in
         batch = mask_batch(pad_left(train, rows, max_len, ends[rows]), num_items, mask_prob, last_item_prob,
                            mask_rng, max_predictions=max_predictions)
         if pin_memory:
-            batch = TrainBatch(batch.items.pin_memory(), batch.positions.pin_memory(),
-                               batch.labels.pin_memory(), batch.num_samples)
+            batch = batch.map(torch.Tensor.pin_memory)
         yield batch
 
 

@@ -50,7 +50,6 @@ WARMUP = 3
 # the step's own graph (inductor's graph trees cannot be captured inside another capture)
 WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
-_FIELDS = ("items", "positions", "labels")  # TrainBatch's tensors
 
 # train.static_shapes=auto fixes the shapes only where an epoch holds this many full batches: the
 # incomplete last batch it then drops is under 1/8 of the data
@@ -143,13 +142,13 @@ class StepGraph:
         return loss
 
     def _capture(self, batch: TrainBatch) -> None:
-        self.inputs = TrainBatch(*(getattr(batch, name).clone() for name in _FIELDS), batch.num_samples)
-        prepare = getattr(self.optimizer, "prepare_step", None)
-        if prepare is not None:  # MasterWeightAdamW: its tensors exist (a loaded state drops them)
-            prepare()
-        else:  # torch's AdamW: the lr as a device tensor while captured, a float otherwise
-            self.lrs = [(group, torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device))
+        self.inputs = batch.map(torch.Tensor.clone)
+        # torch's AdamW reads its lr from a device tensor while captured (a float otherwise);
+        # MasterWeightAdamW has tensors of its own (made anew after a loaded state drops them)
+        if not hasattr(self.optimizer, "prepare_step"):
+            self.lrs = [(group, torch.zeros((), dtype=torch.float32, device=self.device))
                         for group in self.optimizer.param_groups]
+        self._write_lrs()
         self.optimizer.zero_grad(set_to_none=True)  # the gradients come from the graph's memory
         graph = torch.cuda.CUDAGraph()
         saved = [(group["lr"], group.get("capturable", False)) for group, _ in self.lrs]
@@ -165,16 +164,22 @@ class StepGraph:
         self.graph = graph
 
     def _replay(self, batch: TrainBatch) -> torch.Tensor:
-        for name in _FIELDS:
-            source, target = getattr(batch, name), getattr(self.inputs, name)
+        targets = self.inputs.tensors()
+        for name, source in batch.tensors().items():
+            target = targets[name]
             if source.shape != target.shape:
                 raise RuntimeError(f"train.step_graph: a batch's {name} has shape {tuple(source.shape)}, "
                                    f"the captured step's {tuple(target.shape)} (train.static_shapes keeps them fixed)")
             target.copy_(source, non_blocking=True)
+        self._write_lrs()
+        self.graph.replay()
+        return self.loss.clone()  # the next replay overwrites the graph's own
+
+    def _write_lrs(self) -> None:
+        """The scheduler's learning rates of this step into the tensors the captured update reads:
+        MasterWeightAdamW's own (`prepare_step`), or the lr tensors standing in for torch's AdamW's."""
         prepare = getattr(self.optimizer, "prepare_step", None)
         if prepare is not None:
             prepare()
         for group, lr in self.lrs:
             lr.fill_(float(group["lr"]))
-        self.graph.replay()
-        return self.loss.clone()  # the next replay overwrites the graph's own
