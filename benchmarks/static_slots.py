@@ -54,7 +54,7 @@ def measure(overrides: list[str], epochs: int) -> dict:
     for epoch in range(epochs):
         for b in train_batches(train, dataset.num_items, batch, length, t.mask_prob, t.last_item_prob, t.seed,
                                epoch, window_prob=t.window_prob):
-            if b.num_samples == batch:  # fixed shapes drop the incomplete batch
+            if b.num_samples == batch:  # full batches: what fixed shapes draw (their last one fills up)
                 counts.append(int((b.labels != IGNORE).sum()))
     counts = np.array(counts)
     over = counts[counts > sized]

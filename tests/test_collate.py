@@ -58,13 +58,39 @@ def test_epochs_are_reproducible_and_ranks_disjoint():
     assert sum(x.num_samples for x in r0) == sum(x.num_samples for x in r1) == 100
 
 
+def _users_of(batches, length):
+    """The user of each row of each batch, for histories that repeat their user's id (the labels)."""
+    out = []
+    for b in batches:
+        real = b.labels != IGNORE
+        users = np.zeros(b.items.shape[0], dtype=np.int64)
+        users[(b.positions[real] // length).numpy()] = b.labels[real].numpy()
+        out.append(users)
+    return out
+
+
+def test_fixed_shapes_train_every_user_and_fill_the_last_batch_with_the_first():
+    """Every user trains every epoch with fixed shapes too: as many batches as without them, the
+    last one filled up with the epoch's first users (cyclically where a batch outnumbers them)."""
+    length = 10
+    for users, batch in ((150, 64), (40, 64)):
+        seq = Sequences(np.repeat(np.arange(1, users + 1, dtype=np.int32), length), np.arange(users + 1) * length)
+        runs = {static: _users_of(train_batches(seq, users, batch, length, 0.2, 0.1, seed=0, epoch=0,
+                                                 static_shapes=static), length)
+                for static in (False, True)}
+        order = np.concatenate(runs[False])
+        assert sorted(order.tolist()) == list(range(1, users + 1))
+        assert len(runs[True]) == len(runs[False]) and {len(u) for u in runs[True]} == {batch}
+        assert np.array_equal(np.concatenate(runs[True]), np.resize(order, len(runs[True]) * batch))
+
+
 def test_static_shapes_give_identical_batch_shapes():
     from tuner.data.collate import static_predictions
 
     data = generate(300, 80, seed=1)
     batches = list(train_batches(data.sequences, 80, 64, 20, 0.2, 0.1, seed=0, epoch=0, static_shapes=True))
     cap = static_predictions(64, 20, 0.2, 0.1, data.sequences.lengths)
-    assert len(batches) == 300 // 64  # incomplete batches are dropped
+    assert len(batches) == -(-300 // 64)  # the last batch filled up, not dropped
     assert {tuple(b.items.shape) for b in batches} == {(64, 20)}
     assert {tuple(b.positions.shape) for b in batches} == {(cap,)}
     for b in batches:

@@ -20,7 +20,7 @@ from tuner.model.build import build_model, fused_add_norm
 from tuner.train.master_adamw import MasterWeightAdamW
 from tuner.train.optim import training_optimizer
 from tuner.train.step import TrainStep, compile_options
-from tuner.train.step_graph import MIN_FULL_BATCHES, WARMUP, resolve_step
+from tuner.train.step_graph import MIN_BATCHES, WARMUP, resolve_step
 
 CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -30,9 +30,9 @@ GRAPHS = ("train.compile_mode=reduce-overhead", "train.static_shapes=true")
 BF16 = torch.bfloat16
 
 
-def _resolved(overrides, device="cuda", workers=1, dtype=BF16, compiled=True, full_batches=None):
+def _resolved(overrides, device="cuda", workers=1, dtype=BF16, compiled=True, batches=None):
     cfg = resolve_step(load_config(overrides=list(overrides)), torch.device(device), workers, dtype, compiled,
-                       full_batches)
+                       batches)
     return cfg.train.step_graph, cfg.train.static_shapes
 
 
@@ -50,11 +50,11 @@ def _resolved(overrides, device="cuda", workers=1, dtype=BF16, compiled=True, fu
     ((), {"compiled": False}, ("off", "false")),
     (("train.step_graph=off",), {}, ("off", "false")),
     (("train.step_graph=off", "train.static_shapes=true"), {}, ("off", "true")),
-    ((), {"full_batches": 7}, ("off", "false")),  # dropping the last batch would cost over 1/8 of an epoch
-    ((), {"full_batches": MIN_FULL_BATCHES}, ("on", "true")),
-    (("train.static_shapes=true",), {"full_batches": 1}, ("on", "true")),  # asked for: the share is the user's
+    ((), {"batches": 7}, ("off", "false")),  # filling the last batch could repeat over 1/8 of an epoch
+    ((), {"batches": MIN_BATCHES}, ("on", "true")),
+    (("train.static_shapes=true",), {"batches": 1}, ("on", "true")),  # asked for: the share is the user's
     (("train.static_shapes=true",), {"dtype": torch.float16}, ("off", "true")),
-    (("train.step_graph=on",), {"full_batches": 1}, ("on", "true")),
+    (("train.step_graph=on",), {"batches": 1}, ("on", "true")),
 ])
 def test_when_the_step_is_one_graph(overrides, kwargs, expected):
     assert _resolved(overrides, **kwargs) == expected

@@ -207,9 +207,9 @@ class TrainConfig:
     # optimizer steps (max_epochs x steps per epoch, or max_steps): 0 since the warm start is level
     # (the figures are there); DDP trials keep the Python wrapper (the C++ one is not yet run across GPUs)
     cpp_wrapper: str = "auto"
-    # full batches and a fixed number of prediction slots per batch (the incomplete last batch of an
-    # epoch is dropped): true | false | auto = true where the step runs as one CUDA graph
-    # (train.step_graph) and an epoch holds at least tuner.train.step_graph.MIN_FULL_BATCHES full batches
+    # batches of one shape and a fixed number of prediction slots each (the last batch of an epoch
+    # filled up with its first users again): true | false | auto = true where the step runs as one
+    # CUDA graph (train.step_graph) and an epoch holds at least tuner.train.step_graph.MIN_BATCHES batches
     static_shapes: str = "auto"
     # the whole step (forward, backward, clipping, the optimizer's update) captured once as one CUDA
     # graph and replayed (tuner/train/step_graph.py), the objective then compiled without inductor's

@@ -116,8 +116,10 @@ def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: in
                   window_prob: float = 0.0) -> Iterator[TrainBatch]:
     """One epoch of masked batches for this rank; every rank gets the same number of batches.
 
-    `static_shapes`: every batch has the same shape (full batches only, a fixed number of
-    prediction slots), as CUDA graphs need. `window_prob`: see the module's docstring."""
+    `static_shapes`: every batch has the same shape (`batch_size` rows, a fixed number of
+    prediction slots), as CUDA graphs need. The last batch is filled up with the epoch's first
+    users again (each masked anew), so every user still trains every epoch and an epoch takes as
+    many steps as without fixed shapes. `window_prob`: see the module's docstring."""
     ends = window_ends(train, max_len, window_prob, seed, epoch)
     rng = np.random.default_rng([seed, epoch, 7919])
     users = np.flatnonzero(train.lengths >= 1)
@@ -128,8 +130,9 @@ def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: in
     mask_rng = np.random.default_rng([seed, epoch, rank])
     max_predictions = (static_predictions(batch_size, max_len, mask_prob, last_item_prob, train.lengths)
                        if static_shapes else None)
-    stop = len(mine) - len(mine) % batch_size if static_shapes else len(mine)
-    for start in range(0, stop, batch_size):
+    if static_shapes:  # cyclically: a rank with fewer users than a batch repeats them all
+        mine = np.resize(mine, num_train_batches(train, batch_size, world_size) * batch_size)
+    for start in range(0, len(mine), batch_size):
         rows = mine[start:start + batch_size]
         batch = mask_batch(pad_left(train, rows, max_len, ends[rows]), num_items, mask_prob, last_item_prob,
                            mask_rng, max_predictions=max_predictions)
@@ -153,9 +156,10 @@ def window_ends(train: Sequences, max_len: int, window_prob: float, seed: int, e
     return ends
 
 
-def num_train_batches(train: Sequences, batch_size: int, world_size: int = 1, static_shapes: bool = False) -> int:
+def num_train_batches(train: Sequences, batch_size: int, world_size: int = 1) -> int:
+    """Batches in an epoch of each rank (`train_batches`' count, fixed shapes or not)."""
     per_rank = int((train.lengths >= 1).sum()) // world_size
-    return per_rank // batch_size if static_shapes else -(-per_rank // batch_size)
+    return -(-per_rank // batch_size)
 
 
 def eval_batches(split: EvalSplit, num_items: int, batch_size: int, max_len: int,

@@ -88,20 +88,18 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
     dtype = resolve_precision(cfg.train.amp, device)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     batch_size = rank_batch_size(cfg.train, ctx.world_size)
+    steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size)
+    if steps_per_epoch == 0:
+        raise UserError(f"{int((train.lengths >= 1).sum())} training users cannot be shared by {ctx.world_size} "
+                        f"workers (resources.workers)")
     # the step graph and static shapes decided here: the model's kernels and the batches follow them
-    cfg = resolve_step(cfg, device, ctx.world_size, dtype, use_compile,
-                       num_train_batches(train, batch_size, ctx.world_size, static_shapes=True))
+    cfg = resolve_step(cfg, device, ctx.world_size, dtype, use_compile, steps_per_epoch)
     model = build_model(cfg, dataset.num_items, pretrained=not has_checkpoint(ctx.resume_dir)).to(device)
     loss_cfg = loss_config(cfg.train)
     popularity = popularity_counts(train, dataset.num_items)  # popularity negatives, sampled metrics, baseline
     item_counts = torch.from_numpy(popularity[1:dataset.num_items + 1])
     objective = MaskedItemObjective(model, loss_cfg, item_counts).to(device)
     optimizer = training_optimizer(model, cfg, dtype, device, use_compile)
-    steps_per_epoch = num_train_batches(train, batch_size, ctx.world_size, cfg.train.fixed_shapes)
-    if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train.offsets) - 1} "
-                        f"training users{f' over {ctx.world_size} workers' if ctx.world_size > 1 else ''} "
-                        f"(train.static_shapes drops incomplete batches)")
     total_steps = steps_per_epoch * cfg.train.max_epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)

@@ -27,7 +27,7 @@ next step captures again.
 
 Since session 34 this is the default wherever it applies (`resolve_step`): a trial on one GPU
 worker with bf16 autocast or fp32 gets the step graph and fixed batch shapes without settings,
-unless an epoch holds fewer than MIN_FULL_BATCHES full batches; `train.static_shapes=false` or
+unless an epoch holds fewer than MIN_BATCHES batches; `train.static_shapes=false` or
 `train.step_graph=off` keeps plain compile.
 """
 
@@ -51,9 +51,10 @@ WARMUP = 3
 WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-# train.static_shapes=auto fixes the shapes only where an epoch holds this many full batches: the
-# incomplete last batch it then drops is under 1/8 of the data
-MIN_FULL_BATCHES = 8
+# train.static_shapes=auto fixes the shapes only where an epoch holds this many batches: the rows
+# that fill up its last batch (users it trains twice, tuner.data.collate.train_batches) are then
+# under 1/8 of the epoch
+MIN_BATCHES = 8
 
 
 def step_graph_blocker(train: TrainConfig, device: torch.device, world_size: int, dtype: Optional[torch.dtype],
@@ -74,14 +75,14 @@ def step_graph_blocker(train: TrainConfig, device: torch.device, world_size: int
 
 
 def resolve_step(cfg: Config, device: torch.device, world_size: int, dtype: Optional[torch.dtype], compiled: bool,
-                 full_batches: Optional[int] = None) -> Config:
+                 batches: Optional[int] = None) -> Config:
     """`cfg` with `train.step_graph` (on / off) and `train.static_shapes` (true / false) decided for
     this run; everything that follows the step's shape (the C++ wrapper, add_norm's kernels, the
-    batches) reads them from there. `full_batches`: full batches in an epoch (None: plenty).
+    batches) reads them from there. `batches`: batches in an epoch (None: plenty).
 
     step_graph auto: on where `step_graph_blocker` finds nothing, the compile mode is not
     max-autotune-no-cudagraphs, and static shapes are asked for or (auto) an epoch holds at least
-    MIN_FULL_BATCHES full batches, so the dropped last batch is a small share; on: a UserError
+    MIN_BATCHES batches, so the users repeated to fill the last batch are a small share; on: a UserError
     naming what the run lacks. static_shapes auto: true where the step graph is on."""
     train = cfg.train
     graph = False
@@ -92,7 +93,7 @@ def resolve_step(cfg: Config, device: torch.device, world_size: int, dtype: Opti
                 raise UserError(f"train.step_graph=on needs {missing}")
             graph = True
         else:
-            few = train.static_shapes == "auto" and full_batches is not None and full_batches < MIN_FULL_BATCHES
+            few = train.static_shapes == "auto" and batches is not None and batches < MIN_BATCHES
             graph = missing is None and not few and train.compile_mode != "max-autotune-no-cudagraphs"
     static = train.static_shapes == "true" or (train.static_shapes == "auto" and graph)
     resolved = dataclasses.replace(train, step_graph="on" if graph else "off",
