@@ -512,6 +512,35 @@ def arms_line(name: str, arms: tuple[str, str]) -> str:
     return "Test NDCG@10, mean (range, seeds, sd): " + "; ".join(parts) + "."
 
 
+def paired_table(name: str, arms: tuple[str, str]) -> str:
+    """Two arms of a ml1m_variants.py file (variants ARM and ARM_seedK) seed by seed: test NDCG@10
+    of each, their difference, and the mean difference over the seeds both arms ran, with its
+    standard error and t."""
+    data = json.loads((RESULTS / name).read_text())
+    by_arm: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    for r in data["rows"]:
+        arm, _, seed = r["variant"].partition("_seed")
+        if arm in by_arm and r["rc"] == 0:
+            by_arm[arm][int(seed or 0)] = r
+    first, second = arms
+    seeds = sorted(set(by_arm[first]) & set(by_arm[second]))
+    lines = [f"Device: {data['device']} (torch {data['torch']}); `{data['command']}`.", "",
+             f"| seed | {first} NDCG@10 | {second} NDCG@10 | difference | {first} HR@10 | {second} HR@10 | session |",
+             "|---|---|---|---|---|---|---|"]
+    diffs = []
+    for seed in seeds:
+        a, b = by_arm[first][seed], by_arm[second][seed]
+        diffs.append(a["test_ndcg_10"] - b["test_ndcg_10"])
+        lines.append(f"| {seed} | {a['test_ndcg_10']:.4f} | {b['test_ndcg_10']:.4f} | {diffs[-1]:+.4f} | "
+                     f"{a['test_hr_10']:.4f} | {b['test_hr_10']:.4f} | {a.get('session', '?')} |")
+    mean = statistics.mean(diffs)
+    error = statistics.stdev(diffs) / len(diffs) ** 0.5
+    lower = sum(d < 0 for d in diffs)
+    return ("\n".join(lines) + "\n\n" + arms_line(name, arms) + f" {first} minus {second}, paired by seed: "
+            f"{mean:+.4f} (standard error {error:.4f}, t = {mean / error:.2f} over {len(diffs)} seeds); "
+            f"{first} lower in {lower} of {len(diffs)}.")
+
+
 def variants_table(name: str = "seed_options.json") -> str:
     """A `benchmarks/ml1m_variants.py` results file (seed options, losses, refit)."""
     data = json.loads((RESULTS / name).read_text())
@@ -755,8 +784,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--ml1m-step-graph": lambda: variants_table("ml1m_step_graph.json"),
           "--static-slots": static_slots_table,
           "--defaults-h200": lambda: defaults_table(*(f"h200_session34/defaults_call{k}.json" for k in (1, 2, 3))),
-          "--ml1m-defaults": lambda: (variants_table("ml1m_defaults.json") + "\n\n"
-                                      + arms_line("ml1m_defaults.json", ("default", "before"))),
+          "--ml1m-defaults": lambda: paired_table("ml1m_defaults.json", ("default", "before")),
+          "--defaults-h200-session35": lambda: defaults_table("h200_session35/defaults_call3.json"),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"
                                             for size in ("430M", "130M", "85M", "5M"))),

@@ -336,9 +336,14 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     defaults = render_tables.TABLES["--defaults-h200"]()
     assert "| 130M | 20.0 / 92.4 | 0.843 / 1.666 | 1.98x | 3,212 / 2,333 |" in defaults
     assert "| 130M_ray_train | 23.4 / not run | 0.848 / not run | | - / - |" in defaults
-    ml1m = render_tables.TABLES["--ml1m-defaults"]()
-    assert "| before_seed3 | 0.1678 | 0.3311 | 173 | 13,615 | 173 | 532 |" in ml1m
-    assert "default 0.1544 (0.1517-0.1588, 4 seeds, sd 0.0034); before 0.1605 (0.1519-0.1678, 4 seeds" in ml1m
+    ml1m = render_tables.TABLES["--ml1m-defaults"]()  # sessions 34 and 35: 16 seeds an arm, paired
+    assert "| 3 | 0.1517 | 0.1678 | -0.0162 | 0.3036 | 0.3311 | 34 |" in ml1m
+    assert "| 15 | 0.1483 | 0.1493 | -0.0010 | 0.3015 | 0.3038 | 35 |" in ml1m
+    assert "default 0.1585 (0.1483-0.1663, 16 seeds, sd 0.0053); before 0.1611 (0.1493-0.1678, 16 seeds" in ml1m
+    assert "-0.0026 (standard error 0.0013, t = -2.09 over 16 seeds); default lower in 12 of 16." in ml1m
+    # session 35: the default with the prediction slots sized from the data
+    assert ("| 130M | 21.4 / 115.4 | 0.663 / 1.717 | 2.59x | 2,327 / 2,333 |"
+            in render_tables.TABLES["--defaults-h200-session35"]())
     slots = render_tables.TABLES["--static-slots"]()
     assert "| ML-1M, benchmarks/ml1m.yaml | 128, 200 | 92 | 8,256 | 5,248 | 4,205 / 5,254 | 1 of 2,350 |" in slots
     # session 31: every tile of the GELU epilogues lost to the step's kernels
