@@ -234,11 +234,23 @@ def test_a_replay_reads_the_learning_rate_of_its_step(weights):
     assert any(not torch.equal(after_one[n], v) for n, v in after_zero.items())
 
 
+# each kind of dropout alone, so one frozen inside the graph cannot hide behind another that draws
+# anew: the hidden one (residual branches) on add_norm's kernels (the embeddings' is inductor's
+# either way) and on inductor's code, and the attention weights' inside the attention kernel
+DROPOUTS = {
+    "hidden, add_norm's kernels": (0.3, ("model.attn_dropout=0",)),
+    "hidden, inductor's code": (0.3, ("model.attn_dropout=0", "model.fused_add_norm=off")),
+    "attention weights": (0.0, ("model.attn_dropout=0.3",)),
+}
+
+
 @needs_cuda
-def test_dropout_is_drawn_anew_at_every_replay():
+@pytest.mark.parametrize("dropout, overrides", DROPOUTS.values(), ids=DROPOUTS.keys())
+def test_dropout_is_drawn_anew_at_every_replay(dropout, overrides):
     """lr 0 after the capture: the weights stay put, so only dropout can move the loss of one batch."""
     factors = [1.0] * WARMUP + [0.0] * 6
-    model, _, _, step, batches = _setup(True, dropout=0.3, factors=factors, steps=WARMUP + 6)
+    model, _, _, step, batches = _setup(True, dropout=dropout, factors=factors, steps=WARMUP + 6,
+                                        overrides=overrides)
     for batch in batches[:WARMUP]:
         step(batch)
     frozen = _weights(model)
