@@ -130,8 +130,8 @@ def train_batches(train: Sequences, num_items: int, batch_size: int, max_len: in
     mask_rng = np.random.default_rng([seed, epoch, rank])
     max_predictions = (static_predictions(batch_size, max_len, mask_prob, last_item_prob, train.lengths)
                        if static_shapes else None)
-    if static_shapes:  # cyclically: a rank with fewer users than a batch repeats them all
-        mine = np.resize(mine, num_train_batches(train, batch_size, world_size) * batch_size)
+    if static_shapes:  # up to whole batches, cyclically: a rank with fewer users than a batch repeats them all
+        mine = np.resize(mine, -(-len(mine) // batch_size) * batch_size)
     for start in range(0, len(mine), batch_size):
         rows = mine[start:start + batch_size]
         batch = mask_batch(pad_left(train, rows, max_len, ends[rows]), num_items, mask_prob, last_item_prob,
