@@ -498,17 +498,14 @@ def static_slots_table(name: str = "static_slots.json") -> str:
     return "\n".join(lines)
 
 
-def arms_line(name: str, arms: tuple[str, str]) -> str:
-    """The mean and range of test NDCG@10 of each arm of a ml1m_variants.py file whose variants are
-    ARM or ARM_seedK."""
-    rows = json.loads((RESULTS / name).read_text())["rows"]
+def arms_line(by_arm: dict[str, dict[int, dict]]) -> str:
+    """The mean and range of test NDCG@10 of each arm (`paired_table`'s rows by arm and seed)."""
     parts = []
-    for arm in arms:
-        values = [r["test_ndcg_10"] for r in rows if r["variant"] == arm or r["variant"].startswith(f"{arm}_seed")]
-        parts.append(f"{arm} {statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, "
-                     f"{len(values)} seeds)")
+    for arm, rows in by_arm.items():
+        values = [r["test_ndcg_10"] for r in rows.values()]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        parts[-1] = parts[-1][:-1] + f", sd {spread:.4f})"
+        parts.append(f"{arm} {statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, "
+                     f"{len(values)} seeds, sd {spread:.4f})")
     return "Test NDCG@10, mean (range, seeds, sd): " + "; ".join(parts) + "."
 
 
@@ -536,7 +533,7 @@ def paired_table(name: str, arms: tuple[str, str]) -> str:
     mean = statistics.mean(diffs)
     error = statistics.stdev(diffs) / len(diffs) ** 0.5
     lower = sum(d < 0 for d in diffs)
-    return ("\n".join(lines) + "\n\n" + arms_line(name, arms) + f" {first} minus {second}, paired by seed: "
+    return ("\n".join(lines) + "\n\n" + arms_line(by_arm) + f" {first} minus {second}, paired by seed: "
             f"{mean:+.4f} (standard error {error:.4f}, t = {mean / error:.2f} over {len(diffs)} seeds); "
             f"{first} lower in {lower} of {len(diffs)}.")
 
