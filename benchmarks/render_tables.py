@@ -535,7 +535,18 @@ def paired_table(name: str, arms: tuple[str, str]) -> str:
     lower = sum(d < 0 for d in diffs)
     return ("\n".join(lines) + "\n\n" + arms_line(by_arm) + f" {first} minus {second}, paired by seed: "
             f"{mean:+.4f} (standard error {error:.4f}, t = {mean / error:.2f} over {len(diffs)} seeds); "
-            f"{first} lower in {lower} of {len(diffs)}.")
+            f"{first} lower in {lower} of {len(diffs)}.\n\n" + runs_line(by_arm))
+
+
+def runs_line(by_arm: dict[str, dict[int, dict]]) -> str:
+    """Each arm's median best epoch, mean test HR@10, and range of training wall time."""
+    parts = []
+    for arm, rows in by_arm.items():
+        walls = [r["wall_s"] for r in rows.values()]
+        parts.append(f"{arm}: best epoch median {statistics.median(r['best_epoch'] for r in rows.values()):g}, "
+                     f"test HR@10 mean {statistics.mean(r['test_hr_10'] for r in rows.values()):.4f}, "
+                     f"wall {min(walls):.0f}-{max(walls):.0f} s")
+    return "Runs: " + "; ".join(parts) + "."
 
 
 def variants_table(name: str = "seed_options.json") -> str:

@@ -341,6 +341,8 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     assert "| 15 | 0.1483 | 0.1493 | -0.0010 | 0.3015 | 0.3038 | 35 |" in ml1m
     assert "default 0.1585 (0.1483-0.1663, 16 seeds, sd 0.0053); before 0.1611 (0.1493-0.1678, 16 seeds" in ml1m
     assert "-0.0026 (standard error 0.0013, t = -2.09 over 16 seeds); default lower in 12 of 16." in ml1m
+    assert ("default: best epoch median 154, test HR@10 mean 0.3152, wall 122-212 s; before: best epoch median "
+            "172.5" in ml1m)
     # session 35: the default with the prediction slots sized from the data
     assert ("| 130M | 21.4 / 115.4 | 0.663 / 1.717 | 2.59x | 2,327 / 2,333 |"
             in render_tables.TABLES["--defaults-h200-session35"]())
