@@ -167,3 +167,50 @@ def test_long_histories_train_on_random_windows_only_when_asked():
     assert min(moved[5]) < 40  # the long history's early items are seen
     again = windows(1.0)
     assert again == moved  # seeded per epoch: a resumed run draws the same windows
+
+
+def test_fixed_slots_train_exactly_what_the_batch_without_them_trains():
+    """The padded slots of fixed shapes (index 0, label IGNORE) change nothing: the same masks
+    padded to `static_predictions` slots and to a multiple of `label_bucket` give the same loss and
+    the same gradient for every weight, through the model's pruned last block (it runs on the
+    slots' rows alone, the padding's among them), for each full-catalog loss and with iLoRA's
+    per-sequence gates picked at the slots."""
+    import pytest
+    import torch
+
+    from tuner.config import load_config
+    from tuner.data.collate import static_predictions
+    from tuner.losses import MaskedItemObjective, loss_config
+    from tuner.model.build import build_model
+
+    data = generate(64, 60, seed=3)
+    ids = pad_left(data.sequences, np.arange(32), 20)
+    slots = static_predictions(32, 20, 0.3, 0.1, data.sequences.lengths)
+    bucketed = mask_batch(ids, 60, 0.3, 0.1, np.random.default_rng(5))
+    fixed = mask_batch(ids, 60, 0.3, 0.1, np.random.default_rng(5), max_predictions=slots)
+    real = int((bucketed.labels != IGNORE).sum())
+    assert torch.equal(fixed.items, bucketed.items) and len(fixed.positions) == slots > len(bucketed.positions)
+    assert torch.equal(fixed.positions[:real], bucketed.positions[:real]) and (fixed.positions[real:] == 0).all()
+    cases = (["train.loss=ce"], ["train.loss=cce"], ["train.loss=focal"], ["train.loss=ce", "ilora.enabled=true"])
+    for overrides in cases:
+        cfg = load_config(overrides=["model.max_len=20", "model.dropout=0", "model.attn_dropout=0",
+                                     "ilora.dropout=0", *overrides])
+        torch.manual_seed(0)
+        model = build_model(cfg, 60)
+        if cfg.ilora.enabled:  # the experts start at zero: give them weights, so their gradients count
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.1)
+        objective = MaskedItemObjective(model, loss_config(cfg.train))
+        results = []
+        for batch in (bucketed, fixed):
+            model.zero_grad()
+            loss = objective(batch.items, batch.positions, batch.labels)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((loss.item(), grads))
+        (loss_b, grads_b), (loss_f, grads_f) = results
+        assert loss_f == pytest.approx(loss_b, rel=1e-6), overrides
+        assert grads_f.keys() == grads_b.keys() and len(grads_b) > 4, overrides
+        for name, grad in grads_b.items():
+            torch.testing.assert_close(grads_f[name], grad, rtol=1e-5, atol=1e-7, msg=f"{overrides} {name}")
