@@ -43,7 +43,17 @@ differences below ~0.005 NDCG@10 are within the noise of a seed.
     python benchmarks/seed_options.py --device cuda --config benchmarks/ml1m.yaml --epochs 150 \
         --out OUT/seed_options.json
 
-Results are written after every variant, so a time limit keeps what finished.
+Results are written after every variant, so a time limit keeps what finished. `--parallel N`
+runs N variants at once (sharing the device: their samples/s and wall times are shared ones,
+which the file's `parallel` says); `--stamp KEY=VALUE` adds a field to every row (the session,
+the code commit and device call where the results file will hold rows of several runs).
+
+    # a GPU, eight processes at once: seeds 0-3 of the default trial against before
+    python benchmarks/ml1m_variants.py --group defaults --device cuda --config benchmarks/ml1m.yaml \
+        --epochs 200 --set optim.lr=3.716e-3 --set model.dropout=0.222 --set optim.weight_decay=0.0559 \
+        --set train.mask_prob=0.342 --set train.window_prob=0.83 --parallel 8 --stamp session=36 \
+        --only default before default_seed1 before_seed1 default_seed2 before_seed2 default_seed3 before_seed3 \
+        --out OUT/defaults_call1.json
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from paths import ROOT, ml1m_default
@@ -144,6 +155,7 @@ GROUPS = {
 }
 KEYS = ("test_ndcg_10", "test_hr_10", "val_ndcg_10", "best_epoch", "epochs", "samples_per_s", "peak_mem_mb", "wall_s",
         "step_graph", "static_shapes")  # the last two: what the run's settings came to on its device
+RESERVED = ("variant", "overrides", "rc", "started", "process_s", "error", *KEYS)  # a row's own fields, not --stamp's
 
 
 def main(group: str | None = None) -> None:
@@ -156,13 +168,20 @@ def main(group: str | None = None) -> None:
     parser.add_argument("--config", help="YAML of fixed settings (default: the bert4rec size's)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every variant")
-    parser.add_argument("--only", nargs="*", choices=sorted(v for g in GROUPS.values() for v in g))
+    parser.add_argument("--only", nargs="*", metavar="VARIANT", choices=sorted({v for g in GROUPS.values() for v in g}),
+                        help="run these variants of the group only")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="variants run at once (default 1)")
+    parser.add_argument("--stamp", action="append", default=[], metavar="KEY=VALUE",
+                        help="a field added to every row (e.g. session=36)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     variants = GROUPS[group or args.group]
     script = Path(sys.argv[0]).name
     if not Path(args.data).exists():
         sys.exit(f"{script}: no ML-1M file at {args.data} (pass --data)")
+    if args.parallel < 1:
+        sys.exit(f"{script}: --parallel {args.parallel}: must be at least 1")
+    stamp = parse_stamps(args.stamp, script)
     if args.only and not set(args.only) <= set(variants):
         sys.exit(f"{script}: --only {' '.join(sorted(set(args.only) - set(variants)))}: not in this group "
                  f"({', '.join(variants)})")
@@ -175,25 +194,44 @@ def main(group: str | None = None) -> None:
     base += ["--config", args.config] if args.config else ["--size", "bert4rec"]
     for pair in args.set:
         base += ["--set", pair]
-    result = {"device": device, "torch": torch.__version__, "epochs": args.epochs,
+    result = {"device": device, "torch": torch.__version__, "epochs": args.epochs, "parallel": args.parallel,
               "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]), "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name, overrides in variants.items():
-        if args.only and name not in args.only:
-            continue
-        cmd = base + [x for pair in overrides for x in ("--set", pair)]
-        t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        row = {"variant": name, "overrides": overrides, "rc": proc.returncode, "process_s": time.time() - t0}
-        if proc.returncode == 0:
-            final = json.loads(proc.stdout.strip().splitlines()[-1])
-            row |= {k: final.get(k) for k in KEYS}
-        else:
-            row["error"] = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        out.write_text(json.dumps(result, indent=1))
+    chosen = {name: overrides for name, overrides in variants.items() if not args.only or name in args.only}
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        runs = [pool.submit(run_variant, base, name, overrides) for name, overrides in chosen.items()]
+        for done in as_completed(runs):  # each row as its process ends, so a time limit keeps what finished
+            row = done.result() | stamp
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(result, indent=1))
+
+
+def run_variant(base: list[str], name: str, overrides: list[str]) -> dict:
+    """One `tuner train` process with the variant's overrides: its row (the final metrics, or the
+    error's last line)."""
+    cmd = base + [x for pair in overrides for x in ("--set", pair)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    row = {"variant": name, "overrides": overrides, "rc": proc.returncode, "started": t0, "process_s": time.time() - t0}
+    if proc.returncode == 0:
+        final = json.loads(proc.stdout.strip().splitlines()[-1])
+        row |= {k: final.get(k) for k in KEYS}
+    else:
+        row["error"] = proc.stderr.strip().splitlines()[-1:] or ["?"]
+    return row
+
+
+def parse_stamps(pairs: list[str], script: str) -> dict:
+    """`--stamp KEY=VALUE` pairs -> {KEY: VALUE}, whole numbers as ints (a session's number)."""
+    stamp = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or key in RESERVED:
+            sys.exit(f"{script}: --stamp {pair}: expected KEY=VALUE, KEY not a result field")
+        stamp[key] = int(value) if value.isdigit() else value
+    return stamp
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,3 +410,43 @@ def test_a_process_ab_process_that_fails_leaves_its_error_and_no_step(tmp_path):
     assert process_ab.run(["--sizes", "430M", "--seed-variants", "--variants", "amp_compile_graphs"],
                           {"CUBLASLT_WORKSPACE_SIZE": "0"}, output, timeout=120) is None
     assert not output.exists() and output.with_suffix(".err").read_text().strip()
+
+
+def _ml1m_variants(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """benchmarks/ml1m_variants.py on a small file in ML-1M's form (`user item` lines, in order)."""
+    data = tmp_path / "small.txt"
+    if not data.exists():
+        rng = np.random.default_rng(0)
+        data.write_text("".join(f"{user} {item}\n" for user in range(1, 61)
+                                for item in rng.choice(np.arange(1, 41), size=12, replace=False)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/ml1m_variants.py"), "--data", str(data), *argv],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_ml1m_variants_runs_variants_side_by_side_and_stamps_every_row(tmp_path):
+    """--parallel 2 runs both arms at once (each process's span overlaps the other's), every row
+    carries the --stamp fields, and the file says how many ran at once."""
+    out = tmp_path / "r.json"
+    proc = _ml1m_variants(tmp_path, "--group", "defaults", "--epochs", "1", "--set", "model.max_len=8",
+                          "--parallel", "2", "--stamp", "session=36", "--stamp", "code_commit=abc1234",
+                          "--only", "default", "before", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert result["parallel"] == 2 and set(rows) == {"default", "before"}
+    for row in rows.values():
+        assert row["rc"] == 0 and row["session"] == 36 and row["code_commit"] == "abc1234", row
+        assert 0 <= row["test_ndcg_10"] <= 1 and row["epochs"] == 1
+    ends = {name: (row["started"], row["started"] + row["process_s"]) for name, row in rows.items()}
+    assert ends["default"][0] < ends["before"][1] and ends["before"][0] < ends["default"][1], ends
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--parallel", "0"], "ml1m_variants.py: --parallel 0: must be at least 1"),
+    (["--stamp", "session"], "ml1m_variants.py: --stamp session: expected KEY=VALUE, KEY not a result field"),
+    (["--stamp", "rc=0"], "ml1m_variants.py: --stamp rc=0: expected KEY=VALUE, KEY not a result field")])
+def test_ml1m_variants_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    proc = _ml1m_variants(tmp_path, "--group", "defaults", *argv, "--out", str(tmp_path / "r.json"))
+    assert proc.returncode == 1 and proc.stderr.strip() == message
+    assert not (tmp_path / "r.json").exists()
