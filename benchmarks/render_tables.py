@@ -509,19 +509,25 @@ def arms_line(by_arm: dict[str, dict[int, dict]]) -> str:
     return "Test NDCG@10, mean (range, seeds, sd): " + "; ".join(parts) + "."
 
 
-def paired_table(name: str, arms: tuple[str, str]) -> str:
-    """Two arms of a ml1m_variants.py file (variants ARM and ARM_seedK) seed by seed: test NDCG@10
+def paired_table(pattern: str, arms: tuple[str, str]) -> str:
+    """Two arms of ml1m_variants.py results (variants ARM and ARM_seedK) seed by seed: test NDCG@10
     of each, their difference, and the mean difference over the seeds both arms ran, with its
-    standard error and t."""
-    data = json.loads((RESULTS / name).read_text())
+    standard error and t. `pattern`: a file in benchmarks/results, or a glob of several (one per
+    device call); an arm's seed in two of them is an error."""
+    files = sorted(RESULTS.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no results file matches benchmarks/results/{pattern}")
     by_arm: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    for r in data["rows"]:
-        arm, _, seed = r["variant"].partition("_seed")
-        if arm in by_arm and r["rc"] == 0:
-            by_arm[arm][int(seed or 0)] = r
+    for path in files:
+        for r in json.loads(path.read_text())["rows"]:
+            arm, _, seed = r["variant"].partition("_seed")
+            if arm in by_arm and r["rc"] == 0:
+                if int(seed or 0) in by_arm[arm]:
+                    raise ValueError(f"{r['variant']} ran twice in benchmarks/results/{pattern}")
+                by_arm[arm][int(seed or 0)] = r
     first, second = arms
     seeds = sorted(set(by_arm[first]) & set(by_arm[second]))
-    lines = [f"Device: {data['device']} (torch {data['torch']}); `{data['command']}`.", "",
+    lines = [_runs_header(files), "",
              f"| seed | {first} NDCG@10 | {second} NDCG@10 | difference | {first} HR@10 | {second} HR@10 | session |",
              "|---|---|---|---|---|---|---|"]
     diffs = []
@@ -536,6 +542,16 @@ def paired_table(name: str, arms: tuple[str, str]) -> str:
     return ("\n".join(lines) + "\n\n" + arms_line(by_arm) + f" {first} minus {second}, paired by seed: "
             f"{mean:+.4f} (standard error {error:.4f}, t = {mean / error:.2f} over {len(diffs)} seeds); "
             f"{first} lower in {lower} of {len(diffs)}.\n\n" + runs_line(by_arm))
+
+
+def _runs_header(files: list[Path]) -> str:
+    """"Device: ...; `command`." for one results file; for several, each file's command by name."""
+    runs = [json.loads(path.read_text()) for path in files]
+    devices = sorted({f"{data['device']} (torch {data['torch']})" for data in runs})
+    if len(files) == 1:
+        return f"Device: {devices[0]}; `{runs[0]['command']}`."
+    commands = "; ".join(f"{path.relative_to(RESULTS)}: `{data['command']}`" for path, data in zip(files, runs))
+    return f"Device: {', '.join(devices)}; {commands}."
 
 
 def runs_line(by_arm: dict[str, dict[int, dict]]) -> str:

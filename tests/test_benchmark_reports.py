@@ -450,3 +450,30 @@ def test_ml1m_variants_refuses_bad_arguments_in_one_line(tmp_path, argv, message
     proc = _ml1m_variants(tmp_path, "--group", "defaults", *argv, "--out", str(tmp_path / "r.json"))
     assert proc.returncode == 1 and proc.stderr.strip() == message
     assert not (tmp_path / "r.json").exists()
+
+
+def test_paired_table_joins_the_seeds_of_several_calls_and_refuses_a_seed_run_twice(tmp_path, monkeypatch):
+    """A glob of ml1m_variants.py files (one per device call) pairs each seed's two arms across
+    them; the header names each file's command; the same arm and seed in two files is an error."""
+    import render_tables
+
+    def write(name: str, ndcgs: dict[str, float], device: str = "GPU X") -> None:
+        rows = [{"variant": variant, "rc": 0, "test_ndcg_10": value, "test_hr_10": 2 * value, "best_epoch": 10,
+                 "wall_s": 100.0, "session": 36} for variant, value in ndcgs.items()]
+        (tmp_path / "s36").mkdir(exist_ok=True)
+        (tmp_path / "s36" / name).write_text(json.dumps({"device": device, "torch": "2.11", "command": f"run {name}",
+                                                         "rows": rows}))
+
+    monkeypatch.setattr(render_tables, "RESULTS", tmp_path)
+    write("call1.json", {"default": 0.15, "before": 0.16, "default_seed1": 0.17, "before_seed1": 0.16})
+    write("call2.json", {"default_seed2": 0.14, "before_seed2": 0.16, "before_seed3": 0.2})
+    table = render_tables.paired_table("s36/call*.json", ("default", "before"))
+    assert table.startswith("Device: GPU X (torch 2.11); s36/call1.json: `run call1.json`; "
+                            "s36/call2.json: `run call2.json`.")
+    assert "| 2 | 0.1400 | 0.1600 | -0.0200 |" in table and "| 3 |" not in table  # seed 3 has one arm only
+    assert "-0.0067 (standard error 0.0088, t = -0.76 over 3 seeds); default lower in 2 of 3." in table
+    write("call3.json", {"default_seed1": 0.18})
+    with pytest.raises(ValueError, match="default_seed1 ran twice"):
+        render_tables.paired_table("s36/*.json", ("default", "before"))
+    with pytest.raises(FileNotFoundError, match="no results file matches"):
+        render_tables.paired_table("s37/*.json", ("default", "before"))
