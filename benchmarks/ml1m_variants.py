@@ -44,9 +44,11 @@ differences below ~0.005 NDCG@10 are within the noise of a seed.
         --out OUT/seed_options.json
 
 Results are written after every variant, so a time limit keeps what finished. `--parallel N`
-runs N variants at once (sharing the device: their samples/s and wall times are shared ones,
-which the file's `parallel` says); `--stamp KEY=VALUE` adds a field to every row (the session,
-the code commit and device call where the results file will hold rows of several runs).
+runs N variants at once (sharing the device, so their samples/s and wall times are shared ones;
+the file records N). `--timeout S` kills a variant's process still running after S seconds and
+keeps its row as an error. `--stamp KEY=VALUE` adds a field to every row: the session, code
+commit and device call, where rows of several runs will be read together
+(`render_tables.paired_table` takes a glob of files).
 
     # a GPU, eight processes at once: seeds 0-3 of the default trial against before
     python benchmarks/ml1m_variants.py --group defaults --device cuda --config benchmarks/ml1m.yaml \
@@ -65,6 +67,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Optional
 
 from paths import ROOT, ml1m_default
 
@@ -171,6 +174,7 @@ def main(group: str | None = None) -> None:
     parser.add_argument("--only", nargs="*", metavar="VARIANT", choices=sorted({v for g in GROUPS.values() for v in g}),
                         help="run these variants of the group only")
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="variants run at once (default 1)")
+    parser.add_argument("--timeout", type=float, metavar="S", help="kill a variant's process after S seconds")
     parser.add_argument("--stamp", action="append", default=[], metavar="KEY=VALUE",
                         help="a field added to every row (e.g. session=36)")
     parser.add_argument("--out", required=True)
@@ -181,6 +185,8 @@ def main(group: str | None = None) -> None:
         sys.exit(f"{script}: no ML-1M file at {args.data} (pass --data)")
     if args.parallel < 1:
         sys.exit(f"{script}: --parallel {args.parallel}: must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        sys.exit(f"{script}: --timeout {args.timeout:g}: must be positive")
     stamp = parse_stamps(args.stamp, script)
     if args.only and not set(args.only) <= set(variants):
         sys.exit(f"{script}: --only {' '.join(sorted(set(args.only) - set(variants)))}: not in this group "
@@ -200,7 +206,7 @@ def main(group: str | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     chosen = {name: overrides for name, overrides in variants.items() if not args.only or name in args.only}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        runs = [pool.submit(run_variant, base, name, overrides) for name, overrides in chosen.items()]
+        runs = [pool.submit(run_variant, base, name, overrides, args.timeout) for name, overrides in chosen.items()]
         for done in as_completed(runs):  # each row as its process ends, so a time limit keeps what finished
             row = done.result() | stamp
             result["rows"].append(row)
@@ -208,12 +214,16 @@ def main(group: str | None = None) -> None:
             out.write_text(json.dumps(result, indent=1))
 
 
-def run_variant(base: list[str], name: str, overrides: list[str]) -> dict:
+def run_variant(base: list[str], name: str, overrides: list[str], timeout: Optional[float] = None) -> dict:
     """One `tuner train` process with the variant's overrides: its row (the final metrics, or the
-    error's last line)."""
+    error's last line). A process still running after `timeout` seconds is killed (rc -9)."""
     cmd = base + [x for pair in overrides for x in ("--set", pair)]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": name, "overrides": overrides, "rc": -9, "started": t0, "process_s": time.time() - t0,
+                "error": [f"killed after the --timeout of {timeout:g} s"]}
     row = {"variant": name, "overrides": overrides, "rc": proc.returncode, "started": t0, "process_s": time.time() - t0}
     if proc.returncode == 0:
         final = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -444,6 +444,7 @@ def test_ml1m_variants_runs_variants_side_by_side_and_stamps_every_row(tmp_path)
 
 @pytest.mark.parametrize("argv, message", [
     (["--parallel", "0"], "ml1m_variants.py: --parallel 0: must be at least 1"),
+    (["--timeout", "0"], "ml1m_variants.py: --timeout 0: must be positive"),
     (["--stamp", "session"], "ml1m_variants.py: --stamp session: expected KEY=VALUE, KEY not a result field"),
     (["--stamp", "rc=0"], "ml1m_variants.py: --stamp rc=0: expected KEY=VALUE, KEY not a result field")])
 def test_ml1m_variants_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
@@ -477,3 +478,12 @@ def test_paired_table_joins_the_seeds_of_several_calls_and_refuses_a_seed_run_tw
         render_tables.paired_table("s36/*.json", ("default", "before"))
     with pytest.raises(FileNotFoundError, match="no results file matches"):
         render_tables.paired_table("s37/*.json", ("default", "before"))
+
+
+def test_ml1m_variants_kills_a_variant_past_its_timeout_and_keeps_its_row(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _ml1m_variants(tmp_path, "--group", "defaults", "--epochs", "50", "--timeout", "1", "--only", "before",
+                          "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["rc"] == -9 and row["error"] == ["killed after the --timeout of 1 s"] and row["process_s"] < 30, row
