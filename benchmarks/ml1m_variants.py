@@ -218,13 +218,13 @@ def run_variant(base: list[str], name: str, overrides: list[str], timeout: Optio
     """One `tuner train` process with the variant's overrides: its row (the final metrics, or the
     error's last line). A process still running after `timeout` seconds is killed (rc -9)."""
     cmd = base + [x for pair in overrides for x in ("--set", pair)]
-    t0 = time.time()
+    row = {"variant": name, "overrides": overrides, "started": time.time()}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"variant": name, "overrides": overrides, "rc": -9, "started": t0, "process_s": time.time() - t0,
-                "error": [f"killed after the --timeout of {timeout:g} s"]}
-    row = {"variant": name, "overrides": overrides, "rc": proc.returncode, "started": t0, "process_s": time.time() - t0}
+        return row | {"rc": -9, "process_s": time.time() - row["started"],
+                      "error": [f"killed after the --timeout of {timeout:g} s"]}
+    row |= {"rc": proc.returncode, "process_s": time.time() - row["started"]}
     if proc.returncode == 0:
         final = json.loads(proc.stdout.strip().splitlines()[-1])
         row |= {k: final.get(k) for k in KEYS}

@@ -517,9 +517,10 @@ def paired_table(pattern: str, arms: tuple[str, str]) -> str:
     files = sorted(RESULTS.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no results file matches benchmarks/results/{pattern}")
+    runs = [(path, json.loads(path.read_text())) for path in files]
     by_arm: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    for path in files:
-        for r in json.loads(path.read_text())["rows"]:
+    for _, data in runs:
+        for r in data["rows"]:
             arm, _, seed = r["variant"].partition("_seed")
             if arm in by_arm and r["rc"] == 0:
                 if int(seed or 0) in by_arm[arm]:
@@ -527,7 +528,7 @@ def paired_table(pattern: str, arms: tuple[str, str]) -> str:
                 by_arm[arm][int(seed or 0)] = r
     first, second = arms
     seeds = sorted(set(by_arm[first]) & set(by_arm[second]))
-    lines = [_runs_header(files), "",
+    lines = [_runs_header(runs), "",
              f"| seed | {first} NDCG@10 | {second} NDCG@10 | difference | {first} HR@10 | {second} HR@10 | session |",
              "|---|---|---|---|---|---|---|"]
     diffs = []
@@ -544,13 +545,13 @@ def paired_table(pattern: str, arms: tuple[str, str]) -> str:
             f"{first} lower in {lower} of {len(diffs)}.\n\n" + runs_line(by_arm))
 
 
-def _runs_header(files: list[Path]) -> str:
-    """"Device: ...; `command`." for one results file; for several, each file's command by name."""
-    runs = [json.loads(path.read_text()) for path in files]
-    devices = sorted({f"{data['device']} (torch {data['torch']})" for data in runs})
-    if len(files) == 1:
-        return f"Device: {devices[0]}; `{runs[0]['command']}`."
-    commands = "; ".join(f"{path.relative_to(RESULTS)}: `{data['command']}`" for path, data in zip(files, runs))
+def _runs_header(runs: list[tuple[Path, dict]]) -> str:
+    """"Device: ...; `command`." of one results file (path, its parsed JSON); of several, each
+    file's command by its name."""
+    devices = sorted({f"{data['device']} (torch {data['torch']})" for _, data in runs})
+    if len(runs) == 1:
+        return f"Device: {devices[0]}; `{runs[0][1]['command']}`."
+    commands = "; ".join(f"{path.relative_to(RESULTS)}: `{data['command']}`" for path, data in runs)
     return f"Device: {', '.join(devices)}; {commands}."
 
 
