@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from tuner.data.collate import IGNORE
 from tuner.losses import LOSSES, LossConfig
 
 
@@ -30,7 +31,7 @@ def compare(n: int, items: int, hidden: int, dtype: torch.dtype, device: str, lo
     b = torch.randn(items + 1, device=device).to(dtype)
     b[0] = float("-inf")
     labels = torch.randint(1, items + 1, (n,), device=device)
-    labels[::5] = -100  # ignored rows
+    labels[::5] = IGNORE  # ignored rows (padding slots): no loss, no gradient
     fn = LOSSES[loss]
     results = {}
     for kernel in ("auto", "torch"):
@@ -44,6 +45,7 @@ def compare(n: int, items: int, hidden: int, dtype: torch.dtype, device: str, lo
     finite = torch.isfinite(bt)
     return {"loss": _rel(lk, lt), "grad_hidden": _rel(hk, ht), "grad_weight": _rel(wk, wt),
             "grad_bias": _rel(bk[finite], bt[finite]), "padding_bias_grad": float(bk[0].float().abs()),
+            "ignored_rows_grad": float(hk[labels == IGNORE].float().abs().max()),
             "loss_value": float(lt)}
 
 

@@ -31,6 +31,7 @@ def test_loss_and_gradients_match_pytorch(result, case):
     for key in ("loss", "grad_hidden", "grad_weight", "grad_bias"):
         assert r[key] < bound, (case, key, r[key])
     assert r["padding_bias_grad"] == 0.0  # a -inf column takes no gradient
+    assert r["ignored_rows_grad"] == 0.0  # a padding slot's row takes none either
     assert 5 < r["loss_value"] < 10  # about log(300): the check ran on real losses
 
 
@@ -41,6 +42,7 @@ def test_a_few_rows_narrower_than_one_block_match(result):
     r = result["fp32_tiny"]
     assert all(r[key] < 1e-5 for key in ("loss", "grad_hidden", "grad_weight", "grad_bias")), r
     assert r["padding_bias_grad"] == 0.0 and 2 < r["loss_value"] < 6  # about log(37)
+    assert r["ignored_rows_grad"] == 0.0
 
 
 def test_compiled_ce_calls_the_kernels(result):
