@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tuner.model import add_norm as an
-from tests.triton_helpers import compare_models, rel
+from tests.triton_helpers import compare_models, excess_agreement, rel
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
 
@@ -50,6 +50,10 @@ def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, branch_
         r["forward_repeats"] = bool(torch.equal(s, again))
         # the dropped elements are the mask's: s - x is zero exactly there
         r["dropped_where_masked"] = bool(((s.float() - x.float()).abs() < 1e-6).eq(~keep).float().mean() > 0.99)
+        # independent draws across rows and columns (one Philox call decides four columns)
+        r["excess_agreement"] = {"rows": excess_agreement(keep[:-1], keep[1:]),
+                                 "columns": excess_agreement(keep[:, :-1], keep[:, 1:]),
+                                 "seeds": excess_agreement(keep, an.keep_mask(seed_t + 1, rows, hidden, p))}
     r["branch_bias"] = branch_bias
     return r
 

@@ -10,7 +10,7 @@ import torch
 
 from tuner.model import short_attention as sa
 from tuner.model import tiled_attention as ta
-from tests.triton_helpers import compare_models, rel
+from tests.triton_helpers import compare_models, excess_agreement, rel
 from tuner.model.bert4rec import Bert4Rec, Bert4RecConfig
 
 
@@ -60,6 +60,13 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
         r["mask_differs_by_seed"] = not torch.equal(mask, other)
         again_out = sa.attend(qkv, keep, seed_t, rate, heads, p > 0)
         r["forward_repeats"] = bool(torch.equal(out, again_out))
+        # independent draws across the batch, the heads, the query rows and the key columns
+        r["excess_agreement"] = {
+            "batch": excess_agreement(mask[0], mask[1]),
+            "heads": excess_agreement(mask[:, 0], mask[:, -1]) if heads > 1 else 0.0,
+            "rows": excess_agreement(mask[..., :-1, :], mask[..., 1:, :]),
+            "columns": excess_agreement(mask[..., :-1], mask[..., 1:]),
+            "seeds": excess_agreement(mask, other)}
     return r
 
 

@@ -25,6 +25,15 @@ def rel(a, b, floor=1e-30):
     return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 
+def excess_agreement(a, b) -> float:
+    """How much more often two bool masks agree element by element than two independent masks of
+    their kept shares would (0 for independent draws, about 0.375 at p = 0.25 for a copied mask):
+    a kernel that repeats one draw across heads, rows or columns shows here, not in its kept share."""
+    a, b = a.bool(), b.bool()
+    ka, kb = float(a.float().mean()), float(b.float().mean())
+    return float((a == b).float().mean()) - (ka * kb + (1 - ka) * (1 - kb))
+
+
 def compare_models(ours, theirs, items, device, backend, rows=None):
     """`ours` (the kernels) against `theirs` (PyTorch's ops) with the same weights, eagerly and
     under torch.compile (fullgraph: no breaks), bf16 autocast on a GPU: per mode the hidden
