@@ -521,11 +521,12 @@ def paired_table(pattern: str, arms: tuple[str, str]) -> str:
     by_arm: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     for _, data in runs:
         for r in data["rows"]:
-            arm, _, seed = r["variant"].partition("_seed")
+            arm, _, suffix = r["variant"].partition("_seed")
             if arm in by_arm and r["rc"] == 0:
-                if int(seed or 0) in by_arm[arm]:
+                seed = int(suffix or 0)
+                if seed in by_arm[arm]:
                     raise ValueError(f"{r['variant']} ran twice in benchmarks/results/{pattern}")
-                by_arm[arm][int(seed or 0)] = r
+                by_arm[arm][seed] = r
     first, second = arms
     seeds = sorted(set(by_arm[first]) & set(by_arm[second]))
     lines = [_runs_header(runs), "",

@@ -45,15 +45,16 @@ def case(rows, hidden, dtype, p, seed=0, branch_dtype=None, grad_s=True, branch_
     if p > 0:
         r["kept_fraction"] = float(keep.float().mean())
         r["mask_repeats"] = bool(torch.equal(keep, an.keep_mask(seed_t, rows, hidden, p)))
-        r["mask_differs_by_seed"] = not torch.equal(keep, an.keep_mask(seed_t + 1, rows, hidden, p))
+        other = an.keep_mask(seed_t + 1, rows, hidden, p)
+        r["mask_differs_by_seed"] = not torch.equal(keep, other)
         again = an.dropout_add_norm(x, branch, bb, weight, bias, seed_t, rate, p > 0, 1e-5)[0]
         r["forward_repeats"] = bool(torch.equal(s, again))
         # the dropped elements are the mask's: s - x is zero exactly there
         r["dropped_where_masked"] = bool(((s.float() - x.float()).abs() < 1e-6).eq(~keep).float().mean() > 0.99)
-        # independent draws across rows and columns (one Philox call decides four columns)
+        # independent draws across rows, columns (one Philox call decides four) and seeds
         r["excess_agreement"] = {"rows": excess_agreement(keep[:-1], keep[1:]),
                                  "columns": excess_agreement(keep[:, :-1], keep[:, 1:]),
-                                 "seeds": excess_agreement(keep, an.keep_mask(seed_t + 1, rows, hidden, p))}
+                                 "seeds": excess_agreement(keep, other)}
     r["branch_bias"] = branch_bias
     return r
 

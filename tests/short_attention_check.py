@@ -60,7 +60,7 @@ def case(batch, length, heads, head_dim, dtype, p, seed=0, device="cpu"):
         r["mask_differs_by_seed"] = not torch.equal(mask, other)
         again_out = sa.attend(qkv, keep, seed_t, rate, heads, p > 0)
         r["forward_repeats"] = bool(torch.equal(out, again_out))
-        # independent draws across the batch, the heads, the query rows and the key columns
+        # independent draws across the batch, the heads, the query rows, the key columns and seeds
         r["excess_agreement"] = {
             "batch": excess_agreement(mask[0], mask[1]),
             "heads": excess_agreement(mask[:, 0], mask[:, -1]) if heads > 1 else 0.0,
