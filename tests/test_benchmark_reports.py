@@ -458,11 +458,11 @@ def test_paired_table_joins_the_seeds_of_several_calls_and_refuses_a_seed_run_tw
     them; the header names each file's command; the same arm and seed in two files is an error."""
     import render_tables
 
-    def write(name: str, ndcgs: dict[str, float], device: str = "GPU X") -> None:
+    def write(name: str, ndcgs: dict[str, float]) -> None:
         rows = [{"variant": variant, "rc": 0, "test_ndcg_10": value, "test_hr_10": 2 * value, "best_epoch": 10,
                  "wall_s": 100.0, "session": 36} for variant, value in ndcgs.items()]
         (tmp_path / "s36").mkdir(exist_ok=True)
-        (tmp_path / "s36" / name).write_text(json.dumps({"device": device, "torch": "2.11", "command": f"run {name}",
+        (tmp_path / "s36" / name).write_text(json.dumps({"device": "GPU X", "torch": "2.11", "command": f"run {name}",
                                                          "rows": rows}))
 
     monkeypatch.setattr(render_tables, "RESULTS", tmp_path)
