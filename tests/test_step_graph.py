@@ -30,15 +30,13 @@ GRAPHS = ("train.compile_mode=reduce-overhead", "train.static_shapes=true")
 BF16 = torch.bfloat16
 
 
-def _resolved(overrides, device="cuda", workers=1, dtype=BF16, compiled=True, batches=None):
-    cfg = resolve_step(load_config(overrides=list(overrides)), torch.device(device), workers, dtype, compiled,
-                       batches)
+def _resolved(overrides, device="cuda", workers=1, compiled=True, batches=None):
+    cfg = resolve_step(load_config(overrides=list(overrides)), torch.device(device), workers, compiled, batches)
     return cfg.train.step_graph, cfg.train.static_shapes
 
 
 @pytest.mark.parametrize("overrides, kwargs, expected", [
     ((), {}, ("on", "true")),  # the default on one GPU worker: the whole step as one graph, fixed shapes
-    ((), {"dtype": None}, ("on", "true")),  # fp32 without autocast: no loss scaling either
     (GRAPHS, {}, ("on", "true")),
     (("train.compile_mode=max-autotune",), {}, ("on", "true")),
     (("train.compile_mode=max-autotune-no-cudagraphs",), {}, ("off", "false")),  # no CUDA graphs asked
@@ -46,14 +44,12 @@ def _resolved(overrides, device="cuda", workers=1, dtype=BF16, compiled=True, ba
     (("train.compile_mode=reduce-overhead", "train.static_shapes=false"), {}, ("off", "false")),  # inductor's
     ((), {"device": "cpu"}, ("off", "false")),
     ((), {"workers": 2}, ("off", "false")),  # DDP keeps its launches
-    ((), {"dtype": torch.float16}, ("off", "false")),  # the GradScaler's check syncs
     ((), {"compiled": False}, ("off", "false")),
     (("train.step_graph=off",), {}, ("off", "false")),
     (("train.step_graph=off", "train.static_shapes=true"), {}, ("off", "true")),
     ((), {"batches": 7}, ("off", "false")),  # filling the last batch could repeat over 1/8 of an epoch
     ((), {"batches": MIN_BATCHES}, ("on", "true")),
     (("train.static_shapes=true",), {"batches": 1}, ("on", "true")),  # asked for: the share is the user's
-    (("train.static_shapes=true",), {"dtype": torch.float16}, ("off", "true")),
     (("train.step_graph=on",), {"batches": 1}, ("on", "true")),
 ])
 def test_when_the_step_is_one_graph(overrides, kwargs, expected):
@@ -72,11 +68,10 @@ def test_a_bad_static_shapes_value_is_named():
 
 
 @pytest.mark.parametrize("overrides, kwargs, message", [
-    ((), {"device": "cpu", "dtype": None}, "needs a CUDA device (this run is on cpu)"),
+    ((), {"device": "cpu"}, "needs a CUDA device (this run is on cpu)"),
     ((), {"compiled": False}, "needs train.compile on"),
     (("train.static_shapes=false",), {}, "needs fixed batch shapes (this run has train.static_shapes=false)"),
     ((), {"workers": 4}, "needs one worker (this run has 4)"),
-    ((), {"dtype": torch.float16}, "needs no fp16 loss scaling"),
 ])
 def test_step_graph_on_names_what_the_run_lacks(overrides, kwargs, message):
     with pytest.raises(UserError, match="^" + re.escape(f"train.step_graph=on {message}")):
@@ -86,8 +81,8 @@ def test_step_graph_on_names_what_the_run_lacks(overrides, kwargs, message):
 def test_the_host_bound_choices_follow_the_resolved_step():
     """The C++ wrapper and add_norm's kernels follow whether the step replays CUDA graphs, as
     decided for the run, not the compile mode's name."""
-    graph = resolve_step(load_config(), CUDA, 1, BF16, True)
-    plain = resolve_step(load_config(overrides=["train.static_shapes=false"]), CUDA, 1, BF16, True)
+    graph = resolve_step(load_config(), CUDA, 1, True)
+    plain = resolve_step(load_config(overrides=["train.static_shapes=false"]), CUDA, 1, True)
     assert compile_options(graph.train, CUDA) is None  # auto: C++ launches only where the host launches
     assert compile_options(plain.train, CUDA) is not None
     assert fused_add_norm(graph) and not fused_add_norm(plain)
@@ -115,6 +110,7 @@ def test_the_masters_update_reads_its_learning_rate_from_one_tensor_written_in_p
 # 2^-7, and learning-rate factors of a few bits: every learning rate is the same number as the
 # captured fused AdamW's fp32 lr tensor and as the uncaptured one's float
 LR = 2.0 ** -7
+AMP = {None: "off", BF16: "bf16", torch.float16: "fp16"}  # autocast's dtype -> train.amp
 
 
 def _setup(graph: bool, weights: str = "fp32", dropout: float = 0.0, grad_clip: float = 1.0, factors=None,
@@ -124,7 +120,7 @@ def _setup(graph: bool, weights: str = "fp32", dropout: float = 0.0, grad_clip: 
     config (an objective, iLoRA); `dtype`: autocast's (None: fp32 throughout)."""
     cfg = load_config(overrides=["model.size=tiny", f"model.dropout={dropout}", f"model.attn_dropout={dropout}",
                                  f"train.weights={weights}", *GRAPHS, f"optim.grad_clip={grad_clip}",
-                                 f"optim.lr={LR}", f"train.amp={'off' if dtype is None else 'bf16'}", *overrides])
+                                 f"optim.lr={LR}", f"train.amp={AMP[dtype]}", *overrides])
     data = generate(400, 80, seed=0)
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items, pretrained=False).to(CUDA)
@@ -162,6 +158,7 @@ DETERMINISTIC = {
     "fp32 weights (fused AdamW)": {"weights": "fp32"},
     "bf16 weights (MasterWeightAdamW)": {"weights": "bf16"},
     "fp32 without autocast": {"dtype": None},
+    "fp16 with loss scaling (fused AdamW)": {"dtype": torch.float16},
     "focal loss": {"overrides": ("train.loss=focal",)},
     "cut cross-entropy": {"overrides": ("train.loss=cce",)},
     "iLoRA, history router": {"overrides": ("ilora.enabled=true", "ilora.dropout=0")},
@@ -214,6 +211,37 @@ def test_a_replay_draws_anew_and_trains(overrides):
     for _ in range(20):  # lr factor 1 again: the same batch, learnt
         step(batches[1])
     assert float(step(batches[1])) < before
+
+
+def test_fp16_loss_scaling_is_captured_only_with_an_optimizer_that_takes_its_found_inf():
+    """GradScaler reads the overflow check on the host for an optimizer without
+    `_step_supports_amp_scaling`; such a step is refused before any capture, in one line."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="^train.step_graph with fp16 loss scaling needs an optimizer that takes "
+                                           r"the scaler's found_inf \(the fused AdamW\), not SGD$"):
+        TrainStep(model, list(model.parameters()), optimizer, None, torch.float16, 1.0, torch.device("cpu"),
+                  step_graph=True)
+
+
+@needs_cuda
+def test_an_overflowing_fp16_replay_skips_its_update_and_backs_off_the_scale():
+    """fp16: the loss scale is the scaler's device tensor, read by the graph. A replay whose
+    gradients overflow (scale 2^60) leaves every weight as it was and halves the scale, on the
+    device; at a sane scale the next replay trains."""
+    model, _, _, step, batches = _setup(True, steps=WARMUP + 3, dtype=torch.float16)
+    for batch in batches[:WARMUP + 1]:  # the last of them is captured and replayed
+        step(batch)
+    assert step.graph.captured
+    before = _weights(model)
+    step.scaler.update(2.0 ** 60)  # in place: the tensor the graph reads
+    step(batches[WARMUP + 1])
+    assert all(torch.equal(v, before[n]) for n, v in _weights(model).items())
+    assert step.scaler.get_scale() == 2.0 ** 59
+    step.scaler.update(2.0 ** 10)
+    step(batches[WARMUP + 2])
+    assert any(not torch.equal(v, before[n]) for n, v in _weights(model).items())
+    assert step.scaler.get_scale() == 2.0 ** 10
 
 
 @needs_cuda

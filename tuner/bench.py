@@ -125,7 +125,7 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # multigpu.py's workers
     world = torch.distributed.get_world_size() if distributed else 1
-    cfg = resolve_step(load_config(overrides=overrides), device, world, dtype, spec.compile)
+    cfg = resolve_step(load_config(overrides=overrides), device, world, spec.compile)
     torch.manual_seed(spec.seed if spec.model_seed is None else spec.model_seed)
     model = build_model(cfg, spec.num_items, pretrained=False).to(device)
     objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)

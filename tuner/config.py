@@ -214,8 +214,8 @@ class TrainConfig:
     # the whole step (forward, backward, clipping, the optimizer's update) captured once as one CUDA
     # graph and replayed (tuner/train/step_graph.py), the objective then compiled without inductor's
     # own graphs. auto = on where the step can be captured whole: CUDA, train.compile on, static
-    # shapes (not train.static_shapes=false), one worker, no fp16 loss scaling, and a compile mode
-    # other than max-autotune-no-cudagraphs; on = those needs, with any compile mode
+    # shapes (not train.static_shapes=false), one worker, and a compile mode other than
+    # max-autotune-no-cudagraphs; on = those needs, with any compile mode
     step_graph: str = "auto"
     loss: str = "ce"  # ce | focal | cce (cut cross-entropy) | sampled_ce (CE-) | cce_sampled (CCE-)
     focal_gamma: float = 2.0  # focal loss exponent

@@ -93,7 +93,7 @@ def train_worker(cfg: Config, ctx: WorkerContext, reporter: Reporter,
         raise UserError(f"{int((train.lengths >= 1).sum())} training users cannot be shared by {ctx.world_size} "
                         f"workers (resources.workers)")
     # the step graph and static shapes decided here: the model's kernels and the batches follow them
-    cfg = resolve_step(cfg, device, ctx.world_size, dtype, use_compile, steps_per_epoch)
+    cfg = resolve_step(cfg, device, ctx.world_size, use_compile, steps_per_epoch)
     model = build_model(cfg, dataset.num_items, pretrained=not has_checkpoint(ctx.resume_dir)).to(device)
     loss_cfg = loss_config(cfg.train)
     popularity = popularity_counts(train, dataset.num_items)  # popularity negatives, sampled metrics, baseline

@@ -166,6 +166,10 @@ class TrainStep:
         # PyTorch's fused optimizers divide by `grad_scale`; others declare it (MasterWeightAdamW)
         takes_scale = bool(optimizer.defaults.get("fused")) or getattr(optimizer, "takes_grad_scale", False)
         self.fused_clip = fused_clip and takes_scale and not self.scaler.is_enabled()
+        if step_graph and self.scaler.is_enabled() and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            # GradScaler would read the overflow check on the host, which a capture cannot do
+            raise RuntimeError(f"train.step_graph with fp16 loss scaling needs an optimizer that takes the scaler's "
+                               f"found_inf (the fused AdamW), not {type(optimizer).__name__}")
         self.graph = StepGraph(self._update, optimizer, device) if step_graph else None
 
     def autocast(self):

@@ -19,14 +19,17 @@ grew by about 100 MB (benchmarks/results/h200_session33/, README's session 33).
 
 Outside the graph: the scheduler (host arithmetic) and whatever the caller does between steps
 (the weight average, evaluation). What it needs: fixed shapes (`train.static_shapes`), one
-worker (DDP's all-reduces are not captured here), no fp16 GradScaler (its overflow check syncs
-with the host), and an optimizer whose learning rate the graph reads from a tensor: the fused
-AdamW (made `capturable`, its lr a device tensor while captured) or `MasterWeightAdamW`. Loading
+worker (DDP's all-reduces are not captured here), and an optimizer whose learning rate the graph
+reads from a tensor: the fused AdamW (made `capturable`, its lr a device tensor while captured) or
+`MasterWeightAdamW`. fp16's GradScaler is captured too: with the fused AdamW (every fp16 run on a
+GPU has it: bf16 weights need bf16 autocast) its unscaling, overflow check, skipped update and
+scale update are all device work (`_step_supports_amp_scaling`: the scaler hands the optimizer
+its `found_inf` tensor instead of reading it on the host). Loading
 an optimizer state replaces the state tensors a graph would read, so it drops the graph; the
 next step captures again.
 
 Since session 34 this is the default wherever it applies (`resolve_step`): a trial on one GPU
-worker with bf16 autocast or fp32 gets the step graph and fixed batch shapes without settings,
+worker gets the step graph and fixed batch shapes without settings,
 unless an epoch holds fewer than MIN_BATCHES batches; `train.static_shapes=false` or
 `train.step_graph=off` keeps plain compile.
 """
@@ -57,8 +60,7 @@ WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no
 MIN_BATCHES = 8
 
 
-def step_graph_blocker(train: TrainConfig, device: torch.device, world_size: int, dtype: Optional[torch.dtype],
-                       compiled: bool) -> Optional[str]:
+def step_graph_blocker(train: TrainConfig, device: torch.device, world_size: int, compiled: bool) -> Optional[str]:
     """What keeps this run's step from being captured whole, as the end of "train.step_graph=on
     needs ...", or None."""
     if device.type != "cuda":
@@ -69,12 +71,10 @@ def step_graph_blocker(train: TrainConfig, device: torch.device, world_size: int
         return "fixed batch shapes (this run has train.static_shapes=false)"
     if world_size > 1:
         return f"one worker (this run has {world_size})"
-    if dtype == torch.float16:
-        return "no fp16 loss scaling (train.amp=fp16 here; bf16 or off work)"
     return None
 
 
-def resolve_step(cfg: Config, device: torch.device, world_size: int, dtype: Optional[torch.dtype], compiled: bool,
+def resolve_step(cfg: Config, device: torch.device, world_size: int, compiled: bool,
                  batches: Optional[int] = None) -> Config:
     """`cfg` with `train.step_graph` (on / off) and `train.static_shapes` (true / false) decided for
     this run; everything that follows the step's shape (the C++ wrapper, add_norm's kernels, the
@@ -87,7 +87,7 @@ def resolve_step(cfg: Config, device: torch.device, world_size: int, dtype: Opti
     train = cfg.train
     graph = False
     if train.step_graph != "off":
-        missing = step_graph_blocker(train, device, world_size, dtype, compiled)
+        missing = step_graph_blocker(train, device, world_size, compiled)
         if train.step_graph == "on":
             if missing:
                 raise UserError(f"train.step_graph=on needs {missing}")
@@ -114,6 +114,8 @@ class StepGraph:
         self.inputs: Optional[TrainBatch] = None  # the tensors the graph reads its batch from
         self.loss: Optional[torch.Tensor] = None  # the tensor the graph writes the loss into
         self.lrs: list[tuple[dict, torch.Tensor]] = []  # the fused AdamW's groups and their lr tensors
+        # MasterWeightAdamW writes its learning rates into tensors of its own; torch's AdamW gets ours
+        self.prepare: Optional[Callable[[], None]] = getattr(optimizer, "prepare_step", None)
         self.side = torch.cuda.Stream(device)
         optimizer.register_load_state_dict_post_hook(lambda _: self.drop())
 
@@ -146,7 +148,7 @@ class StepGraph:
         self.inputs = batch.map(torch.Tensor.clone)
         # torch's AdamW reads its lr from a device tensor while captured (a float otherwise);
         # MasterWeightAdamW has tensors of its own (made anew after a loaded state drops them)
-        if not hasattr(self.optimizer, "prepare_step"):
+        if self.prepare is None:
             self.lrs = [(group, torch.zeros((), dtype=torch.float32, device=self.device))
                         for group in self.optimizer.param_groups]
         self._write_lrs()
@@ -179,8 +181,7 @@ class StepGraph:
     def _write_lrs(self) -> None:
         """The scheduler's learning rates of this step into the tensors the captured update reads:
         MasterWeightAdamW's own (`prepare_step`), or the lr tensors standing in for torch's AdamW's."""
-        prepare = getattr(self.optimizer, "prepare_step", None)
-        if prepare is not None:
-            prepare()
+        if self.prepare is not None:
+            self.prepare()
         for group, lr in self.lrs:
             lr.fill_(float(group["lr"]))
