@@ -67,9 +67,12 @@ def test_fused_qkv_projection_is_the_three_linears():
 
 
 def _residual_pair(weights_dtype, device="cpu"):
-    """The same tiny model with an fp32 and a bf16 residual stream (weights in `weights_dtype`)."""
+    """The same tiny model with an fp32 and a bf16 residual stream (weights in `weights_dtype`), on
+    PyTorch's add and LayerNorm ops: on a GPU add_norm's kernels would run the blocks through
+    `Block.forward_fused`, which the blocks' forward hooks (`_stream_dtypes`) do not see."""
     torch.manual_seed(0)
-    cfg = dict(num_items=40, hidden=32, layers=2, heads=2, ffn=64, max_len=16, dropout=0.0, attn_dropout=0.0)
+    cfg = dict(num_items=40, hidden=32, layers=2, heads=2, ffn=64, max_len=16, dropout=0.0, attn_dropout=0.0,
+               fused_add_norm=False)
     fp32 = Bert4Rec(Bert4RecConfig(**cfg)).to(device, weights_dtype)
     bf16 = Bert4Rec(Bert4RecConfig(**cfg, residual="bf16")).to(device, weights_dtype)
     bf16.load_state_dict(fp32.state_dict())
@@ -102,6 +105,7 @@ def test_bf16_residual_stream_under_autocast(weights_dtype, device):
     items = torch.randint(1, 41, (4, 16), device=device)
     items[0, :5] = 0
     seen, reference = _stream_dtypes(fp32, items)
+    assert len(seen) == len(fp32.blocks)  # every block ran as a module, under the hooks
     if weights_dtype == torch.float32 or device == "cuda":
         assert set(seen) == {(torch.float32, torch.float32)}
     seen, hidden = _stream_dtypes(bf16, items)
