@@ -567,6 +567,23 @@ def runs_line(by_arm: dict[str, dict[int, dict]]) -> str:
     return "Runs: " + "; ".join(parts) + "."
 
 
+def kernel_masks_table(folder: str) -> str:
+    """The dropout masks of the Triton kernels compiled for a GPU (`tests/*_check.py --cuda` in
+    `folder`): each case's kept share at its rate and the largest excess agreement between
+    neighbouring rows, columns, heads, batch rows and seeds (0 for independent draws)."""
+    device = (RESULTS / folder / "gpu_call1.txt").read_text().splitlines()
+    lines = [f"Device: {device[1].split(',')[0]} (torch {device[2]}); `python tests/add_norm_check.py --cuda`, "
+             "`python tests/short_attention_check.py --cuda` (every case drops at rate 0.1).", "",
+             "| kernel | case | kept share | largest excess agreement (pair) |", "|---|---|---|---|"]
+    for kernel in ("add_norm", "short_attention"):
+        for case, r in json.loads((RESULTS / folder / f"{kernel}_check_cuda.json").read_text()).items():
+            if "excess_agreement" not in r:
+                continue
+            pair, excess = max(r["excess_agreement"].items(), key=lambda kv: abs(kv[1]))
+            lines.append(f"| {kernel} | {case} | {r['kept_fraction']:.4f} | {excess:+.5f} ({pair}) |")
+    return "\n".join(lines)
+
+
 def variants_table(name: str = "seed_options.json") -> str:
     """A `benchmarks/ml1m_variants.py` results file (seed options, losses, refit)."""
     data = json.loads((RESULTS / name).read_text())
@@ -811,6 +828,9 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--static-slots": static_slots_table,
           "--defaults-h200": lambda: defaults_table(*(f"h200_session34/defaults_call{k}.json" for k in (1, 2, 3))),
           "--ml1m-defaults": lambda: paired_table("ml1m_defaults.json", ("default", "before")),
+          "--ml1m-defaults-session37": lambda: paired_table("h200_session37/defaults_call*.json",
+                                                            ("default", "before")),
+          "--kernel-masks-h200": lambda: kernel_masks_table("h200_session37"),
           "--defaults-h200-session35": lambda: defaults_table("h200_session35/defaults_call3.json"),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"

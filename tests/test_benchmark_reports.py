@@ -344,6 +344,13 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     assert "-0.0026 (standard error 0.0013, t = -2.09 over 16 seeds); default lower in 12 of 16." in ml1m
     assert ("default: best epoch median 154, test HR@10 mean 0.3152, wall 122-212 s; before: best epoch median "
             "172.5" in ml1m)
+    ml1m = render_tables.TABLES["--ml1m-defaults-session37"]()  # session 37: the last batch filled, 12 seeds
+    assert "| 9 | 0.1502 | 0.1635 | -0.0133 | 0.3035 | 0.3255 | 37 |" in ml1m
+    assert "-0.0011 (standard error 0.0018, t = -0.65 over 12 seeds); default lower in 7 of 12." in ml1m
+    assert "default: best epoch median 165.5" in ml1m and "before: best epoch median 172," in ml1m
+    masks = render_tables.TABLES["--kernel-masks-h200"]().splitlines()  # compiled for the GPU: 7 dropout cases
+    assert sum(line.startswith(("| add_norm |", "| short_attention |")) for line in masks) == 7
+    assert "| short_attention | bf16_ml1m_tiled | 0.9000 | +0.00045 (batch) |" in masks
     # session 35: the default with the prediction slots sized from the data
     assert ("| 130M | 21.4 / 115.4 | 0.663 / 1.717 | 2.59x | 2,327 / 2,333 |"
             in render_tables.TABLES["--defaults-h200-session35"]())

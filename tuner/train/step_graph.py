@@ -21,17 +21,17 @@ Outside the graph: the scheduler (host arithmetic) and whatever the caller does 
 (the weight average, evaluation). What it needs: fixed shapes (`train.static_shapes`), one
 worker (DDP's all-reduces are not captured here), and an optimizer whose learning rate the graph
 reads from a tensor: the fused AdamW (made `capturable`, its lr a device tensor while captured) or
-`MasterWeightAdamW`. fp16's GradScaler is captured too: with the fused AdamW (every fp16 run on a
-GPU has it: bf16 weights need bf16 autocast) its unscaling, overflow check, skipped update and
-scale update are all device work (`_step_supports_amp_scaling`: the scaler hands the optimizer
-its `found_inf` tensor instead of reading it on the host). Loading
-an optimizer state replaces the state tensors a graph would read, so it drops the graph; the
-next step captures again.
+`MasterWeightAdamW`. fp16's GradScaler is captured too (since session 37): with the fused AdamW
+(every fp16 run on a GPU has it: bf16 weights need bf16 autocast) its unscaling, overflow check,
+skipped update and scale update are all device work (`_step_supports_amp_scaling`: the scaler
+hands the optimizer its `found_inf` tensor instead of reading it on the host). Loading an
+optimizer state replaces the state tensors a graph would read, so it drops the graph; the next
+step captures again.
 
 Since session 34 this is the default wherever it applies (`resolve_step`): a trial on one GPU
-worker gets the step graph and fixed batch shapes without settings,
-unless an epoch holds fewer than MIN_BATCHES batches; `train.static_shapes=false` or
-`train.step_graph=off` keeps plain compile.
+worker gets the step graph and fixed batch shapes without settings, unless an epoch holds fewer
+than MIN_BATCHES batches; `train.static_shapes=false` or `train.step_graph=off` keeps plain
+compile.
 """
 
 from __future__ import annotations
