@@ -514,19 +514,7 @@ def paired_table(pattern: str, arms: tuple[str, str]) -> str:
     of each, their difference, and the mean difference over the seeds both arms ran, with its
     standard error and t. `pattern`: a file in benchmarks/results, or a glob of several (one per
     device call); an arm's seed in two of them is an error."""
-    files = sorted(RESULTS.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no results file matches benchmarks/results/{pattern}")
-    runs = [(path, json.loads(path.read_text())) for path in files]
-    by_arm: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    for _, data in runs:
-        for r in data["rows"]:
-            arm, _, suffix = r["variant"].partition("_seed")
-            if arm in by_arm and r["rc"] == 0:
-                seed = int(suffix or 0)
-                if seed in by_arm[arm]:
-                    raise ValueError(f"{r['variant']} ran twice in benchmarks/results/{pattern}")
-                by_arm[arm][seed] = r
+    runs, by_arm = _arm_rows(pattern, arms)
     first, second = arms
     seeds = sorted(set(by_arm[first]) & set(by_arm[second]))
     lines = [_runs_header(runs), "",
@@ -544,6 +532,38 @@ def paired_table(pattern: str, arms: tuple[str, str]) -> str:
     return ("\n".join(lines) + "\n\n" + arms_line(by_arm) + f" {first} minus {second}, paired by seed: "
             f"{mean:+.4f} (standard error {error:.4f}, t = {mean / error:.2f} over {len(diffs)} seeds); "
             f"{first} lower in {lower} of {len(diffs)}.\n\n" + runs_line(by_arm))
+
+
+def _arm_rows(pattern: str, arms: tuple[str, ...]) -> tuple[list[tuple[Path, dict]], dict[str, dict[int, dict]]]:
+    """The results files `pattern` matches (path, parsed JSON), and the finished rows of each of
+    `arms` by seed; an arm's seed in two of the files is an error."""
+    files = sorted(RESULTS.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no results file matches benchmarks/results/{pattern}")
+    runs = [(path, json.loads(path.read_text())) for path in files]
+    by_arm: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    for _, data in runs:
+        for r in data["rows"]:
+            arm, _, suffix = r["variant"].partition("_seed")
+            if arm in by_arm and r["rc"] == 0:
+                seed = int(suffix or 0)
+                if seed in by_arm[arm]:
+                    raise ValueError(f"{r['variant']} ran twice in benchmarks/results/{pattern}")
+                by_arm[arm][seed] = r
+    return runs, by_arm
+
+
+def reruns_line(first: str, second: str, arm: str) -> str:
+    """One arm run twice at the same seeds (the files `first` and `second` match, as `paired_table`
+    reads them): how far test NDCG@10 moves between two runs of one seed. On a GPU a seed does not fix
+    a run (atomic adds sum in any order), so this is the noise that pairing by seed leaves."""
+    a, b = (_arm_rows(pattern, (arm,))[1][arm] for pattern in (first, second))
+    seeds = sorted(set(a) & set(b))
+    diffs = [b[s]["test_ndcg_10"] - a[s]["test_ndcg_10"] for s in seeds]
+    between = statistics.stdev([a[s]["test_ndcg_10"] for s in seeds])
+    return (f"{arm} rerun at the same {len(seeds)} seeds ({second} minus {first}): mean {statistics.mean(diffs):+.4f}, "
+            f"sd {statistics.stdev(diffs):.4f}, largest {max(diffs, key=abs):+.4f}; the seeds' own sd in "
+            f"{first} {between:.4f}.")
 
 
 def _runs_header(runs: list[tuple[Path, dict]]) -> str:
@@ -831,6 +851,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--ml1m-defaults-session37": lambda: paired_table("h200_session37/defaults_call*.json",
                                                             ("default", "before")),
           "--kernel-masks-h200": lambda: kernel_masks_table("h200_session37"),
+          "--ml1m-reruns": lambda: reruns_line("ml1m_defaults.json", "h200_session37/defaults_call*.json", "before"),
           "--defaults-h200-session35": lambda: defaults_table("h200_session35/defaults_call3.json"),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"
