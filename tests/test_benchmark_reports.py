@@ -497,3 +497,15 @@ def test_ml1m_variants_kills_a_variant_past_its_timeout_and_keeps_its_row(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["rc"] == -9 and row["error"] == ["killed after the --timeout of 1 s"] and row["process_s"] < 30, row
+
+
+def test_gpu_throughput_variants_stack_their_suffixes():
+    """`amp_compile_graphs_no_step_graph_fp16`: a V100's fp16 step with inductor's graphs alone, timed
+    on any GPU; an unknown base is one line."""
+    import gpu_throughput
+
+    spec = gpu_throughput.variant_spec("amp_compile_graphs_no_step_graph_fp16", "130M", 256, 20, 5)
+    assert spec.overrides == ("train.amp=fp16", "train.step_graph=off")
+    assert spec.amp and spec.compile and spec.static_shapes and spec.compile_mode == "reduce-overhead"
+    with pytest.raises(SystemExit, match="^gpu_throughput.py: unknown variant 'fp16_fp16'$"):
+        gpu_throughput.variant_spec("fp16_fp16", "130M", 256, 20, 5)

@@ -1,6 +1,7 @@
 """The `tuner` command as a user runs it: exit codes, one-line errors, `--json`."""
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,17 @@ def test_bench_reports_consistent_timings_and_the_hosts_share():
     text = tuner("bench", "--size", "tiny", "--batch-size", "8", "--num-items", "100", "--steps", "2", "--warmup", "1")
     assert text.returncode == 0, text.stderr
     assert " ms/step (host " in text.stdout and " ms to issue it), " in text.stdout, text.stdout
+
+
+@pytest.mark.parametrize("amp, dtype", [((), "bfloat16"), (("--set", "train.amp=fp16"), "float16")])
+def test_bench_autocasts_in_the_dtype_train_amp_names(amp, dtype):
+    """`--amp` autocasts in bf16 where the device has it; `--set train.amp=fp16` times fp16 with
+    its GradScaler instead (a V100's step, on any device), and it trains: a finite first loss."""
+    proc = tuner("bench", "--size", "tiny", "--batch-size", "8", "--num-items", "100", "--steps", "2", "--warmup", "1",
+                 "--amp", *amp, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["amp"] == dtype and math.isfinite(result["loss_first_step"]), result
 
 
 @pytest.mark.parametrize("args, fragments", [

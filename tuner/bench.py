@@ -26,6 +26,7 @@ from tuner.errors import UserError
 from tuner.losses import MaskedItemObjective, loss_config
 from tuner.model.bert4rec import Bert4RecConfig, count_parameters
 from tuner.model.build import build_model
+from tuner.train.loop import resolve_precision
 from tuner.train.optim import training_optimizer
 from tuner.train.parallel import weights_digest
 from tuner.train.step import TrainStep, compile_options
@@ -120,12 +121,15 @@ def prepare_bench(spec: BenchSpec, device: torch.device, wrap=None) -> PreparedB
     overrides += [f"train.compile={'on' if spec.compile else 'off'}", f"train.compile_mode={spec.compile_mode}",
                   f"train.static_shapes={spec.static_shapes}"]
     overrides += [f"ilora.enabled={spec.ilora}", *spec.overrides]
+    cfg = load_config(overrides=overrides)
     dtype = None
-    if spec.amp:
+    if spec.amp and cfg.train.amp != "auto":  # named (--set train.amp=fp16: a V100's step on any GPU)
+        dtype = resolve_precision(cfg.train.amp, device)
+    elif spec.amp:
         dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # multigpu.py's workers
     world = torch.distributed.get_world_size() if distributed else 1
-    cfg = resolve_step(load_config(overrides=overrides), device, world, spec.compile)
+    cfg = resolve_step(cfg, device, world, spec.compile)
     torch.manual_seed(spec.seed if spec.model_seed is None else spec.model_seed)
     model = build_model(cfg, spec.num_items, pretrained=False).to(device)
     objective = MaskedItemObjective(model, loss_config(cfg.train, spec.loss)).to(device)
