@@ -264,12 +264,14 @@ def test_a_replay_reads_the_learning_rate_of_its_step(weights):
 
 # each kind of dropout alone, so one frozen inside the graph cannot hide behind another that draws
 # anew: the hidden one (residual branches) on add_norm's kernels and on inductor's code, and the
-# attention weights' inside the attention kernel (the embeddings' dropout, inductor's code in every
-# case, is switched off by the test)
+# attention weights' inside the attention kernel: Triton's, and SDPA's memory-efficient one, which
+# fp32 runs and GPUs older than sm80 (V100s, fp16 and now captured) get (the embeddings' dropout,
+# inductor's code in every case, is switched off by the test)
 DROPOUTS = {
     "hidden, add_norm's kernels": (0.3, ("model.attn_dropout=0",)),
     "hidden, inductor's code": (0.3, ("model.attn_dropout=0", "model.fused_add_norm=off")),
     "attention weights": (0.0, ("model.attn_dropout=0.3",)),
+    "attention weights, SDPA's kernel": (0.0, ("model.attn_dropout=0.3", "model.attention=efficient")),
 }
 
 
