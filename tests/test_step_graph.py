@@ -149,6 +149,7 @@ def assert_same_training(got: dict, expected: dict, start: dict, share: float = 
     the key projection's bias, whose gradient is zero but for rounding (softmax ignores a shift)."""
     moved = sum(float((value - start[name]).norm()) ** 2 for name, value in expected.items()) ** 0.5
     off = sum(float((got[name] - value).norm()) ** 2 for name, value in expected.items()) ** 0.5
+    assert moved > 0, "training left the weights where they started (fp16: every step skipped?)"
     assert off <= share * moved, f"the weights ended {off:.3g} from the expected ones, which moved {moved:.3g}"
 
 
