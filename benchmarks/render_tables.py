@@ -516,18 +516,14 @@ def paired_table(pattern: str, arms: tuple[str, str]) -> str:
     device call); an arm's seed in two of them is an error."""
     runs, by_arm = _arm_rows(pattern, arms)
     first, second = arms
-    seeds = sorted(set(by_arm[first]) & set(by_arm[second]))
+    seeds, diffs, mean, error = _paired(by_arm, arms)
     lines = [_runs_header(runs), "",
              f"| seed | {first} NDCG@10 | {second} NDCG@10 | difference | {first} HR@10 | {second} HR@10 | session |",
              "|---|---|---|---|---|---|---|"]
-    diffs = []
-    for seed in seeds:
+    for seed, diff in zip(seeds, diffs):
         a, b = by_arm[first][seed], by_arm[second][seed]
-        diffs.append(a["test_ndcg_10"] - b["test_ndcg_10"])
-        lines.append(f"| {seed} | {a['test_ndcg_10']:.4f} | {b['test_ndcg_10']:.4f} | {diffs[-1]:+.4f} | "
+        lines.append(f"| {seed} | {a['test_ndcg_10']:.4f} | {b['test_ndcg_10']:.4f} | {diff:+.4f} | "
                      f"{a['test_hr_10']:.4f} | {b['test_hr_10']:.4f} | {a.get('session', '?')} |")
-    mean = statistics.mean(diffs)
-    error = statistics.stdev(diffs) / len(diffs) ** 0.5
     lower = sum(d < 0 for d in diffs)
     return ("\n".join(lines) + "\n\n" + arms_line(by_arm) + f" {first} minus {second}, paired by seed: "
             f"{mean:+.4f} (standard error {error:.4f}, t = {mean / error:.2f} over {len(diffs)} seeds); "
@@ -553,6 +549,30 @@ def _arm_rows(pattern: str, arms: tuple[str, ...]) -> tuple[list[tuple[Path, dic
     return runs, by_arm
 
 
+def _paired(by_arm: dict[str, dict[int, dict]], arms: tuple[str, str]) -> tuple[list[int], list[float], float, float]:
+    """The seeds both arms ran, test NDCG@10 first minus second at each, their mean and its
+    standard error."""
+    first, second = arms
+    seeds = sorted(set(by_arm[first]) & set(by_arm[second]))
+    diffs = [by_arm[first][s]["test_ndcg_10"] - by_arm[second][s]["test_ndcg_10"] for s in seeds]
+    return seeds, diffs, statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def gap_change_line(earlier: str, later: str, arms: tuple[str, str]) -> str:
+    """`paired_table`'s gap between `arms` in two sets of runs (files or globs as it reads them):
+    the later gap with its 95% interval (t with seeds - 1 degrees of freedom), the earlier gap, and
+    how far apart the two are against their combined standard error."""
+    from scipy import stats
+
+    (_, old, old_mean, old_error), (_, new, new_mean, new_error) = (
+        _paired(_arm_rows(pattern, arms)[1], arms) for pattern in (earlier, later))
+    half = float(stats.t.ppf(0.975, len(new) - 1)) * new_error
+    combined = (old_error ** 2 + new_error ** 2) ** 0.5
+    return (f"{arms[0]} minus {arms[1]}: {later} {new_mean:+.4f} (95% interval {new_mean - half:+.4f} to "
+            f"{new_mean + half:+.4f}, {len(new)} seeds); {earlier} {old_mean:+.4f} ({len(old)} seeds); the two "
+            f"{new_mean - old_mean:+.4f} apart, combined standard error {combined:.4f}.")
+
+
 def reruns_line(first: str, second: str, arm: str) -> str:
     """One arm run twice at the same seeds (the files `first` and `second` match, as `paired_table`
     reads them): how far test NDCG@10 moves between two runs of one seed. On a GPU a seed does not fix
@@ -561,9 +581,10 @@ def reruns_line(first: str, second: str, arm: str) -> str:
     seeds = sorted(set(a) & set(b))
     diffs = [b[s]["test_ndcg_10"] - a[s]["test_ndcg_10"] for s in seeds]
     between = statistics.stdev([a[s]["test_ndcg_10"] for s in seeds])
+    spread = statistics.stdev(diffs)
     return (f"{arm} rerun at the same {len(seeds)} seeds ({second} minus {first}): mean {statistics.mean(diffs):+.4f}, "
-            f"sd {statistics.stdev(diffs):.4f}, largest {max(diffs, key=abs):+.4f}; the seeds' own sd in "
-            f"{first} {between:.4f}.")
+            f"sd {spread:.4f}, largest {max(diffs, key=abs):+.4f}, so one run's own sd {spread / 2 ** 0.5:.4f}; "
+            f"the seeds' own sd in {first} {between:.4f}.")
 
 
 def _runs_header(runs: list[tuple[Path, dict]]) -> str:
@@ -852,6 +873,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
                                                             ("default", "before")),
           "--kernel-masks-h200": lambda: kernel_masks_table("h200_session37"),
           "--ml1m-reruns": lambda: reruns_line("ml1m_defaults.json", "h200_session37/defaults_call*.json", "before"),
+          "--ml1m-gap-change": lambda: gap_change_line("ml1m_defaults.json", "h200_session37/defaults_call*.json",
+                                                       ("default", "before")),
           "--defaults-h200-session35": lambda: defaults_table("h200_session35/defaults_call3.json"),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"

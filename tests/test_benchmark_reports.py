@@ -349,8 +349,11 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     assert "-0.0011 (standard error 0.0018, t = -0.65 over 12 seeds); default lower in 7 of 12." in ml1m
     assert "default: best epoch median 165.5" in ml1m and "before: best epoch median 172," in ml1m
     assert ("before rerun at the same 12 seeds (h200_session37/defaults_call*.json minus ml1m_defaults.json): "
-            "mean -0.0005, sd 0.0033, largest +0.0057; the seeds' own sd in ml1m_defaults.json 0.0044."
-            == render_tables.TABLES["--ml1m-reruns"]())
+            "mean -0.0005, sd 0.0033, largest +0.0057, so one run's own sd 0.0023; the seeds' own sd in "
+            "ml1m_defaults.json 0.0044." == render_tables.TABLES["--ml1m-reruns"]())
+    assert ("default minus before: h200_session37/defaults_call*.json -0.0011 (95% interval -0.0050 to +0.0027, "
+            "12 seeds); ml1m_defaults.json -0.0026 (16 seeds); the two +0.0015 apart, combined standard error 0.0022."
+            == render_tables.TABLES["--ml1m-gap-change"]())
     masks = render_tables.TABLES["--kernel-masks-h200"]().splitlines()  # compiled for the GPU: 7 dropout cases
     assert sum(line.startswith(("| add_norm |", "| short_attention |")) for line in masks) == 7
     assert "| short_attention | bf16_ml1m_tiled | 0.9000 | +0.00045 (batch) |" in masks
