@@ -26,7 +26,7 @@
   shapes and the step graph) against the one before (`train.static_shapes=false`: plain compile),
   both in the plain compile mode, and the two steps between them (`fixed_shapes`: static shapes
   without the step graph; `graph_inductor_norm`: the step graph with `model.fused_add_norm=off`),
-  seeds 0-15 (a GPU);
+  seeds 0-23 (a GPU);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -144,7 +144,7 @@ GROUPS = {
     # the step graph with inductor's add/norm code in place of tuner/model/add_norm.py's kernels
     "defaults": {
         **{f"{name}{seed}": ["train.compile_mode=default", *arm, *extra]
-           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in range(1, 16)))
+           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in range(1, 24)))
            for name, arm in (("default", ["train.static_shapes=auto"]), ("before", ["train.static_shapes=false"]),
                              ("fixed_shapes", ["train.static_shapes=true", "train.step_graph=off"]),
                              ("graph_inductor_norm", ["train.static_shapes=auto", "model.fused_add_norm=off"]))},
