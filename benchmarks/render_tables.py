@@ -509,6 +509,10 @@ def arms_line(by_arm: dict[str, dict[int, dict]]) -> str:
     return "Test NDCG@10, mean (range, seeds, sd): " + "; ".join(parts) + "."
 
 
+# the ML-1M default against before since the default's last batch is filled (sessions 37 and 38)
+FILLED = "h200_session3[78]/defaults_call*.json"
+
+
 def paired_table(pattern: str, arms: tuple[str, str]) -> str:
     """Two arms of ml1m_variants.py results (variants ARM and ARM_seedK) seed by seed: test NDCG@10
     of each, their difference, and the mean difference over the seeds both arms ran, with its
@@ -875,6 +879,10 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--ml1m-reruns": lambda: reruns_line("ml1m_defaults.json", "h200_session37/defaults_call*.json", "before"),
           "--ml1m-gap-change": lambda: gap_change_line("ml1m_defaults.json", "h200_session37/defaults_call*.json",
                                                        ("default", "before")),
+          # sessions 37 and 38 together: every seed run with the last batch filled
+          "--ml1m-defaults-filled": lambda: paired_table(FILLED, ("default", "before")),
+          "--ml1m-reruns-filled": lambda: reruns_line("ml1m_defaults.json", FILLED, "before"),
+          "--ml1m-gap-change-filled": lambda: gap_change_line("ml1m_defaults.json", FILLED, ("default", "before")),
           "--defaults-h200-session35": lambda: defaults_table("h200_session35/defaults_call3.json"),
           "--gpu-h200-430M-profiled": lambda: gpu_table("gpu_throughput_h200/430M_profiled.json"),
           "--gpu-h200": lambda: gpu_table(*(f"gpu_throughput_h200/{size}.json"

@@ -354,6 +354,13 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     assert ("default minus before: h200_session37/defaults_call*.json -0.0011 (95% interval -0.0050 to +0.0027, "
             "12 seeds); ml1m_defaults.json -0.0026 (16 seeds); the two +0.0015 apart, combined standard error 0.0022."
             == render_tables.TABLES["--ml1m-gap-change"]())
+    filled = render_tables.TABLES["--ml1m-defaults-filled"]()  # sessions 37 and 38 pooled: 16 seeds
+    assert "| 15 | 0.1632 | 0.1519 | +0.0113 | 0.3228 | 0.3018 | 38 |" in filled
+    assert "-0.0008 (standard error 0.0016, t = -0.47 over 16 seeds); default lower in 9 of 16." in filled
+    assert ("default minus before: h200_session3[78]/defaults_call*.json -0.0008 (95% interval -0.0042 to +0.0027, "
+            "16 seeds)" in render_tables.TABLES["--ml1m-gap-change-filled"]())
+    assert ("before rerun at the same 16 seeds" in render_tables.TABLES["--ml1m-reruns-filled"]()
+            and "so one run's own sd 0.0021;" in render_tables.TABLES["--ml1m-reruns-filled"]())
     masks = render_tables.TABLES["--kernel-masks-h200"]().splitlines()  # compiled for the GPU: 7 dropout cases
     assert sum(line.startswith(("| add_norm |", "| short_attention |")) for line in masks) == 7
     assert "| short_attention | bf16_ml1m_tiled | 0.9000 | +0.00045 (batch) |" in masks
