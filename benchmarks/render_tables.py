@@ -148,8 +148,8 @@ def twin_table(suffix: str, labels: tuple[str, str], names: tuple[str, ...], hos
         run = f"{Path(name).stem} (call {data.get('device_call')}, {data.get('code_commit')})"
         rows: dict[tuple[str, str, bool], list[dict]] = {}
         for r in data["rows"]:
-            twin = r["variant"].endswith(suffix)
-            base = r["variant"][:-len(suffix)] if twin else r["variant"]
+            twin = suffix in r["variant"]  # the twin's variant: the base with `suffix` in it (the dtype's after)
+            base = r["variant"].replace(suffix, "", 1)
             rows.setdefault((r["size"], base, twin), []).append(r)
         seed = {r["size"]: r["step_ms"] for r in data["peer_rows"]}
         for (size, base, twin), ours in rows.items():
@@ -183,6 +183,20 @@ def step_graph_table(*names: str) -> str:
     """Session 33: the whole step as one CUDA graph (train.step_graph) against inductor's graphs of
     the forward and backward, the rest issued by the host."""
     return twin_table("_no_step_graph", ("step graph", "inductor's graphs"), names, host=True)
+
+
+def fp16_step_graph_table(*names: str) -> str:
+    """Session 38: fp16 with its GradScaler (a V100's step) as one CUDA graph against inductor's
+    graphs alone, and each run's bf16 step (amp_compile_graphs) beside it."""
+    lines = [twin_table("_no_step_graph", ("step graph", "inductor's graphs"), names, host=True), ""]
+    for name in names:
+        rows = json.loads((RESULTS / name).read_text())["rows"]
+        for size in dict.fromkeys(r["size"] for r in rows):
+            ms = {v: statistics.median(r["step_ms"] for r in rows if r["size"] == size and r["variant"] == v)
+                  for v in ("amp_compile_graphs_fp16", "amp_compile_graphs")}
+            lines.append(f"- {Path(name).stem}: {size} in bf16 (amp_compile_graphs) {ms['amp_compile_graphs']:.2f} ms "
+                         f"a step; fp16's step graph / bf16's: {ms['amp_compile_graphs_fp16'] / ms['amp_compile_graphs']:.3f}.")
+    return "\n".join(lines)
 
 
 def gpu_tables(*runs: str) -> str:
@@ -830,6 +844,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--prune-h200": lambda: prune_table(*(f"h200_session32/gpu_throughput_{run}.json" for run in
                                                 ("430M_prune", "430M_prune_2", "130M_prune", "85M_prune",
                                                  "85M_prune_2", "5M_prune", "5M_prune_2", "5M_prune_3"))),
+          "--fp16-step-graph-h200": lambda: fp16_step_graph_table(*(f"h200_session38/gpu_throughput_{size}_fp16.json"
+                                                                    for size in ("130M", "5M"))),
           "--step-graph-h200": lambda: step_graph_table(*(f"h200_session33/gpu_throughput_{size}_step_graph.json"
                                                           for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),
