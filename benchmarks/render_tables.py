@@ -188,15 +188,34 @@ def step_graph_table(*names: str) -> str:
 def fp16_step_graph_table(*names: str) -> str:
     """Session 38: fp16 with its GradScaler (a V100's step) as one CUDA graph against inductor's
     graphs alone, and each run's bf16 step (amp_compile_graphs) beside it."""
-    lines = [twin_table("_no_step_graph", ("step graph", "inductor's graphs"), names, host=True), ""]
+    return "\n".join([twin_table("_no_step_graph", ("step graph", "inductor's graphs"), names, host=True), "",
+                      *medians_lines(*names)])
+
+
+def medians_table(name: str) -> str:
+    """A gpu_throughput.py run's device and command, then `medians_lines`: each variant against
+    amp_compile_graphs."""
+    data = json.loads((RESULTS / name).read_text())
+    return "\n".join([_runs_header([(RESULTS / name, data)]).rstrip(".") + f" (code {data.get('code_commit', '?')}).", "",
+                      *medians_lines(name)])
+
+
+def medians_lines(*names: str, base: str = "amp_compile_graphs") -> list[str]:
+    """One line per gpu_throughput.py run and size: each variant's median ms a step (over the times
+    it ran) and its ratio to `base`'s in the same run."""
+    lines = []
     for name in names:
         rows = json.loads((RESULTS / name).read_text())["rows"]
         for size in dict.fromkeys(r["size"] for r in rows):
-            ms = {v: statistics.median(r["step_ms"] for r in rows if r["size"] == size and r["variant"] == v)
-                  for v in ("amp_compile_graphs_fp16", "amp_compile_graphs")}
-            lines.append(f"- {Path(name).stem}: {size} in bf16 (amp_compile_graphs) {ms['amp_compile_graphs']:.2f} ms "
-                         f"a step; fp16's step graph / bf16's: {ms['amp_compile_graphs_fp16'] / ms['amp_compile_graphs']:.3f}.")
-    return "\n".join(lines)
+            ms = {}
+            for r in rows:
+                if r["size"] == size:
+                    ms.setdefault(r["variant"], []).append(r["step_ms"])
+            ms = {variant: statistics.median(times) for variant, times in ms.items()}
+            others = ", ".join(f"{variant} {value:.2f} ({value / ms[base]:.3f}x)"
+                               for variant, value in ms.items() if variant != base)
+            lines.append(f"- {Path(name).stem}, {size}: {base} {ms[base]:.2f} ms a step; {others}.")
+    return lines
 
 
 def gpu_tables(*runs: str) -> str:
@@ -846,6 +865,7 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
                                                  "85M_prune_2", "5M_prune", "5M_prune_2", "5M_prune_3"))),
           "--fp16-step-graph-h200": lambda: fp16_step_graph_table(*(f"h200_session38/gpu_throughput_{size}_fp16.json"
                                                                     for size in ("130M", "5M"))),
+          "--fp16-weights-h200": lambda: medians_table("h200_session38/gpu_throughput_130M_fp16_fp32_weights.json"),
           "--step-graph-h200": lambda: step_graph_table(*(f"h200_session33/gpu_throughput_{size}_step_graph.json"
                                                           for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),

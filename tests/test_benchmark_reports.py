@@ -364,7 +364,11 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     fp16 = render_tables.TABLES["--fp16-step-graph-h200"]()
     assert ("| gpu_throughput_5M_fp16 (call 2, e576415) | 5M | amp_compile_graphs_fp16 | 2.71, 2.70 | 3.59, 3.61 | "
             "0.751 |") in fp16
-    assert "130M in bf16 (amp_compile_graphs) 5.42 ms a step; fp16's step graph / bf16's: 1.087." in fp16
+    assert ("- gpu_throughput_130M_fp16, 130M: amp_compile_graphs 5.42 ms a step; "
+            "amp_compile_graphs_no_step_graph_fp16 6.01 (1.108x), amp_compile_graphs_fp16 5.90 (1.087x).") in fp16
+    # call 3: bf16 autocast with fp32 weights, against fp16 and bf16 weights (medians of the times each ran)
+    assert ("130M: amp_compile_graphs 5.41 ms a step; amp_compile_graphs_fp32_weights 5.44 (1.005x), "
+            "amp_compile_graphs_fp16 5.87 (1.084x)." in render_tables.TABLES["--fp16-weights-h200"]())
     assert ("before rerun at the same 16 seeds" in render_tables.TABLES["--ml1m-reruns-filled"]()
             and "so one run's own sd 0.0021;" in render_tables.TABLES["--ml1m-reruns-filled"]())
     masks = render_tables.TABLES["--kernel-masks-h200"]().splitlines()  # compiled for the GPU: 7 dropout cases
