@@ -148,7 +148,8 @@ def twin_table(suffix: str, labels: tuple[str, str], names: tuple[str, ...], hos
         run = f"{Path(name).stem} (call {data.get('device_call')}, {data.get('code_commit')})"
         rows: dict[tuple[str, str, bool], list[dict]] = {}
         for r in data["rows"]:
-            twin = suffix in r["variant"]  # the twin's variant: the base with `suffix` in it (the dtype's after)
+            # a twin's variant is its base's with `suffix` inserted: at the end, or before a dtype's (_fp16)
+            twin = suffix in r["variant"]
             base = r["variant"].replace(suffix, "", 1)
             rows.setdefault((r["size"], base, twin), []).append(r)
         seed = {r["size"]: r["step_ms"] for r in data["peer_rows"]}
@@ -196,8 +197,8 @@ def medians_table(name: str) -> str:
     """A gpu_throughput.py run's device and command, then `medians_lines`: each variant against
     amp_compile_graphs."""
     data = json.loads((RESULTS / name).read_text())
-    return "\n".join([_runs_header([(RESULTS / name, data)]).rstrip(".") + f" (code {data.get('code_commit', '?')}).", "",
-                      *medians_lines(name)])
+    header = _runs_header([(RESULTS / name, data)]).rstrip(".") + f" (code {data.get('code_commit', '?')})."
+    return "\n".join([header, "", *medians_lines(name)])
 
 
 def medians_lines(*names: str, base: str = "amp_compile_graphs") -> list[str]:
