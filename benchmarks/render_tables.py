@@ -189,8 +189,7 @@ def step_graph_table(*names: str) -> str:
 def fp16_step_graph_table(*names: str) -> str:
     """Session 38: fp16 with its GradScaler (a V100's step) as one CUDA graph against inductor's
     graphs alone, and each run's bf16 step (amp_compile_graphs) beside it."""
-    return "\n".join([twin_table("_no_step_graph", ("step graph", "inductor's graphs"), names, host=True), "",
-                      *medians_lines(*names)])
+    return "\n".join([step_graph_table(*names), "", *medians_lines(*names)])
 
 
 def medians_table(name: str) -> str:
