@@ -205,13 +205,11 @@ def medians_lines(*names: str, base: str = "amp_compile_graphs") -> list[str]:
     it ran) and its ratio to `base`'s in the same run."""
     lines = []
     for name in names:
-        rows = json.loads((RESULTS / name).read_text())["rows"]
-        for size in dict.fromkeys(r["size"] for r in rows):
-            ms = {}
-            for r in rows:
-                if r["size"] == size:
-                    ms.setdefault(r["variant"], []).append(r["step_ms"])
-            ms = {variant: statistics.median(times) for variant, times in ms.items()}
+        times: dict[str, dict[str, list[float]]] = {}  # size -> variant -> ms a step, each time it ran
+        for r in json.loads((RESULTS / name).read_text())["rows"]:
+            times.setdefault(r["size"], {}).setdefault(r["variant"], []).append(r["step_ms"])
+        for size, by_variant in times.items():
+            ms = {variant: statistics.median(runs) for variant, runs in by_variant.items()}
             others = ", ".join(f"{variant} {value:.2f} ({value / ms[base]:.3f}x)"
                                for variant, value in ms.items() if variant != base)
             lines.append(f"- {Path(name).stem}, {size}: {base} {ms[base]:.2f} ms a step; {others}.")
