@@ -864,6 +864,8 @@ TABLES = {"--attention-200-h200": lambda: attention_kernels_table(
           "--fp16-step-graph-h200": lambda: fp16_step_graph_table(*(f"h200_session38/gpu_throughput_{size}_fp16.json"
                                                                     for size in ("130M", "5M"))),
           "--fp16-weights-h200": lambda: medians_table("h200_session38/gpu_throughput_130M_fp16_fp32_weights.json"),
+          # the eb4dafa H100 run at 430M: the residual stream in fp32 (autocast's) against bf16
+          "--fp32-residual-h100": lambda: medians_table("gpu_throughput_eb4dafa.json"),
           "--step-graph-h200": lambda: step_graph_table(*(f"h200_session33/gpu_throughput_{size}_step_graph.json"
                                                           for size in ("430M", "130M", "85M", "5M"))),
           "--gpu-attention": lambda: gpu_tables("attn_triton_first_version", "attn_triton_430M"),

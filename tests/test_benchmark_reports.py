@@ -369,6 +369,9 @@ def test_every_readme_table_renders_from_the_committed_result_files():
     # call 3: bf16 autocast with fp32 weights, against fp16 and bf16 weights (medians of the times each ran)
     assert ("130M: amp_compile_graphs 5.41 ms a step; amp_compile_graphs_fp32_weights 5.44 (1.005x), "
             "amp_compile_graphs_fp16 5.87 (1.084x)." in render_tables.TABLES["--fp16-weights-h200"]())
+    # the eb4dafa H100 run: the fp32 residual stream against bf16, the figure session 38's fp16 reading cites
+    assert ("amp_compile_graphs 15.22 ms a step; amp_compile_graphs_torch_ce 15.28 (1.004x), "
+            "amp_compile_graphs_fp32_residual 15.59 (1.024x)." in render_tables.TABLES["--fp32-residual-h100"]())
     assert ("before rerun at the same 16 seeds" in render_tables.TABLES["--ml1m-reruns-filled"]()
             and "so one run's own sd 0.0021;" in render_tables.TABLES["--ml1m-reruns-filled"]())
     masks = render_tables.TABLES["--kernel-masks-h200"]().splitlines()  # compiled for the GPU: 7 dropout cases
