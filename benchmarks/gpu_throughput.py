@@ -77,6 +77,8 @@ SUFFIXES = {"_unaligned": {"overrides": ("train.logit_align=1",)},  # logits as 
             "_no_step_graph": {"overrides": ("train.step_graph=off",)},
             # fp16 autocast with its GradScaler (a V100's step) on a GPU that has bf16, fp32 weights
             "_fp16": {"overrides": ("train.amp=fp16",)},
+            # the residual stream in autocast's dtype, fp16 included (model.residual=half), after _fp16
+            "_half_residual": {"overrides": ("model.residual=half",)},
             **{f"_mix_split{n}": {"inductor": (("triton.mix_order_reduction_split_size", n),)} for n in (32, 64)},
             **{f"_attn_{name}": {"overrides": (f"model.attention={name}",)}  # a pinned attention kernel
                for name in ("auto", "cudnn", "efficient", "math", "triton")}}

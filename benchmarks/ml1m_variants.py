@@ -27,6 +27,9 @@
   both in the plain compile mode, and the two steps between them (`fixed_shapes`: static shapes
   without the step graph; `graph_inductor_norm`: the step graph with `model.fused_add_norm=off`),
   seeds 0-23 (a GPU);
+- `fp16_stream` (issue 5): fp16 autocast with its GradScaler (a V100's step, on any GPU) with the
+  residual stream in fp16 (`model.residual=half`, on add_norm's kernels where they run) against
+  the fp32 stream fp16 runs had before, seeds 0-7 (a GPU);
 - `attention` (issue 5): the Triton short-sequence attention kernel (`model.attention=triton`)
   against SDPA's memory-efficient kernel, two seeds each, at length 100 (the kernel takes up to
   128; the tuned 200 falls back to SDPA).
@@ -148,6 +151,12 @@ GROUPS = {
            for name, arm in (("default", ["train.static_shapes=auto"]), ("before", ["train.static_shapes=false"]),
                              ("fixed_shapes", ["train.static_shapes=true", "train.step_graph=off"]),
                              ("graph_inductor_norm", ["train.static_shapes=auto", "model.fused_add_norm=off"]))},
+    },
+    # fp16 autocast (a V100's dtype) with the residual stream in fp16 against fp32 (what model.residual=bf16 leaves it)
+    "fp16_stream": {
+        **{f"{name}{seed}": ["train.amp=fp16", f"model.residual={value}", *extra]
+           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in range(1, 8)))
+           for name, value in (("fp16_half_stream", "half"), ("fp16_fp32_stream", "fp32"))},
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
         "efficient": ["model.attention=efficient", "model.max_len=100"],

@@ -522,6 +522,23 @@ def test_ml1m_variants_kills_a_variant_past_its_timeout_and_keeps_its_row(tmp_pa
     assert row["rc"] == -9 and row["error"] == ["killed after the --timeout of 1 s"] and row["process_s"] < 30, row
 
 
+def test_every_benchmark_variant_is_a_config_the_service_accepts():
+    """Each ml1m_variants.py variant (on benchmarks/ml1m.yaml) and each gpu_throughput.py suffix
+    loads as a config: a misspelt key or value fails here, not minutes into a GPU call."""
+    import gpu_throughput
+    import ml1m_variants
+
+    from tuner.config import load_config
+
+    variants = [ov for group in ml1m_variants.GROUPS.values() for ov in group.values()]
+    suffixes = [list(kwargs.get("overrides", ())) for kwargs in gpu_throughput.SUFFIXES.values()]
+    assert len(variants) > 100 and ["model.residual=half"] in suffixes
+    for overrides in variants:
+        load_config(str(ROOT / "benchmarks/ml1m.yaml"), overrides=overrides)
+    for overrides in suffixes:
+        load_config(overrides=overrides)
+
+
 def test_gpu_throughput_variants_stack_their_suffixes():
     """`amp_compile_graphs_no_step_graph_fp16`: a V100's fp16 step with inductor's graphs alone, timed
     on any GPU; an unknown base is one line."""
@@ -530,5 +547,7 @@ def test_gpu_throughput_variants_stack_their_suffixes():
     spec = gpu_throughput.variant_spec("amp_compile_graphs_no_step_graph_fp16", "130M", 256, 20, 5)
     assert spec.overrides == ("train.amp=fp16", "train.step_graph=off")
     assert spec.amp and spec.compile and spec.static_shapes and spec.compile_mode == "reduce-overhead"
+    spec = gpu_throughput.variant_spec("amp_compile_graphs_fp16_half_residual", "130M", 256, 20, 5)
+    assert spec.overrides == ("model.residual=half", "train.amp=fp16")
     with pytest.raises(SystemExit, match="^gpu_throughput.py: unknown variant 'fp16_fp16'$"):
         gpu_throughput.variant_spec("fp16_fp16", "130M", 256, 20, 5)

@@ -33,6 +33,7 @@ def test_overrides_are_typed():
     ("optim.moments=fp8", "optim.moments='fp8' is not one of: fp32, bf16"),
     ("model.attention=flash", "model.attention='flash' is not one of: auto, efficient, cudnn, math, triton"),
     ("model.fused_add_norm=yes", "model.fused_add_norm='yes' is not one of: auto, on, off"),
+    ("model.residual=fp16", "model.residual='fp16' is not one of: fp32, bf16, half"),
     ("optim.lr=nan", "not a valid float"),
     ("model.hidden=33", "divisible by model.heads"),
     ("noequals", "must look like section.key=value"),

@@ -66,29 +66,52 @@ def test_fused_qkv_projection_is_the_three_linears():
         torch.testing.assert_close(a, b)
 
 
-def _residual_pair(weights_dtype, device="cpu"):
-    """The same tiny model with an fp32 and a bf16 residual stream (weights in `weights_dtype`), on
-    PyTorch's add and LayerNorm ops: on a GPU add_norm's kernels would run the blocks through
-    `Block.forward_fused`, which the blocks' forward hooks (`_stream_dtypes`) do not see."""
+def _residual_pair(weights_dtype, device="cpu", residual="bf16"):
+    """The same tiny model with an fp32 residual stream and one set by `residual` (weights in
+    `weights_dtype`), on PyTorch's add and LayerNorm ops: on a GPU add_norm's kernels would run the
+    blocks through `Block.forward_fused`, which the blocks' forward hooks (`_stream_dtypes`) do not see."""
     torch.manual_seed(0)
     cfg = dict(num_items=40, hidden=32, layers=2, heads=2, ffn=64, max_len=16, dropout=0.0, attn_dropout=0.0,
                fused_add_norm=False)
     fp32 = Bert4Rec(Bert4RecConfig(**cfg)).to(device, weights_dtype)
-    bf16 = Bert4Rec(Bert4RecConfig(**cfg, residual="bf16")).to(device, weights_dtype)
-    bf16.load_state_dict(fp32.state_dict())
-    return fp32, bf16
+    half = Bert4Rec(Bert4RecConfig(**cfg, residual=residual)).to(device, weights_dtype)
+    half.load_state_dict(fp32.state_dict())
+    return fp32, half
 
 
-def _stream_dtypes(model, items):
-    """The dtype each block receives and returns, and the hidden states', under bf16 autocast."""
+def _stream_dtypes(model, items, dtype=torch.bfloat16):
+    """The dtype each block receives and returns, and the hidden states', under `dtype` autocast."""
     seen = []
     hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
              for b in model.blocks]
-    with torch.autocast(items.device.type, dtype=torch.bfloat16):
+    with torch.autocast(items.device.type, dtype=dtype):
         hidden = model(items)
     for h in hooks:
         h.remove()
     return seen, hidden
+
+
+def _items(device):
+    items = torch.randint(1, 41, (4, 16), device=device)
+    items[0, :5] = 0
+    return items
+
+
+def _assert_half_stream(fp32, half, items, dtype):
+    """Under `dtype` autocast `half`'s blocks read and return `dtype` and its hidden states match
+    the fp32 stream's to that rounding; gradients reach its weights; without autocast the two
+    models agree exactly."""
+    _, reference = _stream_dtypes(fp32, items, dtype)
+    seen, hidden = _stream_dtypes(half, items, dtype)
+    assert set(seen) == {(dtype, dtype)} and hidden.dtype == dtype
+    error = (hidden.float() - reference.float()).norm() / reference.float().norm()
+    assert error < 0.02
+    scale = 2.0 ** 16 if dtype == torch.float16 else 1.0  # as GradScaler: Q and K's gradients underflow fp16
+    (hidden.float().square().mean() * scale).backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in half.named_parameters() if n not in ("out_bias", "item_emb.weight"))
+    assert all(p.grad.isfinite().all() for p in half.parameters() if p.grad is not None)
+    with torch.no_grad():  # without autocast the option changes nothing
+        torch.testing.assert_close(half(items), fp32(items), atol=0, rtol=0)
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
@@ -102,20 +125,39 @@ def test_bf16_residual_stream_under_autocast(weights_dtype, device):
     stream's to bf16 rounding; gradients reach the weights. The default keeps fp32 weights' stream
     in fp32."""
     fp32, bf16 = _residual_pair(weights_dtype, device)
-    items = torch.randint(1, 41, (4, 16), device=device)
-    items[0, :5] = 0
-    seen, reference = _stream_dtypes(fp32, items)
+    items = _items(device)
+    seen, _ = _stream_dtypes(fp32, items)
     assert len(seen) == len(fp32.blocks)  # every block ran as a module, under the hooks
     if weights_dtype == torch.float32 or device == "cuda":
         assert set(seen) == {(torch.float32, torch.float32)}
-    seen, hidden = _stream_dtypes(bf16, items)
-    assert set(seen) == {(torch.bfloat16, torch.bfloat16)} and hidden.dtype == torch.bfloat16
-    error = (hidden.float() - reference.float()).norm() / reference.float().norm()
-    assert error < 0.02
-    hidden.float().square().mean().backward()
-    assert all(p.grad.abs().sum() > 0 for n, p in bf16.named_parameters() if n not in ("out_bias", "item_emb.weight"))
-    with torch.no_grad():  # without autocast the option changes nothing
-        torch.testing.assert_close(bf16(items), fp32(items), atol=0, rtol=0)
+    _assert_half_stream(fp32, bf16, items, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_half_residual_stream_under_fp16_autocast(device):
+    """model.residual=half: under fp16 autocast (fp32 weights, as every fp16 run has) every block
+    reads and returns fp16, close to the fp32 stream; bf16 leaves an fp16 run's stream in fp32."""
+    items = _items(device)
+    fp32, half = _residual_pair(torch.float32, device, residual="half")
+    seen, _ = _stream_dtypes(fp32, items, torch.float16)
+    assert set(seen) == {(torch.float32, torch.float32)}
+    _assert_half_stream(fp32, half, items, torch.float16)
+    fp32, bf16 = _residual_pair(torch.float32, device, residual="bf16")
+    with torch.no_grad():
+        seen, hidden = _stream_dtypes(bf16, items, torch.float16)
+        _, reference = _stream_dtypes(fp32, items, torch.float16)
+    assert set(seen) == {(torch.float32, torch.float32)}
+    torch.testing.assert_close(hidden, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_half_residual_stream_is_bf16_under_bf16_autocast(weights_dtype):
+    """model.residual=half under bf16 autocast is model.residual=bf16, to the bit."""
+    _, bf16 = _residual_pair(weights_dtype, residual="bf16")
+    _, half = _residual_pair(weights_dtype, residual="half")
+    items = _items("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(_stream_dtypes(half, items)[1], _stream_dtypes(bf16, items)[1], atol=0, rtol=0)
 
 
 def test_bf16_residual_stream_compiles_to_one_graph():

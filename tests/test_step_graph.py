@@ -160,6 +160,8 @@ DETERMINISTIC = {
     "bf16 weights (MasterWeightAdamW)": {"weights": "bf16"},
     "fp32 without autocast": {"dtype": None},
     "fp16 with loss scaling (fused AdamW)": {"dtype": torch.float16},
+    # the residual stream in fp16, so the adds and norms run on add_norm's kernels in fp16
+    "fp16 with an fp16 residual stream": {"dtype": torch.float16, "overrides": ("model.residual=half",)},
     "focal loss": {"overrides": ("train.loss=focal",)},
     "cut cross-entropy": {"overrides": ("train.loss=cce",)},
     "iLoRA, history router": {"overrides": ("ilora.enabled=true", "ilora.dropout=0")},

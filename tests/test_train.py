@@ -37,8 +37,10 @@ class Recorder:
         self.finals.append(metrics)
 
 
-def test_tiny_beats_popularity_twice_over():
-    cfg = load_config(overrides=FAST + ["train.max_epochs=15", "optim.lr=5e-3"])
+@pytest.mark.parametrize("extra", [[], ["train.amp=fp16", "model.residual=half"]],
+                         ids=["fp32", "fp16_stream_loss_scaling"])
+def test_tiny_beats_popularity_twice_over(extra):
+    cfg = load_config(overrides=FAST + ["train.max_epochs=15", "optim.lr=5e-3", *extra])
     result = train_worker(cfg, local_context(cfg.train), ConsoleReporter(enabled=False))
     assert result["test_hr_10"] >= 2 * result["popularity_hr_10"], result
     for key in ("test_hr_10", "test_ndcg_10", "val_ndcg_10", "popularity_hr_10", "epochs", "samples_per_s",

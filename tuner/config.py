@@ -87,7 +87,9 @@ class ModelConfig:
     # autocast: bf16 (the norms still compute in fp32 but return bf16: half the bytes of every
     # elementwise pass over the stream) or fp32 (what autocast's layer norms return). No effect
     # without bf16 autocast (CPUs, fp16 GPUs). bf16 cut the 430M step 0.25-0.4 ms on an H100 and
-    # lost nothing on ML-1M (README; benchmarks/results/ml1m_stream.json)
+    # lost nothing on ML-1M (README; benchmarks/results/ml1m_stream.json). half: as bf16, and under
+    # fp16 autocast (V100s) the stream in fp16, on add_norm's kernels where they run; not yet
+    # timed or checked for accuracy on a GPU (README, issue 5)
     residual: str = "bf16"
     # each residual add, its dropout and the LayerNorm after it as one Triton kernel each way
     # (tuner/model/add_norm.py; where short_attention's kernels run), else inductor's code.
@@ -107,7 +109,7 @@ class ModelConfig:
         from tuner.model.sizes import SIZES
 
         _check_choice("model.attention", self.attention, list(ATTENTION_BACKENDS))
-        _check_choice("model.residual", self.residual, ("fp32", "bf16"))
+        _check_choice("model.residual", self.residual, ("fp32", "bf16", "half"))
         _check_choice("model.fused_add_norm", self.fused_add_norm, _COMPILE_CHOICES)
         _check_choice("model.size", self.size, list(SIZES))
         preset = SIZES[self.size]

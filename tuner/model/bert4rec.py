@@ -28,7 +28,9 @@ Design choices, with reasons:
   differ in `attn_dropout` share one compiled graph there.
 - `residual="bf16"` (the service's default, `model.residual`) keeps the residual stream in bf16
   under bf16 autocast (`LayerNorm` returns its input's dtype instead of autocast's fp32); fp32 is
-  what autocast does.
+  what autocast does. `residual="half"` keeps it in autocast's dtype under fp16 autocast too
+  (V100s; GradScaler's scale then rides through the stream's gradients in fp16), which also puts
+  the residual adds and norms on `add_norm`'s kernels there (they take fp16 and bf16 only).
 - `forward` returns hidden states; `item_scores` scores chosen rows against the catalog. The
   loss picks the masked rows first, so full-catalog logits are never built for unmasked positions.
 - `forward(items, rows=...)` returns the hidden states of those flat positions only (the masked
@@ -75,7 +77,8 @@ class Bert4RecConfig:
     tied_head: bool = True
     fused_qkv: bool = True  # plain Q/K/V linears as one GEMM
     attention: str = "triton"  # a key of ATTENTION_BACKENDS
-    residual: str = "fp32"  # fp32 | bf16: the residual stream's dtype under bf16 autocast (config default: bf16)
+    # fp32 | bf16 | half: the residual stream's dtype under autocast (`stream_dtype`; config default: bf16)
+    residual: str = "fp32"
     # residual dropout + add + LayerNorm on add_norm's kernels where they run (config: auto)
     fused_add_norm: bool = True
     # forward(rows=...): the last block after its attention on those rows alone (False: the whole
@@ -124,20 +127,27 @@ def last_rows(items: torch.Tensor) -> torch.Tensor:
     return torch.arange(1, batch + 1, device=items.device) * length - 1
 
 
-def _bf16_autocast(x: torch.Tensor) -> bool:
-    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+def stream_dtype(residual: str, x: torch.Tensor) -> torch.dtype | None:
+    """The residual stream's dtype for `Bert4RecConfig.residual` under the autocast on at x's device:
+    autocast's bf16 for bf16 and half, its fp16 for half alone; None where the stream is left as
+    autocast makes it (fp32 from fp32 weights: its layer norms return fp32)."""
+    if residual == "fp32" or not torch.is_autocast_enabled(x.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return dtype if dtype == torch.bfloat16 or (residual == "half" and dtype == torch.float16) else None
 
 
 class LayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm` that, with `keep_dtype`, returns a bf16 input as bf16 under autocast (which
-    would return fp32). Mean and variance are still computed in fp32 inside the kernel."""
+    """`nn.LayerNorm` that returns an input in the stream's half dtype (`stream_dtype` of
+    `residual`) in that dtype under autocast, which would return fp32. Mean and variance are still
+    computed in fp32 inside the kernel."""
 
-    def __init__(self, hidden: int, keep_dtype: bool = False):
+    def __init__(self, hidden: int, residual: str = "fp32"):
         super().__init__(hidden)
-        self.keep_dtype = keep_dtype
+        self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.keep_dtype and x.dtype == torch.bfloat16 and _bf16_autocast(x)):
+        if x.dtype != stream_dtype(self.residual, x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
@@ -232,9 +242,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: Bert4RecConfig):
         super().__init__()
-        self.attn_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
+        self.attn_norm = LayerNorm(cfg.hidden, cfg.residual)
         self.attn = SelfAttention(cfg)
-        self.ffn_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
+        self.ffn_norm = LayerNorm(cfg.hidden, cfg.residual)
         self.ffn = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor | None = None,
@@ -266,13 +276,13 @@ class Bert4Rec(nn.Module):
         vocab = cfg.num_items + 2  # + padding (0) and mask (num_items + 1)
         self.item_emb = nn.Embedding(vocab, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
-        self.emb_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
+        self.emb_norm = LayerNorm(cfg.hidden, cfg.residual)
         self.emb_dropout = RateDropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.final_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
+        self.final_norm = LayerNorm(cfg.hidden, cfg.residual)
         # the paper's output transform: GELU(h W + b), normalised
         self.head_proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.head_norm = LayerNorm(cfg.hidden, cfg.residual == "bf16")
+        self.head_norm = LayerNorm(cfg.hidden, cfg.residual)
         self.out_weight = None if cfg.tied_head else nn.Parameter(torch.empty(cfg.num_items, cfg.hidden))
         self.out_bias = nn.Parameter(torch.zeros(cfg.num_items))
         self.router: nn.Module | None = None  # iLoRA's expert router (tuner.model.ilora.apply_ilora)
@@ -308,8 +318,9 @@ class Bert4Rec(nn.Module):
         if item_vectors is None:
             item_vectors = self.item_emb(items)
         x = item_vectors + self.pos_emb(positions)
-        if self.cfg.residual == "bf16" and _bf16_autocast(x):
-            x = x.to(torch.bfloat16)  # fp32 tables (train.weights=fp32): the stream starts bf16 here
+        dtype = stream_dtype(self.cfg.residual, x)
+        if dtype is not None:
+            x = x.to(dtype)  # fp32 tables (train.weights=fp32, every fp16 run): the stream starts half here
         x = self.emb_dropout(self.emb_norm(x))
         keep = (items != 0)[:, None, None, :]
         # the rows the last block picks (pruned), else the rows picked from the whole output
