@@ -29,8 +29,9 @@ Design choices, with reasons:
 - `residual="bf16"` (the service's default, `model.residual`) keeps the residual stream in bf16
   under bf16 autocast (`LayerNorm` returns its input's dtype instead of autocast's fp32); fp32 is
   what autocast does. `residual="half"` keeps it in autocast's dtype under fp16 autocast too
-  (V100s; GradScaler's scale then rides through the stream's gradients in fp16), which also puts
-  the residual adds and norms on `add_norm`'s kernels there (they take fp16 and bf16 only).
+  (V100s, `train.amp=fp16`; GradScaler's scale then rides through the stream's gradients in
+  fp16), which on sm80+ GPUs also puts fp16's residual adds and norms on `add_norm`'s kernels
+  (they take fp16 and bf16 only).
 - `forward` returns hidden states; `item_scores` scores chosen rows against the catalog. The
   loss picks the masked rows first, so full-catalog logits are never built for unmasked positions.
 - `forward(items, rows=...)` returns the hidden states of those flat positions only (the masked
