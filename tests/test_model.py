@@ -160,13 +160,15 @@ def test_half_residual_stream_is_bf16_under_bf16_autocast(weights_dtype):
         torch.testing.assert_close(_stream_dtypes(half, items)[1], _stream_dtypes(bf16, items)[1], atol=0, rtol=0)
 
 
-def test_bf16_residual_stream_compiles_to_one_graph():
-    _, model = _residual_pair(torch.bfloat16)
+@pytest.mark.parametrize("weights_dtype, residual, dtype", [(torch.bfloat16, "bf16", torch.bfloat16),
+                                                             (torch.float32, "half", torch.float16)])
+def test_a_half_residual_stream_compiles_to_one_graph(weights_dtype, residual, dtype):
+    _, model = _residual_pair(weights_dtype, residual=residual)
     items = torch.randint(1, 41, (4, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         eager = model(items)
         compiled = torch.compile(model, fullgraph=True)(items)
-    assert compiled.dtype == torch.bfloat16
+    assert compiled.dtype == dtype
     torch.testing.assert_close(compiled.float(), eager.float(), atol=0.03, rtol=0.03)
 
 
