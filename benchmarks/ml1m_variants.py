@@ -75,6 +75,11 @@ from typing import Optional
 from paths import ROOT, ml1m_default
 
 
+def _seeds(count: int) -> list[tuple[str, list[str]]]:
+    """(name suffix, overrides) of seeds 0..count-1: seed 0 is the config's own, unnamed."""
+    return [("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in range(1, count))]
+
+
 GROUPS = {
     "seed": {
         "plain": [],
@@ -125,20 +130,20 @@ GROUPS = {
     # bf16 weights (the 430M setup): the loss on inductor's code or tuner.ce_kernel, and the residual stream in bf16
     "stream": {
         **{f"torch_ce{seed}": ["train.weights=bf16", "train.loss_kernel=torch", *extra]
-           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+           for seed, extra in _seeds(2)},
         **{f"ce_kernel{seed}": ["train.weights=bf16", *extra]
-           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+           for seed, extra in _seeds(2)},
         **{f"bf16_residual{seed}": ["train.weights=bf16", "model.residual=bf16", *extra]
-           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))},
+           for seed, extra in _seeds(2)},
     },
     "add_norm": {  # the residual add, dropout and LayerNorm as one Triton kernel each way, against inductor's code
         **{f"{name}{seed}": [f"model.fused_add_norm={value}", *extra]
-           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
+           for seed, extra in _seeds(2)
            for name, value in (("kernels", "on"), ("inductor", "off"))},
     },
     "step_graph": {  # the whole step as one CUDA graph (the default under the graph settings) against inductor's graphs
         **{f"{name}{seed}": [f"train.step_graph={value}", *extra]
-           for seed, extra in (("", []), ("_seed1", ["train.seed=1"]))
+           for seed, extra in _seeds(2)
            for name, value in (("step_graph", "auto"), ("no_step_graph", "off"))},
     },
     # the trial a user gets without settings since session 34 (static shapes and the step graph on
@@ -147,7 +152,7 @@ GROUPS = {
     # the step graph with inductor's add/norm code in place of tuner/model/add_norm.py's kernels
     "defaults": {
         **{f"{name}{seed}": ["train.compile_mode=default", *arm, *extra]
-           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in range(1, 24)))
+           for seed, extra in _seeds(24)
            for name, arm in (("default", ["train.static_shapes=auto"]), ("before", ["train.static_shapes=false"]),
                              ("fixed_shapes", ["train.static_shapes=true", "train.step_graph=off"]),
                              ("graph_inductor_norm", ["train.static_shapes=auto", "model.fused_add_norm=off"]))},
@@ -155,7 +160,7 @@ GROUPS = {
     # fp16 autocast (a V100's dtype) with the residual stream in fp16 against fp32 (what model.residual=bf16 leaves it)
     "fp16_stream": {
         **{f"{name}{seed}": ["train.amp=fp16", f"model.residual={value}", *extra]
-           for seed, extra in (("", []), *((f"_seed{k}", [f"train.seed={k}"]) for k in range(1, 8)))
+           for seed, extra in _seeds(8)
            for name, value in (("fp16_half_stream", "half"), ("fp16_fp32_stream", "fp32"))},
     },
     "attention": {  # the Triton short-sequence kernel against SDPA's, at a length it takes (<= 128)
